@@ -1,0 +1,157 @@
+"""Checkpoint format: weights as safetensors plus a small JSON of metadata. Data, never code.
+
+A checkpoint is a folder:
+    model.safetensors   the state dict (tensors only; nothing is ever unpickled)
+    checkpoint.json     CheckpointMeta (architecture, img size, class map, fingerprints, epoch, metrics)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+META = "checkpoint.json"
+FORMAT_VERSION = 1
+# Fields that must agree for two checkpoints to be averaged (design decision 7).
+COMPAT_FIELDS = ("architecture", "img_size", "num_classes", "class_names", "dataset_fingerprint", "init_fingerprint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the checkpoint and the problem in one line."""
+
+
+@dataclass
+class CheckpointMeta:
+    architecture: str
+    img_size: int
+    num_classes: int
+    class_names: list[str]
+    dataset_fingerprint: str
+    init_fingerprint: str
+    epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # free-form: sweep, trial, config...
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "checkpoint") -> "CheckpointMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - d.keys())
+        if missing:
+            raise CheckpointError(f"{where}: metadata lacks {', '.join(missing)}")
+        unknown = sorted(d.keys() - names)
+        if unknown:
+            raise CheckpointError(f"{where}: metadata has unknown fields {', '.join(unknown)}")
+        meta = cls(**d)
+        if meta.format_version != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: format_version {meta.format_version}, expected {FORMAT_VERSION}")
+        if len(meta.class_names) != meta.num_classes:
+            raise CheckpointError(
+                f"{where}: num_classes={meta.num_classes} but class_names has {len(meta.class_names)} entries")
+        return meta
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies (what safetensors needs); shared storage is split."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+
+
+def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> str:
+    """Write a checkpoint folder atomically; returns the sha256 of its weights file."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state_dict_to_cpu(state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / META).write_text(meta.to_json(), encoding="utf-8")
+        digest = sha256_file(tmp / WEIGHTS)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest
+
+
+def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
+    path = Path(directory) / META
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {META}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: metadata is not a JSON object")
+    return CheckpointMeta.from_dict(d, where=str(directory))
+
+
+def load_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Strict safetensors read: anything else (a pickle renamed .safetensors, a truncated file) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise CheckpointError(f"{path}: not a safetensors file (looks like a pickle/zip archive); refusing to load")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def first_nonfinite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN or Inf, else None."""
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            return k
+    return None
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str = "cpu", expected_sha256: str | None = None,
+                    check_finite: bool = True) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """Read and verify a checkpoint folder: metadata, sha256 (when given), safetensors, finite weights."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    weights = directory / WEIGHTS
+    if expected_sha256 is not None:
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: no such weights file")
+        actual = sha256_file(weights)
+        if actual != expected_sha256:
+            raise CheckpointError(
+                f"{directory}: sha256 mismatch (recorded {expected_sha256[:12]}…, file {actual[:12]}…); altered or corrupt")
+    state = load_weights(weights, device=device)
+    if check_finite and (bad := first_nonfinite(state)) is not None:
+        raise CheckpointError(f"{directory}: tensor {bad} holds NaN/Inf")
+    return state, meta
+
+
+def metrics_are_finite(metrics: dict[str, float]) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())

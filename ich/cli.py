@@ -1,0 +1,112 @@
+"""`ich` command line: one subcommand per step of the data flow (see README's CLI reference)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+
+def ich_home() -> Path:
+    """Project data folder: datasets, the local MLflow store, Ray results. $ICH_HOME or ./.ich"""
+    return Path(os.environ.get("ICH_HOME", ".ich")).resolve()
+
+
+def cmd_demo_data(a) -> None:
+    from ich.demo_data import write_digits
+    counts = write_digits(a.out)
+    print(f"wrote {sum(counts.values())} digit images in {len(counts)} classes to {a.out}")
+
+
+def cmd_ingest(a) -> None:
+    from ich.ingest import ingest
+    m = ingest(a.src, a.out, size=a.size, val_frac=a.val_frac, test_frac=a.test_frac, seed=a.seed,
+               workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)
+    n = m["num_images"]
+    print(f"{a.out}: {m['num_classes']} classes, train/val/test = {n.get('train', 0)}/{n.get('val', 0)}/"
+          f"{n.get('test', 0)}, {len(m['skipped'])} skipped, fingerprint {m['fingerprint'][:16]}")
+    for s in m["skipped"]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+
+
+def cmd_train(a) -> None:
+    """One trial's loop on one machine, no Ray, no MLflow: per-epoch val metrics, a checkpoint per epoch."""
+    from ich.checkpoint import CheckpointMeta, save_checkpoint
+    from ich.data import load_dataset
+    from ich.train import TrainConfig, Trainer
+
+    overrides = {k: v for k, v in vars(a).items() if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
+    cfg = TrainConfig.from_dict(overrides)
+    data = load_dataset(a.data)
+    trainer = Trainer(cfg, data, init_weights=a.init)
+    if a.resume:
+        trainer.load_state(a.resume)
+        print(f"resumed from {a.resume} at epoch {trainer.epoch}")
+    out = Path(a.out) if a.out else None
+    print(f"{cfg.model} on {data.num_classes} classes, {len(data.splits['train'])} train images, device {trainer.device}")
+    print(f"{'epoch':>5} {'train_loss':>10} {'val_loss':>8} {'val_acc':>7} {'val_f1':>7} {'img/s':>7} {'wait':>5}")
+    for r in trainer.fit():
+        m = r.metrics
+        print(f"{r.epoch:>5} {m['train_loss']:>10.4f} {m['val_loss']:>8.4f} {m['val_accuracy']:>7.4f} "
+              f"{m['val_macro_f1']:>7.4f} {m['images_per_s']:>7.0f} {m['data_wait_share']:>5.1%}", flush=True)
+        if out:
+            meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=data.num_classes,
+                                  class_names=data.classes, dataset_fingerprint=data.fingerprint,
+                                  init_fingerprint=trainer.init_fingerprint, epoch=r.epoch,
+                                  metrics={k: float(v) for k, v in m.items()})
+            save_checkpoint(out / f"epoch_{r.epoch:03d}", r.weights(), meta)
+            trainer.save_state(out / "state")
+    test = trainer.evaluate("test")
+    print(f"test: accuracy {test['test_accuracy']:.4f}, macro F1 {test['test_macro_f1']:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ich", description="Model soups for ICH image classification.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo-data", help="write scikit-learn's digits as an ImageFolder (offline demo data)")
+    s.add_argument("out")
+    s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("ingest", help="ImageFolder -> validated, split, fingerprinted Parquet dataset")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--size", type=int, default=256, help="stored image size (shorter side resized, center crop)")
+    s.add_argument("--val-frac", type=float, default=0.1)
+    s.add_argument("--test-frac", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_ingest)
+
+    from ich.train import TrainConfig
+    s = sub.add_parser("train", help="train one trial locally (no Ray/MLflow), print per-epoch val metrics")
+    s.add_argument("data", help="ingested dataset folder")
+    s.add_argument("--init", help="initial weights: a .safetensors file, a checkpoint folder or an MLflow model URI")
+    s.add_argument("--out", help="write a checkpoint per epoch here")
+    s.add_argument("--resume", help="training-state folder to resume from (OUT/state)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}[f.type]
+        s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                       help=f"default {f.default}")
+    s.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ich.errors import USER_ERRORS
+    try:
+        args.func(args)
+    except USER_ERRORS as e:  # bad input: one clear line, no traceback
+        print(f"ich {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Model factory: every network the product trains, architecture kept apart from weights.
+
+`create_model(name, num_classes, img_size)` builds an architecture (random init, or a timm hub tag only
+when the user asks with `hub:`); `load_init_weights(model, source)` puts initial weights in from a local
+safetensors file / checkpoint folder or an MLflow model URI. Tiny variants are registered with timm so they
+are created like any other timm model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import maxxvit
+from timm.models._builder import build_model_with_cfg
+from timm.models._registry import generate_default_cfgs, register_model
+
+from ich.checkpoint import WEIGHTS, CheckpointError, load_weights, sha256_file
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny CPU models, registered with timm. The CoAtNet one is a real MaxxVit with C-C-T-T stages.
+
+maxxvit.model_cfgs["coatnet_tiny_ich"] = maxxvit.MaxxVitCfg(
+    embed_dim=(16, 32, 64, 128),
+    depths=(1, 1, 2, 1),
+    block_type=("C", "C", "T", "T"),
+    stem_width=(8, 16),
+    **maxxvit._rw_coat_cfg(stride_mode="dw", conv_attn_early=True, transformer_shortcut_bias=False),
+)
+
+_TINY_CFG = dict(url="", num_classes=10, input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0,
+                 interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                 first_conv="stem.conv1", classifier="head.fc", license="apache-2.0")
+# timm's register_model reads this module-level name to attach pretrained cfgs (architecture only, no weights).
+default_cfgs = generate_default_cfgs({
+    f"{name}.untrained": dict(_TINY_CFG, first_conv=conv, classifier=head)
+    for name, conv, head in [("coatnet_tiny_ich", "stem.conv1", "head.fc"), ("resnet_tiny_ich", "conv1", "fc"),
+                             ("densenet_tiny_ich", "features.conv0", "classifier"),
+                             ("vit_tiny_ich", "patch_embed.proj", "head")]
+})
+
+
+@register_model
+def coatnet_tiny_ich(pretrained: bool = False, **kwargs) -> maxxvit.MaxxVit:
+    """~0.27M-parameter CoAtNet (widths 16-32-64-128, C-C-T-T) for CPU sweeps at 32 px."""
+    kwargs.setdefault("img_size", 32)
+    return build_model_with_cfg(maxxvit.MaxxVit, "coatnet_tiny_ich", pretrained=False,
+                                model_cfg=maxxvit.model_cfgs["coatnet_tiny_ich"],
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+@register_model
+def resnet_tiny_ich(pretrained: bool = False, **kwargs):
+    """ResNet baseline at CPU scale: BasicBlock x (1,1,1,1), widths 16-128."""
+    from timm.models.resnet import BasicBlock, ResNet
+    kwargs.pop("img_size", None)
+    return build_model_with_cfg(ResNet, "resnet_tiny_ich", False, block=BasicBlock, layers=(1, 1, 1, 1),
+                                channels=(16, 32, 64, 128), stem_width=16, **kwargs)
+
+
+@register_model
+def densenet_tiny_ich(pretrained: bool = False, **kwargs):
+    """DenseNet baseline at CPU scale."""
+    from timm.models.densenet import DenseNet
+    kwargs.pop("img_size", None)
+    return build_model_with_cfg(DenseNet, "densenet_tiny_ich", False, growth_rate=12, block_config=(2, 2, 2, 2),
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+@register_model
+def vit_tiny_ich(pretrained: bool = False, **kwargs):
+    """ViT baseline at CPU scale: patch 4, dim 64, depth 4."""
+    from timm.models.vision_transformer import VisionTransformer
+    kwargs.setdefault("img_size", 32)
+    return build_model_with_cfg(VisionTransformer, "vit_tiny_ich", False, patch_size=4, embed_dim=64, depth=4,
+                                num_heads=2, mlp_ratio=2.0, **kwargs)
+
+
+# The architectures the product trains. Any other timm name works too, but these are the supported set.
+COATNETS = ("coatnet_tiny_ich", "coatnet_pico_rw_224", "coatnet_nano_rw_224", "coatnet_0_rw_224",
+            "coatnet_1_rw_224", "coatnet_2_rw_224", "coatnet_rmlp_nano_rw_224", "coatnet_rmlp_1_rw_224",
+            "coatnet_rmlp_2_rw_224")
+BASELINES = ("resnet50", "densenet121", "vit_base_patch16_224", "vit_small_patch16_224",
+             "resnet_tiny_ich", "densenet_tiny_ich", "vit_tiny_ich")
+# Models whose positional tables are fixed to the image size they are built for.
+_FIXED_SIZE = ("coatnet", "vit_")
+
+
+class ModelError(ValueError):
+    """Unknown architecture or unusable initial weights; one line naming the model/file and the problem."""
+
+
+def family(name: str) -> str:
+    """coatnet | resnet | densenet | vit: the row a model belongs to in the results table."""
+    for f in ("coatnet", "resnet", "densenet", "vit"):
+        if name.startswith(f):
+            return f
+    return name.split("_")[0]
+
+
+def create_model(name: str, num_classes: int, img_size: int | None = None, *, drop_path_rate: float = 0.0,
+                 hub_tag: str | None = None) -> torch.nn.Module:
+    """Build `name` with a classifier for `num_classes`.
+
+    `hub_tag` (e.g. "coatnet_0_rw_224.sw_in1k") downloads pretrained weights from the timm hub: only when the
+    user asks for it (the network is not assumed)."""
+    if not timm.is_model(name):
+        raise ModelError(f"unknown model '{name}' (not a timm architecture; supported: {', '.join(COATNETS + BASELINES)})")
+    kwargs: dict = dict(num_classes=num_classes)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if img_size is not None and name.startswith(_FIXED_SIZE):
+        kwargs["img_size"] = img_size
+    if hub_tag:
+        if hub_tag.split(".")[0] != name:
+            raise ModelError(f"hub tag '{hub_tag}' is not a pretrained tag of model '{name}'")
+        return timm.create_model(hub_tag, pretrained=True, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _classifier_keys(model: torch.nn.Module) -> set[str]:
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head.fc")
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    return {k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)}
+
+
+def resolve_init_weights(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local path (a .safetensors file or a checkpoint folder) or MLflow model URI -> a local safetensors file."""
+    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "m-")):
+        import mlflow.artifacts  # only the MLflow URI path needs MLflow
+        uri = f"models:/{source}" if source.startswith("m-") else source
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=cache_dir))
+        except Exception as e:  # MLflow raises several types; all mean the same to the user
+            raise ModelError(f"init weights {source}: cannot download from MLflow ({str(e).splitlines()[0]})") from None
+    else:
+        local = Path(source).expanduser()
+    if local.is_dir():
+        local = local / WEIGHTS
+    if not local.is_file():
+        raise ModelError(f"init weights {source}: no such file")
+    return local
+
+
+def load_init_weights(model: torch.nn.Module, source: str, cache_dir=None) -> tuple[str, list[str]]:
+    """Load initial weights into `model`; a classifier of another shape is left freshly initialised.
+
+    Returns (init fingerprint = sha256 of the weights file, keys left at their fresh init)."""
+    path = resolve_init_weights(source, cache_dir)
+    try:
+        state = load_weights(path)
+    except CheckpointError as e:
+        raise ModelError(str(e)) from None
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    skipped = [k for k in head if k in state and state[k].shape != own[k].shape]
+    for k in skipped:
+        del state[k]
+    missing = sorted(set(own) - set(state) - set(skipped))
+    unexpected = sorted(set(state) - set(own))
+    if unexpected or [k for k in missing if k not in head]:
+        bad = (unexpected or missing)[:3]
+        raise ModelError(f"init weights {path}: do not fit {type(model).__name__} "
+                         f"({'unexpected' if unexpected else 'missing'} keys, e.g. {', '.join(bad)})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ModelError(f"init weights {path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return sha256_file(path), sorted(set(skipped) | set(k for k in missing if k in head))
+
+
+def random_init_fingerprint(name: str, num_classes: int, img_size: int | None, init_seed: int) -> str:
+    """Trials built from the same seeded random init share this fingerprint (and can be souped)."""
+    return "random:" + hashlib.sha256(f"{name}|{num_classes}|{img_size}|{init_seed}".encode()).hexdigest()[:32]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

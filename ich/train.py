@@ -1,0 +1,290 @@
+"""One trial's training and evaluation loop. Knows nothing of Ray or MLflow.
+
+    trainer = Trainer(TrainConfig(...), dataset, init_weights="path/or/models:/uri")
+    for result in trainer.fit():          # one EpochResult per epoch
+        result.metrics                    # train_loss, lr, val_accuracy, val_macro_f1, ...
+        result.weights()                  # CPU state dict of this epoch's model
+        trainer.save_state(folder)        # everything needed to resume exactly
+
+Randomness is a pure function of (seed, epoch): data order, augmentation, MixUp/CutMix and dropout are
+re-seeded at every epoch start, so resuming from an epoch boundary replays the same run bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ich.checkpoint import CheckpointError, load_weights, state_dict_to_cpu
+from ich.data import AugmentConfig, ICHDataset, Prefetcher, batch_indices, eval_transform, mixup_cutmix, train_transform
+from ich.metrics import classification_metrics, log_loss
+from ich.models import create_model, load_init_weights, random_init_fingerprint
+
+TRAIN_STATE = "train_state.safetensors"
+TRAIN_STATE_JSON = "train_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """The paper's recipe (paper.md) is the GPU config; defaults here suit the tiny CPU model."""
+    model: str = "coatnet_tiny_ich"
+    img_size: int = 32
+    epochs: int = 10
+    batch_size: int = 64
+    accum_steps: int = 1  # gradient accumulation (the paper: batch 64 x 2)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: str = "cosine"  # cosine | cosine_restarts | constant
+    restart_period: int = 3  # epochs per cosine cycle for cosine_restarts (the paper's T_0)
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    drop_path: float = 0.0
+    # augmentation
+    scale_min: float = 0.08  # RandomResizedCrop area
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    rand_augment_n: int = 2
+    rand_augment_m: float = 9.0
+    random_erasing: float = 0.2
+    eval_crop_pct: float = 0.875
+    # execution
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: str = "auto"  # auto (CUDA only) | on | off
+    compile: bool = False
+    device: str = "auto"
+    eval_batch_size: int = 256
+    seed: int = 0  # data order, augmentation, dropout
+    init_seed: int = 0  # random init when no init weights: shared by all trials so they can be souped
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        out = {}
+        for k, v in d.items():  # Tune/YAML hand numbers of the wrong kind (1 vs 1.0, numpy ints)
+            t = types[k]
+            out[k] = int(v) if t == "int" else float(v) if t == "float" else bool(v) if t == "bool" else v
+        return cls(**out)
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(img_size=self.img_size, scale=(self.scale_min, 1.0), hflip=self.hflip,
+                             color_jitter=self.color_jitter, rand_augment_n=self.rand_augment_n,
+                             rand_augment_m=self.rand_augment_m, random_erasing=self.random_erasing,
+                             eval_crop_pct=self.eval_crop_pct)
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at optimizer step `step` (pure; the schedule has no state to save)."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = step - warmup
+    if cfg.schedule == "cosine":
+        period = max(1, cfg.epochs * steps_per_epoch - warmup)
+    elif cfg.schedule == "cosine_restarts":
+        period = max(1, cfg.restart_period * steps_per_epoch)
+        t %= period
+    else:
+        raise ValueError(f"unknown schedule '{cfg.schedule}' (cosine | cosine_restarts | constant)")
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, period) / period))
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # epochs completed, 1-based
+    metrics: dict[str, float]
+    weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+
+
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + stream) % (2 ** 63)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: ICHDataset, init_weights: str | None = None,
+                 init_state: dict[str, torch.Tensor] | None = None, init_fingerprint: str | None = None):
+        self.cfg, self.data = cfg, data
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        on_cuda = self.device.type == "cuda"
+        self.amp_dtype = {"auto": torch.bfloat16 if on_cuda else None, "bf16": torch.bfloat16,
+                          "fp16": torch.float16, "off": None}[cfg.amp]
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_cuda)
+        self.aug = cfg.augment()
+
+        torch.manual_seed(cfg.init_seed)  # the same random init in every trial when no weights are given
+        self.model = create_model(cfg.model, data.num_classes, cfg.img_size, drop_path_rate=cfg.drop_path)
+        if init_state is not None:  # an init already in memory (Ray object store), with its fingerprint
+            self.model.load_state_dict(init_state)
+            self.init_fingerprint = init_fingerprint or "unknown"
+        elif init_weights:
+            self.init_fingerprint, _ = load_init_weights(self.model, init_weights)
+        else:
+            self.init_fingerprint = random_init_fingerprint(cfg.model, data.num_classes, cfg.img_size, cfg.init_seed)
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        # No weight decay on norms, biases and position tables (timm's convention).
+        from timm.optim import param_groups_weight_decay
+        groups = param_groups_weight_decay(self.model, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=on_cuda or None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and on_cuda)
+        self.epoch = 0
+        self.step = 0
+        n_train = len(data.splits["train"])
+        self.batches_per_epoch = max(1, n_train // cfg.batch_size)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.accum_steps)
+
+    # ------------------------------------------------------------------ training
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, split = self.cfg, self.data.splits["train"]
+        torch.manual_seed(_epoch_seed(cfg.seed, self.epoch, 0))  # dropout / drop path
+        rng = np.random.default_rng(_epoch_seed(cfg.seed, self.epoch, 1))  # data order, MixUp/CutMix
+        gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, self.epoch, 2))  # augmentation
+        batches = batch_indices(len(split), cfg.batch_size, rng, drop_last=len(split) >= cfg.batch_size)
+        batches = batches[: self.steps_per_epoch * cfg.accum_steps]
+        self.model.train()
+        loader = Prefetcher(split, batches, self.device)
+        t0 = time.perf_counter()
+        total_loss, seen = torch.zeros((), device=self.device), 0
+        try:
+            for i, (imgs, labels) in enumerate(loader):
+                x = train_transform(imgs, self.aug, gen)
+                x, target = mixup_cutmix(x, labels, self.data.num_classes, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                                         label_smoothing=cfg.label_smoothing, rng=rng)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    logits = self.forward(x)
+                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+                total_loss += loss.detach() * len(labels)
+                seen += len(labels)
+                if (i + 1) % cfg.accum_steps == 0:
+                    lr = lr_at(cfg, self.step, self.steps_per_epoch)
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr
+                    if cfg.grad_clip > 0:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+        finally:
+            loader.close()
+        train_loss = float(total_loss) / max(seen, 1)  # one device sync per epoch, not per step
+        elapsed = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training diverged at epoch {self.epoch + 1}: train loss is {train_loss}")
+        self.epoch += 1
+        return {"train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": seen / elapsed, "data_wait_share": loader.wait_s / elapsed,
+                "epoch_time_s": elapsed}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, split: str | None = None, images: np.ndarray | None = None,
+                model: torch.nn.Module | None = None) -> np.ndarray:
+        """Logits (N, C) as float32 numpy for a split of the dataset or an array of uint8 images."""
+        model = model or self.forward
+        images = self.data.splits[split].images if images is None else images
+        model.eval()
+        out = []
+        for i in range(0, len(images), self.cfg.eval_batch_size):
+            x = torch.from_numpy(images[i:i + self.cfg.eval_batch_size]).to(self.device)
+            x = eval_transform(x, self.aug)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out.append(model(x).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.data.num_classes), np.float32)
+
+    def evaluate(self, split: str = "val", model: torch.nn.Module | None = None) -> dict[str, float]:
+        logits = self.predict(split, model=model)
+        return evaluate_logits(logits, self.data.splits[split].labels, self.data.num_classes, prefix=f"{split}_")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, epochs: int | None = None) -> Iterator[EpochResult]:
+        """Train up to cfg.epochs (or `epochs` more), yielding after every epoch."""
+        stop = self.cfg.epochs if epochs is None else min(self.cfg.epochs, self.epoch + epochs)
+        while self.epoch < stop:
+            metrics = self.train_epoch()
+            t0 = time.perf_counter()
+            metrics.update(self.evaluate("val"))
+            metrics["eval_time_s"] = time.perf_counter() - t0
+            metrics["epoch"] = self.epoch
+            yield EpochResult(self.epoch, metrics, self.weights)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return state_dict_to_cpu(self.model.state_dict())
+
+    # ------------------------------------------------------------------ exact resume
+    def save_state(self, folder: str | Path) -> None:
+        """Model, optimizer and counters as safetensors + JSON (no pickles). RNG is derived from (seed, epoch)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v for k, v in self.weights().items()}
+        opt = self.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        save_file(tensors, str(folder / TRAIN_STATE))
+        meta = {"epoch": self.epoch, "step": self.step, "config": dataclasses.asdict(self.cfg),
+                "init_fingerprint": self.init_fingerprint, "dataset_fingerprint": self.data.fingerprint,
+                "param_groups": opt["param_groups"], "scaler": self.scaler.state_dict()}
+        (folder / TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1))
+
+    def load_state(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / TRAIN_STATE_JSON).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{folder}: cannot read {TRAIN_STATE_JSON} ({e})") from None
+        if meta["dataset_fingerprint"] != self.data.fingerprint:
+            raise CheckpointError(f"{folder}: training state is from another dataset "
+                                  f"({meta['dataset_fingerprint'][:12]}… != {self.data.fingerprint[:12]}…)")
+        tensors = load_weights(folder / TRAIN_STATE, device="cpu")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.init_fingerprint = meta["init_fingerprint"]
+
+
+def evaluate_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str = "") -> dict[str, float]:
+    """loss, accuracy, macro precision/recall/F1 of logits against labels."""
+    m = classification_metrics(labels, logits.argmax(axis=1), num_classes)
+    m["loss"] = log_loss(logits, labels) if len(labels) else float("nan")
+    return {prefix + k: v for k, v in m.items()}

@@ -1,0 +1,271 @@
+"""Weight averaging: uniform and greedy soups over streams of state dicts.
+
+Memory stays flat in the number of ingredients (design decision 6): a float64 running sum, one candidate,
+the ingredient in hand and at most `prefetch_depth` loaded ahead. Loading the next checkpoint runs in a
+thread while the current candidate is evaluated.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ich.checkpoint import first_nonfinite
+from soups.compat import check_state_dicts_match
+
+StateDict = dict[str, torch.Tensor]
+
+
+class RunningSum:
+    """Sum of state dicts in float64 (floating tensors only).
+
+    Integer tensors (BatchNorm's int64 `num_batches_tracked`) are never averaged: the first ingredient's
+    value is kept as-is. mean() and candidate_with() return tensors in the ingredients' original dtypes.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum: StateDict = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._ref_name = ""
+
+    def _check(self, sd: StateDict, name: str) -> None:
+        if self.count:
+            check_state_dicts_match(self._sum, sd, name, ref_name=self._ref_name)
+
+    def add(self, sd: StateDict, name: str = "ingredient") -> None:
+        self._check(sd, name)
+        if self.count == 0:
+            self._ref_name = name
+            for k, v in sd.items():
+                self._dtypes[k] = v.dtype
+                # clone: the kept integer buffer must not alias the caller's tensor
+                self._sum[k] = v.detach().to(torch.float64).clone() if v.is_floating_point() else v.detach().clone()
+        else:
+            for k, v in sd.items():
+                if v.is_floating_point():
+                    self._sum[k] += v.detach().to(device=self._sum[k].device, dtype=torch.float64)
+        self.count += 1
+
+    def _mean(self, extra: StateDict | None) -> StateDict:
+        n = self.count + (extra is not None)
+        out: StateDict = {}
+        for k, s in self._sum.items():
+            if not s.is_floating_point():
+                out[k] = s.clone()
+                continue
+            if extra is not None:
+                s = s + extra[k].detach().to(device=s.device, dtype=torch.float64)
+            out[k] = (s / n).to(self._dtypes[k])
+        return out
+
+    def mean(self) -> StateDict:
+        if self.count == 0:
+            raise ValueError("RunningSum.mean: no state dict added yet")
+        return self._mean(None)
+
+    def candidate_with(self, sd: StateDict, name: str = "ingredient") -> StateDict:
+        """(sum + sd) / (count + 1), without committing sd to the sum."""
+        if self.count == 0:
+            raise ValueError("RunningSum.candidate_with: no state dict added yet")
+        self._check(sd, name)
+        return self._mean(sd)
+
+
+@dataclass
+class Ingredient:
+    """One checkpoint offered to a soup: its name, its val score (used to sort), and its weights
+    as a state dict or a zero-argument callable that loads them (so loading can be lazy and prefetched)."""
+    name: str
+    score: float
+    load: Callable[[], StateDict] | StateDict
+
+    def state_dict(self) -> StateDict:
+        return self.load() if callable(self.load) else self.load
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+def nonfinite_reason(ing: Ingredient, sd: StateDict) -> str | None:
+    """Why an ingredient must be skipped (NaN/Inf score or weights), else None."""
+    if not math.isfinite(ing.score):
+        return f"val score is {ing.score}"
+    bad = first_nonfinite(sd)
+    return None if bad is None else f"tensor {bad} holds NaN/Inf"
+
+
+def _warn_skip(s: Skipped) -> None:
+    warnings.warn(f"skipping checkpoint {s.name}: {s.reason}", RuntimeWarning, stacklevel=3)
+
+
+def prefetch(iterable: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Iterate `iterable` in a background thread, producing at most `depth` items ahead of the consumer.
+
+    While the consumer works on item k, item k+1 is being produced (e.g. a checkpoint downloaded and loaded).
+    An exception raised by the producer is re-raised in the consumer at the point it would have occurred.
+    depth=0 iterates in the caller's thread.
+    """
+    if depth <= 0:
+        yield from iterable
+        return
+    slots = threading.Semaphore(depth)
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            it = iter(iterable)
+            while True:
+                while not slots.acquire(timeout=0.1):  # wait for the consumer to take an item
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    item = next(it)
+                except StopIteration:
+                    q.put((done, None))
+                    return
+                q.put((item, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((done, e))
+
+    thread = threading.Thread(target=produce, name="soups-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            slots.release()  # the consumer now holds this item: the producer may load the next
+            yield item
+            del item  # do not keep the previous item alive while waiting for the next
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _loaded(ingredients: Iterable[Ingredient], depth: int) -> Iterator[tuple[Ingredient, StateDict]]:
+    return prefetch(((ing, ing.state_dict()) for ing in ingredients), depth)
+
+
+@dataclass
+class UniformResult:
+    state_dict: StateDict
+    used: list[str]
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def uniform_soup_result(ingredients: Iterable[Ingredient | StateDict], *, skip_nonfinite: bool = True,
+                        prefetch_depth: int = 1,
+                        on_skip: Callable[[Skipped], None] = _warn_skip) -> UniformResult:
+    """Streaming mean of all ingredients' weights; NaN/Inf ingredients are skipped (on_skip warns by default)."""
+    ings = (x if isinstance(x, Ingredient) else Ingredient(f"#{i}", 0.0, x) for i, x in enumerate(ingredients))
+    total, used, skipped = RunningSum(), [], []
+    for ing, sd in _loaded(ings, prefetch_depth):
+        if skip_nonfinite and (reason := nonfinite_reason(ing, sd)) is not None:
+            skipped.append(Skipped(ing.name, reason))
+            on_skip(skipped[-1])
+            continue
+        total.add(sd, ing.name)
+        used.append(ing.name)
+        del sd
+    if total.count == 0:
+        raise ValueError(f"uniform soup: no usable ingredients (skipped: {[s.name for s in skipped]})")
+    return UniformResult(total.mean(), used, skipped)
+
+
+def uniform_soup(state_dicts: Iterable[Ingredient | StateDict], *, skip_nonfinite: bool = True,
+                 prefetch_depth: int = 1) -> StateDict:
+    """The plain mean of all ingredients' weights (float64 accumulation, original dtypes out)."""
+    return uniform_soup_result(state_dicts, skip_nonfinite=skip_nonfinite, prefetch_depth=prefetch_depth).state_dict
+
+
+@dataclass
+class GreedyStep:
+    name: str
+    ingredient_score: float  # the ingredient's own val score, as given (used for sorting)
+    candidate_score: float  # evaluate() of the candidate soup with this ingredient added
+    accepted: bool
+    soup_score_after: float  # best score so far, after deciding on this ingredient
+
+
+@dataclass
+class GreedyResult:
+    state_dict: StateDict
+    accepted: list[str]
+    steps: list[GreedyStep]
+    best_score: float
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def improves(cur: float, best: float, *, higher_is_better: bool = True, tie_rule: str = "accept",
+             tol: float = 1e-7) -> bool:
+    """Greedy acceptance. 'accept' (the paper's code): cur + tol > best, so ties are kept.
+    'strict' (model-soups reference): cur > best. For a loss the comparisons are mirrored."""
+    if tie_rule not in ("accept", "strict"):
+        raise ValueError(f"tie_rule must be 'accept' or 'strict', got {tie_rule!r}")
+    if not math.isfinite(cur):
+        return False
+    if higher_is_better:
+        return cur + tol > best if tie_rule == "accept" else cur > best
+    return cur - tol < best if tie_rule == "accept" else cur < best
+
+
+def greedy_soup(ingredients: Iterable[Ingredient], evaluate: Callable[[StateDict], float], *,
+                higher_is_better: bool = True, tie_rule: str = "accept", tol: float = 1e-7,
+                skip_nonfinite: bool = True, prefetch_depth: int = 1,
+                on_skip: Callable[[Skipped], None] = _warn_skip) -> GreedyResult:
+    """Greedy soup (Wortsman et al. 2022) over ingredients sorted best-first by their val score.
+
+    Starts from the first usable ingredient; each next one is tried as (soup*n + new)/(n+1) and kept when
+    evaluate() of the candidate does not drop (see improves()). Every compared score, the first
+    ingredient's included, comes from `evaluate`, so all comparisons use the same evaluator.
+    """
+    improves(0.0, 0.0, tie_rule=tie_rule)  # validate tie_rule before loading anything
+    soup, steps, accepted, skipped = RunningSum(), [], [], []
+    best = math.nan
+    prev: Ingredient | None = None
+    for ing, sd in _loaded(ingredients, prefetch_depth):
+        if prev is not None and math.isfinite(prev.score) and math.isfinite(ing.score):
+            out_of_order = ing.score > prev.score if higher_is_better else ing.score < prev.score
+            if out_of_order:
+                raise ValueError(f"greedy soup: ingredients not sorted best-first: {ing.name} ({ing.score}) "
+                                 f"comes after {prev.name} ({prev.score})")
+        prev = ing
+        if skip_nonfinite and (reason := nonfinite_reason(ing, sd)) is not None:
+            skipped.append(Skipped(ing.name, reason))
+            on_skip(skipped[-1])
+            continue
+        if soup.count == 0:
+            soup.add(sd, ing.name)
+            best = float(evaluate(soup.mean()))
+            steps.append(GreedyStep(ing.name, ing.score, best, True, best))
+            accepted.append(ing.name)
+            continue
+        candidate = soup.candidate_with(sd, ing.name)
+        cur = float(evaluate(candidate))
+        del candidate
+        keep = improves(cur, best, higher_is_better=higher_is_better, tie_rule=tie_rule, tol=tol)
+        if keep:
+            soup.add(sd, ing.name)
+            accepted.append(ing.name)
+            best = cur
+        steps.append(GreedyStep(ing.name, ing.score, cur, keep, best))
+        del sd
+    if soup.count == 0:
+        raise ValueError(f"greedy soup: no usable ingredients (skipped: {[s.name for s in skipped]})")
+    return GreedyResult(soup.mean(), accepted, steps, best, skipped)

@@ -1,0 +1,416 @@
+"""The registry adapter: checkpoints and soups go to MLflow as LoggedModels and come back by search.
+
+Every checkpoint is one LoggedModel whose source run is the trial's run: its artifacts are the checkpoint
+folder (model.safetensors + checkpoint.json), its val metrics are linked to it at step = epoch, and
+these tags identify it (design decisions 4 and 5):
+
+    ich.kind                  "checkpoint" | "soup" | "init"
+    ich.sweep                 sweep name
+    ich.trial                 trial id
+    ich.epoch                 epoch, an integer written as a string
+    ich.sha256                sha256 of model.safetensors, verified on every pull
+    ich.dataset_fingerprint   fingerprint of the ingested dataset
+    ich.init_fingerprint      fingerprint of the shared initialization
+    ich.architecture          model architecture name
+    ich.superseded_by         set on a record replaced by a newer one (which is then marked FAILED)
+
+Exactly once: a (sweep, trial, epoch) has one READY record. Logging it again with the same sha256
+returns the existing id; records left PENDING by a crash, or READY with other weights (a resumed trial
+that trained the epoch again), are marked FAILED once the new one is READY. Searches see READY only.
+
+Every MLflow call goes through `call_with_retry`, so a server that is down for a few seconds does not
+fail a sweep. Importing this module lowers MLflow's own HTTP retries (unless set in the environment)
+so the two layers of backoff do not multiply into minutes per call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import requests
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Run, ViewType
+from mlflow.exceptions import MlflowException, RestException
+
+from ich.checkpoint import META, WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, sha256_file
+
+log = logging.getLogger(__name__)
+
+TAG_KIND = "ich.kind"
+TAG_SWEEP = "ich.sweep"
+TAG_TRIAL = "ich.trial"
+TAG_EPOCH = "ich.epoch"
+TAG_SHA256 = "ich.sha256"
+TAG_DATASET = "ich.dataset_fingerprint"
+TAG_INIT = "ich.init_fingerprint"
+TAG_ARCHITECTURE = "ich.architecture"
+TAG_SUPERSEDED_BY = "ich.superseded_by"
+
+KIND_CHECKPOINT = "checkpoint"
+KIND_SOUP = "soup"
+KIND_INIT = "init"
+
+SEARCH_PAGE_SIZE = 500
+# HTTP statuses worth another try: the server restarting, overloaded, or SQLite briefly locked.
+TRANSIENT_HTTP_STATUSES = {408, 429, 500, 502, 503, 504}
+
+# MLflow's client retries 7 times with backoff factor 2 (minutes per call when the server is down);
+# one quick inner retry (a stale keep-alive connection) is enough, RetryPolicy does the waiting.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network on workers
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per pull floods worker logs
+
+T = TypeVar("T")
+
+
+class RegistryError(RuntimeError):
+    """An MLflow call that kept failing, or a registry record that cannot be used; one line, naming it."""
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff: base_s, 2*base_s, ... capped at max_s; 8 attempts wait ~35 s in total."""
+    attempts: int = 8
+    base_s: float = 0.5
+    max_s: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.base_s * 2 ** (attempt - 1))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass
+class CheckpointRecord:
+    model_id: str
+    run_id: str
+    experiment_id: str
+    name: str
+    sweep: str
+    trial: str
+    epoch: int
+    sha256: str
+    dataset_fingerprint: str
+    init_fingerprint: str
+    architecture: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    artifact_uri: str = ""  # where the checkpoint folder lives (mlflow-artifacts:/...)
+
+    def label(self) -> str:
+        return f"trial {self.trial} epoch {self.epoch} (model {self.model_id})"
+
+
+def is_transient(error: BaseException) -> bool:
+    """Connection refused/reset, timeouts and 5xx/429 answers: worth retrying. Anything else is not."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(seen, requests.HTTPError) and seen.response is not None:
+            return seen.response.status_code in TRANSIENT_HTTP_STATUSES
+        if isinstance(seen, RestException):
+            return seen.get_http_status_code() in TRANSIENT_HTTP_STATUSES
+        if isinstance(seen, MlflowException) and str(seen.message).startswith("API request to"):
+            return True  # MLflow wraps connection errors in this message (without a cause, sometimes)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def call_with_retry(what: str, fn: Callable[..., T], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any) -> T:
+    """fn(*args, **kwargs), retried with backoff on transient errors; RegistryError when they persist."""
+    policy = retry or DEFAULT_RETRY
+    started = time.monotonic()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == policy.attempts:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RegistryError(f"MLflow {what}: failed {attempt} times over {time.monotonic() - started:.0f} s; "
+                                    f"last error: {first_line}") from e
+            pause = policy.delay(attempt)
+            log.warning("MLflow %s failed (%s); retry %d/%d in %.1f s", what, type(e).__name__, attempt,
+                        policy.attempts - 1, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- filters
+
+def _quoted(key: str, value: str) -> str:
+    value = str(value)
+    if "'" in value:
+        raise ValueError(f"{key}={value!r}: single quotes are not allowed in registry tag values")
+    return f"'{value}'"
+
+
+def _tag_filter(tags: dict[str, str]) -> str:
+    return " AND ".join(f"tags.`{k}` = {_quoted(k, v)}" for k, v in tags.items())
+
+
+def _model_name(text: str) -> str:
+    # LoggedModel names may not hold / : . % " '
+    return "".join("-" if c in "/:.%\"'" else c for c in text)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def get_or_create_experiment(client: MlflowClient, name: str, *, retry: RetryPolicy | None = None) -> str:
+    experiment = call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name, retry=retry)
+    if experiment is None:
+        try:
+            return call_with_retry(f"create experiment {name!r}", client.create_experiment, name, retry=retry)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker created it meanwhile
+                raise
+            experiment = call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name, retry=retry)
+    if experiment.lifecycle_stage == "deleted":
+        log.warning("MLflow experiment %r (id %s) was deleted; restoring it", name, experiment.experiment_id)
+        call_with_retry(f"restore experiment {name!r}", client.restore_experiment, experiment.experiment_id, retry=retry)
+    return experiment.experiment_id
+
+
+def find_run_by_tags(client: MlflowClient, experiment_id: str, tags: dict[str, str], *,
+                     retry: RetryPolicy | None = None) -> Run | None:
+    """The oldest active run of the experiment carrying all these tags, or None (makes runs idempotent on resume)."""
+    runs = call_with_retry("search runs", client.search_runs, [experiment_id], filter_string=_tag_filter(tags),
+                           run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
+                           order_by=["attributes.start_time ASC"], retry=retry)
+    return runs[0] if runs else None
+
+
+# ---------------------------------------------------------------------------------------------- push
+
+def _search_models(client: MlflowClient, experiment_ids: list[str], filter_string: str,
+                   retry: RetryPolicy | None) -> list[LoggedModel]:
+    models: list[LoggedModel] = []
+    page_token = None
+    while True:
+        page = call_with_retry("search logged models", client.search_logged_models, experiment_ids,
+                               filter_string=filter_string, max_results=SEARCH_PAGE_SIZE,
+                               page_token=page_token, retry=retry)
+        models.extend(page)
+        page_token = page.token
+        if not page_token:
+            return models
+
+
+def _is_ready(model: LoggedModel) -> bool:
+    return model.status == LoggedModelStatus.READY
+
+
+def _newest(models: list[LoggedModel]) -> LoggedModel:
+    return max(models, key=lambda m: (m.creation_timestamp or 0, m.model_id))
+
+
+def _retire(client: MlflowClient, models: list[LoggedModel], keep_id: str, retry: RetryPolicy | None) -> None:
+    """Mark every model but keep_id FAILED, tagged with its replacement, so searches see one record."""
+    for model in models:
+        if model.model_id == keep_id:
+            continue
+        call_with_retry(f"tag superseded model {model.model_id}", client.set_logged_model_tags, model.model_id,
+                        {TAG_SUPERSEDED_BY: keep_id}, retry=retry)
+        if model.status != LoggedModelStatus.FAILED:
+            call_with_retry(f"fail superseded model {model.model_id}", client.finalize_logged_model, model.model_id,
+                            LoggedModelStatus.FAILED, retry=retry)
+
+
+def _push_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: Path, name: str, kind: str,
+                tags: dict[str, str], metrics: dict[str, float], step: int, retry: RetryPolicy | None) -> tuple[str, bool]:
+    """Create, upload, link metrics and output step, finalize READY: six calls (one per file to upload).
+
+    Returns (model_id, create_was_retried): a retried create may have left an orphan PENDING model.
+    """
+    attempts = 0
+
+    def create() -> LoggedModel:
+        nonlocal attempts
+        attempts += 1
+        return client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id,
+                                          tags=tags, model_type=kind)
+
+    model_id = call_with_retry(f"create model {name}", create, retry=retry).model_id
+    try:
+        call_with_retry(f"upload {ckpt_dir} to model {model_id}", client.log_model_artifacts, model_id,
+                        str(ckpt_dir), retry=retry)
+        # One timestamp for all attempts: a retried log_batch then repeats identical rows, not new points.
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
+        if batch:
+            call_with_retry(f"log metrics of model {model_id}", client.log_batch, run_id, metrics=batch, retry=retry)
+        call_with_retry(f"link model {model_id} to run {run_id}", client.log_outputs, run_id,
+                        [LoggedModelOutput(model_id, step)], retry=retry)
+        call_with_retry(f"finalize model {model_id}", client.finalize_logged_model, model_id,
+                        LoggedModelStatus.READY, retry=retry)
+    except BaseException:
+        try:  # best effort, one try: searches ignore non-READY models anyway
+            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        except Exception:
+            pass
+        raise
+    return model_id, attempts > 1
+
+
+def _check_weights(ckpt_dir: Path, sha256: str | None) -> str:
+    weights = ckpt_dir / WEIGHTS
+    if not weights.is_file() or not (ckpt_dir / META).is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a checkpoint folder (needs {WEIGHTS} and {META})")
+    actual = sha256_file(weights)
+    if sha256 is not None and actual != sha256:
+        raise CheckpointError(f"{ckpt_dir}: sha256 mismatch (given {sha256[:12]}…, file {actual[:12]}…); "
+                              "refusing to log it")
+    return actual
+
+
+def log_checkpoint(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: str | os.PathLike,
+                   sweep: str, trial: str, epoch: int, sha256: str, metrics: dict[str, float],
+                   dataset_fingerprint: str, init_fingerprint: str, architecture: str,
+                   retry: RetryPolicy | None = None) -> str:
+    """Log one epoch's checkpoint of a trial as a READY LoggedModel, exactly once; returns its model id.
+
+    The metrics are logged on the trial's run at step=epoch and linked to the model, so the caller
+    should not log them to the run again.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    _check_weights(ckpt_dir, sha256)
+    key = {TAG_KIND: KIND_CHECKPOINT, TAG_SWEEP: sweep, TAG_TRIAL: trial, TAG_EPOCH: str(int(epoch))}
+    tags = {**key, TAG_SHA256: sha256, TAG_DATASET: dataset_fingerprint, TAG_INIT: init_fingerprint,
+            TAG_ARCHITECTURE: architecture}
+    key_filter = _tag_filter(key)
+
+    existing = _search_models(client, [experiment_id], key_filter, retry)
+    same = [m for m in existing if _is_ready(m) and (m.tags or {}).get(TAG_SHA256) == sha256]
+    if same:
+        keep = _newest(same).model_id
+        _retire(client, existing, keep, retry)
+        return keep
+
+    name = _model_name(f"{trial}-e{int(epoch):03d}")
+    model_id, create_retried = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir,
+                                           name=name, kind=KIND_CHECKPOINT, tags=tags, metrics=metrics,
+                                           step=int(epoch), retry=retry)
+    if create_retried:  # a create that reached the server before its answer was lost left an orphan
+        existing = _search_models(client, [experiment_id], key_filter, retry)
+    _retire(client, existing, model_id, retry)
+    return model_id
+
+
+def log_soup_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: str | os.PathLike,
+                   name: str, tags: dict[str, str], metrics: dict[str, float],
+                   retry: RetryPolicy | None = None) -> str:
+    """Log a soup (a checkpoint folder) as a READY LoggedModel of the soup run; returns its model id.
+
+    Once per (soup run, name): logging the same weights again returns the existing id.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    sha256 = _check_weights(ckpt_dir, tags.get(TAG_SHA256))
+    name = _model_name(name)
+    tags = {**{k: str(v) for k, v in tags.items()}, TAG_KIND: KIND_SOUP, TAG_SHA256: sha256}
+    same_name = (f"name = {_quoted('name', name)} AND source_run_id = {_quoted('run_id', run_id)} AND "
+                 + _tag_filter({TAG_KIND: KIND_SOUP}))
+    existing = _search_models(client, [experiment_id], same_name, retry)
+    same = [m for m in existing if _is_ready(m) and (m.tags or {}).get(TAG_SHA256) == sha256]
+    if same:
+        return _newest(same).model_id
+    model_id, _ = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir, name=name,
+                              kind=KIND_SOUP, tags=tags, metrics=metrics, step=0, retry=retry)
+    return model_id
+
+
+# ---------------------------------------------------------------------------------------------- pull
+
+def _latest_metrics(model: LoggedModel) -> dict[str, float]:
+    latest: dict[str, Metric] = {}
+    for metric in model.metrics or []:
+        held = latest.get(metric.key)
+        if held is None or (metric.step, metric.timestamp) >= (held.step, held.timestamp):
+            latest[metric.key] = metric
+    return {key: float(metric.value) for key, metric in latest.items()}
+
+
+def _record(model: LoggedModel) -> CheckpointRecord | None:
+    tags = model.tags or {}
+    try:
+        epoch = int(tags.get(TAG_EPOCH, ""))
+    except ValueError:
+        log.warning("skipping model %s: tag %s=%r is not an integer", model.model_id, TAG_EPOCH, tags.get(TAG_EPOCH))
+        return None
+    if not tags.get(TAG_SHA256):
+        log.warning("skipping model %s: no %s tag", model.model_id, TAG_SHA256)
+        return None
+    return CheckpointRecord(
+        model_id=model.model_id, run_id=model.source_run_id or "", experiment_id=model.experiment_id,
+        name=model.name, sweep=tags.get(TAG_SWEEP, ""), trial=tags.get(TAG_TRIAL, ""), epoch=epoch,
+        sha256=tags[TAG_SHA256], dataset_fingerprint=tags.get(TAG_DATASET, ""),
+        init_fingerprint=tags.get(TAG_INIT, ""), architecture=tags.get(TAG_ARCHITECTURE, ""),
+        metrics=_latest_metrics(model), tags=dict(tags), artifact_uri=model.artifact_location)
+
+
+def search_checkpoints(client: MlflowClient, experiment_ids: list[str], *, sweep: str | None = None,
+                       trial: str | None = None, retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
+    """READY checkpoint records, one per (sweep, trial, epoch), sorted by (trial, epoch)."""
+    key = {TAG_KIND: KIND_CHECKPOINT}
+    if sweep is not None:
+        key[TAG_SWEEP] = sweep
+    if trial is not None:
+        key[TAG_TRIAL] = trial
+    models = [m for m in _search_models(client, [str(e) for e in experiment_ids], _tag_filter(key), retry)
+              if _is_ready(m)]
+    # Two READY records of one key exist only for a moment (before the older is retired): keep the newest.
+    newest: dict[tuple[str, str, str], LoggedModel] = {}
+    for model in models:
+        tags = model.tags or {}
+        k = (tags.get(TAG_SWEEP, ""), tags.get(TAG_TRIAL, ""), tags.get(TAG_EPOCH, ""))
+        if k not in newest or _newest([newest[k], model]) is model:
+            newest[k] = model
+    records = [r for m in newest.values() if (r := _record(m)) is not None]
+    return sorted(records, key=lambda r: (r.trial, r.epoch, r.sweep))
+
+
+def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, dst_dir: str | os.PathLike, *,
+                        retry: RetryPolicy | None = None) -> Path:
+    """Download the record's checkpoint folder under dst_dir and verify its sha256; returns the folder."""
+    client = client or MlflowClient()
+    artifact_uri = record.artifact_uri
+    if not artifact_uri:
+        artifact_uri = call_with_retry(f"get model {record.model_id}", client.get_logged_model, record.model_id,
+                                       retry=retry).artifact_location
+    folder = Path(dst_dir) / record.model_id
+    if folder.exists():
+        shutil.rmtree(folder)  # never mix files of an earlier, partial download
+    folder.mkdir(parents=True)
+    # Returns the local copy of the artifacts folder (dst_path/artifacts).
+    folder = Path(call_with_retry(f"download model {record.model_id}", download_artifacts, artifact_uri=artifact_uri,
+                                  dst_path=str(folder), tracking_uri=client.tracking_uri, retry=retry))
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {record.label()}: downloaded artifacts lack {WEIGHTS}")
+    actual = sha256_file(weights)
+    if actual != record.sha256:
+        raise CheckpointError(f"checkpoint {record.label()}: sha256 mismatch (recorded {record.sha256[:12]}…, "
+                              f"downloaded {actual[:12]}…); altered or corrupt")
+    return folder
+
+
+def load_record(client: MlflowClient | None, record: CheckpointRecord, tmpdir: str | os.PathLike, *,
+                retry: RetryPolicy | None = None) -> tuple[dict, CheckpointMeta]:
+    """Download, verify and read a checkpoint: (state_dict, meta). safetensors only; nothing is unpickled."""
+    folder = download_checkpoint(client, record, tmpdir, retry=retry)
+    state_dict, meta = load_checkpoint(folder, expected_sha256=record.sha256)
+    # The tags were written from the same metadata: disagreement means a mixed-up record.
+    for field_name in ("architecture", "dataset_fingerprint", "init_fingerprint"):
+        tagged, stored = getattr(record, field_name), getattr(meta, field_name)
+        if tagged and tagged != stored:
+            raise CheckpointError(f"checkpoint {record.label()}: {field_name} is {stored!r} in checkpoint.json "
+                                  f"but {tagged!r} in the registry")
+    return state_dict, meta
