@@ -61,6 +61,13 @@ def cmd_train(a) -> None:
     print(f"test: accuracy {test['test_accuracy']:.4f}, macro F1 {test['test_macro_f1']:.4f}")
 
 
+def cmd_ui(a) -> None:
+    from sweeps.mlflow_server import main_ui
+    rc = main_ui((["--stop"] if a.stop else []) + (["--data-dir", a.data_dir] if a.data_dir else []))
+    if rc:
+        raise SystemExit(rc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ich", description="Model soups for ICH image classification.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        help=f"default {f.default}")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("ui", help="start (or reuse) the local MLflow server and print its UI address")
+    s.add_argument("--data-dir", help="project data folder (default $ICH_HOME or ./.ich)")
+    s.add_argument("--stop", action="store_true", help="stop the local MLflow server")
+    s.set_defaults(func=cmd_ui)
     return p
 
 

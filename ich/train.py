@@ -161,7 +161,9 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_epoch(self) -> dict[str, float]:
+    def train_epoch(self, on_step: Callable[[], None] | None = None) -> dict[str, float]:
+        """One pass over train. `on_step` runs after every optimizer step (the sweep reports there the
+        previous epoch once its checkpoint has reached MLflow, so logging overlaps training)."""
         cfg, split = self.cfg, self.data.splits["train"]
         torch.manual_seed(_epoch_seed(cfg.seed, self.epoch, 0))  # dropout / drop path
         rng = np.random.default_rng(_epoch_seed(cfg.seed, self.epoch, 1))  # data order, MixUp/CutMix
@@ -196,6 +198,8 @@ class Trainer:
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
+                    if on_step is not None:
+                        on_step()
         finally:
             loader.close()
         train_loss = float(total_loss) / max(seen, 1)  # one device sync per epoch, not per step
@@ -230,11 +234,11 @@ class Trainer:
         return evaluate_logits(logits, self.data.splits[split].labels, self.data.num_classes, prefix=f"{split}_")
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, epochs: int | None = None) -> Iterator[EpochResult]:
+    def fit(self, epochs: int | None = None, on_step: Callable[[], None] | None = None) -> Iterator[EpochResult]:
         """Train up to cfg.epochs (or `epochs` more), yielding after every epoch."""
         stop = self.cfg.epochs if epochs is None else min(self.cfg.epochs, self.epoch + epochs)
         while self.epoch < stop:
-            metrics = self.train_epoch()
+            metrics = self.train_epoch(on_step)
             t0 = time.perf_counter()
             metrics.update(self.evaluate("val"))
             metrics["eval_time_s"] = time.perf_counter() - t0
@@ -245,11 +249,14 @@ class Trainer:
         return state_dict_to_cpu(self.model.state_dict())
 
     # ------------------------------------------------------------------ exact resume
-    def save_state(self, folder: str | Path) -> None:
-        """Model, optimizer and counters as safetensors + JSON (no pickles). RNG is derived from (seed, epoch)."""
+    def save_state(self, folder: str | Path, with_model: bool = True) -> None:
+        """Model, optimizer and counters as safetensors + JSON (no pickles). RNG is derived from (seed, epoch).
+
+        with_model=False leaves the weights out when they are saved beside it anyway (a checkpoint folder);
+        load_state then takes them from `model_weights`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v for k, v in self.weights().items()}
+        tensors = {f"model.{k}": v for k, v in self.weights().items()} if with_model else {}
         opt = self.optimizer.state_dict()
         for pid, st in opt["state"].items():
             for k, v in st.items():
@@ -260,7 +267,7 @@ class Trainer:
                 "param_groups": opt["param_groups"], "scaler": self.scaler.state_dict()}
         (folder / TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1))
 
-    def load_state(self, folder: str | Path) -> None:
+    def load_state(self, folder: str | Path, model_weights: str | Path | None = None) -> None:
         folder = Path(folder)
         try:
             meta = json.loads((folder / TRAIN_STATE_JSON).read_text())
@@ -270,7 +277,9 @@ class Trainer:
             raise CheckpointError(f"{folder}: training state is from another dataset "
                                   f"({meta['dataset_fingerprint'][:12]}… != {self.data.fingerprint[:12]}…)")
         tensors = load_weights(folder / TRAIN_STATE, device="cpu")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        weights = load_weights(model_weights) if model_weights else \
+            {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(weights)
         state: dict = {}
         for k, v in tensors.items():
             if k.startswith("opt."):

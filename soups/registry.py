@@ -51,6 +51,7 @@ TAG_DATASET = "ich.dataset_fingerprint"
 TAG_INIT = "ich.init_fingerprint"
 TAG_ARCHITECTURE = "ich.architecture"
 TAG_SUPERSEDED_BY = "ich.superseded_by"
+TAG_RECIPE = "ich.recipe"  # on init models: hash of the warm-start training recipe
 
 KIND_CHECKPOINT = "checkpoint"
 KIND_SOUP = "soup"
@@ -176,7 +177,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, *, retry: RetryPol
             experiment = call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name, retry=retry)
     if experiment.lifecycle_stage == "deleted":
         log.warning("MLflow experiment %r (id %s) was deleted; restoring it", name, experiment.experiment_id)
-        call_with_retry(f"restore experiment {name!r}", client.restore_experiment, experiment.experiment_id, retry=retry)
+        call_with_retry(f"restore experiment {name!r}", client.restore_experiment, experiment.experiment_id,
+                        retry=retry)
     return experiment.experiment_id
 
 
@@ -226,8 +228,9 @@ def _retire(client: MlflowClient, models: list[LoggedModel], keep_id: str, retry
 
 
 def _push_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: Path, name: str, kind: str,
-                tags: dict[str, str], metrics: dict[str, float], step: int, retry: RetryPolicy | None) -> tuple[str, bool]:
-    """Create, upload, link metrics and output step, finalize READY: six calls (one per file to upload).
+                tags: dict[str, str], metrics: dict[str, float], step: int,
+                retry: RetryPolicy | None) -> tuple[str, bool]:
+    """Create, upload (one PUT per file), log metrics (one log_batch), link the step, finalize READY.
 
     Returns (model_id, create_was_retried): a retried create may have left an orphan PENDING model.
     """
@@ -279,7 +282,8 @@ def log_checkpoint(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
     """Log one epoch's checkpoint of a trial as a READY LoggedModel, exactly once; returns its model id.
 
     The metrics are logged on the trial's run at step=epoch and linked to the model, so the caller
-    should not log them to the run again.
+    should not log them to the run again. Cost: 7 HTTP requests (search, create, 2 uploads, log_batch,
+    log_outputs, finalize), ~50 ms for a 1 MB checkpoint against a local server on an idle 2-core machine.
     """
     ckpt_dir = Path(ckpt_dir)
     _check_weights(ckpt_dir, sha256)
@@ -325,6 +329,31 @@ def log_soup_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
     model_id, _ = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir, name=name,
                               kind=KIND_SOUP, tags=tags, metrics=metrics, step=0, retry=retry)
     return model_id
+
+
+def log_init_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: str | os.PathLike,
+                   sweep: str, architecture: str, dataset_fingerprint: str, recipe: str, epoch: int,
+                   metrics: dict[str, float], retry: RetryPolicy | None = None) -> str:
+    """Log a sweep's warm-start base model (ich.kind=init) on the sweep run; returns its model id."""
+    ckpt_dir = Path(ckpt_dir)
+    sha256 = _check_weights(ckpt_dir, None)
+    tags = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_TRIAL: "init", TAG_EPOCH: str(int(epoch)),
+            TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint, TAG_INIT: "warm-start",
+            TAG_RECIPE: recipe, TAG_SHA256: sha256}
+    model_id, _ = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir,
+                              name=_model_name(f"init-{architecture}"), kind=KIND_INIT, tags=tags, metrics=metrics,
+                              step=int(epoch), retry=retry)
+    return model_id
+
+
+def search_init_models(client: MlflowClient, experiment_ids: list[str], *, sweep: str, architecture: str,
+                       dataset_fingerprint: str, recipe: str, retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
+    """READY warm-start models of a sweep for one architecture, dataset and recipe; newest first."""
+    key = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint,
+           TAG_RECIPE: recipe}
+    models = [m for m in _search_models(client, [str(e) for e in experiment_ids], _tag_filter(key), retry) if _is_ready(m)]
+    models.sort(key=lambda m: (m.creation_timestamp or 0, m.model_id), reverse=True)
+    return [r for m in models if (r := _record(m)) is not None]
 
 
 # ---------------------------------------------------------------------------------------------- pull
@@ -380,7 +409,11 @@ def search_checkpoints(client: MlflowClient, experiment_ids: list[str], *, sweep
 def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, dst_dir: str | os.PathLike, *,
                         retry: RetryPolicy | None = None) -> Path:
     """Download the record's checkpoint folder under dst_dir and verify its sha256; returns the folder."""
-    client = client or MlflowClient()
+    if client is None:
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # MlflowClient() would open ./mlflow.db instead
+            raise RegistryError(f"checkpoint {record.label()}: no MLflow client given and "
+                                "MLFLOW_TRACKING_URI is not set")
+        client = MlflowClient()
     artifact_uri = record.artifact_uri
     if not artifact_uri:
         artifact_uri = call_with_retry(f"get model {record.model_id}", client.get_logged_model, record.model_id,

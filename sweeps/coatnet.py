@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""The main job: a Ray Tune sweep of CoAtNet fine-tuning variants, every checkpoint in MLflow, then soups.
+
+    python sweeps/coatnet.py --demo                          # embedded default: digits, local Ray + MLflow
+    python sweeps/coatnet.py --config sweeps/configs/gpu.yaml --data /data/ich17-ds --experiment ich17
+    ray submit cluster.yaml sweeps/coatnet.py -- --config sweeps/configs/gpu.yaml --data ...
+
+Ray: local when RAY_ADDRESS is unset, the running cluster when it is set (or under `ray submit`).
+MLflow: MLFLOW_TRACKING_URI, or a local `mlflow server` on 127.0.0.1 started/reused by the project.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python sweeps/coatnet.py`, `ray submit`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="sweep YAML (default: sweeps/configs/cpu.yaml)")
+    p.add_argument("--data", help="ingested dataset folder (ich ingest SRC OUT)")
+    p.add_argument("--experiment", help="MLflow experiment and sweep name")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU, e.g. 0.5")
+    p.add_argument("--storage", help="Ray Tune storage: a path, s3://bucket/prefix, gs://...")
+    p.add_argument("--seed", type=int, help="Optuna TPE sampler seed")
+    p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
+    p.add_argument("--no-soups", action="store_true", help="skip the soups (and report) after the sweep")
+    p.add_argument("--demo", action="store_true", help="write and ingest the digits demo data if --data is not given")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ich.cli import ich_home
+    from ich.errors import USER_ERRORS
+    from soups.registry import RegistryError
+    from sweeps.mlflow_server import MlflowServerError
+    try:
+        run_sweep(args, ich_home())
+    except USER_ERRORS + (RegistryError, MlflowServerError) as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def demo_dataset(home: Path) -> Path:
+    """The embedded default: scikit-learn's digits as an ImageFolder, ingested at 32 px (offline)."""
+    from ich.demo_data import write_digits
+    from ich.ingest import ingest
+    folder, ds = home / "demo" / "digits", home / "demo" / "digits-ds"
+    if not (ds / "manifest.json").is_file():
+        if not folder.is_dir():
+            write_digits(folder)
+        ingest(folder, ds, size=32, progress=False, overwrite=True)
+    return ds
+
+
+def run_sweep(args: argparse.Namespace, home: Path) -> dict:
+    import ray
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+    from optuna.samplers import TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ich.data import load_dataset
+    from ich.errors import ConfigError
+    from soups import registry
+    from sweeps.config import load_config, tune_space
+    from sweeps.init_weights import check_resources, shared_inits
+    from sweeps.mlflow_server import ensure_tracking_uri
+    from sweeps.trainable import SweepContext, train_trial
+
+    t_start = time.time()
+    cfg = load_config(args.config, {"data": args.data, "experiment": args.experiment, "num_samples": args.num_samples,
+                                    "max_concurrent": args.max_concurrent, "cpus_per_trial": args.cpus_per_trial,
+                                    "gpus_per_trial": args.gpus_per_trial, "storage": args.storage, "seed": args.seed})
+    if cfg.data is None and args.demo:
+        cfg.data = str(demo_dataset(home))
+    if cfg.data is None:
+        raise ConfigError("no dataset: pass --data DIR (an `ich ingest` output) or --demo")
+    if not Path(cfg.data).exists() and "://" not in cfg.data:
+        raise ConfigError(f"{cfg.data}: dataset folder does not exist")
+    dataset = load_dataset(cfg.data)
+    sweep = cfg.experiment
+
+    tracking_uri = ensure_tracking_uri(home)
+    local = not os.environ.get("RAY_ADDRESS")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                                       "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}})
+    check_resources(cfg, local)
+    client = MlflowClient(tracking_uri)
+    experiment_id = registry.get_or_create_experiment(client, cfg.experiment)
+
+    # The sweep run: one per invocation; --resume picks up the last unfinished one with its Tune state.
+    storage = cfg.storage or str(home / "ray_results")
+    parent = None
+    if args.resume:
+        runs = registry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],
+                                        filter_string=f"tags.`ich.kind` = 'sweep' AND tags.`ich.sweep` = '{sweep}'",
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs or not runs[0].data.tags.get("ich.tune_path"):
+            raise ConfigError(f"--resume: sweep {sweep!r} has no earlier run to resume in experiment {cfg.experiment!r}")
+        parent = runs[0]
+        tune_path = parent.data.tags["ich.tune_path"]
+        if not tune.Tuner.can_restore(tune_path):
+            raise ConfigError(f"--resume: no Ray Tune state at {tune_path}")
+        registry.call_with_retry("mark sweep running", client.update_run, parent.info.run_id, status="RUNNING")
+    else:
+        name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tune_path = f"{storage.rstrip('/')}/{name}"
+        parent = registry.call_with_retry(
+            "create sweep run", client.create_run, experiment_id, run_name=name,
+            tags={"ich.kind": "sweep", "ich.sweep": sweep, "ich.tune_path": tune_path, "ich.data": cfg.data,
+                  "ich.dataset_fingerprint": dataset.fingerprint})
+        registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
+            Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
+                                                  ("num_samples", cfg.num_samples), ("train", cfg.train),
+                                                  ("search", cfg.search), ("asha", cfg.asha), ("init", cfg.init)]])
+    parent_run_id = parent.info.run_id
+    print(f"sweep {sweep}: run {parent_run_id}, Ray Tune state at {tune_path}", flush=True)
+
+    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    models = sorted(set(cfg.search["model"]["choice"])) if "model" in cfg.search else [cfg.train.get("model", "coatnet_tiny_ich")]
+    inits = shared_inits(cfg, models, dataset, client, experiment_id, parent_run_id, sweep, resources)
+    registry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
+        RunTag(f"ich.init.{m}", i.fingerprint) for m, i in inits.items()])
+
+    ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                       tracking_uri=tracking_uri, train=dict(cfg.train),
+                       fault_once_at_epoch=int(os.environ.get("ICH_FAULT_ONCE_AT_EPOCH", "0")),
+                       fault_marker_dir=str(home / "faults" / sweep))
+    # Dataset and inits go into the object store once; every trial on a node maps the same copy.
+    trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=dataset, inits=inits, ctx=ctx), resources)
+
+    if args.resume:
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        searcher = OptunaSearch(metric=cfg.metric, mode=cfg.mode, sampler=TPESampler(seed=cfg.seed))
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.metric, mode=cfg.mode,
+                                  max_t=cfg.max_epochs, grace_period=cfg.asha.grace_period,
+                                  reduction_factor=cfg.asha.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(cfg),
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
+                                        scheduler=scheduler, num_samples=cfg.num_samples, reuse_actors=True),
+            run_config=tune.RunConfig(name=Path(tune_path).name, storage_path=str(Path(tune_path).parent) if "://" not in tune_path else tune_path.rsplit("/", 1)[0],
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
+    results = tuner.fit()
+
+    summary = finish_trials(client, experiment_id, sweep, results, cfg)
+    registry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
+    print_summary(summary, cfg)
+    print(f"sweep {sweep} took {time.time() - t_start:.0f} s; MLflow UI: {tracking_uri}/#/experiments/{experiment_id}",
+          flush=True)
+    if not args.no_soups:
+        run_soups(cfg, sweep, tracking_uri)
+    return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path}
+
+
+def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[dict]:
+    """Give every trial run its final status: FINISHED, KILLED (stopped by ASHA) or FAILED."""
+    from soups import registry
+    rows = []
+    for r in results:
+        trial_id = r.metrics.get("trial_id") if r.metrics else None
+        trial_id = trial_id or Path(r.path).name
+        epochs_planned = int((r.config or {}).get("epochs", cfg.train.get("epochs", 0)))
+        done = int((r.metrics or {}).get("training_iteration", 0))
+        last_epoch = int((r.metrics or {}).get("epoch", 0))
+        status = "FAILED" if r.error else ("FINISHED" if last_epoch >= epochs_planned else "KILLED")
+        run = registry.find_run_by_tags(client, experiment_id, {"ich.kind": "trial", "ich.sweep": sweep,
+                                                                "ich.trial": trial_id})
+        if run is not None:
+            registry.call_with_retry("set trial status", client.set_terminated, run.info.run_id, status)
+            registry.call_with_retry("tag trial status", client.set_tag, run.info.run_id, "ich.status",
+                                     "stopped by ASHA" if status == "KILLED" else status.lower())
+        rows.append({"trial": trial_id, "status": status, "epochs": last_epoch, "iterations": done,
+                     "run_id": run.info.run_id if run else None,
+                     cfg.metric: (r.metrics or {}).get(cfg.metric), "config": r.config})
+    return rows
+
+
+def print_summary(rows: list[dict], cfg) -> None:
+    keys = [k for k in cfg.search if k not in ("model", "seed")]
+    print(f"\n{'trial':<16} {'status':<9} {'ep':>3} {cfg.metric:>13}  " + "  ".join(f"{k:>10}" for k in keys))
+    for r in sorted(rows, key=lambda r: -(r[cfg.metric] or 0) if cfg.mode == "max" else (r[cfg.metric] or 0)):
+        vals = "  ".join(f"{_fmt((r['config'] or {}).get(k)):>10}" for k in keys)
+        m = r[cfg.metric]
+        print(f"{r['trial']:<16} {r['status']:<9} {r['epochs']:>3} {m if m is None else f'{m:.4f}':>13}  {vals}")
+    print(flush=True)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def run_soups(cfg, sweep: str, tracking_uri: str) -> None:
+    try:
+        from soups.orchestrate import SoupOptions, run_soups as build
+    except ImportError:
+        print("soups: the soup orchestrator is not installed in this version; skipping", flush=True)
+        return
+    build(SoupOptions(experiment=cfg.experiment, sweep=sweep, tracking_uri=tracking_uri, **vars(cfg.soups)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

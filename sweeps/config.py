@@ -1,0 +1,168 @@
+"""Sweep configuration: a YAML file plus CLI overrides -> SweepConfig and a Tune search space.
+
+A search-space entry is `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi
+exclusive), `{quniform: [lo, hi, q]}` or `{choice: [a, b, ...]}`; every key must be a TrainConfig field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ich.errors import ConfigError
+from ich.train import TrainConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "cpu.yaml"
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "quniform", "choice")
+
+
+@dataclass
+class AshaConfig:
+    grace_period: int = 1  # epochs before a trial can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass
+class InitConfig:
+    """Where every trial's initial weights come from (design decision 2)."""
+    weights: str | None = None  # local .safetensors / checkpoint folder, MLflow model URI, or hub:<timm tag>
+    warm_start: dict = field(default_factory=dict)  # TrainConfig overrides for the offline warm-start base model
+
+
+@dataclass
+class SoupConfig:
+    scope: str = "all"  # within | across | all
+    recipe: str = "all"  # uniform | greedy | all
+    metric: str = "macro_f1"  # macro_f1 | accuracy | loss
+    tie_rule: str = "accept"  # accept (the paper's code) | strict (the model-soups reference)
+    bn: str = "auto"  # average | recalibrate | auto
+    registered_model: str | None = None  # default: "<experiment>-soup"
+
+
+@dataclass
+class SweepConfig:
+    experiment: str = "ich-sweep"
+    data: str | None = None
+    metric: str = "val_macro_f1"  # drives ASHA and Optuna (val only: design decision 3)
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    seed: int = 0  # Optuna's TPE sampler seed
+    storage: str | None = None  # Ray Tune storage: local path, s3://..., gs://... (default $ICH_HOME/ray_results)
+    train: dict = field(default_factory=dict)  # fixed TrainConfig fields
+    search: dict = field(default_factory=dict)  # TrainConfig field -> distribution
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    soups: SoupConfig = field(default_factory=SoupConfig)
+
+    @property
+    def max_epochs(self) -> int:
+        spec = self.search.get("epochs")
+        if spec:
+            kind, args = next(iter(spec.items()))
+            return int(max(args) if kind == "choice" else args[1])
+        return int(self.train.get("epochs", TrainConfig.epochs))
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    kw = {}
+    for k, v in d.items():
+        sub = {"asha": AshaConfig, "init": InitConfig, "soups": SoupConfig}.get(k) if cls is SweepConfig else None
+        kw[k] = _build(sub, v or {}, f"{where}.{k}") if sub else v
+    return cls(**kw)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> SweepConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such sweep config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    cfg = _build(SweepConfig, raw, str(path))
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(cfg, k, v)
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: SweepConfig, where: str = "config") -> None:
+    """Refuse what cannot run before anything starts: unknown fields, empty ranges, impossible resources."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in cfg.train:
+        if k not in train_fields:
+            raise ConfigError(f"{where}: train.{k} is not a training option")
+    for k, spec in cfg.search.items():
+        if k not in train_fields:
+            raise ConfigError(f"{where}: search.{k} is not a training option")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: search.{k} must be one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}")
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise ConfigError(f"{where}: search.{k} choice has no values (no valid point)")
+        else:
+            if not isinstance(args, list) or len(args) < 2 or not all(isinstance(a, (int, float)) for a in args):
+                raise ConfigError(f"{where}: search.{k} {kind} needs [low, high]")
+            lo, hi = args[0], args[1]
+            if not lo < hi or (kind == "loguniform" and lo <= 0):
+                raise ConfigError(f"{where}: search.{k} {kind} range [{lo}, {hi}] holds no valid point")
+    if cfg.mode not in ("min", "max"):
+        raise ConfigError(f"{where}: mode must be min or max, not {cfg.mode!r}")
+    if not cfg.metric.startswith("val_"):
+        raise ConfigError(f"{where}: metric {cfg.metric!r} must be a val_ metric (test never selects)")
+    if cfg.num_samples < 1 or cfg.max_concurrent < 1:
+        raise ConfigError(f"{where}: num_samples and max_concurrent must be at least 1")
+    if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
+        raise ConfigError(f"{where}: cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+    if cfg.gpus_per_trial > 1 and cfg.gpus_per_trial != int(cfg.gpus_per_trial):
+        raise ConfigError(f"{where}: gpus_per_trial above 1 must be a whole number, not {cfg.gpus_per_trial}")
+    s = cfg.soups
+    for name, value, allowed in (("scope", s.scope, ("within", "across", "all")),
+                                 ("recipe", s.recipe, ("uniform", "greedy", "all")),
+                                 ("metric", s.metric, ("macro_f1", "accuracy", "loss")),
+                                 ("tie_rule", s.tie_rule, ("accept", "strict")),
+                                 ("bn", s.bn, ("average", "recalibrate", "auto"))):
+        if value not in allowed:
+            raise ConfigError(f"{where}: soups.{name} must be one of {', '.join(allowed)}, not {value!r}")
+    from ich.models import create_model, ModelError  # noqa: F401  (unknown models fail here, not in a worker)
+    import timm
+    models = set([cfg.train.get("model", TrainConfig.model)])
+    if "model" in cfg.search:
+        models = set(cfg.search["model"].get("choice", []))
+    for m in models:
+        if not timm.is_model(m):
+            raise ConfigError(f"{where}: unknown model {m!r} (not a timm architecture)")
+
+
+def tune_space(cfg: SweepConfig) -> dict:
+    """The search space as Ray Tune domains (OptunaSearch converts them to Optuna distributions)."""
+    from ray import tune
+    space = {}
+    for k, spec in cfg.search.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "loguniform":
+            space[k] = tune.loguniform(args[0], args[1])
+        elif kind == "uniform":
+            space[k] = tune.uniform(args[0], args[1])
+        elif kind == "quniform":
+            space[k] = tune.quniform(args[0], args[1], args[2] if len(args) > 2 else 1)
+        elif kind == "randint":
+            space[k] = tune.randint(int(args[0]), int(args[1]))
+        else:
+            space[k] = tune.choice(list(args))
+    return space

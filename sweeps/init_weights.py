@@ -1,0 +1,120 @@
+"""The shared initialization of a sweep (design decision 2): every trial starts from the same weights.
+
+Sources, per model architecture of the sweep:
+  - `init.weights`: a local .safetensors file / checkpoint folder, or an MLflow model URI;
+  - `hub:<timm tag>`: timm's pretrained weights, downloaded only because the user asked;
+  - nothing given (offline default): a warm-start base model trained once on the train split to convergence
+    (cosine to zero), recorded in MLflow as a LoggedModel (ich.kind=init) and reused by every trial, by a
+    resumed sweep and by later scheduled runs of the same sweep.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from mlflow import MlflowClient
+
+from ich.checkpoint import CheckpointMeta, save_checkpoint, sha256_file
+from ich.data import ICHDataset
+from ich.errors import ConfigError
+from ich.models import create_model, load_init_weights
+from ich.train import TrainConfig, Trainer
+from soups import registry
+from sweeps.config import SweepConfig
+from sweeps.trainable import Init
+
+
+def _source_for(cfg: SweepConfig, model: str) -> str | None:
+    w = cfg.init.weights
+    if isinstance(w, dict):
+        return w.get(model)
+    return w
+
+
+def _warm_start_config(cfg: SweepConfig, model: str) -> TrainConfig:
+    fields = {**cfg.train, "model": model, **(cfg.init.warm_start or {})}
+    return TrainConfig.from_dict(fields)
+
+
+def _recipe_key(tc: TrainConfig) -> str:
+    """Identifies a warm start: the same recipe on the same data is the same init."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(tc), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@ray.remote(max_retries=1)
+def _train_warm_start(tc: TrainConfig, dataset: ICHDataset) -> tuple[dict, dict, str]:
+    trainer = Trainer(tc, dataset)
+    metrics = {}
+    for result in trainer.fit():
+        metrics = result.metrics
+        print(f"warm start {tc.model} epoch {result.epoch}/{tc.epochs}: val_accuracy {metrics['val_accuracy']:.4f}",
+              flush=True)
+    return trainer.weights(), {k: float(v) for k, v in metrics.items()}, trainer.init_fingerprint
+
+
+def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, client: MlflowClient,
+                 experiment_id: str, parent_run_id: str, sweep: str, resources: dict) -> dict[str, Init]:
+    inits = {}
+    for model in models:
+        source = _source_for(cfg, model)
+        if source and source.startswith("hub:"):
+            torch.manual_seed(cfg.train.get("init_seed", 0))
+            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
+            sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{cfg.train.get('init_seed', 0)}".encode()).hexdigest()[:32]
+            inits[model] = Init(sd, fp, source)
+        elif source:
+            torch.manual_seed(cfg.train.get("init_seed", 0))
+            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
+            fp, fresh = load_init_weights(net, source)
+            if fresh:  # a new classifier: seed it so every trial gets the same one
+                fp = hashlib.sha256(f"{fp}|head{dataset.num_classes}|{cfg.train.get('init_seed', 0)}".encode()).hexdigest()
+            inits[model] = Init({k: v.detach().clone() for k, v in net.state_dict().items()}, fp, source)
+        else:
+            inits[model] = warm_start(cfg, model, dataset, client, experiment_id, parent_run_id, sweep, resources)
+        print(f"init for {model}: {inits[model].source} (fingerprint {inits[model].fingerprint[:16]})", flush=True)
+    return inits
+
+
+def warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: MlflowClient, experiment_id: str,
+               parent_run_id: str, sweep: str, resources: dict) -> Init:
+    """Find this sweep's warm-start base model in MLflow, or train it once (as a Ray task) and record it."""
+    tc = _warm_start_config(cfg, model)
+    key = _recipe_key(tc)
+    found = registry.search_init_models(client, [experiment_id], sweep=sweep, architecture=model,
+                                        dataset_fingerprint=dataset.fingerprint, recipe=key)
+    if found:
+        with tempfile.TemporaryDirectory() as tmp:
+            sd, meta = registry.load_record(client, found[0], tmp)
+        return Init(sd, found[0].sha256, f"warm start (reused, model {found[0].model_id})")
+    print(f"training the warm-start base model for {model} ({tc.epochs} epochs, lr {tc.lr}, {tc.schedule})", flush=True)
+    task = _train_warm_start.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    sd, metrics, _ = ray.get(task.remote(tc, dataset))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "init"
+        meta = CheckpointMeta(architecture=model, img_size=tc.img_size, num_classes=dataset.num_classes,
+                              class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
+                              init_fingerprint="warm-start", epoch=tc.epochs, metrics=metrics,
+                              extra={"sweep": sweep, "recipe": key, "config": dataclasses.asdict(tc)})
+        sha = save_checkpoint(folder, sd, meta)
+        model_id = registry.log_init_model(client, experiment_id=experiment_id, run_id=parent_run_id, ckpt_dir=folder,
+                                           sweep=sweep, architecture=model, dataset_fingerprint=dataset.fingerprint,
+                                           recipe=key, epoch=tc.epochs, metrics=metrics)
+        assert sha == sha256_file(folder / "model.safetensors")
+    return Init(sd, sha, f"warm start (trained, model {model_id})")
+
+
+def check_resources(cfg: SweepConfig, local: bool) -> None:
+    """Impossible resources fail before the sweep starts instead of leaving Tune waiting forever."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if cfg.cpus_per_trial > cpus and local:
+        raise ConfigError(f"cpus_per_trial={cfg.cpus_per_trial} but this Ray cluster has {cpus:g} CPUs")
+    if cfg.gpus_per_trial > gpus and local:
+        raise ConfigError(f"gpus_per_trial={cfg.gpus_per_trial} but this Ray cluster has {gpus:g} GPUs "
+                          "(use --gpus-per-trial 0 on a CPU machine)")

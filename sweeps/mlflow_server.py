@@ -1,0 +1,303 @@
+"""The local MLflow server behind the embedded default (design decision 1).
+
+With no MLFLOW_TRACKING_URI the project starts, or reuses, one `mlflow server` per data folder:
+
+    <data_dir>/mlflow/mlflow.db       SQLite backend store
+    <data_dir>/mlflow/artifacts/      artifacts, served by the server itself (proxied artifact access),
+                                      so workers only ever talk HTTP, never to a file store
+    <data_dir>/mlflow/server.json     {pid, port, uri, data_dir} of the running server
+    <data_dir>/mlflow/server.log      its output
+
+The server runs in its own session so it outlives the command that started it; later commands find it
+through server.json (pid alive and /health answering) and reuse it. `ich ui --stop` stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 5000
+HEALTH_TIMEOUT_S = 90.0  # it answers in ~5 s here with one worker; a loaded machine can take much longer
+
+# No network: no telemetry, in the server and in its clients.
+TELEMETRY_OFF_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# No job runner either: a huey consumer with 10 workers, for GenAI jobs this project never uses.
+SERVER_ENV = {**TELEMETRY_OFF_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+class MlflowServerError(RuntimeError):
+    """The local MLflow server could not be started, found or stopped; the message says why in one line."""
+
+
+@dataclass
+class ServerHandle:
+    pid: int
+    port: int
+    uri: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen | None = field(default=None, repr=False)  # set when this process started it
+
+    def stop(self, timeout: float = 15.0) -> None:
+        _stop_pid(self.pid, self.process, timeout)
+        record = _record_path(self.data_dir)
+        if record.exists() and _read_record(self.data_dir).get("pid") == self.pid:
+            record.unlink()
+
+
+# Servers this process started, kept referenced so they can be reaped on stop (no zombies, no
+# "subprocess still running" warnings).
+_started: dict[int, subprocess.Popen] = {}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ICH_HOME") or ".ich").resolve()
+
+
+def _mlflow_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "mlflow"
+
+
+def _record_path(data_dir: Path) -> Path:
+    return _mlflow_dir(data_dir) / "server.json"
+
+
+def _read_record(data_dir: Path) -> dict:
+    try:
+        record = json.loads(_record_path(data_dir).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); on Linux read its state.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_mlflow_process(pid: int) -> bool:
+    """Guards against a recycled pid after a reboot; where /proc is missing, trust the pid."""
+    try:
+        return b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc").is_dir()
+
+
+def health_ok(uri: str, timeout: float = 2.0) -> bool:
+    # No proxies: a proxy from the environment must not answer for 127.0.0.1.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{uri}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like uvicorn: connections of a just-stopped server in TIME_WAIT must not block a restart.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_executable() -> str:
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        raise MlflowServerError(f"{exe}: no mlflow executable next to the Python interpreter; install mlflow")
+    return str(exe)
+
+
+def _wait_healthy(uri: str, pid: int, process: subprocess.Popen | None, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_ok(uri):
+            return
+        exited = process.poll() is not None if process is not None else not _pid_alive(pid)
+        if exited:
+            raise MlflowServerError(f"MLflow server (pid {pid}) exited before answering {uri}/health; see {log_path}")
+        time.sleep(0.25)
+    raise MlflowServerError(
+        f"MLflow server (pid {pid}) did not answer {uri}/health within {timeout:.0f} s; see {log_path}")
+
+
+def _wait_gone(pid: int, process: subprocess.Popen | None, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        gone = process.poll() is not None if process is not None else not _pid_alive(pid)
+        if gone:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _stop_pid(pid: int, process: subprocess.Popen | None, timeout: float) -> None:
+    # The server runs in its own session (pgid == pid): signal the group so uvicorn goes too.
+    process = process or _started.get(pid)
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if _wait_gone(pid, process, wait_s):
+            break
+    _started.pop(pid, None)
+
+
+def start_server(data_dir: str | os.PathLike, port: int | None = None, backend_store_uri: str | None = None,
+                 *, timeout: float = HEALTH_TIMEOUT_S) -> ServerHandle:
+    """Start a detached `mlflow server` on 127.0.0.1 for data_dir and wait until /health answers.
+
+    port None: 5000 when free, else any free port. backend_store_uri None: SQLite in data_dir (a
+    PostgreSQL URI works too). Artifacts are always served by the server from data_dir/mlflow/artifacts.
+    """
+    data_dir = Path(data_dir).resolve()
+    mlflow_dir = _mlflow_dir(data_dir)
+    (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    if port is None:
+        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+    elif not _port_free(port):
+        raise MlflowServerError(f"port {port} on 127.0.0.1 is already in use; cannot start the MLflow server there")
+    backend_store_uri = backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+    uri = f"http://127.0.0.1:{port}"
+    log_path = mlflow_dir / "server.log"
+    command = [
+        _mlflow_executable(), "server",
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(mlflow_dir / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",  # one uvicorn process: starts in ~5 s instead of ~11 s, light on 2 cores
+    ]
+    env = {**os.environ, **SERVER_ENV}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the server must not talk to another server
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {' '.join(command)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=mlflow_dir, start_new_session=True)
+    _started[process.pid] = process
+    handle = ServerHandle(pid=process.pid, port=port, uri=uri, data_dir=data_dir, log_path=log_path, process=process)
+    try:
+        _wait_healthy(uri, process.pid, process, log_path, timeout)
+    except BaseException:
+        _stop_pid(process.pid, process, 5.0)
+        raise
+    record = {"pid": process.pid, "port": port, "uri": uri, "data_dir": str(data_dir)}
+    _record_path(data_dir).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return handle
+
+
+@contextmanager
+def _start_lock(data_dir: Path):
+    # Two commands starting at once must end up sharing one server, not racing for the port.
+    _mlflow_dir(data_dir).mkdir(parents=True, exist_ok=True)
+    with open(_mlflow_dir(data_dir) / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _running_server(data_dir: Path) -> dict | None:
+    """The recorded server of data_dir if its process is alive (waits for it to answer /health)."""
+    record = _read_record(data_dir)
+    pid, uri = record.get("pid"), record.get("uri")
+    if not isinstance(pid, int) or not isinstance(uri, str) or not _pid_alive(pid) or not _is_mlflow_process(pid):
+        return None
+    try:
+        _wait_healthy(uri, pid, _started.get(pid), _mlflow_dir(data_dir) / "server.log", HEALTH_TIMEOUT_S)
+    except MlflowServerError as e:
+        if _pid_alive(pid):  # alive but deaf: do not start a second server on the same store
+            raise MlflowServerError(f"{e}; stop it with `ich ui --stop`") from None
+        return None  # it died while we waited: start a fresh one
+    return record
+
+
+def ensure_tracking_uri(data_dir: str | os.PathLike | None = None, *, quiet: bool = False) -> str:
+    """MLFLOW_TRACKING_URI if set; else start or reuse the local server of data_dir and export its URI.
+
+    data_dir defaults to $ICH_HOME or ./.ich. The URI goes into os.environ so Ray workers inherit it.
+    """
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    for key, value in TELEMETRY_OFF_ENV.items():
+        os.environ.setdefault(key, value)
+    data_dir = Path(data_dir).resolve() if data_dir is not None else default_data_dir()
+    with _start_lock(data_dir):
+        record = _running_server(data_dir)
+        uri = record["uri"] if record else start_server(data_dir).uri
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    if not quiet:
+        print(f"MLflow UI: {uri}", flush=True)
+    return uri
+
+
+def stop_local_server(data_dir: str | os.PathLike | None = None) -> bool:
+    """Stop the recorded server of data_dir; True if one was running."""
+    data_dir = Path(data_dir).resolve() if data_dir is not None else default_data_dir()
+    with _start_lock(data_dir):
+        record = _read_record(data_dir)
+        pid = record.get("pid")
+        running = isinstance(pid, int) and _pid_alive(pid) and _is_mlflow_process(pid)
+        if running:
+            _stop_pid(pid, None, 15.0)
+        _record_path(data_dir).unlink(missing_ok=True)
+    return running
+
+
+def main_ui(argv: list[str] | None = None) -> int:
+    """`ich ui`: start or reuse the local MLflow server and print its address; it stays in the background."""
+    parser = argparse.ArgumentParser(
+        prog="ich ui", description="Start (or reuse) the local MLflow server and print its UI address.")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="project data folder (default: $ICH_HOME or ./.ich)")
+    parser.add_argument("--stop", action="store_true", help="stop the local server instead")
+    args = parser.parse_args(argv)
+    if args.stop:
+        stopped = stop_local_server(args.data_dir)
+        print("MLflow server stopped" if stopped else "no local MLflow server was running")
+        return 0
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        print(f"MLflow UI: {os.environ['MLFLOW_TRACKING_URI']} (from MLFLOW_TRACKING_URI)")
+        return 0
+    try:
+        ensure_tracking_uri(args.data_dir)
+    except MlflowServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_ui())

@@ -1,0 +1,37 @@
+"""Shared fixtures. Real services only: a real `mlflow server` process, no mocks."""
+from __future__ import annotations
+
+import pytest
+
+# ------------------------------------------------------------------------------------------ MLflow server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_handle(tmp_path_factory):
+    """One real `mlflow server` (SQLite store, proxied artifacts in a temp folder) for the whole session.
+
+    Session-scoped because the server takes seconds to start. MLFLOW_TRACKING_URI points at it for the
+    session and is restored afterwards.
+    """
+    from sweeps.mlflow_server import start_server
+
+    handle = start_server(tmp_path_factory.mktemp("mlflow-session"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", handle.uri)
+        try:
+            yield handle
+        finally:
+            handle.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_handle) -> str:
+    """The tracking URI of the session's MLflow server."""
+    return mlflow_server_handle.uri
+
+
+@pytest.fixture
+def mlflow_client(mlflow_server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server)
