@@ -96,7 +96,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
 
     tracking_uri = ensure_tracking_uri(home)
     local = not os.environ.get("RAY_ADDRESS")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True,
              runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                                        "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}})
     check_resources(cfg, local)

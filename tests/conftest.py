@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fixtures_data import digits_data, digits_dataset  # noqa: F401  (session fixtures)
+from tests.fixtures_sweep import ich_home, monkeypatch_session, ray_local, tiny_sweep  # noqa: F401
+
 # ------------------------------------------------------------------------------------------ MLflow server
 
 

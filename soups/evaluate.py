@@ -1,0 +1,90 @@
+"""Predictions of state dicts on a dataset: one network per architecture, weights swapped in and out.
+
+Used by the soup orchestrator (val scores for greedy selection, test figures) and the report. Pure torch
+and numpy: no MLflow here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ich.data import AugmentConfig, ICHDataset, eval_transform
+from ich.metrics import classification_metrics, log_loss
+from ich.models import create_model
+from soups.bn import has_batchnorm, recalibrate_bn
+
+METRICS = ("macro_f1", "accuracy", "loss")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "loss"
+
+
+def metric_value(logits: np.ndarray, labels: np.ndarray, num_classes: int, metric: str) -> float:
+    if metric == "loss":
+        return log_loss(logits, labels)
+    return classification_metrics(labels, logits.argmax(1), num_classes)[metric]
+
+
+@dataclass
+class EvalSpec:
+    """What fixes a model's predictions besides its weights."""
+    architecture: str
+    img_size: int
+    eval_crop_pct: float = 1.0
+
+
+class Evaluator:
+    def __init__(self, dataset: ICHDataset, spec: EvalSpec, device: str = "auto", batch_size: int = 256):
+        self.data, self.spec, self.batch_size = dataset, spec, batch_size
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model = create_model(spec.architecture, dataset.num_classes, spec.img_size).to(self.device).eval()
+        self.aug = AugmentConfig(img_size=spec.img_size, eval_crop_pct=spec.eval_crop_pct)
+        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
+        self.has_bn = has_batchnorm(self.model)
+
+    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
+
+    def _batches(self, images: np.ndarray):
+        for i in range(0, len(images), self.batch_size):
+            yield eval_transform(torch.from_numpy(images[i:i + self.batch_size]).to(self.device), self.aug)
+
+    @torch.no_grad()
+    def logits(self, state_dict: dict[str, torch.Tensor] | None, split: str) -> np.ndarray:
+        """Logits (N, C) float32 of `state_dict` (or the weights already loaded) on a split."""
+        if state_dict is not None:
+            self.load(state_dict)
+        self.model.eval()
+        out = []
+        for x in self._batches(self.data.splits[split].images):
+            with torch.autocast(self.device.type, dtype=self.amp) if self.amp else _null():
+                out.append(self.model(x).float().cpu())
+        return torch.cat(out).numpy()
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.data.splits[split].labels
+
+    def score(self, logits: np.ndarray, split: str, metric: str) -> float:
+        return metric_value(logits, self.labels(split), self.data.num_classes, metric)
+
+    def metrics(self, logits: np.ndarray, split: str) -> dict[str, float]:
+        m = classification_metrics(self.labels(split), logits.argmax(1), self.data.num_classes)
+        m["loss"] = log_loss(logits, self.labels(split))
+        return m
+
+    def recalibrated(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same weights with BN statistics recomputed by one pass over train (eval preprocessing)."""
+        self.load(state_dict)
+        recalibrate_bn(self.model, self._batches(self.data.splits["train"].images), self.device)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,250 @@
+"""cluster.yaml is a valid Ray cluster launcher config and keeps the invariants the project relies on.
+
+Validation goes through Ray's own code path for `ray up`: ``prepare_config`` (merge with the provider's
+defaults.yaml) then ``validate_config`` (Ray's JSON schema ray/autoscaler/ray-schema.json plus its
+cross-field checks), from the Ray installed here. No network, no cloud account.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+jsonschema = pytest.importorskip("jsonschema")
+ray = pytest.importorskip("ray")
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+INVALID = (jsonschema.ValidationError, ValueError, RuntimeError)
+
+
+def load() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def ray_validate(config: dict) -> dict:
+    """What `ray up` does to a config before using it; raises on an invalid one."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def head_type(config: dict) -> dict:
+    return config["available_node_types"][config["head_node_type"]]
+
+
+def worker_types(config: dict) -> dict:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+def gpu_workers(config: dict) -> dict:
+    return {k: v for k, v in worker_types(config).items() if v.get("resources", {}).get("GPU", 0) >= 1}
+
+
+# -- Ray's own validation ------------------------------------------------------------------------------
+
+
+def test_cluster_yaml_passes_rays_validation():
+    prepared = ray_validate(load())
+    assert prepared["cluster_name"] == "ich-soups"
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_raw_file_matches_rays_schema():
+    """Our file itself (before defaults are merged) uses only keys and types Ray's schema knows."""
+    import json
+
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(load(), schema)
+
+
+def _unknown_top_level_key(c):
+    c["head_node_typo"] = "ray.head.cpu"
+
+
+def _max_workers_wrong_type(c):
+    c["max_workers"] = "eight"
+
+
+def _unknown_node_type_key(c):
+    next(iter(gpu_workers(c).values()))["min_worker"] = 0
+
+
+def _gpu_resource_wrong_type(c):
+    next(iter(gpu_workers(c).values()))["resources"]["GPU"] = "one"
+
+
+def _head_type_missing(c):
+    c["head_node_type"] = "no.such.type"
+
+
+def _min_workers_above_max(c):
+    next(iter(gpu_workers(c).values()))["min_workers"] = c["max_workers"] + 1
+
+
+def _setup_command_not_a_string(c):
+    c["setup_commands"] = [["pip", "install", "-e", "~/ich-soups"]]
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _unknown_top_level_key,
+        _max_workers_wrong_type,
+        _unknown_node_type_key,
+        _gpu_resource_wrong_type,
+        _head_type_missing,
+        _min_workers_above_max,
+        _setup_command_not_a_string,
+    ],
+)
+def test_broken_copies_fail_validation(breakage):
+    """The validation above can fail: deliberately broken copies of cluster.yaml are rejected."""
+    config = load()
+    breakage(config)
+    with pytest.raises(INVALID):
+        ray_validate(config)
+
+
+def test_commented_local_provider_block_is_a_valid_switch():
+    """The on-prem block at the end of cluster.yaml, applied as its comment says, passes Ray's checks."""
+    text = CLUSTER_YAML.read_text().splitlines()
+    start = next(i for i, line in enumerate(text) if re.fullmatch(r"#\s?provider:\s*", line))
+    block = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in text[start:]]
+    local = yaml.safe_load("\n".join(block))
+    assert local["provider"]["type"] == "local"
+    assert local["provider"]["head_ip"] and local["provider"]["worker_ips"]
+
+    config = load()
+    config.pop("available_node_types")
+    config.pop("head_node_type")
+    config["provider"] = local["provider"]
+    config["auth"] = local["auth"]
+    config["max_workers"] = len(local["provider"]["worker_ips"])
+    prepared = ray_validate(config)
+    assert prepared["provider"]["type"] == "local"
+
+
+# -- Invariants the project relies on --------------------------------------------------------------
+
+
+def test_gpu_worker_type_scales_from_zero():
+    config = load()
+    gpus = gpu_workers(config)
+    assert gpus, "no worker node type offers a GPU resource"
+    for name, node in gpus.items():
+        assert node.get("min_workers", 0) == 0, f"{name} does not scale from zero"
+        assert node.get("max_workers", config["max_workers"]) >= 1, f"{name} can never start"
+        assert node["resources"].get("CPU", 0) >= 1
+    # Trials (GPU, CPU) do not land on the head: it advertises no GPU and no CPU to the scheduler.
+    head = head_type(config)
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"].get("CPU", 0) == 0
+
+
+def test_project_is_synced_and_installed_on_every_node():
+    config = load()
+    remote = [r for r, local in config["file_mounts"].items() if local in (".", "./")]
+    assert remote, "the repository ('.') is not in file_mounts (remote path: local path)"
+    project = remote[0]
+    common = "\n".join(config["setup_commands"])
+    install = re.search(rf"pip install[^\n]*-e\s+{re.escape(project)}\b", common)
+    assert install, f"setup_commands do not `pip install -e {project}`"
+    torch = re.search(r"pip install[^\n]*\btorch\b", common)
+    assert torch and torch.start() < install.start(), "torch must be installed (right build) before the project"
+    # The same Ray on every node as on the machine that runs `ray up`.
+    pin = re.search(r"ray\[[^\]]*\]==([0-9][0-9.]*)", common)
+    assert pin and pin.group(1) == ray.__version__, f"nodes must run ray=={ray.__version__}"
+    # The head also runs the MLflow server with basic auth (needs mlflow[auth]) and the AWS autoscaler.
+    head = "\n".join(config["head_setup_commands"])
+    assert "mlflow[auth]" in head and "boto3" in head
+
+
+def test_token_auth_on_head_workers_and_in_the_environment():
+    config = load()
+    head_start = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    worker_start = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+    assert head_start and worker_start
+    for cmd in head_start + worker_start:
+        assert "RAY_AUTH_MODE=token" in cmd, cmd
+    assert all("--head" in c for c in head_start)
+    assert all("--address=$RAY_HEAD_IP:6379" in c for c in worker_start)
+    # Every node (and every process started from a Ray command, trials included) runs in token mode.
+    assert "export RAY_AUTH_MODE=token" in "\n".join(config["setup_commands"])
+    # The one token reaches every node from outside the repo, where Ray looks for it.
+    token_path = re.search(r"RAY_AUTH_TOKEN_PATH=\"?([^\s\";]+)", head_start[0]).group(1)
+    token_mounts = [r for r in config["file_mounts"] if r.endswith("ray_auth_token")]
+    assert token_mounts and token_path.replace("$HOME", "~") == token_mounts[0]
+    assert config["file_mounts"][token_mounts[0]].startswith("~/")
+    # The dashboard / Jobs API stays on the head's loopback (reach it with `ray dashboard cluster.yaml`).
+    assert "--dashboard-host=127.0.0.1" in head_start[0]
+
+
+def test_mlflow_server_on_head_and_uri_for_workers():
+    config = load()
+    common = "\n".join(config["setup_commands"])
+    # Workers get the head's address from Ray ($RAY_HEAD_IP) and talk to MLflow over HTTP.
+    assert "RAY_HEAD_IP" in common
+    uri = re.search(r"export MLFLOW_TRACKING_URI=\"?(http://[^\s\"]+)", common)
+    assert uri and uri.group(1).endswith(":5000")
+    assert "~/.ich/secrets.env" in config["file_mounts"]
+    assert ".ich/secrets.env" in common  # MLFLOW_TRACKING_USERNAME/PASSWORD, ICH_BUCKET come from here
+    assert re.search(r"ICH_STORAGE=\"?\\?\$\{ICH_STORAGE:-s3://", common)
+
+    server = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--app-name basic-auth" in server
+    assert "--port 5000" in server
+    assert "0.0.0.0" not in server, "MLflow must bind the private interface, not all interfaces"
+    assert re.search(r"--host \"?\$ICH_HEAD_IP", server)
+    assert "--serve-artifacts" in server and "--artifacts-destination" in server
+    assert "ICH_MLFLOW_DB_URI" in server and "sqlite:///" in server  # PostgreSQL DSN, else SQLite
+    # Workers never receive the database DSN.
+    assert re.search(r"sed -i '/\^ICH_MLFLOW_DB_URI=/d", "\n".join(config["worker_setup_commands"]))
+
+
+SECRET_PATTERNS = {
+    "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
+    "AWS secret key": r"(?i)aws_secret_access_key\s*[:=]",
+    "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "credentials in a URL": r"://[^\s/:@$]+:[^\s@/$]+@",
+    "literal password/secret/token": (
+        r"(?i)\b\w*(password|passwd|secret_key|secret|token)\w*\s*[:=]\s*[\"']?(?![\"']?\$)[A-Za-z0-9+/_\-]{6,}"
+    ),
+}
+
+
+def find_secrets(text: str) -> list[str]:
+    hits = []
+    for line in text.splitlines():
+        for name, pattern in SECRET_PATTERNS.items():
+            if re.search(pattern, line):
+                hits.append(f"{name}: {line.strip()}")
+    return hits
+
+
+def test_no_literal_secrets_in_cluster_yaml():
+    assert find_secrets(CLUSTER_YAML.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "MLFLOW_TRACKING_PASSWORD=hunter2hunter2",
+        "    export MLFLOW_AUTH_ADMIN_PASSWORD='correct-horse-battery'",
+        "admin_password = password1234",
+        "ICH_MLFLOW_DB_URI=postgresql://mlflow:s3cr3t@db.internal:5432/mlflow",
+        "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE",
+        "aws_secret_access_key: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "RAY_AUTH_TOKEN=4f9c2d0e8a7b6c5d4e3f2a1b0c9d8e7f",
+    ],
+)
+def test_secret_detector_catches_planted_secrets(planted):
+    """The no-secrets check can fail: a copy of cluster.yaml with a planted secret is caught."""
+    assert find_secrets(CLUSTER_YAML.read_text() + "\n" + planted + "\n")
