@@ -13,6 +13,10 @@ Every file is decoded once, in a process pool: sha256 of its bytes, PIL decode w
 conversion to RGB from any mode, resize of the shorter side to `size`, center crop. Files that fail
 are skipped with a reason instead of failing the run; identical files are deduplicated before splitting
 so no image lands in two splits.
+
+The fingerprint names the dataset's content, not the run: sha256 of a canonical JSON of format_version,
+image_size, classes and the sorted (split, label, source sha256) list. Two ingests of the same files with
+the same options give the same fingerprint, wherever they are written.
 """
 from __future__ import annotations
 
@@ -171,8 +175,11 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+JUNK = {"thumbs.db", "desktop.ini", "__macosx"}  # OS litter, e.g. from unzipping on a Mac
+
+
 def _hidden(name: str) -> bool:
-    return name.startswith(".")
+    return name.startswith(".") or name.lower() in JUNK
 
 
 def _inside(path: str, root_real: str) -> bool:
@@ -207,7 +214,11 @@ def _class_dirs(parent: Path, root_real: str, rel_prefix: str, skipped: list[dic
 def _walk_class(cls_dir: Path, src: Path, root_real: str, skipped: list[dict]) -> list[tuple[str, str]]:
     """(rel posix path, abs path) of every candidate file under one class folder, recursively."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=False):
+
+    def unreadable(e: OSError) -> None:
+        skipped.append({"path": _printable(Path(e.filename).relative_to(src).as_posix()), "reason": "unreadable"})
+
+    for dirpath, dirnames, filenames in os.walk(cls_dir, onerror=unreadable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         for d in dirnames:  # os.walk lists symlinked folders here but does not descend into them
             p = os.path.join(dirpath, d)
@@ -245,7 +256,8 @@ def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[st
     if not presplit:
         dirs = _class_dirs(src, root_real, "", skipped)
         classes = sorted(dirs)
-        cands = [Candidate(None, c, rel, p) for c in classes for rel, p in _walk_class(dirs[c], src, root_real, skipped)]
+        cands = [Candidate(None, c, rel, p) for c in classes
+                 for rel, p in _walk_class(dirs[c], src, root_real, skipped)]
         return "flat", [None], classes, cands
 
     seen: dict[str, str] = {}
@@ -253,7 +265,8 @@ def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[st
         if split in seen:
             raise IngestError(f"{src}: folders {seen[split]!r} and {name!r} both name the '{split}' split")
         seen[split] = name
-    per_split = {split: _class_dirs(src / name, root_real, name + "/", skipped) for split, name in seen.items()}
+    per_split = {split: _class_dirs(src / name, root_real, _printable(name) + "/", skipped)
+                 for split, name in seen.items()}
     classes = sorted(per_split["train"])
     for split, dirs in per_split.items():
         if sorted(dirs) != classes:
@@ -392,14 +405,20 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
     _check_out(src, out, overwrite)
 
     skipped: list[dict] = []
-    layout, present, classes, cands = _find_candidates(src, skipped)
+    try:
+        layout, present, classes, cands = _find_candidates(src, skipped)
+    except OSError as e:
+        raise IngestError(f"{e.filename or src}: cannot read ({e.strerror or e})") from None
     if not classes:
         raise IngestError(f"{src}: no class folders found (expected src/<class>/<image> or src/train/<class>/...)")
     if not cands:
         raise IngestError(f"{src}: no image files found in {len(classes)} class folders")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise IngestError(f"{out.parent}: cannot create the output ({e.strerror or e})") from None
     try:
         (tmp / "data").mkdir()
         # Decode everything once; pixels go to a scratch file so memory stays flat in the dataset size.
@@ -477,8 +496,10 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions: still one clear line
+            raise IngestError(f"{out}: writing the dataset failed ({e.strerror or e})") from e
         raise
     return manifest
 

@@ -18,7 +18,8 @@ from PIL import Image
 ICH_CLASSES = [
     "Đờn ca tài tử", "Lễ hội Ok Om Bók", "Hát bội", "Chợ nổi Cái Răng", "Cải lương", "Múa Rô băm",
     "Đua ghe Ngo", "Lễ hội Vía Bà Chúa Xứ", "Nghề làm bánh tráng", "Nghề dệt chiếu", "Lễ Sene Đôn Ta",
-    "Lễ hội Kỳ Yên", "Nghề đóng ghe", "Hò Đồng Tháp", "Sân khấu Dù kê", "Lễ Chôl Chnăm Thmây", "Nghề làm gốm",
+    "Lễ hội Kỳ Yên", "Nghề đóng ghe", "Hò Đồng Tháp", "Sân khấu Dù kê", "Lễ Chôl Chnăm Thmây",
+    "Nghề làm gốm",
 ]
 # Formats cycled through the regular images: (name, file extension).
 FORMATS = [("jpeg", "jpg"), ("png", "png"), ("palette_png", "png"), ("rgba_png", "png"), ("grey_png", "png"),

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ich.demo_data import write_digits
-from ich.ingest import IngestError, ingest, load_manifest
+from ich.ingest import SKIP_REASONS, IngestError, ingest, load_manifest
 from tests.imagegen import make_bomb, make_ich_folder, make_simple_folder
 
 SIZE = 32
@@ -60,6 +60,7 @@ def test_skips_have_the_right_reasons(ich17):
     info, _, m = ich17
     got = {s["path"]: s["reason"] for s in m["skipped"]}
     assert got == info.skips  # every broken file, nothing else (the hidden .DS_Store is ignored silently)
+    assert set(got.values()) <= set(SKIP_REASONS)
     dup = next(s for s in m["skipped"] if s["reason"] == "duplicate")
     assert dup["duplicate_of"].split("/")[-1] == dup["path"].split("/")[-1].removeprefix("zz_dup_")
     conflict = next(s for s in m["skipped"] if s["reason"] == "conflicting labels")
@@ -112,7 +113,8 @@ def test_presplit_layout_is_kept(tmp_path):
     shutil.copy(src / "train/chó/000.png", src / "test/chó/leak.png")  # a train image copied into test
     m = ingest(src, tmp_path / "out", size=16, workers=1, progress=False)
     assert m["layout"] == "presplit" and m["classes"] == sorted(["chó", "mèo"])
-    assert m["counts"] == {"train": {"chó": 3, "mèo": 4}, "val": {"chó": 2, "mèo": 1}, "test": {"chó": 1, "mèo": 2}}
+    assert m["counts"] == {"train": {"chó": 3, "mèo": 4}, "val": {"chó": 2, "mèo": 1},
+                           "test": {"chó": 1, "mèo": 2}}
     assert {"path": "test/chó/leak.png", "reason": "duplicate", "duplicate_of": "train/chó/000.png"} in m["skipped"]
     rows = read_rows(tmp_path / "out", m)
     assert all(r["path"].startswith({"train": "train/", "val": "valid/", "test": "test/"}[r["split"]]) for r in rows)

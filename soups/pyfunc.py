@@ -1,0 +1,158 @@
+"""Serving a soup: an MLflow pyfunc model that classifies image files or base64-encoded images.
+
+The weights travel as a checkpoint folder artifact (model.safetensors + checkpoint.json, never a
+pickle); MLflow cloudpickles only the small SoupClassifier class below, which imports `ich` and
+`soups` (logged with the model as code_paths, and installed anyway in this project's environment).
+
+Input: a pandas DataFrame with a `path` column (image files) or an `image` column (base64 bytes, for
+REST calls). Each image is decoded like `ich ingest` does it (EXIF orientation, any mode to RGB,
+shorter side resized to the dataset's stored size, center crop), then gets the eval preprocessing
+of training (center crop eval_crop_pct, resize to img_size, ImageNet normalization).
+Output: one row per image with `class` (name), `confidence` and `probabilities` (class order).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+ARTIFACT = "soup"  # name of the checkpoint folder among the pyfunc model's artifacts
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+CODE_PATHS = [str(PACKAGE_ROOT / "ich"), str(PACKAGE_ROOT / "soups")]
+
+
+def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
+    """Image bytes -> (size, size, 3) uint8, the way `ich ingest` stores a photo."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from ich.ingest import _resize_crop, _to_rgb
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        if im.format == "JPEG":
+            im.draft(None, (size, size))  # ingest decodes JPEGs with the same DCT-domain downscale
+        im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{where}: not a readable image ({type(e).__name__})") from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass  # unreadable EXIF: keep the pixels as stored, like ingest
+    return np.asarray(_resize_crop(_to_rgb(im), size), dtype=np.uint8)
+
+
+def _image_bytes(row: pd.Series, i: int) -> tuple[bytes, str]:
+    path = row.get("path")
+    if isinstance(path, str) and path:
+        try:
+            return Path(path).read_bytes(), path
+        except OSError as e:
+            raise ValueError(f"row {i}: cannot read {path} ({e.strerror or type(e).__name__})") from None
+    image = row.get("image")
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), f"row {i}"
+    if isinstance(image, str) and image:
+        try:
+            return base64.b64decode(image, validate=True), f"row {i}"
+        except (binascii.Error, ValueError):
+            raise ValueError(f"row {i}: column 'image' is not valid base64") from None
+    raise ValueError(f"row {i}: needs a 'path' (image file) or an 'image' (base64 bytes) value")
+
+
+class SoupClassifier(mlflow.pyfunc.PythonModel):
+    """Loads the soup checkpoint folder from the model's artifacts and classifies images."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from ich.checkpoint import load_checkpoint
+        from ich.data import AugmentConfig
+        from ich.models import create_model
+
+        state_dict, meta = load_checkpoint(context.artifacts[ARTIFACT])  # safetensors only
+        self.classes = list(meta.class_names)
+        self.image_size = int(meta.extra.get("image_size", meta.img_size))  # the dataset's stored size
+        self.aug = AugmentConfig(img_size=meta.img_size, eval_crop_pct=float(meta.extra.get("eval_crop_pct", 1.0)))
+        self.model = create_model(meta.architecture, meta.num_classes, meta.img_size)
+        self.model.load_state_dict(state_dict)
+        self.model.eval()
+        self.torch = torch
+
+    def predict(self, context, model_input, params=None):
+        from ich.data import eval_transform
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "path" not in frame.columns and "image" not in frame.columns:
+            raise ValueError(f"input needs a 'path' or an 'image' column, got {list(frame.columns)}")
+        pixels = []
+        for i, (_, row) in enumerate(frame.iterrows()):
+            row = row.where(row.notna(), None)  # a missing cell reads as None, not NaN
+            data, where = _image_bytes(row, i)
+            pixels.append(decode_image(data, self.image_size, where))
+        probs = np.zeros((0, len(self.classes)))
+        if pixels:
+            with self.torch.no_grad():
+                x = eval_transform(self.torch.from_numpy(np.stack(pixels)), self.aug)
+                probs = self.torch.softmax(self.model(x).float(), dim=1).numpy().astype(np.float64)
+        top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+        return pd.DataFrame({
+            "class": [self.classes[k] for k in top],
+            "confidence": [float(probs[i, k]) for i, k in enumerate(top)],
+            "probabilities": [row.tolist() for row in probs],
+        })
+
+
+def signature():
+    """Both input columns optional (one per row is enough); list-of-floats probabilities out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec(DataType.string, "path", required=False),
+                     ColSpec(DataType.string, "image", required=False)])
+    outputs = Schema([ColSpec(DataType.string, "class"), ColSpec(DataType.double, "confidence"),
+                      ColSpec(Array(DataType.double), "probabilities")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pip_requirements() -> list[str]:
+    """Pinned from this environment: skips MLflow's slow requirement inference (a subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "timm", "safetensors", "pillow", "numpy", "pandas", "pyarrow", "tqdm", "mlflow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def example_image(pixels: np.ndarray) -> str:
+    """A (S, S, 3) uint8 image as base64 PNG: the input example of the REST API."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None = None,
+               example_pixels: np.ndarray | None = None):
+    """Log the soup at ckpt_dir as a pyfunc model of the active run; returns MLflow's ModelInfo."""
+    example = None if example_pixels is None else pd.DataFrame({"image": [example_image(example_pixels)]})
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=SoupClassifier(), artifacts={ARTIFACT: str(ckpt_dir)}, code_paths=CODE_PATHS,
+        signature=signature(), input_example=example, pip_requirements=pip_requirements(),
+        tags={k: str(v) for k, v in (tags or {}).items()}, model_type="soup-pyfunc",
+        metadata={"classes": _classes(ckpt_dir)})
+
+
+def _classes(ckpt_dir: str | Path) -> list[str]:
+    from ich.checkpoint import read_meta
+    return list(read_meta(ckpt_dir).class_names)
