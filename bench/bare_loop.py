@@ -4,6 +4,8 @@
     python bench/bare_loop.py --accuracy      # also val top-1 after 10 epochs of the standard recipe
     python bench/bare_loop.py --threads 1     # pin torch's intra-op threads (see the note below)
 
+With torch's default of several threads, main() also measures 1 thread and prints the ratio.
+
 Importable: `measure(...) -> dict` returns the figures; `figures(result)` turns them into
 (figure, measured, goal) rows for bench/run_all.py, and `main()` prints them as `figure | measured | goal`.
 
@@ -143,14 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy", action="store_true", help="also train 10 epochs and report val top-1")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-thread-compare", action="store_true",
+                   help="skip the extra 1-thread measurement made when torch uses several threads")
     a = p.parse_args(argv)
-    r = measure(a.data, warmup_epochs=a.warmup_epochs, epochs=a.epochs, accuracy=a.accuracy, threads=a.threads,
-                batch_size=a.batch_size)
+    with digits_dataset(a.data) as folder:
+        data = load_dataset(folder)
+    runs = [measure(data, warmup_epochs=a.warmup_epochs, epochs=a.epochs, accuracy=a.accuracy, threads=a.threads,
+                    batch_size=a.batch_size)]
+    if a.threads is None and runs[0]["threads"] > 1 and not a.no_thread_compare:
+        runs.append(measure(data, warmup_epochs=a.warmup_epochs, epochs=a.epochs, threads=1,
+                            batch_size=a.batch_size))
     print("figure | measured | goal")
-    for row in figures(r):
-        print(" | ".join(row))
-    print(f"(per measured epoch: {', '.join(f'{v:.0f}' for v in r['images_per_s_epochs'])} img/s; "
-          f"{r['train_images']} train images, median epoch {r['epoch_time_s']:.2f} s)")
+    for r in runs:
+        for row in figures(r):
+            print(" | ".join(row))
+    if len(runs) == 2:
+        ratio = runs[0]["images_per_s"] / runs[1]["images_per_s"]
+        print(f"throughput {runs[0]['threads']} threads / 1 thread | {ratio:.2f}x | >= 1.0x (else pin 1 thread)")
+    for r in runs:
+        print(f"({r['threads']} thread(s), per measured epoch: {', '.join(f'{v:.0f}' for v in r['images_per_s_epochs'])}"
+              f" img/s; {r['train_images']} train images, median epoch {r['epoch_time_s']:.2f} s)")
     return 0
 
 

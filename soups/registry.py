@@ -406,6 +406,15 @@ def search_checkpoints(client: MlflowClient, experiment_ids: list[str], *, sweep
     return sorted(records, key=lambda r: (r.trial, r.epoch, r.sweep))
 
 
+def get_model_record(client: MlflowClient, model_id: str, *, retry: RetryPolicy | None = None) -> CheckpointRecord:
+    """The record of one LoggedModel by id (a checkpoint or a soup, e.g. the current champion's weights)."""
+    model = call_with_retry(f"get model {model_id}", client.get_logged_model, model_id, retry=retry)
+    record = _record(model)
+    if record is None:
+        raise RegistryError(f"model {model_id}: lacks the {TAG_EPOCH}/{TAG_SHA256} tags of an ich checkpoint or soup")
+    return record
+
+
 def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, dst_dir: str | os.PathLike, *,
                         retry: RetryPolicy | None = None) -> Path:
     """Download the record's checkpoint folder under dst_dir and verify its sha256; returns the folder."""

@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU, e.g. 0.5")
-    p.add_argument("--storage", help="Ray Tune storage: a path, s3://bucket/prefix, gs://...")
+    p.add_argument("--storage", help="Ray Tune storage: a path, s3://bucket/prefix, gs://... (default $ICH_STORAGE "
+                                     "or $ICH_HOME/ray_results)")
     p.add_argument("--seed", type=int, help="Optuna TPE sampler seed")
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
     p.add_argument("--no-soups", action="store_true", help="skip the soups (and report) after the sweep")
@@ -104,7 +105,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     experiment_id = registry.get_or_create_experiment(client, cfg.experiment)
 
     # The sweep run: one per invocation; --resume picks up the last unfinished one with its Tune state.
-    storage = cfg.storage or str(home / "ray_results")
+    storage = cfg.storage or os.environ.get("ICH_STORAGE") or str(home / "ray_results")
     parent = None
     if args.resume:
         runs = registry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],

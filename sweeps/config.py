@@ -86,6 +86,12 @@ def _build(cls, d: dict, where: str):
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> SweepConfig:
     path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file() and not path.is_absolute():
+        # `ray submit` runs the script from the home folder: look in the installed project too.
+        for candidate in (CONFIG_DIR.parent.parent / path, CONFIG_DIR / path.name):
+            if candidate.is_file():
+                path = candidate
+                break
     if not path.is_file():
         raise ConfigError(f"{path}: no such sweep config")
     try:

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,22 +106,27 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-upload")
     pending: tuple[Future, Path, dict] | None = None
+    overhead = {"report_s": 0.0, "write_s": 0.0}  # sweep-side cost per epoch, reported as metrics
 
     def report_pending(block: bool) -> None:
         """Report the last epoch to Tune once its checkpoint is in MLflow (never before)."""
         nonlocal pending
         if pending is None or not (block or pending[0].done()):
             return
+        t0 = time.perf_counter()
         future, folder, metrics = pending
         pending = None
         model_id = future.result()  # an upload that failed for good fails the trial (Tune retries it)
-        tune.report({**metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id},
+        tune.report({**metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id,
+                     "sweep_report_s": overhead["report_s"], "sweep_write_s": overhead["write_s"]},
                     checkpoint=tune.Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
+        overhead["report_s"] = time.perf_counter() - t0
 
     try:
         for result in trainer.fit(on_step=lambda: report_pending(False)):
             report_pending(True)  # reports stay in epoch order
+            t0 = time.perf_counter()
             metrics = {k: float(v) for k, v in result.metrics.items()}
             folder = Path(tempfile.mkdtemp(prefix=f"ich-{trial_id}-e{result.epoch:03d}-"))
             meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=dataset.num_classes,
@@ -135,6 +141,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
                 metrics=metrics, dataset_fingerprint=dataset.fingerprint,
                 init_fingerprint=trainer.init_fingerprint, architecture=cfg.model)
             pending = (future, folder, metrics)
+            overhead["write_s"] = time.perf_counter() - t0
             if ctx.fault_once_at_epoch == result.epoch + 1:
                 report_pending(True)  # so the retry resumes from this epoch's checkpoint
                 _maybe_fail(ctx, trial_id, result.epoch + 1)
