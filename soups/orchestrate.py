@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from ich.data import ICHDataset, load_dataset
+from ich.train import TrainConfig
 from soups import registry
 from soups.analysis import soft_vote
 from soups.average import Ingredient, RunningSum, Skipped, greedy_soup, prefetch
@@ -76,6 +78,7 @@ TAG_GROUP = "ich.group"
 TAG_SOUP_MODEL = "ich.soup_model_id"
 TAG_DECISION = "ich.champion_decision"
 TAG_DECISION_REASON = "ich.champion_reason"
+NO_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 class SoupError(ValueError):
@@ -151,7 +154,9 @@ def _short_reason(error: BaseException, *prefixes: str) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     for prefix in prefixes:
         if text.startswith(prefix):
-            return text[len(prefix):].lstrip(" :")
+            rest = text[len(prefix):]
+            cut = rest.find(": ")  # the folder may go on (…/artifacts) before its colon
+            return rest[cut + 2:] if cut >= 0 else rest.lstrip(" :")
     return text
 
 
@@ -178,7 +183,7 @@ class CheckpointPool:
             tagged, stored = getattr(record, name), getattr(meta, name)
             if tagged and tagged != stored:
                 raise CheckpointError(f"{name} is {stored!r} in checkpoint.json but {tagged!r} in the registry")
-        crop = float(((meta.extra or {}).get("config") or {}).get("eval_crop_pct", 1.0))
+        crop = float(((meta.extra or {}).get("config") or {}).get("eval_crop_pct", TrainConfig.eval_crop_pct))
         return Pulled(record, folder, meta, score, crop)
 
     def get(self, record: registry.CheckpointRecord) -> Pulled | None:
@@ -727,10 +732,13 @@ def run_soups(opts: SoupOptions) -> dict:
     notes: list[str] = []
     val_logits: dict[str, np.ndarray] = {}
     champion = None
+    # MLflow prints a "View run" line (after an extra get_run) for every run it ends: noise here.
+    quiet = os.environ.get(NO_URLS)
+    os.environ[NO_URLS] = "true"
     tmp = Path(tempfile.mkdtemp(prefix="ich-soups-"))
     pool = CheckpointPool(client, records, tmp / "pulled")
+    ctx = Context(client, opts, experiment_id, sweep, sweep_run.info.run_id if sweep_run else None, dataset, tmp)
     try:
-        ctx = Context(client, opts, experiment_id, sweep, sweep_run.info.run_id if sweep_run else None, dataset, tmp)
         builder = SoupBuilder(opts, dataset, pool)
         for family in _families(opts, records, pool, notes):
             _build_family(ctx, builder, family, soups, val_logits)
@@ -742,6 +750,10 @@ def run_soups(opts: SoupOptions) -> dict:
     finally:
         pool.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if quiet is None:
+            os.environ.pop(NO_URLS, None)
+        else:
+            os.environ[NO_URLS] = quiet
 
     summary = _clean({
         "experiment": opts.experiment, "sweep": sweep, "sweep_run_id": ctx.sweep_run_id, "tracking_uri": uri,

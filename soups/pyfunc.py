@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import logging
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -146,11 +149,27 @@ def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None =
                example_pixels: np.ndarray | None = None):
     """Log the soup at ckpt_dir as a pyfunc model of the active run; returns MLflow's ModelInfo."""
     example = None if example_pixels is None else pd.DataFrame({"image": [example_image(example_pixels)]})
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=SoupClassifier(), artifacts={ARTIFACT: str(ckpt_dir)}, code_paths=CODE_PATHS,
-        signature=signature(), input_example=example, pip_requirements=pip_requirements(),
-        tags={k: str(v) for k, v in (tags or {}).items()}, model_type="soup-pyfunc",
-        metadata={"classes": _classes(ckpt_dir)})
+    with _quiet_logging():
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=SoupClassifier(), artifacts={ARTIFACT: str(ckpt_dir)}, code_paths=CODE_PATHS,
+            signature=signature(), input_example=example, pip_requirements=pip_requirements(),
+            tags={k: str(v) for k, v in (tags or {}).items()}, model_type="soup-pyfunc",
+            metadata={"classes": _classes(ckpt_dir)})
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """MLflow's advice for other workflows (type hints, models-from-code) is noise here: the signature is
+    explicit and the pickled object is our own class, holding no weights."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _classes(ckpt_dir: str | Path) -> list[str]:

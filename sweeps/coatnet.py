@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="sweep YAML (default: sweeps/configs/cpu.yaml)")
     p.add_argument("--data", help="ingested dataset folder (ich ingest SRC OUT)")
-    p.add_argument("--experiment", help="MLflow experiment and sweep name")
+    p.add_argument("--experiment", help="MLflow experiment (and sweep name unless the config sets `sweep:`)")
     p.add_argument("--num-samples", type=int, help="number of trials")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float)
@@ -93,7 +93,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     if not Path(cfg.data).exists() and "://" not in cfg.data:
         raise ConfigError(f"{cfg.data}: dataset folder does not exist")
     dataset = load_dataset(cfg.data)
-    sweep = cfg.experiment
+    sweep = cfg.sweep or cfg.experiment
 
     tracking_uri = ensure_tracking_uri(home)
     local = not os.environ.get("RAY_ADDRESS")

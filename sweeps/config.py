@@ -45,6 +45,7 @@ class SoupConfig:
 @dataclass
 class SweepConfig:
     experiment: str = "ich-sweep"
+    sweep: str | None = None  # sweep name inside the experiment (default: the experiment name); baselines use their own
     data: str | None = None
     metric: str = "val_macro_f1"  # drives ASHA and Optuna (val only: design decision 3)
     mode: str = "max"

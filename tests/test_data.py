@@ -8,7 +8,6 @@ import torch
 from ich.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, Prefetcher, Split, batch_indices, eval_transform,
                       load_dataset, mixup_cutmix, to_float, train_transform)
 from ich.ingest import IngestError
-from tests.fixtures_data import digits_data, digits_dataset  # noqa: F401  (session fixtures)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -48,6 +48,12 @@ def test_tiny_coatnet_is_a_c_c_t_t_maxxvit_of_about_a_quarter_million_parameters
     assert random_init_fingerprint("coatnet_tiny_ich", 10, 32, 0) != random_init_fingerprint("coatnet_tiny_ich", 10, 32, 1)
 
 
+def test_every_registered_tiny_model_is_covered():
+    import timm
+
+    assert set(timm.list_models("*_ich")) == set(TINY)
+
+
 def test_unknown_model_is_named():
     with pytest.raises(ModelError, match="unknown model 'coatnet_huge_typo'"):
         create_model("coatnet_huge_typo", 17)

@@ -16,7 +16,6 @@ from ich.checkpoint import CheckpointError, load_checkpoint
 from ich.cli import main as ich_main
 from ich.data import ICHDataset, Split
 from ich.train import TrainConfig, Trainer, evaluate_logits, lr_at
-from tests.fixtures_data import digits_data, digits_dataset  # noqa: F401  (session fixtures)
 
 # Digits are not mirror-symmetric, so no flips; light augmentation so 6 epochs suffice.
 LIGHT = dict(hflip=0.0, lr=2e-3, rand_augment_n=0, random_erasing=0.0, color_jitter=0.0, scale_min=0.5)

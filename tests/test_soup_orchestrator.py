@@ -1,0 +1,237 @@
+"""The soup orchestrator end to end on the session's tiny sweep: checkpoints come back from MLflow alone,
+soups go back into it, the best is registered and served, `champion` moves only when beaten, and broken
+checkpoints are skipped by name. Real MLflow server, real Ray sweep; no mocks.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ich.checkpoint import load_checkpoint, save_checkpoint
+from soups import registry
+from soups.orchestrate import SoupError, SoupOptions, add_soup_args, cmd_soup, run_soups
+
+pytestmark = pytest.mark.integration
+
+MODEL_NAME = "tiny-sweep-soup-orchestrator-test"  # its own registered model: other tests may soup tiny-sweep too
+FIGURES = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_sweep, mlflow_server, tmp_path_factory):
+    """All scopes and recipes once; the JSON summary as written to disk. Souping adds no checkpoint record."""
+    json_path = tmp_path_factory.mktemp("soups") / "summary.json"
+    client = MlflowClient(mlflow_server)
+    checkpoints_before = len(registry.search_checkpoints(client, [tiny_sweep["experiment_id"]]))
+    summary = run_soups(SoupOptions(experiment=tiny_sweep["experiment"], tracking_uri=mlflow_server,
+                                    registered_model=MODEL_NAME, json_path=str(json_path)))
+    assert len(registry.search_checkpoints(client, [tiny_sweep["experiment_id"]])) == checkpoints_before
+    return summary, json.loads(json_path.read_text())
+
+
+def _checkpoints_per_trial(client: MlflowClient, tiny_sweep) -> dict[str, list[registry.CheckpointRecord]]:
+    records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
+    trials: dict[str, list] = {}
+    for r in records:
+        trials.setdefault(r.trial, []).append(r)
+    return trials
+
+
+def test_soups_within_and_across_come_from_mlflow_with_all_figures(first_run, tiny_sweep, mlflow_client):
+    summary, from_disk = first_run
+    assert from_disk == json.loads(json.dumps(summary))
+    assert (summary["experiment"], summary["sweep"], summary["metric"]) == ("tiny-sweep", "tiny-sweep", "macro_f1")
+    assert summary["skipped"] == []
+    trials = _checkpoints_per_trial(mlflow_client, tiny_sweep)
+    by_id = {r.model_id: r for records in trials.values() for r in records}
+    names = {s["name"] for s in summary["soups"]}
+
+    souped = [t for t, records in trials.items() if len(records) >= 2]
+    assert souped, "the tiny sweep should leave trials with several epochs"
+    for trial in souped:
+        assert {f"within-{trial}-uniform", f"within-{trial}-greedy"} <= names
+        within = [s for s in summary["soups"] if s["trial"] == trial]
+        assert {s["scope"] for s in within} == {"within"}
+        assert all(i["trial"] == trial for s in within for i in s["ingredients"])
+        assert {i["epoch"] for i in within[0]["ingredients"]} == {r.epoch for r in trials[trial]}
+    assert {"across-best-uniform", "across-best-greedy", "across-all-greedy"} <= names
+    across_best = next(s for s in summary["soups"] if s["name"] == "across-best-uniform")
+    assert sorted(i["trial"] for i in across_best["ingredients"]) == sorted(trials)  # one per trial
+    across_all = next(s for s in summary["soups"] if s["name"] == "across-all-greedy")
+    assert len(across_all["ingredients"]) == len(by_id)
+
+    for soup in summary["soups"]:
+        # ingredients: registry records, verified by sha256, ranked best val first
+        for i in soup["ingredients"]:
+            assert set(i) >= {"trial", "epoch", "model_id", "sha256", "val_score", "accepted"}
+            assert i["sha256"] == by_id[i["model_id"]].sha256
+            assert i["val_score"] == pytest.approx(by_id[i["model_id"]].metrics["val_macro_f1"])
+        scores = [i["val_score"] for i in soup["ingredients"]]
+        assert scores == sorted(scores, reverse=True)
+        assert soup["ingredients"][0]["accepted"]  # greedy starts from the best
+        if soup["recipe"] == "uniform":
+            assert all(i["accepted"] for i in soup["ingredients"])
+        for part in (soup, soup["best_single"], soup["uniform"], soup["soft_vote"]):
+            for split in ("val", "test"):
+                assert set(part[split]) >= set(FIGURES)
+                assert 0.0 <= part[split]["accuracy"] <= 1.0 and 0.0 <= part[split]["macro_f1"] <= 1.0
+        assert soup["best_single"]["model_id"] == soup["ingredients"][0]["model_id"]
+        for metric in ("accuracy", "macro_f1"):
+            low, high = soup["test"][f"{metric}_ci"]
+            assert low <= soup["test"][metric] <= high
+        for key in ("vs_best_single", "soft_vote_vs_best_single"):
+            assert set(soup[key]) >= {"acc_diff", "acc_diff_low", "acc_diff_high", "f1_diff", "mcnemar_p"}
+            assert 0.0 <= soup[key]["mcnemar_p"] <= 1.0
+        assert soup["bn_mode"] in ("average", "recalibrate")  # CoAtNet has BatchNorm
+        assert soup["run_id"] and soup["model_id"]
+
+
+def test_soup_runs_sit_under_the_sweep_with_tags_metrics_artifacts_and_weights(first_run, tiny_sweep, mlflow_client):
+    summary, _ = first_run
+    for soup in summary["soups"]:
+        run = mlflow_client.get_run(soup["run_id"])
+        tags, metrics = run.data.tags, run.data.metrics
+        assert tags["mlflow.parentRunId"] == tiny_sweep["parent_run_id"]
+        assert tags["ich.kind"] == "soup" and tags["ich.sweep"] == "tiny-sweep"
+        assert (tags["ich.recipe"], tags["ich.scope"], tags["ich.bn_mode"]) == (soup["recipe"], soup["scope"],
+                                                                                 soup["bn_mode"])
+        assert (tags["ich.metric"], tags["ich.tie_rule"], tags["ich.group"]) == ("macro_f1", "accept", soup["group"])
+        assert tags.get("ich.trial") == soup["trial"]
+        assert metrics["val_macro_f1"] == pytest.approx(soup["val"]["macro_f1"])
+        assert metrics["test_accuracy"] == pytest.approx(soup["test"]["accuracy"])
+        for key in ("test_accuracy_low", "test_accuracy_high", "test_macro_f1_low", "best_single_test_accuracy",
+                    "uniform_test_accuracy", "soft_vote_test_accuracy", "vs_best_acc_diff", "vs_best_mcnemar_p",
+                    "soft_vote_vs_best_acc_diff"):
+            assert key in metrics, key
+        artifacts = {a.path for a in mlflow_client.list_artifacts(soup["run_id"])}
+        assert {"ingredients.csv", "ingredients.json", "ingredient_curve.png"} <= artifacts
+        model = mlflow_client.get_logged_model(soup["model_id"])
+        assert model.source_run_id == soup["run_id"] and model.tags["ich.kind"] == "soup"
+
+
+def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep, mlflow_client):
+    import mlflow.pyfunc
+
+    summary, _ = first_run
+    champion = summary["champion"]
+    best = max(summary["soups"], key=lambda s: s["val"]["macro_f1"])
+    assert champion["soup"] == best["name"] and champion["moved"] and champion["reason"] == "no champion yet"
+    version = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert version.version == champion["version"] and version.run_id == best["run_id"]
+    assert version.tags["ich.champion_decision"] == "moved"
+
+    images = Path(tiny_sweep["data"]).parent / "images"
+    paths = [sorted((images / c).glob("*.png"))[0] for c in sorted(p.name for p in images.iterdir())]
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    out = model.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
+    classes = [p.parent.name for p in paths]
+    assert set(out["class"]) <= set(classes)
+    assert sum(out["class"] == classes) >= len(classes) // 2
+    assert all(len(p) == len(classes) and abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
+    encoded = base64.b64encode(paths[0].read_bytes()).decode()
+    again = model.predict(pd.DataFrame({"image": [encoded]}))
+    assert again["class"][0] == out["class"][0]
+
+
+def test_champion_stays_unless_beaten_and_the_decision_is_recorded(first_run, tiny_sweep, mlflow_server, mlflow_client):
+    summary, _ = first_run
+    first_version = summary["champion"]["version"]
+    # A subset of the first call's soups, built the same way: its best cannot beat the champion.
+    second = run_soups(SoupOptions(experiment="tiny-sweep", tracking_uri=mlflow_server, registered_model=MODEL_NAME,
+                                   scope="across", recipe="greedy", champion_rule="significant"))
+    decision = second["champion"]
+    assert not decision["moved"]
+    assert decision["previous_version"] == first_version and decision["version"] != first_version
+    assert decision["p_value"] is not None and decision["champion_val"] is not None
+    assert mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion").version == first_version
+    new_version = mlflow_client.get_model_version(MODEL_NAME, decision["version"])
+    assert new_version.tags["ich.champion_decision"] == "kept"
+    assert "McNemar" in new_version.tags["ich.champion_reason"]
+    assert mlflow_client.get_run(decision["run_id"]).data.tags["ich.champion_decision"] == "kept"
+
+
+def _copy_trial_into_new_experiment(client: MlflowClient, tiny_sweep, name: str, tmp: Path) -> list[str]:
+    """The tiny sweep's longest trial logged again under experiment `name`, plus one NaN checkpoint.
+    Returns the model ids: epochs 1..n, then the NaN one."""
+    trials = _checkpoints_per_trial(client, tiny_sweep)
+    records = max(trials.values(), key=len)
+    experiment_id = registry.get_or_create_experiment(client, name)
+    sweep_run = client.create_run(experiment_id, run_name=name, tags={
+        "ich.kind": "sweep", "ich.sweep": name, "ich.data": str(tiny_sweep["data"])})
+    trial_run = client.create_run(experiment_id, run_name="copy", tags={
+        "ich.kind": "trial", "ich.sweep": name, "ich.trial": "copy", "mlflow.parentRunId": sweep_run.info.run_id})
+    ids = []
+
+    def log(folder: Path, record, epoch: int, sha: str) -> str:
+        return registry.log_checkpoint(client, experiment_id=experiment_id, run_id=trial_run.info.run_id,
+                                       ckpt_dir=folder, sweep=name, trial="copy", epoch=epoch, sha256=sha,
+                                       metrics={k: v for k, v in record.metrics.items() if k.startswith("val_")},
+                                       dataset_fingerprint=record.dataset_fingerprint,
+                                       init_fingerprint=record.init_fingerprint, architecture=record.architecture)
+
+    for record in records:
+        folder = registry.download_checkpoint(client, record, tmp / "pulled")
+        ids.append(log(folder, record, record.epoch, record.sha256))
+    state, meta = load_checkpoint(folder)
+    first_float = next(k for k, v in state.items() if v.is_floating_point())
+    state[first_float] = torch.full_like(state[first_float], float("nan"))
+    meta.epoch = records[-1].epoch + 1
+    sha = save_checkpoint(tmp / "nan", state, meta)
+    ids.append(log(tmp / "nan", records[0], meta.epoch, sha))
+    return ids
+
+
+def test_altered_and_nan_checkpoints_are_skipped_by_name(tiny_sweep, mlflow_server, mlflow_server_handle,
+                                                         mlflow_client, tmp_path):
+    ids = _copy_trial_into_new_experiment(mlflow_client, tiny_sweep, "soup-broken-checkpoints", tmp_path)
+    altered, nan = ids[1], ids[-1]
+    stored = next((mlflow_server_handle.data_dir / "mlflow" / "artifacts").rglob(f"{altered}/**/model.safetensors"))
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF  # still valid safetensors, other weights
+    stored.write_bytes(bytes(data))
+
+    with pytest.warns(RuntimeWarning) as caught:
+        summary = run_soups(SoupOptions(experiment="soup-broken-checkpoints", tracking_uri=mlflow_server,
+                                        scope="within", bn="average"))
+    messages = [str(w.message) for w in caught]
+    assert any(altered in m and "sha256 mismatch" in m for m in messages), messages
+    assert any(nan in m and "NaN/Inf" in m for m in messages), messages
+    reasons = {s["model_id"]: s["reason"] for s in summary["skipped"]}
+    assert set(reasons) == {altered, nan}
+    assert "sha256 mismatch" in reasons[altered] and "NaN/Inf" in reasons[nan]
+    built = {s["name"]: s for s in summary["soups"]}
+    assert set(built) == {"within-copy-uniform", "within-copy-greedy"}
+    for soup in built.values():
+        used = {i["model_id"] for i in soup["ingredients"]}
+        assert used == set(ids) - {altered, nan}
+        assert soup["bn_mode"] == "average"
+    assert summary["champion"]["registered_model"] == "soup-broken-checkpoints-soup"
+
+
+def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_client, capsys):
+    with pytest.raises(SoupError, match="'no-such-sweep'.*not found"):
+        run_soups(SoupOptions(experiment="no-such-sweep", tracking_uri=mlflow_server))
+    registry.get_or_create_experiment(mlflow_client, "soup-empty-experiment")
+    with pytest.raises(SoupError, match="'soup-empty-experiment': no checkpoints"):
+        run_soups(SoupOptions(experiment="soup-empty-experiment", tracking_uri=mlflow_server))
+    with pytest.raises(SoupError, match="scope='sideways'"):
+        run_soups(SoupOptions(experiment="x", scope="sideways"))
+
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_soup_args(parser)
+    args = parser.parse_args(["--experiment", "no-such-sweep", "--tie-rule", "strict", "--resamples", "200",
+                              "--json", "out.json", "--champion-rule", "significant"])
+    assert (args.tie_rule, args.n_resamples, args.json_path, args.champion_rule) == ("strict", 200, "out.json",
+                                                                                      "significant")
+    with pytest.raises(SystemExit) as exit_info:
+        cmd_soup(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ich soup: error:") and "no-such-sweep" in err[0]
