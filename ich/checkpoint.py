@@ -116,10 +116,15 @@ def load_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
+    # safetensors = 8-byte little-endian header length + a JSON header starting with "{". Anything else
+    # (a torch.save zip, a raw pickle renamed .safetensors) is refused before any parser sees it.
     with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-        raise CheckpointError(f"{path}: not a safetensors file (looks like a pickle/zip archive); refusing to load")
+        head = f.read(9)
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if not (2 <= n <= path.stat().st_size - 8) or head[8:9] != b"{":
+        kind = "a zip/pickle archive" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") \
+            else "truncated or not safetensors"
+        raise CheckpointError(f"{path}: not a safetensors file ({kind}); refusing to load")
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class TrainConfig:
         out = {}
         for k, v in d.items():  # Tune/YAML hand numbers of the wrong kind (1 vs 1.0, numpy ints)
             t = types[k]
+            if t == "bool" and isinstance(v, str):
+                v = v.strip().lower() in ("1", "true", "yes", "on")
             out[k] = int(v) if t == "int" else float(v) if t == "float" else bool(v) if t == "bool" else v
         return cls(**out)
 
@@ -261,11 +264,14 @@ class Trainer:
         for pid, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-        save_file(tensors, str(folder / TRAIN_STATE))
         meta = {"epoch": self.epoch, "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "init_fingerprint": self.init_fingerprint, "dataset_fingerprint": self.data.fingerprint,
                 "param_groups": opt["param_groups"], "scaler": self.scaler.state_dict()}
-        (folder / TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1))
+        # Each file is written beside and renamed into place: a crash mid-write never leaves a torn file.
+        save_file(tensors, str(folder / (TRAIN_STATE + ".tmp")))
+        (folder / (TRAIN_STATE_JSON + ".tmp")).write_text(json.dumps(meta, indent=1))
+        os.replace(folder / (TRAIN_STATE + ".tmp"), folder / TRAIN_STATE)
+        os.replace(folder / (TRAIN_STATE_JSON + ".tmp"), folder / TRAIN_STATE_JSON)
 
     def load_state(self, folder: str | Path, model_weights: str | Path | None = None) -> None:
         folder = Path(folder)

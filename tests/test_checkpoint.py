@@ -98,9 +98,6 @@ def test_pickle_renamed_safetensors_is_refused_without_unpickling(tmp_path, monk
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG ich/checkpoint.py load_weights: the pickle sniff reads the first two "
-                   "bytes of the safetensors header LENGTH, so a valid file whose header is 640/896/1152/1408/19280 "
-                   "bytes (mod 65536) is refused; check the u64 length + '{' instead")
 @pytest.mark.parametrize("header_len", [640, 896, 1152, 1408])
 def test_valid_safetensors_whose_header_length_looks_like_a_pickle_opcode_loads(tmp_path, header_len):
     import struct

@@ -1,0 +1,257 @@
+"""What streaming soups cost: uniform soup time over a raw read of the same files, peak memory in the number of
+ingredients, and greedy soup time over the evaluations it makes, measured side by side in one run.
+
+    python bench/soup_bench.py [--quick] [--keep DIR]
+
+Setup: N checkpoints the size of timm `coatnet_0_rw_224` with 17 classes (26.7M parameters, 107 MB of float32
+safetensors each) are written once with ich.checkpoint.save_checkpoint into a temporary folder (deleted
+afterwards): the model's random init plus a small per-checkpoint perturbation, so forward passes stay finite.
+
+What is measured (every figure is a ratio of two things timed in the same process, interleaved, repeats, medians):
+
+- uniform / raw read: `soups.average.uniform_soup` over `Ingredient(load=lambda: load_checkpoint(folder)[0])`
+  (the real loader: strict safetensors read plus its finiteness check; the soup checks finiteness again and
+  accumulates in float64, prefetch depth 1) against reading the same N `model.safetensors` files with
+  `readinto` into one reused buffer. Every file is read once before timing, so BOTH sides read from the page
+  cache: this is the worst case for the soup (a memcpy-speed baseline; checkpoints pulled from MLflow or a cold
+  disk make the read side slower and the ratio smaller). The two sides alternate, `repeats` times each, for
+  N=8 and N=32.
+- peak RSS N=32 / N=8: each uniform soup in its own fresh child process (`ru_maxrss` of a child that imports,
+  then only does the soup), so peaks never mix; also the growth over the child's peak before the soup.
+- greedy / evaluations: `soups.average.greedy_soup` over G ingredients with an evaluate callback that loads the
+  candidate into the coatnet_0 model and runs a forward pass on a fixed batch (16 images at 224 px, accuracy
+  against fixed labels); each evaluate call is timed inside the callback. The ratio is the soup's wall time over
+  the sum of those calls; what is left over (loading not hidden by prefetch, candidate averaging, the final
+  mean) is also reported per step.
+
+`--quick` shrinks everything (tiny CoAtNet checkpoints, N=2/4, 2 repeats) for the smoke test: the figures are
+then not meaningful, only the code path.
+
+Importable: `measure(...) -> dict`, `figures(result) -> [(figure, measured, goal)]`, `main()`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GOAL_UNIFORM_OVER_READ = 1.3
+GOAL_RSS_RATIO = 1.1
+GOAL_GREEDY_OVER_EVAL = 1.2
+
+FULL = dict(model="coatnet_0_rw_224", img_size=224, n_small=8, n_large=32, greedy_n=8, eval_batch=16, repeats=3)
+QUICK = dict(model="coatnet_tiny_ich", img_size=32, n_small=2, n_large=4, greedy_n=3, eval_batch=16, repeats=2)
+NUM_CLASSES = 17
+
+
+def _meta(model: str, img_size: int, epoch: int):
+    from ich.checkpoint import CheckpointMeta
+    return CheckpointMeta(model, img_size, NUM_CLASSES, [f"c{i}" for i in range(NUM_CLASSES)], "bench-data",
+                          "bench-init", epoch, {"val_accuracy": 0.5})
+
+
+def write_checkpoints(folder: Path, n: int, model: str, img_size: int) -> list[Path]:
+    """n checkpoint folders: the model's random init plus 1e-3 * N(0, 1) per checkpoint (float tensors)."""
+    import torch
+    from ich.checkpoint import save_checkpoint
+    from ich.models import create_model
+    torch.manual_seed(0)
+    base = create_model(model, NUM_CLASSES, img_size).state_dict()
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        sd = {k: (v + 1e-3 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
+              for k, v in base.items()}
+        save_checkpoint(folder / f"ckpt-{i:03d}", sd, _meta(model, img_size, i + 1))
+        out.append(folder / f"ckpt-{i:03d}")
+    return out
+
+
+def raw_read(folders: list[Path], buf: bytearray) -> int:
+    """Read every model.safetensors into the reused buffer; returns the bytes read."""
+    total = 0
+    view = memoryview(buf)
+    for d in folders:
+        with open(d / "model.safetensors", "rb", buffering=0) as f:
+            while (k := f.readinto(view)) > 0:
+                total += k
+    return total
+
+
+def ingredients(folders: list[Path]):
+    from ich.checkpoint import load_checkpoint
+    from soups.average import Ingredient
+    # score decreasing: already sorted best-first for greedy
+    return [Ingredient(d.name, 1.0 - i * 1e-3, (lambda d=d: load_checkpoint(d)[0])) for i, d in enumerate(folders)]
+
+
+def soup_uniform(folders: list[Path]) -> dict:
+    from soups.average import uniform_soup
+    return uniform_soup(ingredients(folders))
+
+
+def time_uniform_vs_read(folders: list[Path], n: int, repeats: int) -> dict:
+    files = folders[:n]
+    size = max(os.path.getsize(d / "model.safetensors") for d in files)
+    buf = bytearray(size)
+    raw_read(files, buf)  # page cache: both sides read from memory
+    soup_uniform(files[:1])  # warm the code path
+    soup_t, read_t = [], []
+    for r in range(repeats):
+        for side in (("read", "soup") if r % 2 == 0 else ("soup", "read")):
+            t0 = time.perf_counter()
+            if side == "read":
+                raw_read(files, buf)
+            else:
+                sd = soup_uniform(files)
+                del sd
+            (read_t if side == "read" else soup_t).append(time.perf_counter() - t0)
+    soup_s, read_s = statistics.median(soup_t), statistics.median(read_t)
+    return {"n": n, "soup_s": soup_s, "read_s": read_s, "ratio": soup_s / read_s, "soup_runs": soup_t,
+            "read_runs": read_t, "mb_per_file": size / 1e6}
+
+
+def rss_child(folder: str, n: int) -> None:
+    """Child process body: uniform soup of the first n checkpoints; prints peak RSS figures as JSON."""
+    folders = sorted(p for p in Path(folder).iterdir() if p.name.startswith("ckpt-"))[:n]
+    import torch  # noqa: F401  (imports are part of the baseline, not the soup)
+    from ich.checkpoint import load_checkpoint  # noqa: F401
+    from soups.average import uniform_soup  # noqa: F401
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    sd = soup_uniform(folders)
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": len(folders), "peak_kb": peak, "before_kb": before, "soup_s": took,
+                      "params": sum(v.numel() for v in sd.values())}))
+
+
+def peak_rss(folder: Path, n: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child", str(folder), str(n)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"rss child (n={n}) failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def time_greedy(folders: list[Path], model: str, img_size: int, batch: int) -> dict:
+    import torch
+    from ich.models import create_model
+    from soups.average import greedy_soup
+    torch.manual_seed(0)
+    net = create_model(model, NUM_CLASSES, img_size).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    with torch.no_grad():
+        net(x)  # warm-up
+    eval_times: list[float] = []
+
+    def evaluate(sd) -> float:
+        t0 = time.perf_counter()
+        net.load_state_dict(sd)
+        with torch.no_grad():
+            acc = float((net(x).argmax(1) == y).float().mean())
+        eval_times.append(time.perf_counter() - t0)
+        return acc
+
+    t0 = time.perf_counter()
+    res = greedy_soup(ingredients(folders), evaluate)
+    total = time.perf_counter() - t0
+    evals = sum(eval_times)
+    return {"n": len(folders), "total_s": total, "eval_s": evals, "ratio": total / evals,
+            "evals": len(eval_times), "eval_median_s": statistics.median(eval_times),
+            "overhead_per_step_s": (total - evals) / len(eval_times), "accepted": len(res.accepted)}
+
+
+@contextlib.contextmanager
+def checkpoint_dir(keep: str | None):
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        yield Path(keep)
+    else:
+        tmp = tempfile.mkdtemp(prefix="ich-bench-soup-")
+        try:
+            yield Path(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(*, quick: bool = False, keep: str | None = None, **over) -> dict:
+    """All soup figures. `over` overrides FULL/QUICK sizes (model, img_size, n_small, n_large, greedy_n,
+    eval_batch, repeats)."""
+    import torch
+    p = {**(QUICK if quick else FULL), **over}
+    with checkpoint_dir(keep) as folder:
+        have = sorted(d for d in folder.iterdir() if d.name.startswith("ckpt-"))
+        t0 = time.perf_counter()
+        if len(have) < p["n_large"]:
+            have = write_checkpoints(folder, p["n_large"], p["model"], p["img_size"])
+        write_s = time.perf_counter() - t0
+        uniform = [time_uniform_vs_read(have, n, p["repeats"]) for n in (p["n_small"], p["n_large"])]
+        rss = [peak_rss(folder, n) for n in (p["n_small"], p["n_large"])]
+        greedy = time_greedy(have[:p["greedy_n"]], p["model"], p["img_size"], p["eval_batch"])
+    return {"params": p, "threads": torch.get_num_threads(), "write_s": write_s, "uniform": uniform,
+            "rss": rss, "rss_ratio": rss[1]["peak_kb"] / rss[0]["peak_kb"], "greedy": greedy}
+
+
+def figures(r: dict) -> list[tuple[str, str, str]]:
+    p = r["params"]
+    rows = []
+    for u in r["uniform"]:
+        rows.append((f"uniform soup / raw read, N={u['n']} {p['model']} ckpts ({u['mb_per_file']:.0f} MB, page cache)",
+                     f"{u['ratio']:.2f} ({u['soup_s']:.2f} s / {u['read_s']:.2f} s)",
+                     f"<= {GOAL_UNIFORM_OVER_READ}"))
+    a, b = r["rss"]
+    rows.append((f"uniform soup peak RSS, N={b['n']} / N={a['n']} (fresh processes)",
+                 f"{r['rss_ratio']:.3f} ({b['peak_kb'] / 1024:.0f} / {a['peak_kb'] / 1024:.0f} MB; soup adds "
+                 f"{(b['peak_kb'] - b['before_kb']) / 1024:.0f} / {(a['peak_kb'] - a['before_kb']) / 1024:.0f} MB)",
+                 f"<= {GOAL_RSS_RATIO}"))
+    g = r["greedy"]
+    rows.append((f"greedy soup / sum of its evaluations, N={g['n']} (eval: b{p['eval_batch']} {p['img_size']}px fwd)",
+                 f"{g['ratio']:.3f} ({g['total_s']:.1f} s / {g['eval_s']:.1f} s; "
+                 f"{g['overhead_per_step_s'] * 1000:.0f} ms/step outside evaluate)",
+                 f"<= {GOAL_GREEDY_OVER_EVAL}"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--keep", help="write/reuse the checkpoints in this folder (not deleted)")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--rss-child", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.rss_child:
+        rss_child(a.rss_child[0], int(a.rss_child[1]))
+        return 0
+    over = {"repeats": a.repeats} if a.repeats else {}
+    r = measure(quick=a.quick, keep=a.keep, **over)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2))
+    print("figure | measured | goal")
+    for row in figures(r):
+        print(" | ".join(row))
+    for u in r["uniform"]:
+        print(f"(N={u['n']}: soup runs {', '.join(f'{t:.2f}' for t in u['soup_runs'])} s; "
+              f"read runs {', '.join(f'{t:.2f}' for t in u['read_runs'])} s)")
+    print(f"(torch threads {r['threads']}; writing {r['params']['n_large']} checkpoints took {r['write_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
