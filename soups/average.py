@@ -111,11 +111,13 @@ def nonfinite_reason(ing: Ingredient, sd: StateDict) -> str | None:
 
 
 def all_finite(sd: StateDict) -> bool:
-    """True when no floating tensor holds NaN/Inf. One float64 reduction per tensor: any NaN/Inf makes the sum
-    NaN/Inf, and finite float16/bfloat16/float32 values cannot overflow a float64 sum. About 3x cheaper than
-    torch.isfinite(v).all(), which allocates a bool tensor the size of the weights."""
+    """True when no floating tensor holds NaN/Inf (a fast test; False may also mean an overflowing sum).
+
+    One sum per tensor in its own dtype: any NaN/Inf element makes the sum NaN/Inf. A finite tensor whose sum
+    overflows also answers False, so callers confirm with first_nonfinite(). About 20x cheaper than
+    torch.isfinite(v).all(), which allocates a bool tensor the size of the weights (coatnet_0: 4 ms vs 80 ms)."""
     for v in sd.values():
-        if v.is_floating_point() and v.numel() and not math.isfinite(torch.sum(v.detach(), dtype=torch.float64)):
+        if v.is_floating_point() and v.numel() and not math.isfinite(v.detach().sum()):
             return False
     return True
 
@@ -174,8 +176,14 @@ def prefetch(iterable: Iterable[Any], depth: int = 1) -> Iterator[Any]:
         thread.join(timeout=5)
 
 
-def _loaded(ingredients: Iterable[Ingredient], depth: int) -> Iterator[tuple[Ingredient, StateDict]]:
-    return prefetch(((ing, ing.state_dict()) for ing in ingredients), depth)
+def _loaded(ingredients: Iterable[Ingredient], depth: int,
+            check: bool) -> Iterator[tuple[Ingredient, StateDict, str | None]]:
+    """(ingredient, state dict, why it must be skipped or None). Loading and the NaN/Inf check run in the
+    prefetch thread, so both overlap the consumer's averaging and evaluation."""
+    def load(ing: Ingredient) -> tuple[Ingredient, StateDict, str | None]:
+        sd = ing.state_dict()
+        return ing, sd, nonfinite_reason(ing, sd) if check else None
+    return prefetch((load(ing) for ing in ingredients), depth)
 
 
 @dataclass
@@ -191,8 +199,8 @@ def uniform_soup_result(ingredients: Iterable[Ingredient | StateDict], *, skip_n
     """Streaming mean of all ingredients' weights; NaN/Inf ingredients are skipped (on_skip warns by default)."""
     ings = (x if isinstance(x, Ingredient) else Ingredient(f"#{i}", 0.0, x) for i, x in enumerate(ingredients))
     total, used, skipped = RunningSum(), [], []
-    for ing, sd in _loaded(ings, prefetch_depth):
-        if skip_nonfinite and (reason := nonfinite_reason(ing, sd)) is not None:
+    for ing, sd, reason in _loaded(ings, prefetch_depth, skip_nonfinite):
+        if reason is not None:
             skipped.append(Skipped(ing.name, reason))
             on_skip(skipped[-1])
             continue
@@ -255,14 +263,14 @@ def greedy_soup(ingredients: Iterable[Ingredient], evaluate: Callable[[StateDict
     soup, steps, accepted, skipped = RunningSum(), [], [], []
     best = math.nan
     prev: Ingredient | None = None
-    for ing, sd in _loaded(ingredients, prefetch_depth):
+    for ing, sd, reason in _loaded(ingredients, prefetch_depth, skip_nonfinite):
         if prev is not None and math.isfinite(prev.score) and math.isfinite(ing.score):
             out_of_order = ing.score > prev.score if higher_is_better else ing.score < prev.score
             if out_of_order:
                 raise ValueError(f"greedy soup: ingredients not sorted best-first: {ing.name} ({ing.score}) "
                                  f"comes after {prev.name} ({prev.score})")
         prev = ing
-        if skip_nonfinite and (reason := nonfinite_reason(ing, sd)) is not None:
+        if reason is not None:
             skipped.append(Skipped(ing.name, reason))
             on_skip(skipped[-1])
             continue

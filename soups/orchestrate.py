@@ -10,7 +10,9 @@
 3. Build. within: uniform and greedy over each trial's epochs (the paper). across: uniform and greedy
    over each trial's best checkpoint (Wortsman), plus a greedy over every checkpoint of the group.
    Greedy ranks ingredients by their recorded val metric and selects on val; test is only reported.
-   BatchNorm statistics are recalibrated on train when asked ('auto' keeps what is better on val).
+   BatchNorm statistics are recalibrated on train when asked ('auto' keeps what is better on val), once
+   per finished soup: greedy's tries use the averaged statistics (a train pass per try would cost more
+   than the whole selection).
 4. Report. Each soup is a run under the sweep run: val/test metrics of the soup, the best single
    ingredient, the uniform soup and soft voting of the same ingredients, bootstrap intervals and paired
    tests on test, the ingredients table, a curve plot, and the weights as a LoggedModel.
@@ -25,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -37,7 +39,7 @@ import time
 import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +52,11 @@ from ich.data import ICHDataset, load_dataset
 from ich.train import TrainConfig
 from soups import registry
 from soups.analysis import soft_vote
-from soups.average import Ingredient, RunningSum, Skipped, greedy_soup, prefetch
+from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
 from soups.bn import choose_bn_mode
 from soups.compat import IncompatibleCheckpoint, check_compatible
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
 from soups.stats import bootstrap_ci, mcnemar_exact, paired_comparison
-
-log = logging.getLogger(__name__)
 
 SCOPES = ("within", "across", "all")
 RECIPES = ("uniform", "greedy", "all")
@@ -326,7 +326,8 @@ class SoupBuilder:
             if self.opts.bn == "recalibrate":
                 mode = "recalibrate"
             else:
-                mode = choose_bn_mode(self.score(ev, val), self.score(ev, recal_val), higher_is_better(self.opts.metric))
+                mode = choose_bn_mode(self.score(ev, val), self.score(ev, recal_val),
+                                      higher_is_better(self.opts.metric))
             if mode == "recalibrate":
                 state_dict, val = recal, recal_val
         return Built(state_dict, mode, {"val": val, "test": ev.logits(state_dict, "test")})
@@ -372,7 +373,8 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members:
         "val": _metrics(ev, soup.logits["val"], "val"),
         "test": test,
         "best_single": {"trial": best.record.trial, "epoch": best.record.epoch, "model_id": best.record.model_id,
-                        "val": _metrics(ev, best_logits["val"], "val"), "test": _metrics(ev, best_logits["test"], "test")},
+                        "val": _metrics(ev, best_logits["val"], "val"),
+                        "test": _metrics(ev, best_logits["test"], "test")},
         "uniform": {"bn_mode": uniform.bn_mode, "val": _metrics(ev, uniform.logits["val"], "val"),
                     "test": _metrics(ev, uniform.logits["test"], "test")},
         "soft_vote": {"val": _metrics(ev, soft["val"], "val"), "test": _metrics(ev, soft["test"], "test")},
@@ -413,8 +415,8 @@ def write_artifacts(folder: Path, entry: dict, metric: str) -> None:
         writer.writerows({c: r[c] for c in columns} for r in rows)
     (folder / "ingredients.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     (folder / "soup.json").write_text(json.dumps(_clean(entry), indent=2, ensure_ascii=False), encoding="utf-8")
-    ingredient_curve(folder / "ingredient_curve.png", rows, metric=metric, title=f"{entry['name']} ({entry['bn_mode']} BN)",
-                     soup_val=entry["val"][metric],
+    ingredient_curve(folder / "ingredient_curve.png", rows, metric=metric,
+                     title=f"{entry['name']} ({entry['bn_mode']} BN)", soup_val=entry["val"][metric],
                      uniform_val=entry["uniform"]["val"][metric] if entry["recipe"] != "uniform" else None)
 
 
@@ -429,14 +431,6 @@ class Context:
     sweep_run_id: str | None
     dataset: ICHDataset
     tmp: Path
-
-
-def _latest_sweep_run(client, experiment_id: str, sweep: str | None):
-    tags = {registry.TAG_KIND: "sweep", **({registry.TAG_SWEEP: sweep} if sweep else {})}
-    runs = registry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],
-                                    filter_string=registry._tag_filter(tags), max_results=1,
-                                    order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
 
 
 def log_soup(ctx: Context, entry: dict, soup: Built, ref: Pulled) -> None:
@@ -586,17 +580,21 @@ def register_best(ctx: Context, soups: list[dict], val_logits: dict[str, np.ndar
                                 TAG_SOUP_MODEL: best["model_id"]})
     version_tags = {"ich.soup": best["name"], TAG_SOUP_MODEL: best["model_id"], "ich.pyfunc_model_id": info.model_id,
                     registry.TAG_SWEEP: ctx.sweep, "ich.experiment": opts.experiment, TAG_METRIC: metric,
-                    registry.TAG_DATASET: ctx.dataset.fingerprint, TAG_DECISION: "moved" if decision["moved"] else "kept",
+                    registry.TAG_DATASET: ctx.dataset.fingerprint,
+                    TAG_DECISION: "moved" if decision["moved"] else "kept",
                     TAG_DECISION_REASON: decision["reason"][:5000],
-                    **{f"ich.val_{k}": repr(best["val"][k]) for k in REPORTED}}
+                    **{f"ich.val_{k}": repr(best["val"][k]) for k in REPORTED},
+                    **{f"ich.champion_{k}": repr(decision[k]) for k in ("champion_val", "p_value")
+                       if decision[k] is not None}}
     version = registry.call_with_retry(
         f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{info.model_id}",
         run_id=best["run_id"], tags=version_tags, model_id=info.model_id)
     if decision["moved"]:
         registry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
-    registry.call_with_retry("tag champion decision", client.log_batch, best["run_id"], tags=[
-        RunTag(TAG_DECISION, version_tags[TAG_DECISION]), RunTag(TAG_DECISION_REASON, version_tags[TAG_DECISION_REASON]),
-        RunTag("ich.registered_model", name), RunTag("ich.registered_version", str(version.version))])
+    run_tags = {k: v for k, v in version_tags.items() if k.startswith("ich.champion")}
+    run_tags.update({"ich.registered_model": name, "ich.registered_version": str(version.version)})
+    registry.call_with_retry("tag champion decision", client.log_batch, best["run_id"],
+                             tags=[RunTag(k, v) for k, v in run_tags.items()])
     alias_version = version.version if decision["moved"] else (current.version if current else None)
     return {"registered_model": name, "version": str(version.version), "soup": best["name"],
             "run_id": best["run_id"], "model_id": best["model_id"], "pyfunc_model_id": info.model_id,
@@ -695,7 +693,8 @@ def run_soups(opts: SoupOptions) -> dict:
     if experiment is None or experiment.lifecycle_stage == "deleted":
         raise SoupError(f"experiment {opts.experiment!r}: not found on the MLflow server at {uri}")
     experiment_id = experiment.experiment_id
-    sweep_run = _latest_sweep_run(client, experiment_id, opts.sweep)
+    sweep_tags = {registry.TAG_KIND: "sweep", **({registry.TAG_SWEEP: opts.sweep} if opts.sweep else {})}
+    sweep_run = registry.latest_run_by_tags(client, experiment_id, sweep_tags)  # parent of the soup runs
     sweep = opts.sweep or (sweep_run.data.tags.get(registry.TAG_SWEEP) if sweep_run else None)
     all_records = registry.search_checkpoints(client, [experiment_id], sweep=sweep)
     if not all_records:
@@ -798,7 +797,8 @@ def print_table(summary: dict) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def add_soup_args(p: argparse.ArgumentParser) -> None:
-    """Options of `ich soup` (wire with: s = sub.add_parser("soup"); add_soup_args(s); s.set_defaults(func=cmd_soup))."""
+    """Options of `ich soup`. Wire into ich/cli.py with:
+    s = sub.add_parser("soup", help=...); add_soup_args(s); s.set_defaults(func=cmd_soup)"""
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--sweep", help="sweep name (default: that of the experiment's latest sweep run)")
     p.add_argument("--scope", choices=SCOPES, default="all", help="within each trial, across trials, or all")
@@ -820,7 +820,7 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
 def cmd_soup(args: argparse.Namespace) -> None:
     """`ich soup`: bad input exits 2 with one line (ich.cli's USER_ERRORS lack the soup and registry errors)."""
     from sweeps.mlflow_server import MlflowServerError
-    names = {f for f in SoupOptions.__dataclass_fields__}
+    names = {f.name for f in dataclasses.fields(SoupOptions)}
     try:
         run_soups(SoupOptions(**{k: v for k, v in vars(args).items() if k in names}))
     except (SoupError, registry.RegistryError, MlflowServerError) as e:

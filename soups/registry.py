@@ -191,6 +191,15 @@ def find_run_by_tags(client: MlflowClient, experiment_id: str, tags: dict[str, s
     return runs[0] if runs else None
 
 
+def latest_run_by_tags(client: MlflowClient, experiment_id: str, tags: dict[str, str], *,
+                       retry: RetryPolicy | None = None) -> Run | None:
+    """The newest active run of the experiment carrying all these tags, or None (e.g. a sweep's latest run)."""
+    runs = call_with_retry("search runs", client.search_runs, [experiment_id], filter_string=_tag_filter(tags),
+                           run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
+                           order_by=["attributes.start_time DESC"], retry=retry)
+    return runs[0] if runs else None
+
+
 # ---------------------------------------------------------------------------------------------- push
 
 def _search_models(client: MlflowClient, experiment_ids: list[str], filter_string: str,

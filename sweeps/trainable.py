@@ -29,6 +29,7 @@ from soups import registry
 TAG_TRIAL_NAME = "ich.trial_name"
 TAG_NODE = "ich.node"
 TAG_NODE_ID = "ich.node_id"
+TAG_PID = "ich.pid"  # the process running the trial now (changes when Tune retries it elsewhere)
 CKPT_SUBDIR = "checkpoint"  # inside a Tune checkpoint: the folder that goes to MLflow
 
 
@@ -56,7 +57,7 @@ def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name
     """The trial's MLflow child run, created once; a retried or resumed trial finds it again by tag."""
     tags = {registry.TAG_KIND: "trial", registry.TAG_SWEEP: ctx.sweep, registry.TAG_TRIAL: trial_id}
     run = registry.find_run_by_tags(client, ctx.experiment_id, tags)
-    node = {TAG_NODE: f"{socket.gethostname()}/{_node_ip()}", TAG_NODE_ID: _node_id()}
+    node = {TAG_NODE: f"{socket.gethostname()}/{_node_ip()}", TAG_NODE_ID: _node_id(), TAG_PID: str(os.getpid())}
     if run is None:
         run = registry.call_with_retry(
             "create trial run", client.create_run, ctx.experiment_id, run_name=trial_name,

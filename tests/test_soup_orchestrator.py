@@ -4,20 +4,26 @@ checkpoints are skipped by name. Real MLflow server, real Ray sweep; no mocks.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from ich.checkpoint import load_checkpoint, save_checkpoint
+from ich.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from ich.ingest import _decode_file
+from ich.models import create_model
 from soups import registry
 from soups.orchestrate import SoupError, SoupOptions, add_soup_args, cmd_soup, run_soups
+from soups.pyfunc import SoupClassifier, decode_image
+from tests.imagegen import class_image, save_as
 
-pytestmark = pytest.mark.integration
 
 MODEL_NAME = "tiny-sweep-soup-orchestrator-test"  # its own registered model: other tests may soup tiny-sweep too
 FIGURES = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
@@ -43,6 +49,7 @@ def _checkpoints_per_trial(client: MlflowClient, tiny_sweep) -> dict[str, list[r
     return trials
 
 
+@pytest.mark.integration
 def test_soups_within_and_across_come_from_mlflow_with_all_figures(first_run, tiny_sweep, mlflow_client):
     summary, from_disk = first_run
     assert from_disk == json.loads(json.dumps(summary))
@@ -92,6 +99,7 @@ def test_soups_within_and_across_come_from_mlflow_with_all_figures(first_run, ti
         assert soup["run_id"] and soup["model_id"]
 
 
+@pytest.mark.integration
 def test_soup_runs_sit_under_the_sweep_with_tags_metrics_artifacts_and_weights(first_run, tiny_sweep, mlflow_client):
     summary, _ = first_run
     for soup in summary["soups"]:
@@ -115,6 +123,7 @@ def test_soup_runs_sit_under_the_sweep_with_tags_metrics_artifacts_and_weights(f
         assert model.source_run_id == soup["run_id"] and model.tags["ich.kind"] == "soup"
 
 
+@pytest.mark.integration
 def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep, mlflow_client):
     import mlflow.pyfunc
 
@@ -139,6 +148,7 @@ def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep,
     assert again["class"][0] == out["class"][0]
 
 
+@pytest.mark.integration
 def test_champion_stays_unless_beaten_and_the_decision_is_recorded(first_run, tiny_sweep, mlflow_server, mlflow_client):
     summary, _ = first_run
     first_version = summary["champion"]["version"]
@@ -187,6 +197,7 @@ def _copy_trial_into_new_experiment(client: MlflowClient, tiny_sweep, name: str,
     return ids
 
 
+@pytest.mark.integration
 def test_altered_and_nan_checkpoints_are_skipped_by_name(tiny_sweep, mlflow_server, mlflow_server_handle,
                                                          mlflow_client, tmp_path):
     ids = _copy_trial_into_new_experiment(mlflow_client, tiny_sweep, "soup-broken-checkpoints", tmp_path)
@@ -214,6 +225,7 @@ def test_altered_and_nan_checkpoints_are_skipped_by_name(tiny_sweep, mlflow_serv
     assert summary["champion"]["registered_model"] == "soup-broken-checkpoints-soup"
 
 
+@pytest.mark.integration
 def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_client, capsys):
     with pytest.raises(SoupError, match="'no-such-sweep'.*not found"):
         run_soups(SoupOptions(experiment="no-such-sweep", tracking_uri=mlflow_server))
@@ -223,7 +235,6 @@ def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_cli
     with pytest.raises(SoupError, match="scope='sideways'"):
         run_soups(SoupOptions(experiment="x", scope="sideways"))
 
-    import argparse
     parser = argparse.ArgumentParser()
     add_soup_args(parser)
     args = parser.parse_args(["--experiment", "no-such-sweep", "--tie-rule", "strict", "--resamples", "200",
@@ -235,3 +246,47 @@ def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_cli
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ich soup: error:") and "no-such-sweep" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------- pyfunc, no server
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "rgba_png", "grey_png", "palette_png", "cmyk_jpeg", "png16",
+                                 "exif_jpeg"])
+def test_serving_decodes_images_exactly_like_ingest(fmt, tmp_path):
+    path = tmp_path / f"image.{fmt}"
+    save_as(class_image(3, 48, np.random.default_rng(0))[:, :40], path, fmt)  # not square: resize and crop
+    expected = np.frombuffer(_decode_file(str(path), 24).pixels, dtype=np.uint8).reshape(24, 24, 3)
+    assert np.array_equal(decode_image(path.read_bytes(), 24, str(path)), expected)
+
+
+def test_soup_classifier_predicts_from_paths_and_base64_and_names_bad_rows(tmp_path):
+    classes = ["Đờn ca tài tử", "Lễ hội Óc Om Bóc", "Múa Rom Vong"]
+    model = create_model("coatnet_tiny_ich", len(classes), 32)
+    meta = CheckpointMeta(architecture="coatnet_tiny_ich", img_size=32, num_classes=3, class_names=classes,
+                          dataset_fingerprint="d", init_fingerprint="i", epoch=0,
+                          extra={"image_size": 36, "eval_crop_pct": 0.875})
+    save_checkpoint(tmp_path / "soup", model.state_dict(), meta)
+    served = SoupClassifier()
+    served.load_context(SimpleNamespace(artifacts={"soup": str(tmp_path / "soup")}))
+    paths = []
+    for c, fmt in enumerate(["png", "jpeg", "rgba_png"]):
+        paths.append(tmp_path / f"{c}.{fmt}")
+        save_as(class_image(c, 50, np.random.default_rng(c)), paths[-1], fmt)
+    by_path = served.predict(None, pd.DataFrame({"path": [str(p) for p in paths]}))
+    assert list(by_path.columns) == ["class", "confidence", "probabilities"]
+    assert set(by_path["class"]) <= set(classes)
+    assert all(len(p) == 3 and abs(sum(p) - 1) < 1e-5 for p in by_path["probabilities"])
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    by_bytes = served.predict(None, pd.DataFrame({"image": encoded}))
+    assert np.allclose(np.stack(by_bytes["probabilities"]), np.stack(by_path["probabilities"]))
+    mixed = served.predict(None, pd.DataFrame({"path": [str(paths[0]), None], "image": [None, encoded[1]]}))
+    assert list(mixed["class"]) == list(by_path["class"][:2])
+
+    with pytest.raises(ValueError, match="row 1: column 'image' is not valid base64"):
+        served.predict(None, pd.DataFrame({"image": [encoded[0], "not base64!"]}))
+    with pytest.raises(ValueError, match="row 0: not a readable image"):
+        served.predict(None, pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()]}))
+    with pytest.raises(ValueError, match="missing.png"):
+        served.predict(None, pd.DataFrame({"path": [str(tmp_path / "missing.png")]}))
+    with pytest.raises(ValueError, match="'path' or an 'image' column"):
+        served.predict(None, pd.DataFrame({"file": ["x"]}))
