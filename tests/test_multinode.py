@@ -1,0 +1,94 @@
+"""A real two-node Ray cluster on this machine, token auth on, the sweep submitted with `ray job submit`.
+
+Both nodes run on 127.0.0.1 with one CPU each, so two concurrent trials must land on different nodes; the
+node of every trial is recorded on its MLflow run (ich.node_id)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_sweep import write_sweep_config
+from tests.test_sweep import _all_checkpoint_models, _trial_runs, assert_exactly_once
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    from sweeps.mlflow_server import free_port
+    return free_port()
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path, mlflow_server):
+    gcs, dash, temp = _free_port(), _free_port(), Path("/tmp") / f"ray-mn-{secrets.token_hex(3)}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "MLFLOW_TRACKING_URI": mlflow_server, "ICH_HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(dash), "--include-dashboard", "true", "--temp-dir", str(temp),
+                    "--resources", json.dumps({"head_node": 1}), *common], env=env, check=True, capture_output=True)
+    try:
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--resources", json.dumps({"second_node": 1}),
+                        *common], env=env, check=True, capture_output=True)
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+
+
+def test_sweep_submitted_as_a_job_spreads_over_two_nodes(two_node_cluster, mlflow_client, digits_dataset, tmp_path):
+    env = two_node_cluster["env"]
+    # The cluster really has two nodes, and a client without the token is refused.
+    status = subprocess.run([RAY, "status", "--address", two_node_cluster["gcs"]], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.stdout.count("node_") >= 2 or "2.0 CPU" in status.stdout or "2.0/2.0 CPU" in status.stdout, status.stdout
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-such-token")
+    refused = subprocess.run([RAY, "job", "list", "--address", two_node_cluster["dashboard"]], env=no_token,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+
+    config = write_sweep_config(tmp_path, "multi-node", **{"grace_period: 1": "grace_period: 3"})
+    soups = [] if _has_orchestrator() else ["--no-soups"]
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", two_node_cluster["dashboard"], "--submission-id", "ich-multinode", "--",
+         sys.executable, str(ROOT / "sweeps" / "coatnet.py"), "--config", str(config), "--data", str(digits_dataset),
+         *soups],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    log = submit.stdout + submit.stderr
+    (ROOT / "test-artifacts").mkdir(exist_ok=True)
+    (ROOT / "test-artifacts" / "multinode-job.log").write_text(log)
+    assert submit.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
+
+    exp = mlflow_client.get_experiment_by_name("multi-node").experiment_id
+    runs = _trial_runs(mlflow_client, exp, "multi-node")
+    assert len(runs) == 4
+    nodes = {r.data.tags["ich.node_id"] for r in runs}
+    spread = {n: sum(r.data.tags["ich.node_id"] == n for r in runs) for n in nodes}
+    (ROOT / "test-artifacts" / "multinode-spread.json").write_text(json.dumps(spread, indent=1))
+    print("trials per node:", spread)
+    assert len(nodes) == 2, spread
+    assert_exactly_once(mlflow_client, exp, "multi-node",
+                        {r.data.tags["ich.trial"]: len(mlflow_client.get_metric_history(r.info.run_id, "val_accuracy"))
+                         for r in runs})
+    assert len(_all_checkpoint_models(mlflow_client, exp, "multi-node")) >= 4
+    if not soups:
+        soup_runs = mlflow_client.search_runs([exp], "tags.`ich.kind` = 'soup'")
+        assert soup_runs, "no soup runs after the multi-node sweep"
+
+
+def _has_orchestrator() -> bool:
+    try:
+        import soups.orchestrate  # noqa: F401
+        return True
+    except ImportError:
+        return False
