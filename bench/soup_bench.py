@@ -15,11 +15,13 @@ What is measured (every figure is a ratio of two things timed in the same proces
   `readinto` into one reused buffer. Every file is read once before timing, so BOTH sides read from the page
   cache: this is the worst case for the soup (a memcpy-speed baseline; checkpoints pulled from MLflow or a cold
   disk make the read side slower and the ratio smaller). The two sides alternate, `repeats` times each, for
-  N=8 and N=32.
-- peak RSS N=32 / N=8: each uniform soup in its own fresh child process (`ru_maxrss` of a child that imports,
-  then only does the soup), so peaks never mix; also the growth over the child's peak before the soup.
+  N=8 and N=32. Then N=8 again "cold": before every timed side the files' pages are dropped from the page cache
+  (fsync + posix_fadvise DONTNEED), so both sides read from the disk (on a VM the host may still cache).
+- peak RSS N=32 / N=8: each uniform soup in its own fresh child process that imports, resets its peak, then only
+  does the soup (see rss_child: VmHWM, not ru_maxrss); the figure is the ratio of the two peaks above the
+  child's RSS after imports (the whole-process ratio, ~700 MB of torch included, is shown beside it).
 - greedy / evaluations: `soups.average.greedy_soup` over G ingredients with an evaluate callback that loads the
-  candidate into the coatnet_0 model and runs a forward pass on a fixed batch (16 images at 224 px, accuracy
+  candidate into the coatnet_0 model and runs a forward pass on a fixed batch (8 images at 224 px, accuracy
   against fixed labels); each evaluate call is timed inside the callback. The ratio is the soup's wall time over
   the sum of those calls; what is left over (loading not hidden by prefetch, candidate averaging, the final
   mean) is also reported per step.
@@ -51,7 +53,7 @@ GOAL_UNIFORM_OVER_READ = 1.3
 GOAL_RSS_RATIO = 1.1
 GOAL_GREEDY_OVER_EVAL = 1.2
 
-FULL = dict(model="coatnet_0_rw_224", img_size=224, n_small=8, n_large=32, greedy_n=8, eval_batch=16, repeats=3)
+FULL = dict(model="coatnet_0_rw_224", img_size=224, n_small=8, n_large=32, greedy_n=8, eval_batch=8, repeats=3)
 QUICK = dict(model="coatnet_tiny_ich", img_size=32, n_small=2, n_large=4, greedy_n=3, eval_batch=16, repeats=2)
 NUM_CLASSES = 17
 
@@ -102,15 +104,35 @@ def soup_uniform(folders: list[Path]) -> dict:
     return uniform_soup(ingredients(folders))
 
 
-def time_uniform_vs_read(folders: list[Path], n: int, repeats: int) -> dict:
+def drop_cache(folders: list[Path]) -> bool:
+    """Ask the kernel to drop these files' pages from the page cache (no root needed); False where unsupported."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for d in folders:
+        fd = os.open(d / "model.safetensors", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def time_uniform_vs_read(folders: list[Path], n: int, repeats: int, cold: bool = False) -> dict:
+    """Uniform soup vs raw read of the first n files, alternating which side goes first. cold: the files'
+    pages are dropped from the page cache before every timed side (both then read from the disk)."""
     files = folders[:n]
     size = max(os.path.getsize(d / "model.safetensors") for d in files)
     buf = bytearray(size)
     raw_read(files, buf)  # page cache: both sides read from memory
     soup_uniform(files[:1])  # warm the code path
+    if cold and not drop_cache(files):
+        return {}
     soup_t, read_t = [], []
     for r in range(repeats):
         for side in (("read", "soup") if r % 2 == 0 else ("soup", "read")):
+            if cold:
+                drop_cache(files)
             t0 = time.perf_counter()
             if side == "read":
                 raw_read(files, buf)
@@ -120,26 +142,50 @@ def time_uniform_vs_read(folders: list[Path], n: int, repeats: int) -> dict:
             (read_t if side == "read" else soup_t).append(time.perf_counter() - t0)
     soup_s, read_s = statistics.median(soup_t), statistics.median(read_t)
     return {"n": n, "soup_s": soup_s, "read_s": read_s, "ratio": soup_s / read_s, "soup_runs": soup_t,
-            "read_runs": read_t, "mb_per_file": size / 1e6}
+            "read_runs": read_t, "mb_per_file": size / 1e6, "cold": cold}
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def rss_child(folder: str, n: int) -> None:
-    """Child process body: uniform soup of the first n checkpoints; prints peak RSS figures as JSON."""
+    """Child process body: uniform soup of the first n checkpoints; prints peak RSS figures (kB) as JSON.
+
+    Peak = VmHWM of /proc/self/status, reset after the imports (writing 5 to /proc/self/clear_refs), so the
+    peak is the soup's alone. ru_maxrss is not used on Linux: a child forked from a big parent inherits the
+    parent's RSS at fork time as its ru_maxrss, so it would report the parent's size. Where /proc is missing,
+    falls back to ru_maxrss."""
     folders = sorted(p for p in Path(folder).iterdir() if p.name.startswith("ckpt-"))[:n]
     import torch  # noqa: F401  (imports are part of the baseline, not the soup)
     from ich.checkpoint import load_checkpoint  # noqa: F401
     from soups.average import uniform_soup  # noqa: F401
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        source = "VmHWM"
+    except OSError:
+        source = "ru_maxrss"
+    before = _status_kb("VmRSS") if source == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     sd = soup_uniform(folders)
     took = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"n": len(folders), "peak_kb": peak, "before_kb": before, "soup_s": took,
+    peak = _status_kb("VmHWM") if source == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": len(folders), "peak_kb": peak, "before_kb": before, "soup_s": took, "source": source,
                       "params": sum(v.numel() for v in sd.values())}))
 
 
-def peak_rss(folder: Path, n: int) -> dict:
+def peak_rss(folder: Path, n: int, threads: int | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child", str(folder), str(n)],
                        capture_output=True, text=True, env=env, timeout=600)
     if p.returncode != 0:
@@ -190,11 +236,23 @@ def checkpoint_dir(keep: str | None):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(*, quick: bool = False, keep: str | None = None, **over) -> dict:
+def measure(*, quick: bool = False, keep: str | None = None, threads: int | None = 1, **over) -> dict:
     """All soup figures. `over` overrides FULL/QUICK sizes (model, img_size, n_small, n_large, greedy_n,
-    eval_batch, repeats)."""
+    eval_batch, repeats). `threads`: torch intra-op threads in this process and the RSS children (default 1:
+    on a busy 2-core machine 2 threads run several times slower and much noisier; None = torch's default)."""
     import torch
     p = {**(QUICK if quick else FULL), **over}
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(p, keep, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(p: dict, keep: str | None, threads: int | None) -> dict:
+    import torch
     with checkpoint_dir(keep) as folder:
         have = sorted(d for d in folder.iterdir() if d.name.startswith("ckpt-"))
         t0 = time.perf_counter()
@@ -202,23 +260,30 @@ def measure(*, quick: bool = False, keep: str | None = None, **over) -> dict:
             have = write_checkpoints(folder, p["n_large"], p["model"], p["img_size"])
         write_s = time.perf_counter() - t0
         uniform = [time_uniform_vs_read(have, n, p["repeats"]) for n in (p["n_small"], p["n_large"])]
-        rss = [peak_rss(folder, n) for n in (p["n_small"], p["n_large"])]
+        cold = time_uniform_vs_read(have, p["n_small"], p["repeats"], cold=True)
+        if cold:
+            uniform.append(cold)
+        rss = [peak_rss(folder, n, threads) for n in (p["n_small"], p["n_large"])]
+        growth = [max(x["peak_kb"] - x["before_kb"], 1) for x in rss]
         greedy = time_greedy(have[:p["greedy_n"]], p["model"], p["img_size"], p["eval_batch"])
     return {"params": p, "threads": torch.get_num_threads(), "write_s": write_s, "uniform": uniform,
-            "rss": rss, "rss_ratio": rss[1]["peak_kb"] / rss[0]["peak_kb"], "greedy": greedy}
+            "rss": rss, "rss_ratio": growth[1] / growth[0],
+            "rss_process_ratio": rss[1]["peak_kb"] / rss[0]["peak_kb"], "greedy": greedy}
 
 
 def figures(r: dict) -> list[tuple[str, str, str]]:
     p = r["params"]
     rows = []
     for u in r["uniform"]:
-        rows.append((f"uniform soup / raw read, N={u['n']} {p['model']} ckpts ({u['mb_per_file']:.0f} MB, page cache)",
+        where = "cold: dropped from page cache" if u.get("cold") else "page cache"
+        rows.append((f"uniform soup / raw read, N={u['n']} {p['model']} ckpts ({u['mb_per_file']:.0f} MB, {where})",
                      f"{u['ratio']:.2f} ({u['soup_s']:.2f} s / {u['read_s']:.2f} s)",
                      f"<= {GOAL_UNIFORM_OVER_READ}"))
     a, b = r["rss"]
-    rows.append((f"uniform soup peak RSS, N={b['n']} / N={a['n']} (fresh processes)",
-                 f"{r['rss_ratio']:.3f} ({b['peak_kb'] / 1024:.0f} / {a['peak_kb'] / 1024:.0f} MB; soup adds "
-                 f"{(b['peak_kb'] - b['before_kb']) / 1024:.0f} / {(a['peak_kb'] - a['before_kb']) / 1024:.0f} MB)",
+    rows.append((f"uniform soup peak RSS above imports, N={b['n']} / N={a['n']} (fresh processes, {a['source']})",
+                 f"{r['rss_ratio']:.3f} ({(b['peak_kb'] - b['before_kb']) / 1024:.0f} / "
+                 f"{(a['peak_kb'] - a['before_kb']) / 1024:.0f} MB; whole process {b['peak_kb'] / 1024:.0f} / "
+                 f"{a['peak_kb'] / 1024:.0f} MB = {r['rss_process_ratio']:.3f})",
                  f"<= {GOAL_RSS_RATIO}"))
     g = r["greedy"]
     rows.append((f"greedy soup / sum of its evaluations, N={g['n']} (eval: b{p['eval_batch']} {p['img_size']}px fwd)",
@@ -233,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--keep", help="write/reuse the checkpoints in this folder (not deleted)")
     ap.add_argument("--repeats", type=int)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--rss-child", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -240,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         rss_child(a.rss_child[0], int(a.rss_child[1]))
         return 0
     over = {"repeats": a.repeats} if a.repeats else {}
-    r = measure(quick=a.quick, keep=a.keep, **over)
+    r = measure(quick=a.quick, keep=a.keep, threads=a.threads or None, **over)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))
     print("figure | measured | goal")
     for row in figures(r):
         print(" | ".join(row))
     for u in r["uniform"]:
-        print(f"(N={u['n']}: soup runs {', '.join(f'{t:.2f}' for t in u['soup_runs'])} s; "
+        print(f"(N={u['n']}{' cold' if u.get('cold') else ''}: soup runs {', '.join(f'{t:.2f}' for t in u['soup_runs'])} s; "
               f"read runs {', '.join(f'{t:.2f}' for t in u['read_runs'])} s)")
     print(f"(torch threads {r['threads']}; writing {r['params']['n_large']} checkpoints took {r['write_s']:.1f} s)")
     return 0

@@ -61,6 +61,30 @@ def cmd_train(a) -> None:
     print(f"test: accuracy {test['test_accuracy']:.4f}, macro F1 {test['test_macro_f1']:.4f}")
 
 
+def cmd_predict(a) -> None:
+    """Load a served soup (the pyfunc flavour: safetensors weights inside) and classify image files."""
+    missing = [p for p in a.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no such image file")
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from sweeps.mlflow_server import ensure_tracking_uri
+    if "://" in a.model or a.model.startswith(("models:", "runs:")):
+        ensure_tracking_uri(ich_home(), quiet=True)
+    try:
+        model = mlflow.pyfunc.load_model(a.model)
+    except (MlflowException, OSError) as e:
+        raise FileNotFoundError(f"{a.model}: cannot load model ({str(e).splitlines()[0]})") from None
+    out = model.predict(pd.DataFrame({"path": [str(Path(p).resolve()) for p in a.images]}))
+    for path, (_, row) in zip(a.images, out.iterrows()):
+        probs = row["probabilities"]
+        classes = row.get("classes") if "classes" in row else None
+        top = sorted(range(len(probs)), key=lambda i: -probs[i])[: a.top]
+        shown = ", ".join(f"{classes[i] if classes is not None else i}: {probs[i]:.3f}" for i in top)
+        print(f"{path}: {row['class']}  ({shown})")
+
+
 def cmd_ui(a) -> None:
     from sweeps.mlflow_server import main_ui
     rc = main_ui((["--stop"] if a.stop else []) + (["--data-dir", a.data_dir] if a.data_dir else []))
@@ -99,6 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        help=f"default {f.default}")
     s.set_defaults(func=cmd_train)
+
+    from soups.orchestrate import add_soup_args, cmd_soup
+    s = sub.add_parser("soup", help="uniform and greedy soups from a sweep's checkpoints in MLflow")
+    add_soup_args(s)
+    s.set_defaults(func=cmd_soup)
+
+    from soups.report import add_report_args, cmd_report
+    s = sub.add_parser("report", help="the paper's tables and figures from one sweep's MLflow records")
+    add_report_args(s)
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("predict", help="class names and probabilities of images from a model (URI or folder)")
+    s.add_argument("--model", required=True, help="e.g. models:/ich17-soup@champion, or a local pyfunc folder")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--top", type=int, default=3, help="probabilities shown per image")
+    s.set_defaults(func=cmd_predict)
+
+    from sweeps.schedule import add_schedule_args, cmd_schedule
+    s = sub.add_parser("schedule", help="run a sweep on a schedule (cron or systemd timer); each run extends it")
+    add_schedule_args(s)
+    s.set_defaults(func=cmd_schedule)
 
     s = sub.add_parser("ui", help="start (or reuse) the local MLflow server and print its UI address")
     s.add_argument("--data-dir", help="project data folder (default $ICH_HOME or ./.ich)")

@@ -395,9 +395,13 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
-           workers: int = 2, shard_rows: int = 2048, overwrite: bool = False, progress: bool = True) -> dict:
+           workers: int = 2, shard_rows: int = 2048, overwrite: bool = False, progress: bool = True,
+           strict: bool = False) -> dict:
     """Ingest the ImageFolder `src` into the dataset folder `out`; returns the manifest (also written to
-    out/manifest.json). Raises IngestError with a one-line message when the dataset cannot be made."""
+    out/manifest.json). Raises IngestError with a one-line message when the dataset cannot be made.
+
+    strict: any file that would be skipped (broken, duplicate, conflicting labels, outside src...) fails
+    the ingest instead, naming the first such file (by path) and its reason; nothing is written."""
     src, out = Path(src).absolute(), Path(out).absolute()
     _check_options(size, val_frac, test_frac, workers, shard_rows)
     if not src.is_dir():
@@ -451,6 +455,10 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
         decoded = sorted(offsets)
         keep_local = _dedupe([cands[i] for i in decoded], [shas[i] for i in decoded], skipped)
         keep = [decoded[j] for j in keep_local]
+        if strict and skipped:
+            first = min(skipped, key=lambda d: (d["path"], d["reason"]))
+            raise IngestError(f"{src / first['path']}: {first['reason']} (strict: {len(skipped)} file"
+                              f"{'s' * (len(skipped) != 1)} would be skipped)")
         if not keep:
             raise IngestError(f"{src}: no usable images ({len(cands)} files, all skipped)")
         for split in present:  # every class needs images in every split folder there is

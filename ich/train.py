@@ -224,7 +224,7 @@ class Trainer:
         model.eval()
         out = []
         for i in range(0, len(images), self.cfg.eval_batch_size):
-            x = torch.from_numpy(images[i:i + self.cfg.eval_batch_size]).to(self.device)
+            x = torch.from_numpy(images[i:i + self.cfg.eval_batch_size].copy()).to(self.device)  # object-store arrays are read-only
             x = eval_transform(x, self.aug)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

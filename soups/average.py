@@ -46,7 +46,8 @@ class RunningSum:
             for k, v in sd.items():
                 self._dtypes[k] = v.dtype
                 # copy=True: one new buffer that never aliases the caller's tensor (no extra clone)
-                self._sum[k] = v.detach().to(torch.float64 if v.is_floating_point() else v.dtype, copy=True)
+                self._sum[k] = v.detach().to(torch.float64 if v.is_floating_point() else v.dtype,
+                                             memory_format=torch.contiguous_format, copy=True)
         else:
             for k, v in sd.items():
                 if v.is_floating_point():
@@ -62,11 +63,11 @@ class RunningSum:
             if not s.is_floating_point():
                 out[k] = s.clone()
                 continue
-            if extra is not None:
+            if extra is None:  # divide in float64, round once into the original dtype: no float64 temporary
+                out[k] = torch.div(s, n, out=torch.empty(s.shape, dtype=self._dtypes[k], device=s.device))
+            else:
                 e = extra[k].detach()
-                s = torch.add(s, e if e.device == s.device else e.to(s.device))  # float64, one buffer
-            # divide in float64 and round once into the original dtype, without a float64 temporary
-            out[k] = torch.div(s, n, out=torch.empty(s.shape, dtype=self._dtypes[k], device=s.device))
+                out[k] = _mean_with(s, e if e.device == s.device else e.to(s.device), n, self._dtypes[k])
         return out
 
     def mean(self) -> StateDict:
@@ -80,6 +81,24 @@ class RunningSum:
             raise ValueError("RunningSum.candidate_with: no state dict added yet")
         self._check(sd, name)
         return self._mean(sd)
+
+
+_CHUNK = 1 << 16  # float64 elements (512 KiB): a chunk stays in cache between the add and the divide
+
+
+def _mean_with(s: torch.Tensor, e: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(s + e) / n rounded once into `dtype`, s float64. On CPU, large tensors go through a small reused float64
+    buffer chunk by chunk instead of a float64 temporary the size of the tensor: about half the time for a
+    coatnet_0 candidate (no 200 MB allocation and its page faults, the chunk stays in cache)."""
+    out = torch.empty(s.shape, dtype=dtype, device=s.device)
+    if s.device.type != "cpu" or s.numel() <= _CHUNK or not (s.is_contiguous() and e.is_contiguous()):
+        return torch.div(torch.add(s, e), n, out=out)
+    sf, ef, of = s.view(-1), e.view(-1), out.view(-1)
+    buf = torch.empty(_CHUNK, dtype=torch.float64)
+    for i in range(0, sf.numel(), _CHUNK):
+        j = min(i + _CHUNK, sf.numel())
+        torch.div(torch.add(sf[i:j], ef[i:j], out=buf[:j - i]), n, out=of[i:j])
+    return out
 
 
 @dataclass

@@ -50,7 +50,7 @@ class Evaluator:
 
     def _batches(self, images: np.ndarray):
         for i in range(0, len(images), self.batch_size):
-            yield eval_transform(torch.from_numpy(images[i:i + self.batch_size]).to(self.device), self.aug)
+            yield eval_transform(torch.from_numpy(images[i:i + self.batch_size].copy()).to(self.device), self.aug)
 
     @torch.no_grad()
     def logits(self, state_dict: dict[str, torch.Tensor] | None, split: str) -> np.ndarray:

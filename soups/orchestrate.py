@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from tqdm import tqdm
@@ -361,7 +362,8 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members:
                                        soft["test"].argmax(1))
     test = _metrics(ev, soup.logits["test"], "test")
     for metric in ("accuracy", "macro_f1"):
-        ci = bootstrap_ci(y, soup_pred, metric, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED, num_classes=k)
+        ci = bootstrap_ci(y, soup_pred, metric, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED,
+                          num_classes=k)
         test[f"{metric}_ci"] = [ci.low, ci.high]
     return {
         "name": name, "scope": family.scope, "recipe": recipe, "group": family.group, "trial": family.trial,
@@ -424,7 +426,7 @@ def write_artifacts(folder: Path, entry: dict, metric: str) -> None:
 
 @dataclass
 class Context:
-    client: object
+    client: MlflowClient
     opts: SoupOptions
     experiment_id: str
     sweep: str
@@ -484,7 +486,7 @@ def _better(new: float, old: float, metric: str) -> bool:
     return new > old if higher_is_better(metric) else new < old
 
 
-def _current_champion(client, name: str):
+def _current_champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, ALIAS)
     except MlflowException as e:
@@ -493,7 +495,7 @@ def _current_champion(client, name: str):
         return None  # no alias yet (or its version was deleted)
 
 
-def _ensure_registered_model(client, name: str) -> None:
+def _ensure_registered_model(client: MlflowClient, name: str, experiment: str) -> None:
     try:
         registry.call_with_retry(f"get registered model {name!r}", client.get_registered_model, name)
     except MlflowException as e:
@@ -501,7 +503,7 @@ def _ensure_registered_model(client, name: str) -> None:
             raise
         try:
             registry.call_with_retry(f"create registered model {name!r}", client.create_registered_model, name,
-                                     tags={"ich.experiment": name})
+                                     tags={"ich.experiment": experiment})
         except MlflowException as e2:
             if e2.error_code != "RESOURCE_ALREADY_EXISTS":  # created by another call meanwhile
                 raise
@@ -570,7 +572,7 @@ def register_best(ctx: Context, soups: list[dict], val_logits: dict[str, np.ndar
     sign = 1.0 if higher_is_better(metric) else -1.0
     best = max(soups, key=lambda e: sign * e["val"][metric])  # max() keeps the first of equals
     name = opts.registered_model or f"{opts.experiment}-soup"
-    _ensure_registered_model(client, name)
+    _ensure_registered_model(client, name, opts.experiment)
     current = _current_champion(client, name)
     decision = decide_champion(ctx, best, val_logits[best["name"]], current)
 
@@ -656,6 +658,8 @@ def _build_family(ctx: Context, builder: SoupBuilder, family: Family, soups: lis
     family.members = members
     uniform = builder.finish(uniform_sd, ev)
     del uniform_sd
+    if "uniform" not in family.recipes:
+        uniform.state_dict = {}  # only its predictions are reported: keep memory flat during greedy
     for recipe in family.recipes:
         if recipe == "uniform":
             soup, accepted, tries = uniform, {p.record.model_id for p in members}, {}
@@ -668,9 +672,9 @@ def _build_family(ctx: Context, builder: SoupBuilder, family: Family, soups: lis
         entry = report_soup(name=name, family=family, recipe=recipe, soup=soup, members=members, ev=ev,
                             builder=builder, uniform=uniform, accepted=accepted, tries=tries)
         log_soup(ctx, entry, soup, members[0])
+        soup.state_dict = {}  # on disk and in MLflow now; the next recipe needs the memory
         val_logits[name] = soup.logits["val"]
         soups.append(entry)
-        del soup
 
 
 def _default_tracking_uri() -> str:
@@ -681,7 +685,6 @@ def _default_tracking_uri() -> str:
 def run_soups(opts: SoupOptions) -> dict:
     """Build the soups of a sweep from MLflow, record them there, move `champion`; returns the summary."""
     import mlflow
-    from mlflow import MlflowClient
 
     opts.validate()
     started = time.time()

@@ -45,8 +45,12 @@ def main(argv=None) -> int:
     from soups.registry import RegistryError
     from sweeps.mlflow_server import MlflowServerError
     try:
+        from soups.orchestrate import SoupError
+    except ImportError:
+        SoupError = ValueError
+    try:
         run_sweep(args, ich_home())
-    except USER_ERRORS + (RegistryError, MlflowServerError) as e:
+    except USER_ERRORS + (RegistryError, MlflowServerError, SoupError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -148,7 +152,9 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     if args.resume:
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        searcher = OptunaSearch(metric=cfg.metric, mode=cfg.mode, sampler=TPESampler(seed=cfg.seed))
+        searcher = OptunaSearch(metric=cfg.metric, mode=cfg.mode, study_name=sweep,
+                                storage=optuna_study_storage(cfg, home),
+                                sampler=TPESampler(seed=cfg.seed + study_size(cfg, home, sweep)))
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.metric, mode=cfg.mode,
                                   max_t=cfg.max_epochs, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)
@@ -169,6 +175,25 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     if not args.no_soups:
         run_soups(cfg, sweep, tracking_uri)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path}
+
+
+def optuna_study_storage(cfg, home: Path):
+    """The sweep's Optuna study lives in a database, so every later run of the sweep (a scheduled one, say)
+    continues it: TPE sees all earlier trials."""
+    import optuna
+    url = cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}"
+    home.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {})
+
+
+def study_size(cfg, home: Path, sweep: str) -> int:
+    """Trials already in the sweep's study. Offsets the sampler seed: the same seed would replay the same
+    first random proposals in every run."""
+    import optuna
+    try:
+        return len(optuna.load_study(study_name=sweep, storage=optuna_study_storage(cfg, home)).trials)
+    except KeyError:
+        return 0
 
 
 def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[dict]:

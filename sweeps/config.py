@@ -55,6 +55,7 @@ class SweepConfig:
     gpus_per_trial: float = 0.0
     max_failures: int = 2
     seed: int = 0  # Optuna's TPE sampler seed
+    optuna_storage: str | None = None  # Optuna study DB (default sqlite:///$ICH_HOME/optuna.db): later runs continue it
     storage: str | None = None  # Ray Tune storage: local path, s3://..., gs://... (default $ICH_HOME/ray_results)
     train: dict = field(default_factory=dict)  # fixed TrainConfig fields
     search: dict = field(default_factory=dict)  # TrainConfig field -> distribution
@@ -134,6 +135,9 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: metric {cfg.metric!r} must be a val_ metric (test never selects)")
     if cfg.num_samples < 1 or cfg.max_concurrent < 1:
         raise ConfigError(f"{where}: num_samples and max_concurrent must be at least 1")
+    if not 1 <= cfg.asha.grace_period <= cfg.max_epochs:
+        raise ConfigError(f"{where}: asha.grace_period={cfg.asha.grace_period} must be between 1 and the most "
+                          f"epochs a trial trains ({cfg.max_epochs})")
     if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
         raise ConfigError(f"{where}: cpus_per_trial must be > 0 and gpus_per_trial >= 0")
     if cfg.gpus_per_trial > 1 and cfg.gpus_per_trial != int(cfg.gpus_per_trial):

@@ -24,7 +24,6 @@ from soups.orchestrate import SoupError, SoupOptions, add_soup_args, cmd_soup, r
 from soups.pyfunc import SoupClassifier, decode_image
 from tests.imagegen import class_image, save_as
 
-
 MODEL_NAME = "tiny-sweep-soup-orchestrator-test"  # its own registered model: other tests may soup tiny-sweep too
 FIGURES = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
 

@@ -1,0 +1,258 @@
+"""The report end to end: the tiny CoAtNet sweep (copied into its own experiment, so other modules' view of
+`tiny-sweep` stays as it was), a tiny baseline sweep through the same entry, soups from the orchestrator, then
+`build_report` from MLflow records alone. Plus cheap unit checks of the pieces. Real MLflow, real Ray; no mocks.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.fixtures_sweep import sweep_args
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "report-sweep"  # the tiny sweep's checkpoints, the baselines and the soups, all in one experiment
+PNGS = ("mds.png", "bias_variance.png", "champion.png")
+
+
+# ---------------------------------------------------------------------------------------------- unit checks
+
+def test_baseline_configs_load_and_their_seeds_give_every_family_a_trial():
+    """The seeded TPE start hands each family a trial (CPU: 3 of 3, GPU: 2 of 6 each; the test's 2-trial CPU
+    variant: two families), so a baseline sweep always fills the table's rows."""
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ich.models import family
+    from sweeps.config import load_config, tune_space
+
+    for name, n, expected in (("baselines-cpu", 3, {"resnet": 1, "densenet": 1, "vit": 1}),
+                              ("baselines-cpu", 2, {"resnet": 1, "densenet": 1}),
+                              ("baselines-gpu", 6, {"resnet": 2, "densenet": 2, "vit": 2})):
+        cfg = load_config(ROOT / "sweeps" / "configs" / f"{name}.yaml")
+        assert cfg.sweep and cfg.sweep != cfg.experiment and cfg.max_epochs == cfg.asha.grace_period
+        assert cfg.soups.registered_model and not cfg.soups.registered_model.startswith(f"{cfg.experiment}-soup")
+        searcher = OptunaSearch(metric=cfg.metric, mode=cfg.mode, sampler=TPESampler(seed=cfg.seed))
+        searcher.set_search_properties(cfg.metric, cfg.mode, tune_space(cfg))
+        models = [searcher.suggest(f"t{i}")["model"] for i in range(n)]
+        assert Counter(family(m) for m in models) == expected, (name, models)
+    gpu = load_config(ROOT / "sweeps" / "configs" / "baselines-gpu.yaml")
+    assert set(gpu.search["model"]["choice"]) == {"resnet50", "densenet121", "vit_base_patch16_224"}
+    assert (gpu.train["img_size"], gpu.train["lr"], gpu.train["restart_period"]) == (224, 1e-4, 3)
+
+
+def test_selection_rows_and_tables_without_mlflow(tmp_path):
+    from soups.registry import CheckpointRecord
+    from soups.report import (Candidate, _best, md_table, plot_bias_variance, plot_champion, plot_mds, table_lines,
+                              table_row)
+
+    def cand(trial, epoch, score):
+        return Candidate(CheckpointRecord(f"m-{trial}{epoch}", "r", "1", "n", "s", trial, epoch, "sha", "d", "i",
+                                          "coatnet_tiny_ich"), "checkpoint", score)
+
+    cands = [cand("b", 2, 0.9), cand("a", 3, 0.9), cand("a", 1, 0.5)]
+    assert _best(cands, "macro_f1").id == "m-a3"  # ties: the earlier trial
+    assert _best(cands, "loss").id == "m-a1"  # lower is better
+    assert _best([], "accuracy") is None
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    good = np.eye(4)[np.where(rng.random(300) < 0.8, y, (y + 1) % 4)] * 3
+    bad = np.eye(4)[np.where(rng.random(300) < 0.6, y, (y + 1) % 4)] * 3
+    ref = table_row("best_single", "single", "single", bad, y, 4, n_resamples=200)
+    row = table_row("soup", "soup | x", "soup", good, y, 4, n_resamples=200, reference=bad)
+    assert ref["vs_best_single"] is None
+    for r in (ref, row):
+        for m in ("accuracy", "macro_f1"):
+            assert r[f"{m}_ci"][0] <= r[m] <= r[f"{m}_ci"][1]
+    vs = row["vs_best_single"]
+    assert vs["acc_diff"] == pytest.approx(row["accuracy"] - ref["accuracy"])
+    assert vs["acc_diff_low"] > 0 and vs["mcnemar_p"] < 0.01  # 80% vs 60% on 300 images is no accident
+    header, lines = table_lines([ref, row], "macro_f1")
+    text = md_table(header, lines)
+    assert text.count("\n") == 3 and "soup \\| x" in text  # a | in a label does not break the table
+
+    points = [{"kind": k, "val_accuracy": 0.5, "epoch": 1} for k in ("ingredient", "ingredient", "greedy", "soft_vote")]
+    groups = [{"label": g, "ce": {"bias2": 0.3, "variance": 0.1, "expected_loss": 0.4},
+               "zero_one": {"bias": 0.1, "variance": 0.05, "net_variance": 0.04, "expected_loss": 0.14}}
+              for g in ("single", "uniform")]
+    for path in (plot_mds(tmp_path / "m.png", rng.random((4, 2)), points, "t"),
+                 plot_bias_variance(tmp_path / "b.png", groups),
+                 plot_champion(tmp_path / "c.png", np.eye(4, dtype=int) * 5, np.ones(4), list("abcd"), "t")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
+    """The tiny sweep's checkpoints logged again (same weights, sha256, val metrics) under EXPERIMENT."""
+    from soups import registry
+
+    records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
+    experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
+    sweep_run = client.create_run(experiment_id, run_name=EXPERIMENT, tags={
+        "ich.kind": "sweep", "ich.sweep": EXPERIMENT, "ich.data": str(tiny_sweep["data"])})
+    runs = {}
+    for r in records:
+        if r.trial not in runs:
+            runs[r.trial] = client.create_run(experiment_id, run_name=r.trial, tags={
+                "ich.kind": "trial", "ich.sweep": EXPERIMENT, "ich.trial": r.trial,
+                "mlflow.parentRunId": sweep_run.info.run_id}).info.run_id
+        folder = registry.download_checkpoint(client, r, tmp)
+        registry.log_checkpoint(client, experiment_id=experiment_id, run_id=runs[r.trial], ckpt_dir=folder,
+                                sweep=EXPERIMENT, trial=r.trial, epoch=r.epoch, sha256=r.sha256,
+                                metrics={k: v for k, v in r.metrics.items() if k.startswith("val_")},
+                                dataset_fingerprint=r.dataset_fingerprint, init_fingerprint=r.init_fingerprint,
+                                architecture=r.architecture)
+    client.set_terminated(sweep_run.info.run_id, "FINISHED")
+    return {"experiment_id": experiment_id, "sweep_run_id": sweep_run.info.run_id, "records": records}
+
+
+@pytest.fixture(scope="module")
+def report_setup(tiny_sweep, ray_local, mlflow_server, digits_dataset, ich_home, tmp_path_factory):
+    from mlflow import MlflowClient
+
+    from soups.orchestrate import SoupOptions, run_soups
+    from sweeps.coatnet import run_sweep
+
+    tmp = tmp_path_factory.mktemp("report")
+    client = MlflowClient(mlflow_server)
+    copied = _copy_tiny_sweep(client, tiny_sweep, tmp / "pulled")
+
+    # The baselines through the same entry, into the same experiment (--experiment), 2 trials x 2 epochs.
+    cfg = yaml.safe_load((ROOT / "sweeps" / "configs" / "baselines-cpu.yaml").read_text())
+    cfg["num_samples"], cfg["train"]["epochs"], cfg["asha"]["grace_period"] = 2, 2, 2
+    cfg["init"]["warm_start"]["epochs"] = 3
+    config = tmp / "baselines.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    baselines = run_sweep(sweep_args(config, digits_dataset, "--experiment", EXPERIMENT), ich_home)
+
+    soups = run_soups(SoupOptions(experiment=EXPERIMENT, sweep=EXPERIMENT, tracking_uri=mlflow_server,
+                                  n_resamples=200))
+    return {**copied, "baselines": baselines, "soups": soups, "client": client, "tmp": tmp}
+
+
+@pytest.mark.integration
+def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_server, digits_data, tmp_path):
+    from ich.models import family
+    from soups.report import build_report
+
+    out = tmp_path / "report"
+    summary = build_report(EXPERIMENT, str(out), tracking_uri=mlflow_server, n_resamples=200)
+    client = report_setup["client"]
+
+    # The table: best of each baseline family, best single CoAtNet, soups and soft voting of their ingredients.
+    rows = {r["key"]: r for r in summary["table"]}
+    from_disk = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in from_disk["rows"]] == list(rows) and from_disk["split"] == "test"
+    trials_run = [t for t in report_setup["baselines"]["trials"]]
+    families = {family(t["config"]["model"]) for t in trials_run}
+    assert families == {"resnet", "densenet"}
+    expected = {f"baseline_{f}" for f in families} | {"best_single"} | {
+        f"{scope}_{recipe}_{what}" for scope in ("within", "across") for recipe in ("uniform", "greedy")
+        for what in ("soup", "vote")}
+    assert set(rows) == expected, sorted(rows)
+    best = max(r.metrics["val_macro_f1"] for r in report_setup["records"])
+    assert rows["best_single"]["val_score"] == pytest.approx(best) and rows["best_single"]["family"] == "coatnet"
+    n_test = len(digits_data.splits["test"])
+    for row in rows.values():
+        for m in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
+            assert 0.0 <= row[m] <= 1.0
+        for m in ("accuracy", "macro_f1"):
+            low, high = row[f"{m}_ci"]
+            assert low <= row[m] <= high
+        vs = row["vs_best_single"]
+        if row["kind"] in ("soup", "soft_vote"):
+            assert vs["acc_diff_low"] <= vs["acc_diff"] <= vs["acc_diff_high"]
+            assert vs["f1_diff_low"] <= vs["f1_diff"] <= vs["f1_diff_high"]
+            assert 0.0 <= vs["mcnemar_p"] <= 1.0 and vs["mcnemar_b"] + vs["mcnemar_c"] <= n_test
+        else:
+            assert vs is None
+    soups = {s["name"]: s for s in report_setup["soups"]["soups"]}
+    for scope, recipe in (("within", "uniform"), ("within", "greedy"), ("across", "uniform")):
+        soup_row, vote_row = rows[f"{scope}_{recipe}_soup"], rows[f"{scope}_{recipe}_vote"]
+        entry = soups[soup_row["name"]]
+        # The soup's own test accuracy agrees with the orchestrator's, and voting uses exactly its ingredients.
+        assert soup_row["accuracy"] == pytest.approx(entry["test"]["accuracy"])
+        used = {i["model_id"] for i in entry["ingredients"] if i["accepted"]}
+        assert set(vote_row["ingredients"]) == used
+        assert vote_row["n_ingredients"] == len(used) == soup_row["n_ingredients"]
+    within = rows["within_uniform_soup"]["trial"]
+    assert rows["within_greedy_soup"]["trial"] == within
+
+    # Every figure exists, is named by report.md and report.html, and the report run holds everything.
+    assert all((out / png).read_bytes()[:4] == b"\x89PNG" for png in PNGS)
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert set(re.findall(r"[\w.-]+\.png", md)) == set(PNGS) == {p.name for p in out.glob("*.png")}
+    assert all(f'href="{png}"' in page for png in PNGS) and page.count("data:image/png;base64,") == 3
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["ich.kind"] == "report" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == report_setup["sweep_run_id"]
+    assert run.info.experiment_id == report_setup["experiment_id"]
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert set(summary["files"]) <= artifacts and {"report.md", "report.html", "results.json", *PNGS} <= artifacts
+    assert run.data.metrics["best_single_test_accuracy"] == pytest.approx(rows["best_single"]["accuracy"])
+
+    # MDS on val of the trajectory, the two soups and soft voting; distances symmetric with a zero diagonal.
+    mds = summary["mds"]
+    kinds = Counter(p["kind"] for p in mds["points"])
+    assert kinds["greedy"] == kinds["uniform"] == kinds["soft_vote"] == 1 and kinds["ingredient"] >= 2
+    D = np.array(mds["matrix"])
+    assert np.allclose(D, D.T) and np.all(np.diag(D) == 0) and np.all(D[~np.eye(len(D), dtype=bool)] > 0)
+    assert all(0 <= p["val_accuracy"] <= 1 and len(p["mds"]) == 2 for p in mds["points"])
+
+    # Bias-variance across trials: singles vs trajectory soups; CE terms add up (Yang et al.).
+    souped_trials = {s["trial"] for s in soups.values() if s["scope"] == "within"}
+    bv = summary["bias_variance"]
+    assert sorted(bv["trials"]) == sorted(souped_trials) and len(souped_trials) >= 2
+    assert [g["key"] for g in bv["groups"]] == ["single", "uniform", "greedy"]
+    for g in bv["groups"]:
+        assert g["ce"]["bias2"] + g["ce"]["variance"] == pytest.approx(g["ce"]["expected_loss"], rel=1e-6)
+        assert 0 <= g["zero_one"]["bias"] <= 1 and 0 <= g["zero_one"]["variance"] <= 1
+
+    # The champion: the alias set by the orchestrator on "<experiment>-soup".
+    champion = summary["champion"]
+    version = client.get_model_version_by_alias(f"{EXPERIMENT}-soup", "champion")
+    assert champion["model_id"] == version.tags["ich.soup_model_id"]
+    assert "alias champion" in champion["source"]
+    cm = np.array(champion["confusion_matrix"])
+    assert cm.sum() == n_test and len(champion["per_class"]) == digits_data.num_classes
+    assert champion["metrics"]["accuracy"] == pytest.approx(np.trace(cm) / n_test)
+
+    # A second report runs no model again (predictions cached per model id and split) and agrees.
+    again = build_report(EXPERIMENT, str(tmp_path / "again"), tracking_uri=mlflow_server, n_resamples=200)
+    assert again["counts"]["computed"] == 0 and again["counts"]["from_cache"] == summary["counts"]["computed"] + \
+        summary["counts"]["from_cache"]
+    assert [r["accuracy"] for r in again["table"]] == [r["accuracy"] for r in summary["table"]]
+    assert again["run_id"] != summary["run_id"]
+
+
+@pytest.mark.integration
+def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_client, capsys):
+    import argparse
+
+    from soups import registry
+    from soups.report import ReportError, add_report_args, build_report, cmd_report
+
+    with pytest.raises(ReportError, match="'no-such-report'.*not found"):
+        build_report("no-such-report", tracking_uri=mlflow_server)
+    registry.get_or_create_experiment(mlflow_client, "report-empty")
+    with pytest.raises(ReportError, match="'report-empty': no checkpoints"):
+        build_report("report-empty", tracking_uri=mlflow_server)
+    with pytest.raises(ReportError, match="split_for_table='train'"):
+        build_report("report-empty", tracking_uri=mlflow_server, split_for_table="train")
+
+    parser = argparse.ArgumentParser()
+    add_report_args(parser)
+    args = parser.parse_args(["--experiment", "no-such-report", "--out", "x", "--resamples", "200", "--split", "val"])
+    assert (args.out, args.n_resamples, args.split_for_table) == ("x", 200, "val")
+    with pytest.raises(SystemExit) as exit_info:
+        cmd_report(args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ich report: error:") and "no-such-report" in err[0]
