@@ -193,24 +193,39 @@ def peak_rss(folder: Path, n: int, threads: int | None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def time_greedy(folders: list[Path], model: str, img_size: int, batch: int) -> dict:
+def time_greedy(folders: list[Path], model: str, img_size: int, batch: int, *, device: str = "cpu",
+                amp: bool = False, n_batches: int = 1) -> dict:
+    """Greedy soup over the folders with a real evaluate: load the candidate into the model on `device`, forward
+    `n_batches` batches of `batch` fixed images (bf16 autocast and channels_last when amp), accuracy against fixed
+    labels. Each evaluate call is timed inside the callback (float() of the result waits for the device)."""
+    import contextlib as _cl
+
     import torch
     from ich.models import create_model
     from soups.average import greedy_soup
     torch.manual_seed(0)
-    net = create_model(model, NUM_CLASSES, img_size).eval()
+    dev = torch.device(device)
+    net = create_model(model, NUM_CLASSES, img_size).eval().to(dev)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    with torch.no_grad():
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(dev)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(dev)
+    if amp:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if amp else _cl.nullcontext()
+
+    with torch.no_grad(), autocast():
         net(x)  # warm-up
     eval_times: list[float] = []
 
     def evaluate(sd) -> float:
         t0 = time.perf_counter()
         net.load_state_dict(sd)
-        with torch.no_grad():
-            acc = float((net(x).argmax(1) == y).float().mean())
+        with torch.no_grad(), autocast():
+            correct = sum((net(x).argmax(1) == y).sum() for _ in range(n_batches))
+        acc = float(correct) / (batch * n_batches)
         eval_times.append(time.perf_counter() - t0)
         return acc
 

@@ -77,9 +77,9 @@ def cmd_predict(a) -> None:
     except (MlflowException, OSError) as e:
         raise FileNotFoundError(f"{a.model}: cannot load model ({str(e).splitlines()[0]})") from None
     out = model.predict(pd.DataFrame({"path": [str(Path(p).resolve()) for p in a.images]}))
+    classes = getattr(model.unwrap_python_model(), "classes", None)
     for path, (_, row) in zip(a.images, out.iterrows()):
         probs = row["probabilities"]
-        classes = row.get("classes") if "classes" in row else None
         top = sorted(range(len(probs)), key=lambda i: -probs[i])[: a.top]
         shown = ", ".join(f"{classes[i] if classes is not None else i}: {probs[i]:.3f}" for i in top)
         print(f"{path}: {row['class']}  ({shown})")

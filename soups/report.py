@@ -191,15 +191,20 @@ def _sweep_run(client, experiment_id: str, sweep: str | None):
 
 
 def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) -> list[Candidate]:
-    out = []
+    """Records built on this dataset with a finite val figure; the rest are counted in one note per reason."""
+    out, skipped = [], {}
     for r in records:
         score = r.metrics.get(key)
         if r.dataset_fingerprint != fingerprint:
-            notes.append(f"skipped {kind} {r.label()}: built on another dataset ({r.dataset_fingerprint[:12]})")
+            reason = "built on another dataset"
         elif score is None or not math.isfinite(score):
-            notes.append(f"skipped {kind} {r.label()}: no finite {key} recorded")
+            reason = f"no finite {key} recorded"
         else:
             out.append(Candidate(r, kind, float(score)))
+            continue
+        skipped.setdefault(reason, []).append(r)
+    for reason, rs in skipped.items():
+        notes.append(f"skipped {len(rs)} {kind}(s), {reason}: e.g. {rs[0].label()}")
     return out
 
 
@@ -448,7 +453,7 @@ def results_section(sel: Selection, preds: Predictions, split: str, metric: str,
                                          f"epoch {b.record.epoch}", "single", reference, y, k,
                           n_resamples=n_resamples, **info(b)))
     for (scope, recipe), soup in sel.soups.items():
-        where = f"within trial {soup.record.trial}" if scope == "within" else "across runs"
+        where = f"within trial {soup.record.trial}" if scope == "within" else f"across runs: {soup.record.name}"
         members = sel.ingredients.get(soup.id)
         n = len(members) if members else None
         rows.append(table_row(f"{scope}_{recipe}_soup", f"CoAtNet + {recipe} soup ({where})", "soup",
@@ -578,8 +583,8 @@ def write_pages(out: Path, summary: dict) -> list[str]:
     s, split, metric = summary, summary["split"], summary["metric"]
     header, lines = table_lines(s["table"], metric)
     intro = (f"Experiment **{s['experiment']}** (id {s['experiment_id']}) on {s['tracking_uri']}; data `{s['data']}` "
-             f"(fingerprint {s['dataset_fingerprint'][:16]}); {s['counts']['checkpoints']} checkpoints, "
-             f"{s['counts']['soups']} soups. Models are chosen by val {metric}; figures on {split}. Intervals: 95% "
+             f"(fingerprint {s['dataset_fingerprint'][:16]}); {s['counts']['coatnet_checkpoints']} CoAtNet and "
+             f"{s['counts']['baseline_checkpoints']} baseline checkpoints, {s['counts']['soups']} CoAtNet soups. Models are chosen by val {metric}; figures on {split}. Intervals: 95% "
              f"stratified bootstrap ({s['n_resamples']} resamples); Δ = row − best single CoAtNet on the same images, "
              "McNemar's exact test on the images where exactly one is right.")
     md = [f"# Model soups report: {s['experiment']}", "", intro, "", f"## Results on {split}", "",
@@ -673,9 +678,13 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
     top = _best([Candidate(r, "checkpoint", r.metrics[key]) for r in scored if family(r.architecture) == "coatnet"],
                 metric)
     sweep_run = _sweep_run(client, experiment_id, top.record.sweep if top else None)
-    data = data or (sweep_run.data.tags.get("ich.data") if sweep_run else None)
+    tagged = sweep_run.data.tags.get("ich.data") if sweep_run else None
+    data = data or tagged
     if not data:
         raise ReportError(f"experiment {experiment!r}: no sweep run with an ich.data tag; pass the dataset with --data")
+    if not Path(data).is_dir():
+        raise ReportError(f"dataset {data}: no such folder" + (" (the sweep run's ich.data tag; pass --data)"
+                                                               if data == tagged else ""))
     dataset = load_dataset(data)
 
     notes: list[str] = []
@@ -719,7 +728,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
 
         parent = sweep_run.info.run_id if sweep_run else None
         tags = {registry.TAG_KIND: "report", "ich.experiment": experiment, "ich.split": split_for_table,
-                "ich.metric": metric, **({registry.TAG_SWEEP: sel.best.record.sweep}),
+                "ich.metric": metric, registry.TAG_SWEEP: sel.best.record.sweep,
                 **({"mlflow.parentRunId": parent} if parent else {})}
         run = registry.call_with_retry("create report run", client.create_run, experiment_id,
                                        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
@@ -728,7 +737,9 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
             "experiment": experiment, "experiment_id": experiment_id, "tracking_uri": uri, "run_id": run_id,
             "parent_run_id": parent, "data": str(data), "dataset_fingerprint": dataset.fingerprint,
             "split": split_for_table, "metric": metric, "n_resamples": n_resamples, "out_dir": str(out),
-            "counts": {"checkpoints": len(checkpoints), "soups": len(soups), "computed": preds.computed,
+            "counts": {"coatnet_checkpoints": sum(c.family == "coatnet" for c in checkpoints),
+                       "baseline_checkpoints": sum(c.family != "coatnet" for c in checkpoints),
+                       "soups": len(soups), "computed": preds.computed,
                        "from_cache": len({c.id for c in needed}) - preds.computed},
             "table": table, "mds": mds, "bias_variance": bv, "champion": champion, "notes": notes})
         files = ["results.md", "results.json"] + (["ce_distance.json", "ce_distance.csv", "mds.png"] if mds else []) \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import unicodedata
@@ -51,6 +52,7 @@ def sweep(capsys, *argv):
 
 def run_proc(args, env_extra=None, timeout=240) -> tuple[int, list[str], str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset it
     p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     return p.returncode, [line for line in p.stderr.splitlines() if line.strip()], p.stdout
@@ -134,6 +136,21 @@ def test_broken_file_fails_a_strict_ingest(tmp_path, capsys, filename, maker, re
     maker(src / "a" / filename)
     result = ich(capsys, *ingest_args(src, tmp_path / "out", "--strict"))
     assert_one_line(result, "ich ingest: error:", filename, reason)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("filename, maker, reason", BROKEN, ids=[b[2].replace(" ", "_") for b in BROKEN])
+def test_strict_ingest_function_names_the_first_skipped_file(tmp_path, filename, maker, reason):
+    """ingest(strict=True), what `ich ingest --strict` calls: the first file (by path) that would be skipped
+    fails it, with its reason and how many there are."""
+    from ich.ingest import IngestError, ingest
+    src = make_simple_folder(tmp_path / "src", {"a": 3, "b": 3})
+    maker(src / "a" / f"00-{filename}")  # sorts before a/000.png
+    (src / "b" / "zz_copy.png").write_bytes((src / "a" / "000.png").read_bytes())  # 2 x conflicting labels
+    with pytest.raises(IngestError) as e:
+        ingest(src, tmp_path / "out", size=16, workers=1, progress=False, strict=True)
+    message = str(e.value)
+    assert message == f"{src / 'a' / f'00-{filename}'}: {reason} (strict: 3 files would be skipped)"
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
@@ -275,8 +292,14 @@ def test_impossible_resources(tmp_path, tiny_ds):
                        "--cpus-per-trial", "64"],
                       # Never contacted: the check comes before any MLflow call.
                       env_extra={"ICH_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
-                                 "RAY_ADDRESS": ""})
-    assert_one_line(result, "sweep: error:", "cpus_per_trial=64", "CPUs")
+                                 "RAY_ADDRESS": None})
+    # Ray's own start-up log lines (timestamped INFO/WARNING from ray) are the only other lines allowed;
+    # no traceback, and exactly one error line, the last.
+    rc, lines, out = result
+    ray_log = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) [\w.]+\.py:\d+ -- ")
+    assert_one_line((rc, [line for line in lines if not ray_log.match(line)], out), "sweep: error:",
+                    "cpus_per_trial=64", "this Ray cluster has", "CPUs")
+    assert lines[-1].startswith("sweep: error:")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

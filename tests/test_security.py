@@ -161,7 +161,8 @@ def product_violations(files: list[Path]) -> list[str]:
 def test_no_unsafe_loads_in_project_code():
     files = product_files()
     assert len(files) >= 20, f"scanned only {len(files)} files: is the layout different?"
-    assert product_violations(files) == []
+    violations = product_violations(files)
+    assert not violations, "unsafe loads (see this module's docstring for the policy):\n" + "\n".join(violations)
 
 
 def test_tests_unpickle_only_their_own_tripwires():
@@ -170,7 +171,7 @@ def test_tests_unpickle_only_their_own_tripwires():
         for lineno, name, problem in unsafe_calls(path.read_text(encoding="utf-8"), str(path)):
             if (path.name, name) not in TEST_ALLOWLIST and ("*", name) not in TEST_ALLOWLIST:
                 out.append(f"tests/{path.name}:{lineno}: {name} {problem}")
-    assert out == []
+    assert not out, "\n".join(out)
 
 
 PLANTED = [
