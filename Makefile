@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default: digits -> ingest -> sweep on local Ray + local MLflow server -> soups -> report.
+# The main job on the embedded default: digits -> ingest -> the paper's baselines (tiny CPU versions) and the
+# CoAtNet sweep on local Ray + a local MLflow server -> soups -> report.
 demo: $(STAMP)
-	$(BIN)/python sweeps/coatnet.py --demo
+	$(BIN)/python sweeps/coatnet.py --demo --config sweeps/configs/baselines-cpu.yaml --experiment ich-demo --no-soups
+	$(BIN)/python sweeps/coatnet.py --demo --experiment ich-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -54,7 +54,7 @@ PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200"
 
 FULL = dict(model="coatnet_0_rw_224", img_size=224, stored=256, n_train=2048, n_val=256, warmup_epochs=1,
             epochs=4, sweep_epochs=4, n_ckpt=16, greedy_eval_images=512, eval_batch=256, compile=True)
-SMOKE = dict(model="coatnet_tiny_ich", img_size=32, stored=36, n_train=128, n_val=64, warmup_epochs=1,
+SMOKE = dict(model="coatnet_tiny_ich", img_size=32, stored=36, n_train=96, n_val=48, warmup_epochs=1,
              epochs=1, sweep_epochs=2, n_ckpt=2, greedy_eval_images=32, eval_batch=16, compile=False)
 NUM_CLASSES = 17
 
@@ -248,7 +248,8 @@ class Bench:
         with tempfile.TemporaryDirectory(prefix="ich-gpu-sweep-") as tmp:
             server = start_server(Path(tmp) / "mlflow")
             try:
-                ray.init(num_cpus=cpus if self.cuda else 2, num_gpus=1 if self.cuda else 0,
+                # address="local": always a fresh instance, never a cluster some other process started
+                ray.init(address="local", num_cpus=cpus if self.cuda else 2, num_gpus=1 if self.cuda else 0,
                          include_dashboard=False, log_to_driver=False)
                 client = MlflowClient(server.uri)
                 exp = registry.get_or_create_experiment(client, "gpu-bench")
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
           f"python {sys.executable}; peak bf16 {b.peak / 1e12 if b.peak else 'unknown'} TFLOP/s", flush=True)
     if b.cuda:
         torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(1)  # a smoke run on a small, shared CPU box: 2+ threads mostly wait on each other
     for name in SECTIONS:
         if name not in a.skip:
             b.run(name, getattr(b, name))

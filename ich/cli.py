@@ -22,7 +22,7 @@ def cmd_demo_data(a) -> None:
 def cmd_ingest(a) -> None:
     from ich.ingest import ingest
     m = ingest(a.src, a.out, size=a.size, val_frac=a.val_frac, test_frac=a.test_frac, seed=a.seed,
-               workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)
+               workers=a.workers, overwrite=a.overwrite, progress=not a.quiet, strict=a.strict)
     n = m["num_images"]
     print(f"{a.out}: {m['num_classes']} classes, train/val/test = {n.get('train', 0)}/{n.get('val', 0)}/"
           f"{n.get('test', 0)}, {len(m['skipped'])} skipped, fingerprint {m['fingerprint'][:16]}")
@@ -66,16 +66,15 @@ def cmd_predict(a) -> None:
     missing = [p for p in a.images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such image file")
-    import mlflow.pyfunc
     import pandas as pd
-    from mlflow.exceptions import MlflowException
+    from soups.pyfunc import UntrustedModel, load_soup_model
     from sweeps.mlflow_server import ensure_tracking_uri
     if "://" in a.model or a.model.startswith(("models:", "runs:")):
         ensure_tracking_uri(ich_home(), quiet=True)
     try:
-        model = mlflow.pyfunc.load_model(a.model)
-    except (MlflowException, OSError) as e:
-        raise FileNotFoundError(f"{a.model}: cannot load model ({str(e).splitlines()[0]})") from None
+        model = load_soup_model(a.model)  # verified before anything is unpickled
+    except UntrustedModel as e:
+        raise FileNotFoundError(str(e)) from None
     out = model.predict(pd.DataFrame({"path": [str(Path(p).resolve()) for p in a.images]}))
     classes = getattr(model.unwrap_python_model(), "classes", None)
     for path, (_, row) in zip(a.images, out.iterrows()):
@@ -109,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--strict", action="store_true", help="fail (exit 2) on any file that would be skipped")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_ingest)
 

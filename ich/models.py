@@ -17,7 +17,7 @@ from timm.models import maxxvit
 from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ich.checkpoint import WEIGHTS, CheckpointError, load_weights, sha256_file
+from ich.checkpoint import WEIGHTS, CheckpointError, first_nonfinite, load_weights, read_meta, sha256_file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +139,11 @@ def resolve_init_weights(source: str, cache_dir: str | os.PathLike | None = None
     else:
         local = Path(source).expanduser()
     if local.is_dir():
+        if (local / "checkpoint.json").is_file():  # a checkpoint folder: its metadata must hold up too
+            try:
+                read_meta(local)
+            except CheckpointError as e:
+                raise ModelError(f"init weights {source}: {e}") from None
         local = local / WEIGHTS
     if not local.is_file():
         raise ModelError(f"init weights {source}: no such file")
@@ -154,6 +159,8 @@ def load_init_weights(model: torch.nn.Module, source: str, cache_dir=None) -> tu
         state = load_weights(path)
     except CheckpointError as e:
         raise ModelError(str(e)) from None
+    if (bad := first_nonfinite(state)) is not None:
+        raise ModelError(f"init weights {path}: tensor {bad} holds NaN/Inf")
     own = model.state_dict()
     head = _classifier_keys(model)
     skipped = [k for k in head if k in state and state[k].shape != own[k].shape]

@@ -174,3 +174,77 @@ def _quiet_logging():
 def _classes(ckpt_dir: str | Path) -> list[str]:
     from ich.checkpoint import read_meta
     return list(read_meta(ckpt_dir).class_names)
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+
+# What a pickled SoupClassifier may reference. Anything else in python_model.pkl means the model is not ours.
+ALLOWED_PICKLE_GLOBALS = {("soups.pyfunc", "SoupClassifier"), ("mlflow.models.signature", "_TypeHints"),
+                          ("copyreg", "_reconstructor"), ("builtins", "object")}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+
+
+class UntrustedModel(ValueError):
+    """A pyfunc model that is not one of this project's soups (or was altered); never loaded."""
+
+
+def pickle_globals(data: bytes, where: str) -> set[tuple[str, str]]:
+    """The (module, name) pairs a pickle would import, read with pickletools: nothing is executed."""
+    import pickletools
+    found, recent = set(), []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "MEMOIZE":
+                continue
+            if op.name in ("GLOBAL", "INST"):
+                found.add(tuple(arg.split(" ", 1)))
+            elif op.name == "STACK_GLOBAL":
+                if len(recent) < 2 or not all(o in _STRING_OPS for o, _ in recent[-2:]):
+                    raise UntrustedModel(f"{where}: pickle imports a name built indirectly; refusing")
+                found.add((recent[-2][1], recent[-1][1]))
+            recent.append((op.name, arg))
+    except ValueError as e:
+        if isinstance(e, UntrustedModel):
+            raise
+        raise UntrustedModel(f"{where}: not a valid pickle ({e})") from None
+    return found
+
+
+def verify_soup_model(local: str | Path) -> None:
+    """Check, without unpickling or importing anything from it, that a pyfunc folder is one of our soups:
+    the python_function flavour of mlflow.pyfunc.model, a pickle that references only SoupClassifier, and
+    bundled code identical to the installed project's."""
+    import yaml
+    local = Path(local)
+    try:
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+        flavor = mlmodel["flavors"]["python_function"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise UntrustedModel(f"{local}: not an MLflow pyfunc model (no python_function flavour in MLmodel)") from None
+    if flavor.get("loader_module") != "mlflow.pyfunc.model" or not flavor.get("python_model"):
+        raise UntrustedModel(f"{local}: pyfunc loader {flavor.get('loader_module')!r} is not a soup's")
+    pkl = local / flavor["python_model"]
+    names = pickle_globals(pkl.read_bytes(), str(pkl))
+    if names - ALLOWED_PICKLE_GLOBALS:
+        raise UntrustedModel(f"{pkl}: references {sorted(names - ALLOWED_PICKLE_GLOBALS)[0]}; not a soup, refusing")
+    code = local / flavor.get("code", "code") if flavor.get("code") else None
+    if code is not None and code.is_dir():
+        for f in code.rglob("*"):
+            if f.is_file() and f.suffix in (".py", ".pyc", ".so", ".pth"):
+                mine = PACKAGE_ROOT / f.relative_to(code)
+                if f.suffix != ".py" or not mine.is_file() or mine.read_bytes() != f.read_bytes():
+                    raise UntrustedModel(f"{f}: bundled code differs from the installed project; refusing")
+
+
+def load_soup_model(uri: str):
+    """Download (if remote), verify, then load a soup's pyfunc model."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    local = Path(uri)
+    if not local.is_dir():
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except (MlflowException, OSError) as e:
+            raise UntrustedModel(f"{uri}: cannot download model ({str(e).splitlines()[0]})") from None
+    verify_soup_model(local)
+    return mlflow.pyfunc.load_model(str(local))  # security: verified above: our class, our code, safetensors weights

@@ -46,6 +46,7 @@ from ich.checkpoint import META
 from ich.data import ICHDataset, load_dataset
 from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
 from ich.models import family
+from ich.train import TrainConfig
 from soups import registry
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, soft_vote, softmax
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better
@@ -129,7 +130,8 @@ class Predictions:
 
     def _evaluator(self, meta) -> Evaluator:
         extra = meta.extra or {}
-        crop = extra.get("eval_crop_pct", (extra.get("config") or {}).get("eval_crop_pct", 1.0))
+        # soups carry their crop in extra; checkpoints in their training config (the orchestrator's default)
+        crop = extra.get("eval_crop_pct", (extra.get("config") or {}).get("eval_crop_pct", TrainConfig.eval_crop_pct))
         key = (meta.architecture, int(meta.img_size), float(crop))
         if key not in self.evaluators:
             self.evaluators[key] = Evaluator(self.dataset, EvalSpec(*key), device=self.device)

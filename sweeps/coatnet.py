@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
     p.add_argument("--no-soups", action="store_true", help="skip the soups (and report) after the sweep")
     p.add_argument("--demo", action="store_true", help="write and ingest the digits demo data if --data is not given")
+    p.add_argument("--report", action="store_true", help="build the report after the soups (always with --demo)")
     return p.parse_args(argv)
 
 
@@ -98,6 +99,9 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         raise ConfigError(f"{cfg.data}: dataset folder does not exist")
     dataset = load_dataset(cfg.data)
     sweep = cfg.sweep or cfg.experiment
+    if not os.environ.get("RAY_ADDRESS"):  # local Ray: refuse impossible resources before starting anything
+        if cfg.cpus_per_trial > (os.cpu_count() or 1):
+            raise ConfigError(f"cpus_per_trial={cfg.cpus_per_trial:g} but this machine has {os.cpu_count()} CPUs")
 
     tracking_uri = ensure_tracking_uri(home)
     local = not os.environ.get("RAY_ADDRESS")
@@ -174,6 +178,11 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
           flush=True)
     if not args.no_soups:
         run_soups(cfg, sweep, tracking_uri)
+        if args.report or args.demo:
+            from soups.report import build_report
+            out = home / "reports" / cfg.experiment
+            build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data)
+            print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path}
 
 

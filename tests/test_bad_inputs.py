@@ -82,17 +82,6 @@ def ingest_args(src, out, *extra):
     return ["ingest", src, out, "--size", "16", "--workers", "1", "--quiet", *extra]
 
 
-def strict_supported() -> bool:
-    from ich.cli import build_parser
-    ingest_parser = build_parser()._subparsers._group_actions[0].choices["ingest"]
-    return any("--strict" in a.option_strings for a in ingest_parser._actions)
-
-
-needs_strict = pytest.mark.xfail(
-    not strict_supported(), strict=True,
-    reason="`ich ingest --strict` is not wired in ich/cli.py yet (ingest(strict=...) exists)")
-
-
 # ---------------------------------------------------------------------------------------------- ingest
 
 def _truncated_jpeg(path: Path) -> None:
@@ -129,7 +118,6 @@ def test_broken_file_is_skipped_with_its_reason(tmp_path, capsys, filename, make
     assert sum(manifest["num_images"].values()) == 6
 
 
-@needs_strict
 @pytest.mark.parametrize("filename, maker, reason", BROKEN, ids=[b[2].replace(" ", "_") for b in BROKEN])
 def test_broken_file_fails_a_strict_ingest(tmp_path, capsys, filename, maker, reason):
     src = make_simple_folder(tmp_path / "src", {"a": 3, "b": 3})
@@ -217,7 +205,6 @@ def test_same_image_in_two_classes(tmp_path, capsys):
     assert "skipped a/000.png: conflicting labels" in out and "skipped b/copy_of_a0.png: conflicting labels" in out
 
 
-@needs_strict
 def test_same_image_in_two_classes_fails_a_strict_ingest(tmp_path, capsys):
     src = make_simple_folder(tmp_path / "src", {"a": 4, "b": 3})
     (src / "b" / "copy_of_a0.png").write_bytes((src / "a" / "000.png").read_bytes())
@@ -298,7 +285,7 @@ def test_impossible_resources(tmp_path, tiny_ds):
     rc, lines, out = result
     ray_log = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) [\w.]+\.py:\d+ -- ")
     assert_one_line((rc, [line for line in lines if not ray_log.match(line)], out), "sweep: error:",
-                    "cpus_per_trial=64", "this Ray cluster has", "CPUs")
+                    "cpus_per_trial=64", "this machine has", "CPUs")
     assert lines[-1].startswith("sweep: error:")
 
 
@@ -384,8 +371,6 @@ def test_truncated_safetensors(tmp_path, capsys, tiny_ds):
                     "model.safetensors", "safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="ich/models.py load_init_weights does not check init weights for NaN/Inf "
-                                       "(training starts and diverges without naming the file)")
 def test_init_with_nan_weights(tmp_path, capsys, tiny_ds):
     from ich.checkpoint import save_checkpoint
     state = _coatnet_state()
@@ -396,8 +381,6 @@ def test_init_with_nan_weights(tmp_path, capsys, tiny_ds):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="ich/models.py resolve_init_weights ignores a checkpoint folder's "
-                                       "checkpoint.json (num_classes 10 but 9 class_names is accepted)")
 def test_init_checkpoint_whose_metadata_disagrees(tmp_path, capsys, tiny_ds):
     from ich.checkpoint import save_checkpoint
     ck = tmp_path / "ck"
@@ -429,13 +412,7 @@ def test_train_unknown_model_and_missing_dataset(tmp_path, capsys, tiny_ds):
 
 # ---------------------------------------------------------------------------------------------- soup, predict
 
-def _has_command(name: str) -> bool:
-    from ich.cli import build_parser
-    return name in build_parser()._subparsers._group_actions[0].choices
-
-
 @pytest.mark.integration
-@pytest.mark.xfail(not _has_command("soup"), strict=False, reason="`ich soup` not wired yet")
 def test_soup_unknown_experiment(tmp_path, mlflow_server):
     result = run_proc(["-m", "ich.cli", "soup", "--experiment", "nope-no-such-experiment"],
                       env_extra={"MLFLOW_TRACKING_URI": mlflow_server, "ICH_HOME": str(tmp_path / "home")})
@@ -443,7 +420,6 @@ def test_soup_unknown_experiment(tmp_path, mlflow_server):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(not _has_command("predict"), strict=False, reason="`ich predict` not wired yet")
 def test_predict_unknown_registered_model(tmp_path, mlflow_server):
     img = tmp_path / "img.png"
     save_as(class_image(0, 16, np.random.default_rng(0)), img, "png")
