@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -221,12 +220,11 @@ class Bench:
     def sweep(self) -> dict:
         try:
             import mlflow  # noqa: F401
-            import ray  # noqa: F401
+            import ray
         except ImportError as e:
             self.row("sweep: 2 trials at 0.5 GPU, summed img/s / bare", f"not run: {e} (carry ray + mlflow wheels)",
                      ">= 0.9")
             return {"skipped": str(e)}
-        import ray
         from mlflow import MlflowClient
         from ray import tune
 
@@ -291,7 +289,7 @@ class Bench:
         if bare:
             out["ratio"] = summed / bare
             measured = f"{summed / bare:.2f} ({measured} / bare {bare:.0f}; trials overlapped {overlap / longest:.0%})"
-        self.row(f"sweep: 2 trials sharing the GPU at 0.5 each (Tune + MLflow per epoch), summed train img/s / bare",
+        self.row("sweep: 2 trials sharing the GPU at 0.5 each (Tune + MLflow per epoch), summed train img/s / bare",
                  measured, ">= 0.9")
         return out
 

@@ -36,7 +36,6 @@ def bare_epoch_times(data, cfg) -> list[float]:
 
 
 def sweep_epoch_times(data, cfg, uri: str, home: Path) -> list[float]:
-    import ray
     from mlflow import MlflowClient
     from ray import tune
     from soups import registry

@@ -416,7 +416,7 @@ def write_artifacts(folder: Path, entry: dict, metric: str) -> None:
         writer.writeheader()
         writer.writerows({c: r[c] for c in columns} for r in rows)
     (folder / "ingredients.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    (folder / "soup.json").write_text(json.dumps(_clean(entry), indent=2, ensure_ascii=False), encoding="utf-8")
+    (folder / "soup.json").write_text(json.dumps(json_safe(entry), indent=2, ensure_ascii=False), encoding="utf-8")
     ingredient_curve(folder / "ingredient_curve.png", rows, metric=metric,
                      title=f"{entry['name']} ({entry['bn_mode']} BN)", soup_val=entry["val"][metric],
                      uniform_val=entry["uniform"]["val"][metric] if entry["recipe"] != "uniform" else None)
@@ -605,12 +605,12 @@ def register_best(ctx: Context, soups: list[dict], val_logits: dict[str, np.ndar
 
 # ---------------------------------------------------------------------------------------------- main
 
-def _clean(x):
+def json_safe(x):
     """JSON-safe: numpy scalars to Python, NaN/Inf to None, private keys (leading _) dropped."""
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items() if not (isinstance(k, str) and k.startswith("_"))}
+        return {k: json_safe(v) for k, v in x.items() if not (isinstance(k, str) and k.startswith("_"))}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(float(x)) else None
     if isinstance(x, np.integer):
@@ -757,7 +757,7 @@ def run_soups(opts: SoupOptions) -> dict:
         else:
             os.environ[NO_URLS] = quiet
 
-    summary = _clean({
+    summary = json_safe({
         "experiment": opts.experiment, "sweep": sweep, "sweep_run_id": ctx.sweep_run_id, "tracking_uri": uri,
         "data": str(data), "metric": opts.metric, "tie_rule": opts.tie_rule, "bn": opts.bn, "scope": opts.scope,
         "recipe": opts.recipe, "champion_rule": opts.champion_rule, "soups": soups,

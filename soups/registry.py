@@ -415,6 +415,13 @@ def search_checkpoints(client: MlflowClient, experiment_ids: list[str], *, sweep
     return sorted(records, key=lambda r: (r.trial, r.epoch, r.sweep))
 
 
+def search_soup_models(client: MlflowClient, experiment_ids: list[str], *,
+                       retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
+    """READY soup LoggedModels (ich.kind=soup) of the experiments, as records."""
+    models = _search_models(client, [str(e) for e in experiment_ids], _tag_filter({TAG_KIND: KIND_SOUP}), retry)
+    return [r for m in models if _is_ready(m) and (r := _record(m)) is not None]
+
+
 def get_model_record(client: MlflowClient, model_id: str, *, retry: RetryPolicy | None = None) -> CheckpointRecord:
     """The record of one LoggedModel by id (a checkpoint or a soup, e.g. the current champion's weights)."""
     model = call_with_retry(f"get model {model_id}", client.get_logged_model, model_id, retry=retry)

@@ -48,6 +48,7 @@ from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
 from ich.models import family
 from ich.train import TrainConfig
 from soups import registry
+from soups.orchestrate import json_safe
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, soft_vote, softmax
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better
 from soups.stats import bootstrap_ci, paired_comparison
@@ -176,19 +177,14 @@ def _open(experiment: str, tracking_uri: str | None):
 
 
 def _soups(client, experiment_id: str) -> list[registry.CheckpointRecord]:
-    tag_filter = registry._tag_filter({registry.TAG_KIND: registry.KIND_SOUP})
-    models = registry._search_models(client, [experiment_id], tag_filter, None)
-    return [r for m in models if registry._is_ready(m) and (r := registry._record(m)) is not None]
+    return registry.search_soup_models(client, [experiment_id])
 
 
 def _sweep_run(client, experiment_id: str, sweep: str | None):
     """The latest sweep run (of `sweep` if that has one): the report's parent and the default dataset."""
     for tags in ([{registry.TAG_KIND: "sweep", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "sweep"}]:
-        runs = registry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],
-                                        filter_string=registry._tag_filter(tags), max_results=1,
-                                        order_by=["attributes.start_time DESC"])
-        if runs:
-            return runs[0]
+        if (run := registry.latest_run_by_tags(client, experiment_id, tags)) is not None:
+            return run
     return None
 
 
@@ -642,19 +638,6 @@ def write_pages(out: Path, summary: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def _clean(x):
-    """JSON-safe: numpy to Python, NaN/Inf to None."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: str | None = None,
                  data: str | None = None, split_for_table: str = "test", n_resamples: int = 1000,
                  device: str = "auto", metric: str = "macro_f1") -> dict:
@@ -713,7 +696,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         preds.ensure([c.record for c in needed])
 
         table = results_section(sel, preds, split_for_table, metric, n_resamples)
-        (out / "results.json").write_text(json.dumps(_clean({"split": split_for_table, "metric": metric,
+        (out / "results.json").write_text(json.dumps(json_safe({"split": split_for_table, "metric": metric,
                                                              "n_resamples": n_resamples, "rows": table}), indent=2,
                                                      ensure_ascii=False), encoding="utf-8")
         header, lines = table_lines(table, metric)
@@ -735,7 +718,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         run = registry.call_with_retry("create report run", client.create_run, experiment_id,
                                        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         run_id = run.info.run_id
-        summary = _clean({
+        summary = json_safe({
             "experiment": experiment, "experiment_id": experiment_id, "tracking_uri": uri, "run_id": run_id,
             "parent_run_id": parent, "data": str(data), "dataset_fingerprint": dataset.fingerprint,
             "split": split_for_table, "metric": metric, "n_resamples": n_resamples, "out_dir": str(out),

@@ -150,8 +150,7 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
                                  ("bn", s.bn, ("average", "recalibrate", "auto"))):
         if value not in allowed:
             raise ConfigError(f"{where}: soups.{name} must be one of {', '.join(allowed)}, not {value!r}")
-    from ich.models import create_model, ModelError  # noqa: F401  (unknown models fail here, not in a worker)
-    import timm
+    import timm  # unknown models fail here, not in a worker
     models = set([cfg.train.get("model", TrainConfig.model)])
     if "model" in cfg.search:
         models = set(cfg.search["model"].get("choice", []))

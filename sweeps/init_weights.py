@@ -19,7 +19,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from ich.checkpoint import CheckpointMeta, save_checkpoint, sha256_file
+from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.errors import ConfigError
 from ich.models import create_model, load_init_weights
@@ -59,53 +59,72 @@ def _train_warm_start(tc: TrainConfig, dataset: ICHDataset) -> tuple[dict, dict,
 
 def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, client: MlflowClient,
                  experiment_id: str, parent_run_id: str, sweep: str, resources: dict) -> dict[str, Init]:
-    inits = {}
+    inits, to_train = {}, {}
     for model in models:
         source = _source_for(cfg, model)
-        if source and source.startswith("hub:"):
-            torch.manual_seed(cfg.train.get("init_seed", 0))
-            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
-            sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{cfg.train.get('init_seed', 0)}".encode()).hexdigest()[:32]
-            inits[model] = Init(sd, fp, source)
-        elif source:
-            torch.manual_seed(cfg.train.get("init_seed", 0))
-            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
-            fp, fresh = load_init_weights(net, source)
-            if fresh:  # a new classifier: seed it so every trial gets the same one
-                fp = hashlib.sha256(f"{fp}|head{dataset.num_classes}|{cfg.train.get('init_seed', 0)}".encode()).hexdigest()
-            inits[model] = Init({k: v.detach().clone() for k, v in net.state_dict().items()}, fp, source)
+        if source:
+            inits[model] = given_init(cfg, model, source, dataset)
+        elif (found := reuse_warm_start(cfg, model, dataset, client, experiment_id, sweep)) is not None:
+            inits[model] = found
         else:
-            inits[model] = warm_start(cfg, model, dataset, client, experiment_id, parent_run_id, sweep, resources)
+            to_train[model] = _warm_start_config(cfg, model)
+    # Warm starts the sweep still lacks train at the same time, as Ray tasks with a trial's resources.
+    task = _train_warm_start.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    futures = {}
+    for model, tc in to_train.items():
+        print(f"training the warm-start base model for {model} ({tc.epochs} epochs, lr {tc.lr}, {tc.schedule})",
+              flush=True)
+        futures[model] = task.remote(tc, dataset)
+    for model, future in futures.items():
+        sd, metrics, _ = ray.get(future)
+        inits[model] = record_warm_start(to_train[model], sd, metrics, dataset, client, experiment_id,
+                                         parent_run_id, sweep)
+    for model in models:
         print(f"init for {model}: {inits[model].source} (fingerprint {inits[model].fingerprint[:16]})", flush=True)
     return inits
 
 
-def warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: MlflowClient, experiment_id: str,
-               parent_run_id: str, sweep: str, resources: dict) -> Init:
-    """Find this sweep's warm-start base model in MLflow, or train it once (as a Ray task) and record it."""
+def given_init(cfg: SweepConfig, model: str, source: str, dataset: ICHDataset) -> Init:
+    """Weights the user named: a hub tag (downloads: asked for), a local file / folder, or an MLflow URI."""
+    init_seed = cfg.train.get("init_seed", 0)
+    torch.manual_seed(init_seed)  # a fresh classifier is the same in every trial
+    if source.startswith("hub:"):
+        net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
+        fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{init_seed}".encode()).hexdigest()[:32]
+    else:
+        net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
+        fp, fresh = load_init_weights(net, source)
+        if fresh:
+            fp = hashlib.sha256(f"{fp}|head{dataset.num_classes}|{init_seed}".encode()).hexdigest()
+    return Init({k: v.detach().clone() for k, v in net.state_dict().items()}, fp, source)
+
+
+def reuse_warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: MlflowClient, experiment_id: str,
+                     sweep: str) -> Init | None:
+    """This sweep's warm-start base model for `model` from MLflow, if an earlier run trained it."""
     tc = _warm_start_config(cfg, model)
-    key = _recipe_key(tc)
     found = registry.search_init_models(client, [experiment_id], sweep=sweep, architecture=model,
-                                        dataset_fingerprint=dataset.fingerprint, recipe=key)
-    if found:
-        with tempfile.TemporaryDirectory() as tmp:
-            sd, meta = registry.load_record(client, found[0], tmp)
-        return Init(sd, found[0].sha256, f"warm start (reused, model {found[0].model_id})")
-    print(f"training the warm-start base model for {model} ({tc.epochs} epochs, lr {tc.lr}, {tc.schedule})", flush=True)
-    task = _train_warm_start.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
-    sd, metrics, _ = ray.get(task.remote(tc, dataset))
+                                        dataset_fingerprint=dataset.fingerprint, recipe=_recipe_key(tc))
+    if not found:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        sd, _ = registry.load_record(client, found[0], tmp)
+    return Init(sd, found[0].sha256, f"warm start (reused, model {found[0].model_id})")
+
+
+def record_warm_start(tc: TrainConfig, sd: dict, metrics: dict, dataset: ICHDataset, client: MlflowClient,
+                      experiment_id: str, parent_run_id: str, sweep: str) -> Init:
+    """Log a freshly trained warm start as the sweep's init model (ich.kind=init); its sha256 is the fingerprint."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "init"
-        meta = CheckpointMeta(architecture=model, img_size=tc.img_size, num_classes=dataset.num_classes,
+        meta = CheckpointMeta(architecture=tc.model, img_size=tc.img_size, num_classes=dataset.num_classes,
                               class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
                               init_fingerprint="warm-start", epoch=tc.epochs, metrics=metrics,
-                              extra={"sweep": sweep, "recipe": key, "config": dataclasses.asdict(tc)})
+                              extra={"sweep": sweep, "recipe": _recipe_key(tc), "config": dataclasses.asdict(tc)})
         sha = save_checkpoint(folder, sd, meta)
         model_id = registry.log_init_model(client, experiment_id=experiment_id, run_id=parent_run_id, ckpt_dir=folder,
-                                           sweep=sweep, architecture=model, dataset_fingerprint=dataset.fingerprint,
-                                           recipe=key, epoch=tc.epochs, metrics=metrics)
-        assert sha == sha256_file(folder / "model.safetensors")
+                                           sweep=sweep, architecture=tc.model, dataset_fingerprint=dataset.fingerprint,
+                                           recipe=_recipe_key(tc), epoch=tc.epochs, metrics=metrics)
     return Init(sd, sha, f"warm start (trained, model {model_id})")
 
 

@@ -38,7 +38,7 @@ def _digit_pngs(tiny_sweep, n=4) -> list[Path]:
 
 
 def test_mlflow_models_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path):
-    from sweeps.mlflow_server import free_port, health_ok
+    from sweeps.mlflow_server import free_port
     port = free_port()
     # As a user runs it: with the venv's bin on PATH (the scoring server execs `uvicorn`).
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
