@@ -94,7 +94,7 @@ def measure(epochs: int = 8) -> dict:
         cfg = standard_config(epochs=epochs)
         server = start_server(Path(tmp) / "mlflow")
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             sweep = sweep_epoch_times(data, cfg, server.uri, Path(tmp))
             bare = bare_epoch_times(data, cfg)
             cost = log_cost(server.uri, data, cfg)

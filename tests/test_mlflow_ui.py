@@ -55,12 +55,17 @@ def _chromium_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    path = _chromium_or_skip()
+def chromium() -> str:
+    """The browser's path; skips before the (minutes-long) sweep fixture runs when there is none."""
+    return _chromium_or_skip()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
+        b = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
         try:
             yield b
         finally:
@@ -68,7 +73,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def recorded(tiny_sweep, mlflow_server) -> dict:
+def recorded(chromium, tiny_sweep, mlflow_server) -> dict:
     """What the UI should show, read from MLflow: the sweep run, its trial and soup runs, and the checkpoint
     names of each trial. Soups are built here (across runs, greedy) if no other module built them yet."""
     from mlflow import MlflowClient
@@ -87,14 +92,16 @@ def recorded(tiny_sweep, mlflow_server) -> dict:
     soups = sorted({r.info.run_name for r in children if r.data.tags.get("ich.kind") == "soup"})
     checkpoints: dict[str, list[str]] = {run_id: [] for run_id in trials}
     logged: dict[str, int] = {run_id: 0 for run_id in trials}  # every LoggedModel of the run, checkpoint or not
-    for model in client.search_logged_models([experiment_id], max_results=1000):
+    models = client.search_logged_models([experiment_id], max_results=1000)
+    for model in models:
         if model.source_run_id in checkpoints:
             logged[model.source_run_id] += 1
             if model.tags.get("ich.kind") == "checkpoint":
                 checkpoints[model.source_run_id].append(model.name)
     assert len(trials) == 4 and soups, (trials, soups)
     assert all(checkpoints.values()), f"a trial without checkpoints: {checkpoints}"
-    return {"uri": mlflow_server.rstrip("/"), "experiment_id": experiment_id, "sweep": sweep_run.info.run_name,
+    n_runs = len(client.search_runs([experiment_id], max_results=1000))
+    return {"uri": mlflow_server.rstrip("/"), "experiment_id": experiment_id, "n_runs": n_runs, "n_models": len(models), "sweep": sweep_run.info.run_name,
             "sweep_run_id": sweep_run.info.run_id, "trials": trials, "soups": soups,
             "checkpoints": {run_id: sorted(names) for run_id, names in checkpoints.items()}, "logged": logged}
 
@@ -123,6 +130,11 @@ def _open(page, recorded, route: str) -> None:
     # the page's own elements instead.
     page.goto(f"{recorded['uri']}/#/experiments/{recorded['experiment_id']}/{route}", wait_until="domcontentloaded",
               timeout=TIMEOUT_MS)
+
+
+def _fit_rows(page, n_rows: int) -> None:
+    """Make the window tall enough for every row: the UI's tables (ag-grid) only render the rows in view."""
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], 400 + 45 * n_rows)})
 
 
 def _close_assistant(page) -> None:
@@ -163,6 +175,7 @@ def test_runs_page_shows_the_sweep_its_trials_and_the_soups(page, recorded):
     """The experiment's Runs page: the sweep run on top, its trials and soups as child runs once expanded."""
     from playwright.sync_api import expect
 
+    _fit_rows(page, recorded["n_runs"])
     _open(page, recorded, "runs")
     _close_assistant(page)
     sweep_row = page.locator('[role="row"]').filter(has_text=recorded["sweep"])
@@ -187,6 +200,7 @@ def test_models_tab_lists_every_checkpoint_and_soup(page, recorded):
     and, as each checkpoint's source run, its trial."""
     from playwright.sync_api import expect
 
+    _fit_rows(page, recorded["n_models"])
     _open(page, recorded, "models")
     _close_assistant(page)
     expect(page.get_by_role("heading", name="Models", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
