@@ -20,10 +20,10 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
 fi
 
-export DEBIAN_FRONTEND=noninteractive
+APT="$SUDO env DEBIAN_FRONTEND=noninteractive apt-get"  # env: sudo drops the caller's environment
 log="$(mktemp -t browser-apt.XXXXXX.log)"
 trap 'rm -f "$log"' EXIT
-if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium; } >"$log" 2>&1; then
+if ! { $APT update -qq && $APT install -y -qq chromium; } >"$log" 2>&1; then
     echo "browser.sh: apt-get install chromium failed; last lines of its log:" >&2
     tail -n 20 "$log" >&2
     exit 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,11 +18,13 @@ from urllib.parse import urlparse
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.browser]
-
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("ICH_CHROMIUM", "/usr/bin/chromium")
+NO_BROWSER = f"{CHROMIUM} not found: install Debian's chromium with .ci/browser.sh"
+# Checked at collection too, so that a machine without the browser skips before the session's sweep runs.
+pytestmark = [pytest.mark.integration, pytest.mark.browser,
+              pytest.mark.skipif(not Path(shutil.which(CHROMIUM) or CHROMIUM).is_file(), reason=NO_BROWSER)]
 # Headless, no sandbox (containers), and no background traffic: without the last five Chromium keeps
 # dialling Google services, which on a closed network means retries and stalls.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
@@ -44,7 +47,7 @@ try {
 def _chromium_or_skip() -> str:
     path = shutil.which(CHROMIUM) or CHROMIUM
     if not Path(path).is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium with .ci/browser.sh")
+        pytest.skip(NO_BROWSER)
     try:
         subprocess.run([path, "--version"], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
@@ -63,6 +66,9 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def browser(chromium):
     from playwright.sync_api import sync_playwright
+
+    for old in ARTIFACTS.glob("mlflow-ui-*.png"):  # trial ids change every session: no stale screenshots
+        old.unlink()
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
@@ -101,8 +107,9 @@ def recorded(chromium, tiny_sweep, mlflow_server) -> dict:
     assert len(trials) == 4 and soups, (trials, soups)
     assert all(checkpoints.values()), f"a trial without checkpoints: {checkpoints}"
     n_runs = len(client.search_runs([experiment_id], max_results=1000))
-    return {"uri": mlflow_server.rstrip("/"), "experiment_id": experiment_id, "n_runs": n_runs, "n_models": len(models), "sweep": sweep_run.info.run_name,
-            "sweep_run_id": sweep_run.info.run_id, "trials": trials, "soups": soups,
+    return {"uri": mlflow_server.rstrip("/"), "experiment_id": experiment_id, "n_runs": n_runs,
+            "n_models": len(models), "sweep": sweep_run.info.run_name, "sweep_run_id": sweep_run.info.run_id,
+            "trials": trials, "soups": soups,
             "checkpoints": {run_id: sorted(names) for run_id, names in checkpoints.items()}, "logged": logged}
 
 
@@ -181,17 +188,18 @@ def test_runs_page_shows_the_sweep_its_trials_and_the_soups(page, recorded):
     sweep_row = page.locator('[role="row"]').filter(has_text=recorded["sweep"])
     expect(sweep_row.first).to_be_visible(timeout=TIMEOUT_MS)
     children = list(recorded["trials"].values()) + recorded["soups"]
-    # Child runs come collapsed under their parent: expand it (the button in front of its name).
-    first_child = page.get_by_text(children[0], exact=True)
-    if not first_child.count():
-        sweep_row.first.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
+    # Child runs come collapsed under their parent (a search filter keeps them so): expand it with the button
+    # in front of its name.
+    expand = 'button[data-component-id*="runnamecellrenderer"], [col-id*="Run Name"] button'
+    sweep_row.first.locator(expand).first.click()
     _expect_texts(page, [recorded["sweep"], *children])
     rows = _rows(page)
     for name in [recorded["sweep"], *children]:
         assert name in rows, f"run {name!r} not in the runs table:\n{rows}"
-    # The Models column names each trial's latest checkpoint.
-    latest = [names[-1] for names in recorded["checkpoints"].values()]
-    _expect_texts(page, latest)
+    # The Models column names a checkpoint of each trial (the latest, then "+N" for the others).
+    for names in recorded["checkpoints"].values():
+        one_of = re.compile("^(" + "|".join(map(re.escape, names)) + ")$")
+        expect(page.get_by_text(one_of).first, f"a checkpoint of {names}").to_be_visible(timeout=TIMEOUT_MS)
     _screenshot(page, "runs")
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,16 +34,55 @@ def two_node_cluster(tmp_path, mlflow_server):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "MLFLOW_TRACKING_URI": mlflow_server, "ICH_HOME": str(tmp_path / "home")}
     env.pop("RAY_ADDRESS", None)
+    # Two nodes on one machine, beside the test session's own Ray: no default port may be shared.
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(dash), "--include-dashboard", "true", "--temp-dir", str(temp),
-                    "--resources", json.dumps({"head_node": 1}), *common], env=env, check=True, capture_output=True)
+    own_ports = lambda: ["--dashboard-agent-listen-port", str(_free_port()),  # noqa: E731
+                         "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port",
+                         str(_free_port()), "--metrics-export-port", str(_free_port())]
+    groups: list[int] = []
     try:
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--resources", json.dumps({"second_node": 1}),
-                        *common], env=env, check=True, capture_output=True)
+        groups.append(_ray_start(["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                                  str(dash), "--include-dashboard", "true", "--temp-dir", str(temp),
+                                  "--ray-client-server-port", str(_free_port()),
+                                  "--resources", json.dumps({"head_node": 1}), *common, *own_ports()], env))
+        groups.append(_ray_start(["--address", f"127.0.0.1:{gcs}", "--resources", json.dumps({"second_node": 1}),
+                                  *common, *own_ports()], env))
         yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        _stop_cluster(groups)
+
+
+def _ray_start(args: list[str], env: dict) -> int:
+    """`ray start` in a session of its own; returns its process group, which all its daemons keep."""
+    p = subprocess.Popen([RAY, "start", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    out, _ = p.communicate(timeout=240)
+    if p.returncode:
+        _stop_cluster([p.pid])
+        raise RuntimeError(f"ray start {' '.join(args[:2])} failed:\n{out.decode(errors='replace')[-3000:]}")
+    return p.pid
+
+
+def _stop_cluster(groups: list[int]) -> None:
+    """Stop this cluster's processes only (`ray stop` would also stop the test session's own Ray, and a
+    driver whose GCS dies exits): signal the process groups of its `ray start` commands."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while wait and time.time() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_sweep_submitted_as_a_job_spreads_over_two_nodes(two_node_cluster, mlflow_client, digits_dataset, tmp_path):
@@ -58,12 +99,16 @@ def test_sweep_submitted_as_a_job_spreads_over_two_nodes(two_node_cluster, mlflo
 
     config = write_sweep_config(tmp_path, "multi-node", **{"grace_period: 1": "grace_period: 3"})
     soups = [] if _has_orchestrator() else ["--no-soups"]
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", two_node_cluster["dashboard"], "--submission-id", "ich-multinode", "--",
-         sys.executable, str(ROOT / "sweeps" / "coatnet.py"), "--config", str(config), "--data", str(digits_dataset),
-         *soups],
-        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    log = submit.stdout + submit.stderr
+    for attempt in range(10):  # the head's job agent may still be starting on a loaded machine
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", two_node_cluster["dashboard"], "--submission-id",
+             f"ich-multinode-{attempt}", "--", sys.executable, str(ROOT / "sweeps" / "coatnet.py"), "--config",
+             str(config), "--data", str(digits_dataset), *soups],
+            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        log = submit.stdout + submit.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(6)
     (ROOT / "test-artifacts").mkdir(exist_ok=True)
     (ROOT / "test-artifacts" / "multinode-job.log").write_text(log)
     assert submit.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
@@ -88,6 +133,7 @@ def test_sweep_submitted_as_a_job_spreads_over_two_nodes(two_node_cluster, mlflo
 def _has_orchestrator() -> bool:
     try:
         import soups.orchestrate  # noqa: F401
-        return True
     except ImportError:
         return False
+
+    return True
