@@ -170,7 +170,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, *, retry: RetryPol
     experiment = call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name, retry=retry)
     if experiment is None:
         try:
-            return call_with_retry(f"create experiment {name!r}", client.create_experiment, name, retry=retry)
+            # Open the UI on runs and models (model training), not MLflow 3's GenAI traces overview.
+            return call_with_retry(f"create experiment {name!r}", client.create_experiment, name,
+                                   tags={"mlflow.experimentKind": "custom_model_development"}, retry=retry)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker created it meanwhile
                 raise
