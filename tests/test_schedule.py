@@ -1,6 +1,7 @@
 """Scheduled experiments: `ich schedule` writes the job, two runs back to back extend one sweep."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -62,6 +63,12 @@ def test_two_scheduled_runs_extend_one_sweep(ray_local, mlflow_server, mlflow_cl
 
     # Soups of run 2 used the checkpoints of all four trials; the alias followed the rule.
     versions = sorted(mlflow_client.search_model_versions("name = 'sched-soup'"), key=lambda v: int(v.version))
+    record = [{"run": i + 1, "trials_so_far": len(seen_trials[i]), "new_version": v.version,
+               "val_macro_f1": v.tags.get("ich.val_macro_f1"), "decision": v.tags.get("ich.champion_decision"),
+               "reason": v.tags.get("ich.champion_reason")} for i, v in enumerate(versions)]
+    artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "schedule.json").write_text(json.dumps(record, indent=1))
     assert len(versions) == 2
     assert versions[0].tags["ich.champion_decision"] == "moved"  # no champion yet
     champion = mlflow_client.get_model_version_by_alias("sched-soup", "champion")
