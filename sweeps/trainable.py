@@ -12,7 +12,8 @@ import shutil
 import socket
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
 
     client = MlflowClient(ctx.tracking_uri)
     run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
-    uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-upload")
+    uploader = _uploader()
     pending: tuple[Future, Path, dict] | None = None
     overhead = {"report_s": 0.0, "write_s": 0.0}  # sweep-side cost per epoch, reported as metrics
 
@@ -137,7 +138,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             sha = save_checkpoint(folder / CKPT_SUBDIR, result.weights(), meta)
             trainer.save_state(folder, with_model=False)
             future = uploader.submit(
-                registry.log_checkpoint, client, experiment_id=ctx.experiment_id, run_id=run_id,
+                _log_checkpoint, ctx.tracking_uri, experiment_id=ctx.experiment_id, run_id=run_id,
                 ckpt_dir=folder / CKPT_SUBDIR, sweep=ctx.sweep, trial=trial_id, epoch=result.epoch, sha256=sha,
                 metrics=metrics, dataset_fingerprint=dataset.fingerprint,
                 init_fingerprint=trainer.init_fingerprint, architecture=cfg.model)
@@ -149,7 +150,25 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         report_pending(True)
         registry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
     finally:
-        uploader.shutdown(wait=True)
+        if pending is not None:  # a failing trial still lets its last upload finish (it may be reported on retry)
+            pending[0].exception()
+
+
+_UPLOADER: ProcessPoolExecutor | None = None
+
+
+def _uploader() -> ProcessPoolExecutor:
+    """One upload process per worker, kept across the trials a reused actor runs. A process, not a thread:
+    a thread's Python (HTTP, JSON) would hold the GIL against the training loop's."""
+    global _UPLOADER
+    if _UPLOADER is None or getattr(_UPLOADER, "_broken", False):
+        _UPLOADER = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return _UPLOADER
+
+
+def _log_checkpoint(tracking_uri: str, **kwargs) -> str:
+    """registry.log_checkpoint in the upload process (which builds its own client)."""
+    return registry.log_checkpoint(MlflowClient(tracking_uri), **kwargs)
 
 
 def set_num_threads_from_resources() -> None:
