@@ -184,22 +184,19 @@ def get_or_create_experiment(client: MlflowClient, name: str, *, retry: RetryPol
     return experiment.experiment_id
 
 
-def find_run_by_tags(client: MlflowClient, experiment_id: str, tags: dict[str, str], *,
+def find_run_by_tags(client: MlflowClient, experiment_id: str, tags: dict[str, str], *, newest: bool = False,
                      retry: RetryPolicy | None = None) -> Run | None:
-    """The oldest active run of the experiment carrying all these tags, or None (makes runs idempotent on resume)."""
+    """The oldest (or newest) active run of the experiment carrying all these tags, or None.
+    Oldest makes trial runs idempotent on resume; newest finds e.g. a sweep's latest run."""
     runs = call_with_retry("search runs", client.search_runs, [experiment_id], filter_string=_tag_filter(tags),
                            run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
-                           order_by=["attributes.start_time ASC"], retry=retry)
+                           order_by=[f"attributes.start_time {'DESC' if newest else 'ASC'}"], retry=retry)
     return runs[0] if runs else None
 
 
 def latest_run_by_tags(client: MlflowClient, experiment_id: str, tags: dict[str, str], *,
                        retry: RetryPolicy | None = None) -> Run | None:
-    """The newest active run of the experiment carrying all these tags, or None (e.g. a sweep's latest run)."""
-    runs = call_with_retry("search runs", client.search_runs, [experiment_id], filter_string=_tag_filter(tags),
-                           run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
-                           order_by=["attributes.start_time DESC"], retry=retry)
-    return runs[0] if runs else None
+    return find_run_by_tags(client, experiment_id, tags, newest=True, retry=retry)
 
 
 # ---------------------------------------------------------------------------------------------- push
