@@ -25,16 +25,16 @@ Importable: `measure(...) -> dict`, `figures(result)`, `main()`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.scratch import scratch_dir  # noqa: E402
 
 GOAL_SPEEDUP = 1.6
 N_CLASSES = 17
@@ -88,24 +88,11 @@ def time_ingest(src: Path, out: Path, workers: int, size: int) -> tuple[float, f
     return time.perf_counter() - t0, _cpu_s() - c0
 
 
-@contextlib.contextmanager
-def _folder(keep: str | None):
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        yield Path(keep)
-    else:
-        tmp = tempfile.mkdtemp(prefix="ich-bench-ingest-")
-        try:
-            yield Path(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def measure(*, images: int = 300, width: int = 1024, height: int = 768, size: int = 256, repeats: int = 3,
             quick: bool = False, keep: str | None = None) -> dict:
     if quick:
         images, width, height, size, repeats = 24, 256, 192, 64, 1
-    with _folder(keep) as root:
+    with scratch_dir(keep, "ich-bench-ingest-") as root:
         src = make_photos(root / f"photos-{images}-{width}x{height}", images, width, height)
         src_bytes = _read_all(src)  # page cache for both sides
         out = root / "out"

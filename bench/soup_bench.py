@@ -34,20 +34,19 @@ Importable: `measure(...) -> dict`, `figures(result) -> [(figure, measured, goal
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.scratch import scratch_dir  # noqa: E402
 
 GOAL_UNIFORM_OVER_READ = 1.3
 GOAL_RSS_RATIO = 1.1
@@ -237,19 +236,6 @@ def time_greedy(folders: list[Path], model: str, img_size: int, batch: int, *, d
             "overhead_per_step_s": (total - evals) / len(eval_times), "accepted": len(res.accepted)}
 
 
-@contextlib.contextmanager
-def checkpoint_dir(keep: str | None):
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        yield Path(keep)
-    else:
-        tmp = tempfile.mkdtemp(prefix="ich-bench-soup-")
-        try:
-            yield Path(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def measure(*, quick: bool = False, keep: str | None = None, threads: int | None = 1, **over) -> dict:
     """All soup figures. `over` overrides FULL/QUICK sizes (model, img_size, n_small, n_large, greedy_n,
     eval_batch, repeats). `threads`: torch intra-op threads in this process and the RSS children (default 1:
@@ -267,7 +253,7 @@ def measure(*, quick: bool = False, keep: str | None = None, threads: int | None
 
 def _measure(p: dict, keep: str | None, threads: int | None) -> dict:
     import torch
-    with checkpoint_dir(keep) as folder:
+    with scratch_dir(keep, "ich-bench-soup-") as folder:
         have = sorted(d for d in folder.iterdir() if d.name.startswith("ckpt-"))
         t0 = time.perf_counter()
         if len(have) < p["n_large"]:

@@ -44,10 +44,9 @@ def sweep_epoch_times(data, cfg, uri: str, home: Path) -> list[float]:
     client = MlflowClient(uri)
     exp = registry.get_or_create_experiment(client, "bench-sweep")
     parent = client.create_run(exp, run_name="bench", tags={"ich.kind": "sweep", "ich.sweep": "bench-sweep"})
-    from ich.models import random_init_fingerprint
     from ich.train import Trainer
-    sd = Trainer(cfg, data).weights()
-    inits = {cfg.model: Init(sd, random_init_fingerprint(cfg.model, data.num_classes, cfg.img_size, 0), "random")}
+    start = Trainer(cfg, data)  # the shared seeded random init every trial would get
+    inits = {cfg.model: Init(start.weights(), start.init_fingerprint, "random")}
     from dataclasses import asdict
     ctx = SweepContext(sweep="bench-sweep", experiment_id=exp, parent_run_id=parent.info.run_id, tracking_uri=uri,
                        train=asdict(cfg))

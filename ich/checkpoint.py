@@ -160,6 +160,3 @@ def load_checkpoint(directory: str | os.PathLike, device: str = "cpu", expected_
         raise CheckpointError(f"{directory}: tensor {bad} holds NaN/Inf")
     return state, meta
 
-
-def metrics_are_finite(metrics: dict[str, float]) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())

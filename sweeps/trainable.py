@@ -17,7 +17,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from ray import tune
@@ -170,9 +169,3 @@ def _log_checkpoint(tracking_uri: str, **kwargs) -> str:
     """registry.log_checkpoint in the upload process (which builds its own client)."""
     return registry.log_checkpoint(MlflowClient(tracking_uri), **kwargs)
 
-
-def set_num_threads_from_resources() -> None:
-    """Torch inside a trial uses the CPUs Tune gave it (Ray sets OMP_NUM_THREADS)."""
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n and n.isdigit():
-        torch.set_num_threads(int(n))
