@@ -262,13 +262,16 @@ def test_load_sqlite(tmp_path):
 
 
 def test_load_postgresql(tmp_path):
-    pytest.importorskip("psycopg2", reason="psycopg2 is needed for a PostgreSQL tracking store")
-    import psycopg2
-    from psycopg2 import sql
+    from tests.conftest import require_service
+    try:
+        import psycopg2
+        from psycopg2 import sql
+    except ImportError:
+        require_service("psycopg2 is needed for a PostgreSQL tracking store: pip install -e '.[dev]'")
 
     base, source = _postgres_uri()
     if base is None:
-        pytest.skip(source)
+        require_service(source)
     name = f"ich_load_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg2.connect(base, connect_timeout=10)

@@ -4,7 +4,7 @@ runs, expanded under it), the soup runs, and every checkpoint (LoggedModel) on t
 and on its trial's run page. Full-page screenshots land in test-artifacts/mlflow-ui-*.png.
 
 Install the browser with .ci/browser.sh (Debian's chromium package); Playwright's own browser downloads are
-never used. Without /usr/bin/chromium these tests skip.
+never used. Without /usr/bin/chromium these tests skip, and under CI=true they fail.
 """
 from __future__ import annotations
 
@@ -18,13 +18,17 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.conftest import in_ci, require_service
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("ICH_CHROMIUM", "/usr/bin/chromium")
 NO_BROWSER = f"{CHROMIUM} not found: install Debian's chromium with .ci/browser.sh"
-# Checked at collection too, so that a machine without the browser skips before the session's sweep runs.
+# Checked at collection too, so that a machine without the browser skips before the session's sweep runs
+# (never under CI=true: there the fixture below fails instead).
 pytestmark = [pytest.mark.integration, pytest.mark.browser,
-              pytest.mark.skipif(not Path(shutil.which(CHROMIUM) or CHROMIUM).is_file(), reason=NO_BROWSER)]
+              pytest.mark.skipif(not in_ci() and not Path(shutil.which(CHROMIUM) or CHROMIUM).is_file(),
+                                 reason=NO_BROWSER)]
 # Headless, no sandbox (containers), and no background traffic: without the last five Chromium keeps
 # dialling Google services, which on a closed network means retries and stalls.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
@@ -47,13 +51,13 @@ try {
 def _chromium_or_skip() -> str:
     path = shutil.which(CHROMIUM) or CHROMIUM
     if not Path(path).is_file():
-        pytest.skip(NO_BROWSER)
+        require_service(NO_BROWSER)
     try:
         subprocess.run([path, "--version"], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"{path} does not run ({e}): reinstall it with .ci/browser.sh")
+        require_service(f"{path} does not run ({e}): reinstall it with .ci/browser.sh")
     if importlib.util.find_spec("playwright") is None:
-        pytest.skip("the playwright Python package is missing: pip install -e '.[dev]'")
+        require_service("the playwright Python package is missing: pip install -e '.[dev]'")
     return path
 
 
