@@ -1,0 +1,414 @@
+"""Two SSH "machines" on this one: network + PID + mount namespaces, each running Debian's sshd.
+
+API (helper functions and pytest fixtures; root only):
+
+    cluster = create_cluster()          # or the session fixture `ns_cluster`
+    cluster.head.addr, cluster.worker.addr   # e.g. "10.87.203.2", "10.87.203.3" (a free private /24)
+    cluster.key                         # Path of the ed25519 private key; root logs in with it (key only)
+    cluster.shared                      # a folder both nodes and the test see at the same path
+    ssh(cluster, cluster.head, "ray status", env=None, timeout=60) -> CompletedProcess (text)
+    node_exec(cluster.worker, ["curl", "-sf", url]) -> CompletedProcess: runs inside the node's
+                                        namespaces (nsenter, no SSH)
+    leftovers(cluster) -> list[str]     # what of this cluster still exists (empty after destroy)
+    destroy_cluster(cluster)            # kills the nodes by their outer PIDs, removes namespaces/veths/bridge
+
+    launched = launch(cluster, tmp)     # or the session fixture `ns_ray_cluster`: `ray up -y` of the
+                                        # project's own cluster.yaml rendered for the local provider
+    launched.yaml                       # the rendered cluster yaml (give it to `ray submit/exec/down`)
+    launched.env                        # environment for the `ray` CLI on this machine (HOME = a client
+                                        # home holding .ich/secrets.env and .ich/ray_auth_token)
+    launched.mlflow_uri                 # http://<head addr>:5000 (basic auth; reachable from here)
+    launched.admin / launched.worker_user  # (username, password) of the MLflow admin / the workers' user
+    launched.token_path                 # the Ray token file (RAY_AUTH_TOKEN_PATH for clients)
+    launched.dashboard()                # context manager: `ray dashboard <yaml>` tunnel, yields the
+                                        # http://127.0.0.1:<port> address of the head's Jobs API
+    teardown(launched)                  # `ray down -y`, then destroy_cluster; returns leftovers
+
+Each node is `ip netns exec <ns> unshare --pid --fork --kill-child --mount-proc ...`, started with
+start_new_session=True; the test records that outer PID and ends a node by signalling its process group
+(killing the PID namespace's first process ends everything in it, Ray included). No PID from inside a
+namespace is ever signalled. Inside its mount namespace each node has a private home bind-mounted over /root
+(the venv's Python under /root/.pyenv stays visible through a bind mount), a private /tmp and /run, so
+`ray up`/`ray submit` write ray_bootstrap_*, ~/.ray, ~/.bashrc, ~/.ich into the node, never into this
+machine's real home. Inside each namespace the default route goes via the bridge address, so Ray picks the
+namespace address as the node address.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BASE_PARENT = Path("/var/tmp")  # not /tmp: each node mounts a private /tmp over it
+SSHD = "/usr/sbin/sshd"
+
+
+@dataclass
+class Node:
+    name: str           # "head" | "worker"
+    netns: str          # network namespace name
+    addr: str           # its address on the cluster /24
+    veth: str           # root-side veth name
+    root: Path          # per-node folder (home, tmp, run)
+    pid: int = 0        # outer PID of `ip netns exec ... unshare` (its process group is the node)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+
+@dataclass
+class NsCluster:
+    tag: str
+    base: Path
+    bridge: str
+    bridge_addr: str
+    prefix: int
+    head: Node
+    worker: Node
+    key: Path
+    shared: Path
+    python_bin: Path    # folder of the base Python the venv links to (on PATH inside the nodes)
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.head, self.worker]
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def missing_prerequisites() -> str | None:
+    """One line saying what this machine lacks to build the namespaces, or None."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "unshare", "nsenter", "ssh", "ssh-keygen", "rsync"):
+        if not shutil.which(tool):
+            return f"`{tool}` is not installed (.ci/sshd.sh installs it)"
+    if not os.access(SSHD, os.X_OK):
+        return f"{SSHD} is missing: install openssh-server (.ci/sshd.sh)"
+    probe = f"ichp-{secrets.token_hex(3)}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
+    return None
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    nets = []
+    out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            nets.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+    out = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        dest = line.split()[0]
+        if dest != "default":
+            nets.append(ipaddress.ip_network(dest if "/" in dest else dest + "/32", strict=False))
+    return nets
+
+
+def pick_subnet() -> ipaddress.IPv4Network:
+    """A random 10.x.y.0/24 that overlaps no address or route of this machine."""
+    used = _used_networks()
+    for _ in range(200):
+        net = ipaddress.ip_network(f"10.{secrets.randbelow(254) + 1}.{secrets.randbelow(254) + 1}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise RuntimeError("no free private /24 in 10.0.0.0/8")
+
+
+# ------------------------------------------------------------------------------------------- build
+
+
+def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(cmd), capture_output=True, text=True)
+    if check and r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    return r
+
+
+NODE_INIT = r"""
+set -e
+# Runs as PID 1 of the node's PID namespace, in its own mount namespace (mounts here stay private).
+mount --make-rprivate /
+mkdir -p "$NODE_ROOT/home/.pyenv" "$NODE_ROOT/tmp" "$NODE_ROOT/run"
+chmod 1777 "$NODE_ROOT/tmp"
+chmod 700 "$NODE_ROOT/home"
+# The venv's Python lives under the real home: keep it visible inside the private home.
+if [ -d /root/.pyenv ]; then mount --bind /root/.pyenv "$NODE_ROOT/home/.pyenv"; fi
+mount --rbind "$NODE_ROOT/home" /root
+mount --bind "$NODE_ROOT/tmp" /tmp
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/sshd
+ip link set lo up
+/usr/sbin/sshd -D -e -f "$SSHD_CONFIG" &
+# PID 1 reaps orphans (Ray daemons, ssh sessions) until the node is killed from outside.
+wait
+"""
+
+SSHD_CONFIG = """\
+ListenAddress {addr}
+Port 22
+HostKey {hostkey}
+PidFile none
+AuthorizedKeysFile {authorized}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+MaxSessions 64
+MaxStartups 64
+Subsystem sftp internal-sftp
+"""
+
+
+def create_cluster(base_parent: Path = BASE_PARENT) -> NsCluster:
+    """Build the two nodes and wait until both sshd accept the test key. Cleans up after itself on failure."""
+    tag = secrets.token_hex(3)
+    net = pick_subnet()
+    hosts = list(net.hosts())
+    base = base_parent / f"ichns-{tag}"
+    (base / "shared").mkdir(parents=True)
+    os.chmod(base / "shared", 0o1777)
+    c = NsCluster(tag=tag, base=base, bridge=f"ichb-{tag}", bridge_addr=str(hosts[0]), prefix=net.prefixlen,
+                  head=Node("head", f"ichh-{tag}", str(hosts[1]), f"ichvh-{tag}", base / "head"),
+                  worker=Node("worker", f"ichw-{tag}", str(hosts[2]), f"ichvw-{tag}", base / "worker"),
+                  key=base / "id_ed25519", shared=base / "shared",
+                  python_bin=Path(os.path.realpath(sys.executable)).parent)
+    try:
+        _build(c)
+    except BaseException:
+        destroy_cluster(c)
+        raise
+    return c
+
+
+def _build(c: NsCluster) -> None:
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"ich-netns-{c.tag}", "-f", str(c.key))
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(c.base / "host_key"))
+    (c.base / "authorized_keys").write_text(Path(str(c.key) + ".pub").read_text())
+    _sh("ip", "link", "add", c.bridge, "type", "bridge")
+    _sh("ip", "addr", "add", f"{c.bridge_addr}/{c.prefix}", "dev", c.bridge)
+    _sh("ip", "link", "set", c.bridge, "up")
+    for n in c.nodes:
+        _sh("ip", "netns", "add", n.netns)
+        _sh("ip", "link", "add", n.veth, "type", "veth", "peer", "name", "eth0", "netns", n.netns)
+        _sh("ip", "link", "set", n.veth, "master", c.bridge)
+        _sh("ip", "link", "set", n.veth, "up")
+        ns = ("ip", "netns", "exec", n.netns)
+        _sh(*ns, "ip", "addr", "add", f"{n.addr}/{c.prefix}", "dev", "eth0")
+        _sh(*ns, "ip", "link", "set", "eth0", "up")
+        _sh(*ns, "ip", "link", "set", "lo", "up")
+        # Without a default route Ray finds no outward interface and picks 127.0.0.1 as the node address.
+        _sh(*ns, "ip", "route", "add", "default", "via", c.bridge_addr)
+        _start_node(c, n)
+    for n in c.nodes:
+        _wait_ssh(c, n)
+
+
+def _start_node(c: NsCluster, n: Node) -> None:
+    n.root.mkdir(parents=True, exist_ok=True)
+    (n.root / "home").mkdir(exist_ok=True)
+    # The node's "machine image": python3 is the Python the project's venv was built with.
+    profile = f'export PATH="{c.python_bin}:$PATH"\n'
+    (n.root / "home" / ".bashrc").write_text(profile)
+    (n.root / "home" / ".profile").write_text('[ -f ~/.bashrc ] && . ~/.bashrc\n')
+    config = n.root / "sshd_config"
+    config.write_text(SSHD_CONFIG.format(addr=n.addr, hostkey=c.base / "host_key",
+                                         authorized=c.base / "authorized_keys"))
+    log = open(n.root / "node.log", "ab")
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "NODE_ROOT": str(n.root),
+           "SSHD_CONFIG": str(config)}
+    p = subprocess.Popen(["ip", "netns", "exec", n.netns, "unshare", "--pid", "--fork", "--kill-child",
+                          "--mount-proc", "bash", "-c", NODE_INIT], env=env, stdout=log, stderr=log,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    n.pid = p.pid
+    c.log.append(f"{n.name}: outer pid {p.pid}")
+
+
+def ssh_base(c: NsCluster) -> list[str]:
+    return ["ssh", "-i", str(c.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+
+
+def _wait_ssh(c: NsCluster, n: Node, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        r = subprocess.run([*ssh_base(c), f"root@{n.addr}", "true"], capture_output=True, text=True, timeout=30)
+        if r.returncode == 0:
+            return
+        if time.time() > deadline or not _alive(n.pid):
+            log = (n.root / "node.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"sshd of the {n.name} node ({n.addr}) does not accept the test key: "
+                               f"{r.stderr.strip()}\nnode log:\n{log}")
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------- use
+
+
+def ssh(c: NsCluster, n: Node, command: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `command` on a node over SSH as root, through a login shell (as Ray's updater does)."""
+    r = subprocess.run([*ssh_base(c), f"root@{n.addr}", "bash --login -c " + shlex.quote(command)],
+                       capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and r.returncode:
+        raise RuntimeError(f"{n.name}$ {command}: exit {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r
+
+
+def inner_init_pid(n: Node) -> int | None:
+    """Outer PID of the node's PID 1 (the child of the outer `unshare`), read from this namespace's /proc."""
+    try:
+        for task in Path(f"/proc/{n.pid}/task").iterdir():
+            kids = (task / "children").read_text().split()
+            if kids:
+                return int(kids[0])
+    except OSError:
+        return None
+    return None
+
+
+def node_exec(n: Node, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run argv inside a node's network, mount and PID namespaces (no SSH), capturing text output."""
+    pid = inner_init_pid(n)
+    if pid is None:
+        raise RuntimeError(f"the {n.name} node is not running")
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", "-m", "-p", "--", *argv], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+# ------------------------------------------------------------------------------------------- teardown
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of this process still answers kill(0): reap it.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def _kill_node(n: Node) -> None:
+    if not n.pid:
+        return
+    inner = inner_init_pid(n)
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+        for target in (n.pid, inner):
+            if target:
+                try:
+                    os.killpg(n.pid, sig) if target == n.pid else os.kill(target, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + wait
+        while time.time() < deadline and (_alive(n.pid) or (inner and _alive(inner))):
+            time.sleep(0.1)
+
+
+def destroy_cluster(c: NsCluster) -> list[str]:
+    """Remove everything `create_cluster` made; returns leftovers (empty when all is gone)."""
+    for n in c.nodes:
+        _kill_node(n)
+    for n in c.nodes:
+        _sh("ip", "link", "delete", n.veth, check=False)
+        _sh("ip", "netns", "delete", n.netns, check=False)
+    _sh("ip", "link", "delete", c.bridge, check=False)
+    left = leftovers(c)
+    if not left:
+        shutil.rmtree(c.base, ignore_errors=True)
+    return left
+
+
+def leftovers(c: NsCluster) -> list[str]:
+    """What of this cluster still exists: namespaces, links, node processes."""
+    left = []
+    netns = _sh("ip", "netns", "list", check=False).stdout
+    links = _sh("ip", "-o", "link", check=False).stdout
+    for n in c.nodes:
+        if n.netns in netns.split():
+            left.append(f"network namespace {n.netns}")
+        if f" {n.veth}@" in links or f" {n.veth}:" in links:
+            left.append(f"veth {n.veth}")
+        if n.pid and _alive(n.pid):
+            left.append(f"{n.name} node process {n.pid}")
+    if f" {c.bridge}:" in links:
+        left.append(f"bridge {c.bridge}")
+    # Any process still running in one of this cluster's namespaces (sshd, Ray) shows its netns inode.
+    inodes = set()
+    for n in c.nodes:
+        try:
+            inodes.add(os.stat(f"/run/netns/{n.netns}").st_ino)
+        except OSError:
+            pass
+    if inodes:
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if os.stat(proc / "ns" / "net").st_ino in inodes:
+                        left.append(f"process {proc.name} ({(proc / 'comm').read_text().strip()})")
+                except OSError:
+                    pass
+    return left
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+try:
+    import pytest
+except ImportError:  # the module is also usable from a plain script
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def ns_cluster():
+        """The two SSH nodes for the session; CI=true turns a missing prerequisite into a failure."""
+        from tests.conftest import require_service
+        why = missing_prerequisites()
+        if why:
+            require_service(f"namespace cluster: {why}")
+        try:
+            c = create_cluster()
+        except RuntimeError as e:
+            require_service(f"namespace cluster could not be built: {e}")
+        yield c
+        left = destroy_cluster(c)
+        assert not left, f"namespace cluster left behind: {left}"
+
+
+if __name__ == "__main__":  # smoke: build, ssh to both, show addresses, destroy
+    cl = create_cluster()
+    try:
+        for node in cl.nodes:
+            print(node.name, node.addr, ssh(cl, node, "hostname -I; echo $HOME; ls -A ~; which python3",
+                                            check=True).stdout.split())
+        print(node_exec(cl.worker, ["ping", "-c1", "-W2", cl.head.addr]).returncode)
+    finally:
+        print("leftovers:", destroy_cluster(cl))
