@@ -3,19 +3,25 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU machines here serve this pair from local disk; on a GPU box pick the build you need.
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# One environment: every install goes through constraints.txt (torch, ray, mlflow and the rest pinned). torch's
+# version comes from there; its build from the index: the default (PyPI, or this machine's local disk) or e.g.
+# `make install TORCH_INDEX='--index-url https://download.pytorch.org/whl/cu126'`. Another torch version: point
+# CONSTRAINTS at your own file.
+CONSTRAINTS ?= constraints.txt
+TORCH_SPEC ?= torch torchvision
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 export ICH_HOME ?= $(CURDIR)/.ich
 
 .PHONY: install demo test bench ui clean
 
-$(STAMP): pyproject.toml
+# dev: the tests; head: the cluster head's extras (mlflow[auth], boto3), so nodes that reuse this venv run its commands.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH_SPEC) $(TORCH_INDEX)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,head]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -159,12 +160,18 @@ def test_project_is_synced_and_installed_on_every_node():
     assert install, f"setup_commands do not `pip install -e {project}`"
     torch = re.search(r"pip install[^\n]*\btorch\b", common)
     assert torch and torch.start() < install.start(), "torch must be installed (right build) before the project"
-    # The same Ray on every node as on the machine that runs `ray up`.
-    pin = re.search(r"ray\[[^\]]*\]==([0-9][0-9.]*)", common)
-    assert pin and pin.group(1) == ray.__version__, f"nodes must run ray=={ray.__version__}"
-    # The head also runs the MLflow server with basic auth (needs mlflow[auth]) and the AWS autoscaler.
+    # The same Ray (and torch, mlflow...) on every node as on the machine that runs `ray up`: every install
+    # goes through the repo's constraints.txt, whose Ray pin is the Ray installed here.
+    installs = re.findall(r"pip install(?! -q --upgrade pip)[^\n]*", common)
+    assert installs and all(f"-c {project}/constraints.txt" in i for i in installs), installs
+    pin = re.search(r"^ray==([0-9][0-9.]*)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert pin and pin.group(1) == ray.__version__, f"constraints.txt must pin ray=={ray.__version__}"
+    # The head also runs the MLflow server with basic auth (needs mlflow[auth]) and the AWS autoscaler: the
+    # project's `head` extra, which carries both.
     head = "\n".join(config["head_setup_commands"])
-    assert "mlflow[auth]" in head and "boto3" in head
+    assert re.search(rf"pip install -q -c {re.escape(project)}/constraints.txt -e \"\$HOME/ich-soups\[head\]\"", head)
+    extra = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["head"])
+    assert "mlflow[auth]" in extra and "boto3" in extra
 
 
 def test_token_auth_on_head_workers_and_in_the_environment():
