@@ -2,7 +2,11 @@
 
 A checkpoint is a folder:
     model.safetensors   the state dict (tensors only; nothing is ever unpickled)
-    checkpoint.json     CheckpointMeta (architecture, img size, class map, fingerprints, epoch, metrics)
+    checkpoint.json     CheckpointMeta (architecture, img size, class map, fingerprints, epoch, metrics,
+                        preprocessing: mean, std, crop_pct, interpolation, stored size)
+
+Format 2 added `preprocess` (ich/preprocess.py). Format-1 checkpoints still load: their preprocessing is
+what they were evaluated with (ImageNet mean/std, bilinear, their eval crop).
 """
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ich.preprocess import Preprocess, PreprocessError, legacy_dict
+
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Fields that must agree for two checkpoints to be averaged (design decision 7).
 COMPAT_FIELDS = ("architecture", "img_size", "num_classes", "class_names", "dataset_fingerprint", "init_fingerprint")
 
@@ -42,7 +49,17 @@ class CheckpointMeta:
     epoch: int
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # free-form: sweep, trial, config...
+    # mean, std, crop_pct, interpolation, stored_size, source (ich.preprocess.Preprocess.to_dict()); None when
+    # built in memory without one: the dataset's defaults (what format 1 used), filled in below.
+    preprocess: dict | None = None
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.preprocess is None:
+            self.preprocess = legacy_dict(self.img_size, self.extra)
+        elif isinstance(self.preprocess, Preprocess):
+            self.preprocess = self.preprocess.to_dict()
+        Preprocess.from_dict(self.preprocess, self.img_size, "preprocess")  # refuses unusable values
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False, sort_keys=True)
@@ -52,15 +69,25 @@ class CheckpointMeta:
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        version = d.get("format_version", FORMAT_VERSION)
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{where}: format_version {version}, expected one of "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}")
+        if version == FORMAT_VERSION:
+            required.add("preprocess")  # first-class since format 2; format 1 gets the defaults it was used with
+        elif "preprocess" in d:
+            raise CheckpointError(f"{where}: format_version {version} has no preprocess field")
         missing = sorted(required - d.keys())
         if missing:
             raise CheckpointError(f"{where}: metadata lacks {', '.join(missing)}")
         unknown = sorted(d.keys() - names)
         if unknown:
             raise CheckpointError(f"{where}: metadata has unknown fields {', '.join(unknown)}")
-        meta = cls(**d)
-        if meta.format_version != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: format_version {meta.format_version}, expected {FORMAT_VERSION}")
+        try:
+            meta = cls(**d)
+        except PreprocessError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        meta.format_version = FORMAT_VERSION  # read as the current format (format 1 got its preprocess above)
         if len(meta.class_names) != meta.num_classes:
             raise CheckpointError(
                 f"{where}: num_classes={meta.num_classes} but class_names has {len(meta.class_names)} entries")

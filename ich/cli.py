@@ -54,7 +54,7 @@ def cmd_train(a) -> None:
             meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=data.num_classes,
                                   class_names=data.classes, dataset_fingerprint=data.fingerprint,
                                   init_fingerprint=trainer.init_fingerprint, epoch=r.epoch,
-                                  metrics={k: float(v) for k, v in m.items()})
+                                  metrics={k: float(v) for k, v in m.items()}, preprocess=trainer.preprocess)
             save_checkpoint(out / f"epoch_{r.epoch:03d}", r.weights(), meta)
             trainer.save_state(out / "state")
     test = trainer.evaluate("test")
@@ -62,26 +62,70 @@ def cmd_train(a) -> None:
 
 
 def cmd_predict(a) -> None:
-    """Load a served soup (the pyfunc flavour: safetensors weights inside) and classify image files."""
+    """Classify image files with a served soup (a pyfunc model: URI or folder, verified before loading) or a
+    checkpoint folder (checkpoint.json + model.safetensors). Both apply the preprocessing the model records."""
     missing = [p for p in a.images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such image file")
-    import pandas as pd
-    from soups.pyfunc import UntrustedModel, load_soup_model
-    from sweeps.mlflow_server import ensure_tracking_uri
-    if "://" in a.model or a.model.startswith(("models:", "runs:")):
-        ensure_tracking_uri(ich_home(), quiet=True)
+    import json
+
+    import numpy as np
+    images = [(Path(p).read_bytes(), p) for p in a.images]
+    from soups.pyfunc import check_image_header
+    for data, path in images:  # bounded before any decode or resize: pixel count, aspect ratio, bombs
+        try:
+            check_image_header(data, path)
+        except ValueError as e:
+            raise FileNotFoundError(str(e)) from None
+    folder = Path(a.model)
+    if (folder / "checkpoint.json").is_file():  # one checkpoint, straight from its folder
+        from ich.checkpoint import load_checkpoint
+        from ich.models import create_model
+        from ich.preprocess import Preprocess
+        state_dict, meta = load_checkpoint(folder)  # safetensors only, finite weights
+        net = create_model(meta.architecture, meta.num_classes, meta.img_size)
+        net.load_state_dict(state_dict)
+        classes, pre = list(meta.class_names), Preprocess.from_meta(meta)
+        logits = _checked_logits(net, pre, images)
+        probs = _softmax(logits)
+    else:
+        import pandas as pd
+        from soups.pyfunc import load_soup_model
+        from sweeps.mlflow_server import ensure_tracking_uri
+        if "://" in a.model or a.model.startswith(("models:", "runs:")):
+            ensure_tracking_uri(ich_home(), quiet=True)
+        # Verified first (MLmodel allowlist, code and weights hashes, no pickle); then our own SoupClassifier
+        # is built from the weights: nothing from the model folder is imported. Refusals are one line, exit 2.
+        served = load_soup_model(a.model)
+        try:
+            probs = served.probabilities(images)
+        except ValueError as e:  # an unreadable image: one line naming it
+            raise FileNotFoundError(str(e)) from None
+        classes = list(served.classes)
+        logits = _checked_logits(served.model, served.preprocess, images) if a.json else None
+    for i, path in enumerate(a.images):
+        top = sorted(range(len(classes)), key=lambda k: -probs[i][k])[: a.top]
+        if a.json:  # one object per line: what a program reads (logits as float32 values, exactly)
+            print(json.dumps({"image": path, "class": classes[top[0]], "probabilities": [float(v) for v in probs[i]],
+                              "logits": [float(v) for v in logits[i]]}, ensure_ascii=False))
+        else:
+            shown = ", ".join(f"{classes[k]}: {probs[i][k]:.3f}" for k in top)
+            print(f"{path}: {classes[top[0]]}  ({shown})")
+
+
+def _checked_logits(net, pre, images):
+    from ich.preprocess import image_logits
     try:
-        model = load_soup_model(a.model)  # verified before anything is unpickled
-    except UntrustedModel as e:
+        return image_logits(net, pre, images)
+    except ValueError as e:  # an unreadable image: one line naming it
         raise FileNotFoundError(str(e)) from None
-    out = model.predict(pd.DataFrame({"path": [str(Path(p).resolve()) for p in a.images]}))
-    classes = getattr(model.unwrap_python_model(), "classes", None)
-    for path, (_, row) in zip(a.images, out.iterrows()):
-        probs = row["probabilities"]
-        top = sorted(range(len(probs)), key=lambda i: -probs[i])[: a.top]
-        shown = ", ".join(f"{classes[i] if classes is not None else i}: {probs[i]:.3f}" for i in top)
-        print(f"{path}: {row['class']}  ({shown})")
+
+
+def _softmax(logits):
+    import numpy as np
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def cmd_ui(a) -> None:
@@ -135,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("predict", help="class names and probabilities of images from a model (URI or folder)")
-    s.add_argument("--model", required=True, help="e.g. models:/ich17-soup@champion, or a local pyfunc folder")
+    s.add_argument("--model", required=True,
+                   help="e.g. models:/ich17-soup@champion, a local pyfunc folder, or a checkpoint folder")
     s.add_argument("images", nargs="+")
     s.add_argument("--top", type=int, default=3, help="probabilities shown per image")
+    s.add_argument("--json", action="store_true", help="one JSON object per image: class, probabilities, logits")
     s.set_defaults(func=cmd_predict)
 
     from sweeps.schedule import add_schedule_args, cmd_schedule

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ich.ingest import IngestError, load_manifest
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ich.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, transform
 SPLITS = ("train", "val", "test")
 
 
@@ -106,8 +104,9 @@ class AugmentConfig:
     rand_augment_m: float = 9.0  # magnitude 0..10 (timm scale)
     random_erasing: float = 0.2  # probability per sample
     eval_crop_pct: float = 0.875  # eval: center crop this fraction, then resize to img_size
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # train and eval normalization (the init weights')
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # eval resize
 
 
 _GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -126,17 +125,14 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def eval_preprocess(cfg: AugmentConfig) -> Preprocess:
+    return Preprocess(img_size=cfg.img_size, mean=tuple(cfg.mean), std=tuple(cfg.std), crop_pct=cfg.eval_crop_pct,
+                      interpolation=cfg.interpolation)
+
+
 def eval_transform(images_u8: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """Center crop cfg.eval_crop_pct of the stored image, resize to img_size, normalize."""
-    x = to_float(images_u8)
-    s = x.shape[-1]
-    crop = max(1, round(s * cfg.eval_crop_pct))
-    if crop != s:
-        o = (s - crop) // 2
-        x = x[..., o:o + crop, o:o + crop]
-    if x.shape[-1] != cfg.img_size:
-        x = F.interpolate(x, size=(cfg.img_size, cfg.img_size), mode="bilinear", antialias=True, align_corners=False)
-    return _normalize(x, cfg)
+    """Center crop cfg.eval_crop_pct of the stored image, resize to img_size, normalize: ich.preprocess.transform."""
+    return transform(images_u8, eval_preprocess(cfg))
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:

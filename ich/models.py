@@ -117,8 +117,27 @@ def create_model(name: str, num_classes: int, img_size: int | None = None, *, dr
     if hub_tag:
         if hub_tag.split(".")[0] != name:
             raise ModelError(f"hub tag '{hub_tag}' is not a pretrained tag of model '{name}'")
-        return timm.create_model(hub_tag, pretrained=True, **kwargs)
+        return _create_pretrained(hub_tag, kwargs)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _create_pretrained(hub_tag: str, kwargs: dict) -> torch.nn.Module:
+    """timm's pretrained weights for `hub_tag`; without network, one line saying how to use a local file."""
+    from timm.models import get_pretrained_cfg
+    try:
+        cfg = get_pretrained_cfg(hub_tag)
+    except RuntimeError as e:  # "Invalid pretrained tag (...)"
+        raise ModelError(f"init weights hub:{hub_tag}: {e}") from None
+    repo = getattr(cfg, "hf_hub_id", None) or hub_tag
+    try:
+        return timm.create_model(hub_tag, pretrained=True, **kwargs)
+    except (OSError, ConnectionError, RuntimeError, ValueError) as e:  # offline, no such file, refused download
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ModelError(
+            f"init weights hub:{hub_tag}: cannot download from the timm hub ({type(e).__name__}: {reason}); "
+            f"without network, fetch model.safetensors and config.json of https://huggingface.co/{repo} elsewhere "
+            f"and set init.weights to the local model.safetensors (config.json beside it gives the preprocessing)"
+        ) from None
 
 
 def _classifier_keys(model: torch.nn.Module) -> set[str]:

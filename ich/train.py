@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ich.checkpoint import CheckpointError, load_weights, state_dict_to_cpu
-from ich.data import AugmentConfig, ICHDataset, Prefetcher, batch_indices, eval_transform, mixup_cutmix, train_transform
+from ich.data import AugmentConfig, ICHDataset, Prefetcher, batch_indices, mixup_cutmix, train_transform
 from ich.metrics import classification_metrics, log_loss
-from ich.models import create_model, load_init_weights, random_init_fingerprint
+from ich.models import create_model, load_init_weights, random_init_fingerprint, resolve_init_weights
+from ich.preprocess import Preprocess, init_preprocess, resolve, transform
 
 TRAIN_STATE = "train_state.safetensors"
 TRAIN_STATE_JSON = "train_state.json"
@@ -61,7 +63,7 @@ class TrainConfig:
     rand_augment_n: int = 2
     rand_augment_m: float = 9.0
     random_erasing: float = 0.2
-    eval_crop_pct: float = 0.875
+    eval_crop_pct: float = 0.875  # when the init weights carry no preprocessing of their own (ich/preprocess.py)
     # execution
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     channels_last: str = "auto"  # auto (CUDA only) | on | off
@@ -123,15 +125,27 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 class Trainer:
+    """`init_preprocess`: the init's preprocessing fields (ich.preprocess.init_preprocess), given with
+    `init_state`; read from `init_weights` otherwise. Without any, the dataset's defaults apply."""
+
     def __init__(self, cfg: TrainConfig, data: ICHDataset, init_weights: str | None = None,
-                 init_state: dict[str, torch.Tensor] | None = None, init_fingerprint: str | None = None):
+                 init_state: dict[str, torch.Tensor] | None = None, init_fingerprint: str | None = None,
+                 init_preprocess: dict | None = None):
         self.cfg, self.data = cfg, data
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
         on_cuda = self.device.type == "cuda"
         self.amp_dtype = {"auto": torch.bfloat16 if on_cuda else None, "bf16": torch.bfloat16,
                           "fp16": torch.float16, "off": None}[cfg.amp]
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_cuda)
-        self.aug = cfg.augment()
+        if init_state is None and init_weights and init_preprocess is None:
+            init_weights = str(resolve_init_weights(init_weights))  # an MLflow URI downloads once, here
+            init_preprocess = _init_preprocess(init_weights)
+        # One preprocessing for eval, checkpoints and serving; train augmentation normalizes alike.
+        self.preprocess: Preprocess = resolve(cfg.img_size, data.image_size, cfg.eval_crop_pct, init_preprocess)
+        if init_preprocess and init_preprocess.get("input_size") not in (None, cfg.img_size):
+            warnings.warn(f"img_size {cfg.img_size} differs from the {init_preprocess['input_size']} px the init "
+                          f"weights were trained at ({self.preprocess.source})", RuntimeWarning, stacklevel=2)
+        self._set_preprocess(self.preprocess)
 
         torch.manual_seed(cfg.init_seed)  # the same random init in every trial when no weights are given
         self.model = create_model(cfg.model, data.num_classes, cfg.img_size, drop_path_rate=cfg.drop_path)
@@ -157,6 +171,11 @@ class Trainer:
         n_train = len(data.splits["train"])
         self.batches_per_epoch = max(1, n_train // cfg.batch_size)
         self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.accum_steps)
+
+    def _set_preprocess(self, p: Preprocess) -> None:
+        self.preprocess = p
+        self.aug = dataclasses.replace(self.cfg.augment(), mean=p.mean, std=p.std, eval_crop_pct=p.crop_pct,
+                                       interpolation=p.interpolation)
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
@@ -225,7 +244,7 @@ class Trainer:
         out = []
         for i in range(0, len(images), self.cfg.eval_batch_size):
             x = torch.from_numpy(images[i:i + self.cfg.eval_batch_size].copy()).to(self.device)  # object-store arrays are read-only
-            x = eval_transform(x, self.aug)
+            x = transform(x, self.preprocess)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
@@ -266,7 +285,8 @@ class Trainer:
                 tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
         meta = {"epoch": self.epoch, "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "init_fingerprint": self.init_fingerprint, "dataset_fingerprint": self.data.fingerprint,
-                "param_groups": opt["param_groups"], "scaler": self.scaler.state_dict()}
+                "param_groups": opt["param_groups"], "scaler": self.scaler.state_dict(),
+                "preprocess": self.preprocess.to_dict()}
         # Each file is written beside and renamed into place: a crash mid-write never leaves a torn file.
         save_file(tensors, str(folder / (TRAIN_STATE + ".tmp")))
         (folder / (TRAIN_STATE_JSON + ".tmp")).write_text(json.dumps(meta, indent=1))
@@ -296,6 +316,18 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
         self.init_fingerprint = meta["init_fingerprint"]
+        if meta.get("preprocess"):  # the run goes on with the preprocessing it started with
+            self._set_preprocess(Preprocess.from_dict(meta["preprocess"], self.cfg.img_size, str(folder)))
+
+
+def _init_preprocess(path: str) -> dict | None:
+    from ich.checkpoint import CheckpointError as _CE
+    from ich.models import ModelError
+    from ich.preprocess import PreprocessError
+    try:
+        return init_preprocess(path)
+    except (PreprocessError, _CE) as e:
+        raise ModelError(f"init weights {path}: {e}") from None
 
 
 def evaluate_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str = "") -> dict[str, float]:

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ich.data import AugmentConfig, ICHDataset, eval_transform
+from ich.data import ICHDataset
 from ich.metrics import classification_metrics, log_loss
 from ich.models import create_model
+from ich.preprocess import Preprocess, transform
 from soups.bn import has_batchnorm, recalibrate_bn
 
 METRICS = ("macro_f1", "accuracy", "loss")
@@ -28,12 +29,23 @@ def metric_value(logits: np.ndarray, labels: np.ndarray, num_classes: int, metri
     return classification_metrics(labels, logits.argmax(1), num_classes)[metric]
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSpec:
-    """What fixes a model's predictions besides its weights."""
+    """What fixes a model's predictions besides its weights: the architecture and its preprocessing."""
     architecture: str
-    img_size: int
-    eval_crop_pct: float = 1.0
+    preprocess: Preprocess
+
+    @property
+    def img_size(self) -> int:
+        return self.preprocess.img_size
+
+    @classmethod
+    def of(cls, meta) -> "EvalSpec":
+        """A checkpoint's or soup's (CheckpointMeta) spec."""
+        return cls(meta.architecture, Preprocess.from_meta(meta))
+
+    def key(self) -> tuple:
+        return (self.architecture, *self.preprocess.key())
 
 
 class Evaluator:
@@ -41,7 +53,6 @@ class Evaluator:
         self.data, self.spec, self.batch_size = dataset, spec, batch_size
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.model = create_model(spec.architecture, dataset.num_classes, spec.img_size).to(self.device).eval()
-        self.aug = AugmentConfig(img_size=spec.img_size, eval_crop_pct=spec.eval_crop_pct)
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None
         self.has_bn = has_batchnorm(self.model)
 
@@ -50,7 +61,7 @@ class Evaluator:
 
     def _batches(self, images: np.ndarray):
         for i in range(0, len(images), self.batch_size):
-            yield eval_transform(torch.from_numpy(images[i:i + self.batch_size].copy()).to(self.device), self.aug)
+            yield transform(torch.from_numpy(images[i:i + self.batch_size].copy()).to(self.device), self.spec.preprocess)
 
     @torch.no_grad()
     def logits(self, state_dict: dict[str, torch.Tensor] | None, split: str) -> np.ndarray:

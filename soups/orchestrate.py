@@ -50,7 +50,6 @@ from tqdm import tqdm
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from ich.data import ICHDataset, load_dataset
-from ich.train import TrainConfig
 from soups import registry
 from soups.analysis import soft_vote
 from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
@@ -134,7 +133,7 @@ class Pulled:
     folder: Path
     meta: CheckpointMeta
     score: float  # its val metric as recorded in MLflow: ranks ingredients
-    eval_crop_pct: float
+    spec: EvalSpec  # architecture + preprocessing (checkpoint.json)
 
     @property
     def label(self) -> str:
@@ -147,7 +146,7 @@ class Pulled:
     def group_key(self) -> tuple:
         m = self.meta
         return (m.architecture, m.init_fingerprint, m.dataset_fingerprint, m.img_size, tuple(m.class_names),
-                self.eval_crop_pct)
+                self.spec.key())
 
 
 def _short_reason(error: BaseException, *prefixes: str) -> str:
@@ -184,8 +183,7 @@ class CheckpointPool:
             tagged, stored = getattr(record, name), getattr(meta, name)
             if tagged and tagged != stored:
                 raise CheckpointError(f"{name} is {stored!r} in checkpoint.json but {tagged!r} in the registry")
-        crop = float(((meta.extra or {}).get("config") or {}).get("eval_crop_pct", TrainConfig.eval_crop_pct))
-        return Pulled(record, folder, meta, score, crop)
+        return Pulled(record, folder, meta, score, EvalSpec.of(meta))
 
     def get(self, record: registry.CheckpointRecord) -> Pulled | None:
         if record.model_id not in self._done:
@@ -241,9 +239,11 @@ def _compatible(members: list[Pulled], pool: CheckpointPool) -> list[Pulled]:
     for p in members[1:]:
         try:
             check_compatible([(ref.label, ref.meta), (p.label, p.meta)])
-            if p.eval_crop_pct != ref.eval_crop_pct:
-                raise IncompatibleCheckpoint(f"checkpoint {p.label} differs from {ref.label} in eval_crop_pct: "
-                                             f"{p.eval_crop_pct} != {ref.eval_crop_pct}")
+            if p.spec.key() != ref.spec.key():
+                a, b = p.spec.preprocess.to_dict(), ref.spec.preprocess.to_dict()
+                diff = [k for k in a if k != "source" and a[k] != b[k]] or ["img_size"]
+                raise IncompatibleCheckpoint(f"checkpoint {p.label} differs from {ref.label} in preprocessing "
+                                             f"{diff[0]}: {a.get(diff[0])} != {b.get(diff[0])}")
         except IncompatibleCheckpoint as e:
             pool.skip(p.record, str(e))
             continue
@@ -270,9 +270,9 @@ class SoupBuilder:
     logits: dict = field(default_factory=dict)  # model_id -> split -> (N, C): kept for soft voting
 
     def evaluator(self, p: Pulled) -> Evaluator:
-        key = (p.meta.architecture, p.meta.img_size, p.eval_crop_pct)
+        key = p.spec.key()
         if key not in self.evaluators:
-            self.evaluators[key] = Evaluator(self.dataset, EvalSpec(*key), device=self.opts.device)
+            self.evaluators[key] = Evaluator(self.dataset, p.spec, device=self.opts.device)
         return self.evaluators[key]
 
     def score(self, ev: Evaluator, logits: np.ndarray, split: str = "val") -> float:
@@ -465,7 +465,8 @@ def log_soup(ctx: Context, entry: dict, soup: Built, ref: Pulled) -> None:
         extra={"soup": entry["name"], "sweep": ctx.sweep, "scope": entry["scope"], "recipe": entry["recipe"],
                "bn_mode": entry["bn_mode"], "metric": opts.metric, "tie_rule": opts.tie_rule,
                "ingredients": [i["model_id"] for i in entry["ingredients"] if i["accepted"]],
-               "image_size": ctx.dataset.image_size, "eval_crop_pct": ref.eval_crop_pct})
+               "image_size": ctx.dataset.image_size},
+        preprocess=ref.spec.preprocess)  # the ingredients' (compatible by construction)
     ckpt = ctx.tmp / "soups" / entry["name"]
     save_checkpoint(ckpt, soup.state_dict, soup_meta)
     model_tags = {**tags, registry.TAG_EPOCH: "0", registry.TAG_TRIAL: entry["trial"] or "soup",
@@ -518,8 +519,7 @@ def _champion_val_logits(ctx: Context, version) -> tuple[np.ndarray | None, str]
     state_dict, meta = registry.load_record(ctx.client, record, ctx.tmp / "champion")
     if list(meta.class_names) != ctx.dataset.classes or meta.dataset_fingerprint != ctx.dataset.fingerprint:
         return None, f"champion v{version.version} was built on another dataset"
-    spec = EvalSpec(meta.architecture, meta.img_size, float((meta.extra or {}).get("eval_crop_pct", 1.0)))
-    return Evaluator(ctx.dataset, spec, device=ctx.opts.device).logits(state_dict, "val"), ""
+    return Evaluator(ctx.dataset, EvalSpec.of(meta), device=ctx.opts.device).logits(state_dict, "val"), ""
 
 
 def decide_champion(ctx: Context, best: dict, best_val_logits: np.ndarray, current) -> dict:

@@ -1,114 +1,221 @@
-"""Serving a soup: an MLflow pyfunc model that classifies image files or base64-encoded images.
+"""Serving a soup: an MLflow pyfunc model that classifies base64-encoded images (or, when allowed, files).
 
-The weights travel as a checkpoint folder artifact (model.safetensors + checkpoint.json, never a
-pickle); MLflow cloudpickles only the small SoupClassifier class below, which imports `ich` and
-`soups` (logged with the model as code_paths, and installed anyway in this project's environment).
+The model is logged as MLflow Models-from-Code: its `python_model` is this project's own module file
+soups/served_model.py, its weights are a checkpoint folder artifact (model.safetensors + checkpoint.json).
+Nothing in it is a pickle. The sha256 of the weights and of checkpoint.json are recorded as tags of the
+LoggedModel at logging time. Before anything loads a soup (`ich predict`, `ich serve`, the champion
+rule), `verify_soup_model` checks the whole MLmodel against an allowlist, every file of the folder, the
+code file against the installed one and the weights against the recorded sha256; `ich predict` then
+builds SoupClassifier itself (nothing from the model folder is imported), `ich serve` hands the verified
+copy to `mlflow models serve`.
 
-Input: a pandas DataFrame with a `path` column (image files) or an `image` column (base64 bytes, for
-REST calls). Each image is decoded like `ich ingest` does it (EXIF orientation, any mode to RGB,
-shorter side resized to the dataset's stored size, center crop), then gets the eval preprocessing
-of training (center crop eval_crop_pct, resize to img_size, ImageNet normalization).
+Input: a pandas DataFrame with an `image` column (base64 bytes, for REST calls) or a `path` column (image
+files). The `path` column is refused unless the server was given a root folder (ICH_SERVE_PATH_ROOT or
+`ich serve --path-root`): then only regular files under that root, up to the size cap, are read. Each
+image is checked from its header first (pixel count, aspect ratio; decompression-bomb warnings are
+errors), then decoded like `ich ingest` stores it and preprocessed like training evaluates it.
 Output: one row per image with `class` (name), `confidence` and `probabilities` (class order).
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
+import hashlib
 import io
-import logging
+import os
+import stat
+import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from ich.checkpoint import CheckpointError
+
 ARTIFACT = "soup"  # name of the checkpoint folder among the pyfunc model's artifacts
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-CODE_PATHS = [str(PACKAGE_ROOT / "ich"), str(PACKAGE_ROOT / "soups")]
+CODE_FILE = Path(__file__).resolve().with_name("served_model.py")  # the model's python_model (Models-from-Code)
+WEIGHTS_FILE, META_FILE = "model.safetensors", "checkpoint.json"
+TAG_WEIGHTS_SHA256 = "ich.sha256"  # the same tag the registry records on checkpoints (soups.registry.TAG_SHA256)
+TAG_META_SHA256 = "ich.meta_sha256"
+TAG_CODE_SHA256 = "ich.code_sha256"
+
+# Serving inputs: bounded before anything is decoded or resized.
+PATH_ROOT_ENV = "ICH_SERVE_PATH_ROOT"  # unset: the `path` column is refused
+MAX_BYTES_ENV = "ICH_SERVE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 20 << 20  # one image file or decoded base64 value
+MAX_PIXELS = 40_000_000  # width x height from the header; a 40 MP RGB image is 120 MB once decoded
+MAX_ASPECT_RATIO = 20.0  # longer side / shorter side; a 100000x1 image would ask for a ~24 GiB resize
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """What a served model may read: `path` values only under path_root (None: never), at most max_bytes."""
+    path_root: Path | None = None
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    @classmethod
+    def from_env(cls) -> "InputPolicy":
+        raw_cap = os.environ.get(MAX_BYTES_ENV, "").strip()
+        try:
+            cap = int(raw_cap) if raw_cap else DEFAULT_MAX_BYTES
+        except ValueError:
+            raise ValueError(f"{MAX_BYTES_ENV}={raw_cap!r}: not a whole number of bytes") from None
+        if cap < 1:
+            raise ValueError(f"{MAX_BYTES_ENV}={raw_cap!r}: must be at least 1")
+        raw_root = os.environ.get(PATH_ROOT_ENV, "").strip()
+        if not raw_root:
+            return cls(None, cap)
+        root = Path(os.path.realpath(raw_root))
+        if not root.is_dir():
+            raise ValueError(f"{PATH_ROOT_ENV}={raw_root!r}: not a folder")
+        return cls(root, cap)
+
+
+def _inside(path: str, root: Path) -> bool:
+    return os.path.commonpath([path, str(root)]) == str(root)
+
+
+def read_confined(path: str, policy: InputPolicy, where: str) -> bytes:
+    """The bytes of a regular file under policy.path_root, at most policy.max_bytes; anything else refused
+    before it is opened (FIFOs, devices such as /dev/zero, symlinks that leave the root, oversized files)."""
+    if policy.path_root is None:
+        raise ValueError(f"{where}: the 'path' column is off on this server; send the image as base64 in "
+                         f"'image' (or start the server with --path-root / {PATH_ROOT_ENV})")
+    root = policy.path_root
+    real = os.path.realpath(root / path)  # an absolute path stays as it is; symlinks resolved
+    if not _inside(real, root):
+        raise ValueError(f"{where}: {path} is outside the allowed root {root}")
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {path} ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{where}: {path} is not a regular file")
+    if st.st_size > policy.max_bytes:
+        raise ValueError(f"{where}: {path} is {st.st_size} bytes, over the {policy.max_bytes}-byte cap")
+    try:  # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {path} ({e.strerror or type(e).__name__})") from None
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else real
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _inside(opened, root):
+            raise ValueError(f"{where}: {path} changed while being opened; refusing")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(policy.max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > policy.max_bytes:
+        raise ValueError(f"{where}: {path} is over the {policy.max_bytes}-byte cap")
+    return data
+
+
+def check_image_header(data: bytes, where: str) -> None:
+    """Refuse, from the header alone, images whose decode or resize would be unbounded: decompression-bomb
+    warnings are errors, and pixel count and aspect ratio are capped before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{where}: decompression bomb (over Pillow's pixel limit); refusing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{where}: not a readable image ({type(e).__name__})") from None
+    if w < 1 or h < 1:
+        raise ValueError(f"{where}: empty image ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{where}: {w}x{h} is {w * h} pixels, over the {MAX_PIXELS} limit; refusing")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ValueError(f"{where}: {w}x{h} has an aspect ratio over {MAX_ASPECT_RATIO:g}:1; refusing before resizing")
+
+
+def _image_bytes(row: pd.Series, i: int, policy: InputPolicy) -> tuple[bytes, str]:
+    """One row's image bytes (read under the policy) and the name to show in errors; header checked."""
+    path, image = row.get("path"), row.get("image")
+    if isinstance(path, str) and path:
+        data, where = read_confined(path, policy, f"row {i}"), f"row {i} ({path})"
+    elif isinstance(image, (bytes, bytearray)):
+        data, where = bytes(image), f"row {i}"
+    elif isinstance(image, str) and image:
+        if len(image) > 4 * (policy.max_bytes // 3 + 1):
+            raise ValueError(f"row {i}: image is {len(image)} characters of base64, over the "
+                             f"{policy.max_bytes}-byte cap")
+        try:
+            data, where = base64.b64decode(image, validate=True), f"row {i}"
+        except (binascii.Error, ValueError):
+            raise ValueError(f"row {i}: column 'image' is not valid base64") from None
+    else:
+        raise ValueError(f"row {i}: needs an 'image' (base64 bytes) or a 'path' (image file) value")
+    if len(data) > policy.max_bytes:
+        raise ValueError(f"{where}: image is {len(data)} bytes, over the {policy.max_bytes}-byte cap")
+    check_image_header(data, where)
+    return data, where
 
 
 def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """Image bytes -> (size, size, 3) uint8, the way `ich ingest` stores a photo."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from ich.ingest import _resize_crop, _to_rgb
-
-    try:
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG":
-            im.draft(None, (size, size))  # ingest decodes JPEGs with the same DCT-domain downscale
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ValueError(f"{where}: not a readable image ({type(e).__name__})") from None
-    try:
-        im = ImageOps.exif_transpose(im)
-    except Exception:
-        pass  # unreadable EXIF: keep the pixels as stored, like ingest
-    return np.asarray(_resize_crop(_to_rgb(im), size), dtype=np.uint8)
+    """Image bytes -> (size, size, 3) uint8, the way `ich ingest` stores a photo (ich.preprocess.decode_image)."""
+    from ich.preprocess import decode_image as decode
+    return decode(data, size, where)
 
 
-def _image_bytes(row: pd.Series, i: int) -> tuple[bytes, str]:
-    path = row.get("path")
-    if isinstance(path, str) and path:
-        try:
-            return Path(path).read_bytes(), path
-        except OSError as e:
-            raise ValueError(f"row {i}: cannot read {path} ({e.strerror or type(e).__name__})") from None
-    image = row.get("image")
-    if isinstance(image, (bytes, bytearray)):
-        return bytes(image), f"row {i}"
-    if isinstance(image, str) and image:
-        try:
-            return base64.b64decode(image, validate=True), f"row {i}"
-        except (binascii.Error, ValueError):
-            raise ValueError(f"row {i}: column 'image' is not valid base64") from None
-    raise ValueError(f"row {i}: needs a 'path' (image file) or an 'image' (base64 bytes) value")
-
+# ---------------------------------------------------------------------------------------------- the model
 
 class SoupClassifier(mlflow.pyfunc.PythonModel):
     """Loads the soup checkpoint folder from the model's artifacts and classifies images."""
     _skip_type_hint_validation = True  # the explicit signature() checks inputs; no type-hint wrapper
 
-
     def load_context(self, context) -> None:
         import torch
 
         from ich.checkpoint import load_checkpoint
-        from ich.data import AugmentConfig
         from ich.models import create_model
+        from ich.preprocess import Preprocess
 
+        self.policy = InputPolicy.from_env()  # the server's environment decides what `path` may read
         state_dict, meta = load_checkpoint(context.artifacts[ARTIFACT])  # safetensors only
         self.classes = list(meta.class_names)
-        self.image_size = int(meta.extra.get("image_size", meta.img_size))  # the dataset's stored size
-        self.aug = AugmentConfig(img_size=meta.img_size, eval_crop_pct=float(meta.extra.get("eval_crop_pct", 1.0)))
+        self.preprocess = Preprocess.from_meta(meta)  # what training evaluated with (ich/preprocess.py)
         self.model = create_model(meta.architecture, meta.num_classes, meta.img_size)
         self.model.load_state_dict(state_dict)
         self.model.eval()
         self.torch = torch
 
     def predict(self, context, model_input, params=None):
-        from ich.data import eval_transform
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "path" not in frame.columns and "image" not in frame.columns:
-            raise ValueError(f"input needs a 'path' or an 'image' column, got {list(frame.columns)}")
-        pixels = []
+            raise ValueError(f"input needs an 'image' or a 'path' column, got {list(frame.columns)}")
+        images = []
         for i, (_, row) in enumerate(frame.iterrows()):
             row = row.where(row.notna(), None)  # a missing cell reads as None, not NaN
-            data, where = _image_bytes(row, i)
-            pixels.append(decode_image(data, self.image_size, where))
-        probs = np.zeros((0, len(self.classes)))
-        if pixels:
-            with self.torch.no_grad():
-                x = eval_transform(self.torch.from_numpy(np.stack(pixels)), self.aug)
-                probs = self.torch.softmax(self.model(x).float(), dim=1).numpy().astype(np.float64)
+            images.append(_image_bytes(row, i, self.policy))
+        probs = self.probabilities(images)
         top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
         return pd.DataFrame({
             "class": [self.classes[k] for k in top],
             "confidence": [float(probs[i, k]) for i, k in enumerate(top)],
             "probabilities": [row.tolist() for row in probs],
         })
+
+    def probabilities(self, images: list[tuple[bytes, str]]) -> np.ndarray:
+        """Checked image bytes -> (N, classes) probabilities: the one decode + preprocess + forward step."""
+        from PIL import Image
+
+        from ich.preprocess import image_logits
+
+        if not images:
+            return np.zeros((0, len(self.classes)))
+        with warnings.catch_warnings():  # the header was checked; a decoder that still warns is refused
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            logits = self.torch.from_numpy(image_logits(self.model, self.preprocess, images))  # ich.preprocess: the one path
+        return self.torch.softmax(logits, dim=1).numpy().astype(np.float64)
 
 
 def signature():
@@ -146,29 +253,28 @@ def example_image(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _sha256(path: str | Path) -> str:
+    from ich.checkpoint import sha256_file
+    return sha256_file(path)
+
+
+def recorded_hashes(ckpt_dir: str | Path) -> dict[str, str]:
+    """The tags that pin a soup model's content at logging time: weights, metadata, code."""
+    ckpt_dir = Path(ckpt_dir)
+    return {TAG_WEIGHTS_SHA256: _sha256(ckpt_dir / WEIGHTS_FILE), TAG_META_SHA256: _sha256(ckpt_dir / META_FILE),
+            TAG_CODE_SHA256: _sha256(CODE_FILE)}
+
+
 def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None = None,
                example_pixels: np.ndarray | None = None):
-    """Log the soup at ckpt_dir as a pyfunc model of the active run; returns MLflow's ModelInfo."""
+    """Log the soup at ckpt_dir as a Models-from-Code pyfunc model of the active run (no pickle; the sha256
+    of its weights, metadata and code as tags of the LoggedModel); returns MLflow's ModelInfo."""
     example = None if example_pixels is None else pd.DataFrame({"image": [example_image(example_pixels)]})
-    with _quiet_logging():
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=SoupClassifier(), artifacts={ARTIFACT: str(ckpt_dir)}, code_paths=CODE_PATHS,
-            signature=signature(), input_example=example, pip_requirements=pip_requirements(),
-            tags={k: str(v) for k, v in (tags or {}).items()}, model_type="soup-pyfunc",
-            metadata={"classes": _classes(ckpt_dir)})
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """MLflow's warning about pickled python_model objects is noise here: the pickled object is our own
-    small class, the weights travel as safetensors."""
-    logger = logging.getLogger("mlflow.pyfunc")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(CODE_FILE), artifacts={ARTIFACT: str(ckpt_dir)},
+        signature=signature(), input_example=example, pip_requirements=pip_requirements(),
+        tags={**{k: str(v) for k, v in (tags or {}).items()}, **recorded_hashes(ckpt_dir)},
+        model_type="soup-pyfunc", metadata={"classes": _classes(ckpt_dir)})
 
 
 def _classes(ckpt_dir: str | Path) -> list[str]:
@@ -176,75 +282,227 @@ def _classes(ckpt_dir: str | Path) -> list[str]:
     return list(read_meta(ckpt_dir).class_names)
 
 
-# ---------------------------------------------------------------------------------------------- safe loading
+# ---------------------------------------------------------------------------------------------- verified loading
 
-# What a pickled SoupClassifier may reference. Anything else in python_model.pkl means the model is not ours.
-ALLOWED_PICKLE_GLOBALS = {("soups.pyfunc", "SoupClassifier"), ("mlflow.models.signature", "_TypeHints"),
-                          ("copyreg", "_reconstructor"), ("builtins", "object")}
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
-
-
-class UntrustedModel(ValueError):
-    """A pyfunc model that is not one of this project's soups (or was altered); never loaded."""
+class UntrustedModel(CheckpointError):
+    """A pyfunc model that is not one of this project's soups (or was altered); never loaded. One line naming
+    the model and what is wrong (a CheckpointError, so the CLI shows it as a user error, exit 2)."""
 
 
-def pickle_globals(data: bytes, where: str) -> set[tuple[str, str]]:
-    """The (module, name) pairs a pickle would import, read with pickletools: nothing is executed."""
-    import pickletools
-    found, recent = set(), []
-    try:
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "MEMOIZE":
-                continue
-            if op.name in ("GLOBAL", "INST"):
-                found.add(tuple(arg.split(" ", 1)))
-            elif op.name == "STACK_GLOBAL":
-                if len(recent) < 2 or not all(o in _STRING_OPS for o, _ in recent[-2:]):
-                    raise UntrustedModel(f"{where}: pickle imports a name built indirectly; refusing")
-                found.add((recent[-2][1], recent[-1][1]))
-            recent.append((op.name, arg))
-    except ValueError as e:
-        if isinstance(e, UntrustedModel):
-            raise
-        raise UntrustedModel(f"{where}: not a valid pickle ({e})") from None
-    return found
+# Every file a soup model folder may hold (the checkpoint folder's name under artifacts/ varies).
+TEXT_FILES = ("conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+              "serving_input_example.json", "registered_model_meta")
+PYFUNC_KEYS = {"artifacts", "cloudpickle_version", "code", "env", "loader_module", "model_code_path",
+               "python_version", "streamable"}
+TOP_KEYS = {"artifact_path", "flavors", "is_signature_from_type_hint", "metadata", "mlflow_version", "model_id",
+            "model_size_bytes", "model_uuid", "prompts", "run_id", "saved_input_example_info", "signature",
+            "type_hint_from_example", "utc_time_created"}
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
+INPUT_EXAMPLE_INFO = {"artifact_path": "input_example.json", "pandas_orient": "split",
+                      "serving_input_path": "serving_input_example.json", "type": "dataframe"}
+MAX_MLMODEL_BYTES = 1 << 20
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin", ".dill", ".cloudpickle")
 
 
-def verify_soup_model(local: str | Path) -> None:
-    """Check, without unpickling or importing anything from it, that a pyfunc folder is one of our soups:
-    the python_function flavour of mlflow.pyfunc.model, a pickle that references only SoupClassifier, and
-    bundled code identical to the installed project's."""
+def _is_pickle(path: Path) -> bool:
+    """A pickle by name or by its first bytes (protocol 2+ starts with PROTO: 0x80, then 2..5)."""
+    if path.name.lower().endswith(PICKLE_SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _check_mlmodel(local: Path, label: str) -> str:
+    """The whole MLmodel against the allowlist; returns the checkpoint folder's path inside the model."""
+    import json
+
     import yaml
-    local = Path(local)
+
+    def refuse(what: str):
+        raise UntrustedModel(f"{label}: MLmodel {what}; refusing")
+
+    path = local / "MLmodel"
+    if path.is_symlink() or not path.is_file():
+        raise UntrustedModel(f"{label}: no MLmodel file; not an MLflow model, refusing")
+    if path.stat().st_size > MAX_MLMODEL_BYTES:
+        refuse(f"is over {MAX_MLMODEL_BYTES} bytes")
     try:
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-        flavor = mlmodel["flavors"]["python_function"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        raise UntrustedModel(f"{local}: not an MLflow pyfunc model (no python_function flavour in MLmodel)") from None
-    if flavor.get("loader_module") != "mlflow.pyfunc.model" or not flavor.get("python_model"):
-        raise UntrustedModel(f"{local}: pyfunc loader {flavor.get('loader_module')!r} is not a soup's")
-    pkl = local / flavor["python_model"]
-    names = pickle_globals(pkl.read_bytes(), str(pkl))
-    if names - ALLOWED_PICKLE_GLOBALS:
-        raise UntrustedModel(f"{pkl}: references {sorted(names - ALLOWED_PICKLE_GLOBALS)[0]}; not a soup, refusing")
-    code = local / flavor.get("code", "code") if flavor.get("code") else None
-    if code is not None and code.is_dir():
-        for f in code.rglob("*"):
-            if f.is_file() and f.suffix in (".py", ".pyc", ".so", ".pth"):
-                mine = PACKAGE_ROOT / f.relative_to(code)
-                if f.suffix != ".py" or not mine.is_file() or mine.read_bytes() != f.read_bytes():
-                    raise UntrustedModel(f"{f}: bundled code differs from the installed project; refusing")
+        mlmodel = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        refuse("is not valid YAML")
+    if not isinstance(mlmodel, dict):
+        refuse("is not a mapping")
+    if set(mlmodel) - TOP_KEYS:
+        refuse(f"has unexpected key {sorted(set(mlmodel) - TOP_KEYS)[0]!r}")
+    flavors = mlmodel.get("flavors")
+    if not isinstance(flavors, dict) or set(flavors) != {"python_function"}:
+        refuse(f"flavors {sorted(flavors) if isinstance(flavors, dict) else flavors!r} are not just python_function")
+    pyfunc = flavors["python_function"]
+    if not isinstance(pyfunc, dict):
+        refuse("python_function is not a mapping")
+    if set(pyfunc) - PYFUNC_KEYS:
+        refuse(f"python_function has unexpected key {sorted(set(pyfunc) - PYFUNC_KEYS)[0]!r}")
+    if pyfunc.get("loader_module") != CODE_MODEL_LOADER:
+        refuse(f"loader_module {pyfunc.get('loader_module')!r} is not {CODE_MODEL_LOADER}")
+    code_path = pyfunc.get("model_code_path")
+    if not isinstance(code_path, str) or os.path.basename(code_path) != CODE_FILE.name:
+        refuse(f"model_code_path {code_path!r} is not this project's {CODE_FILE.name}")
+    if pyfunc.get("code") is not None:
+        refuse(f"python_function code {pyfunc.get('code')!r} (bundled code dirs) is not allowed")
+    if pyfunc.get("env") != {"conda": "conda.yaml", "virtualenv": "python_env.yaml"}:
+        refuse(f"python_function env {pyfunc.get('env')!r} is not a soup's")
+    if pyfunc.get("streamable") is not False:
+        refuse("python_function streamable is not false")
+    for key in ("python_version", "cloudpickle_version"):
+        if key in pyfunc and not isinstance(pyfunc[key], str):
+            refuse(f"python_function {key} is not a string")
+    artifacts = pyfunc.get("artifacts")
+    entry = artifacts.get(ARTIFACT) if isinstance(artifacts, dict) and set(artifacts) == {ARTIFACT} else None
+    folder = entry.get("path") if isinstance(entry, dict) and set(entry) <= {"path", "uri"} else None
+    parts = folder.split("/") if isinstance(folder, str) else []
+    if len(parts) != 2 or parts[0] != "artifacts" or parts[1] in ("", ".", "..") or "\\" in parts[1]:
+        refuse(f"python_function artifacts {artifacts!r} are not one '{ARTIFACT}' checkpoint folder")
+    metadata = mlmodel.get("metadata")
+    classes = metadata.get("classes") if isinstance(metadata, dict) and set(metadata) == {"classes"} else None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        refuse(f"metadata {metadata!r} is not a soup's (a list of class names)")
+    if mlmodel.get("saved_input_example_info", INPUT_EXAMPLE_INFO) != INPUT_EXAMPLE_INFO:
+        refuse("saved_input_example_info is not a soup's")
+    if mlmodel.get("prompts") is not None or mlmodel.get("is_signature_from_type_hint", False) is not False \
+            or mlmodel.get("type_hint_from_example", False) is not False:
+        refuse("has prompts or type-hint settings a soup does not have")
+    for key in ("artifact_path", "mlflow_version", "model_id", "model_uuid", "run_id", "utc_time_created"):
+        if key in mlmodel and not isinstance(mlmodel[key], (str, type(None))):
+            refuse(f"{key} is not a string")
+    if not isinstance(mlmodel.get("model_size_bytes", 0), int):
+        refuse("model_size_bytes is not a number")
+    sig = mlmodel.get("signature")
+    ours = signature().to_dict()
+    try:
+        same = isinstance(sig, dict) and set(sig) == set(ours) and all(
+            (json.loads(sig[k]) if sig[k] else None) == (json.loads(ours[k]) if ours[k] else None) for k in ours)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        refuse("signature is not a soup's")
+    return folder
 
 
-def load_soup_model(uri: str):
-    """Download (if remote), verify, then load a soup's pyfunc model."""
+def verify_soup_model(local: str | Path, recorded: dict[str, str] | None, label: str) -> Path:
+    """Check, without importing or unpickling anything from it, that a model folder is one of our soups:
+    the whole MLmodel against the allowlist, every file (no pickles, no symlinks, nothing unexpected), the
+    code file against the installed project's, and, when `recorded` (the LoggedModel's tags) is given, the
+    weights and metadata against the sha256 recorded at logging time. Returns the checkpoint folder."""
+    local = Path(local)
+    folder = _check_mlmodel(local, label)
+    allowed = {"MLmodel", CODE_FILE.name, *TEXT_FILES, f"{folder}/{WEIGHTS_FILE}", f"{folder}/{META_FILE}"}
+    for dirpath, dirnames, filenames in os.walk(local):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(local).as_posix()
+            if path.is_symlink():
+                raise UntrustedModel(f"{label}: {rel} is a symlink; refusing")
+            if path.is_dir():
+                continue
+            if not path.is_file():
+                raise UntrustedModel(f"{label}: {rel} is not a regular file; refusing")
+            if _is_pickle(path):
+                raise UntrustedModel(f"{label}: {rel} is a pickle (a soup model holds none); refusing")
+            if rel not in allowed:
+                raise UntrustedModel(f"{label}: unexpected file {rel} (not part of a soup model); refusing")
+    for rel in ("MLmodel", CODE_FILE.name, f"{folder}/{WEIGHTS_FILE}", f"{folder}/{META_FILE}"):
+        if not (local / rel).is_file():
+            raise UntrustedModel(f"{label}: {rel} is missing; refusing")
+    if (local / CODE_FILE.name).read_bytes() != CODE_FILE.read_bytes():
+        raise UntrustedModel(f"{label}: {CODE_FILE.name} differs from the installed soups/{CODE_FILE.name} "
+                             f"(sha256 {_sha256(local / CODE_FILE.name)[:12]}…); refusing")
+    if recorded is not None:
+        for rel, tag in ((f"{folder}/{WEIGHTS_FILE}", TAG_WEIGHTS_SHA256), (f"{folder}/{META_FILE}", TAG_META_SHA256)):
+            want = recorded.get(tag)
+            if not want:
+                raise UntrustedModel(f"{label}: no {tag} recorded at logging time; refusing")
+            actual = _sha256(local / rel)
+            if actual != want:
+                raise UntrustedModel(f"{label}: {rel} sha256 {actual[:12]}… is not the {want[:12]}… recorded at "
+                                     f"logging time; refusing")
+    return local / folder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a soup model comes from: what to call it, where to download it, the tags recorded when logged."""
+    label: str
+    local: Path | None = None  # a local folder (nothing recorded to check the weights against)
+    model_id: str | None = None
+    recorded: dict[str, str] | None = None
+
+
+def resolve_model(uri: str) -> ModelSource:
+    """models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a local folder -> its LoggedModel and tags.
+    Whatever a registered version's `source` says, the model downloaded is its LoggedModel's own."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        if "://" in uri or uri.startswith("runs:"):
+            raise UntrustedModel(f"{uri}: serve a registered soup (models:/NAME@ALIAS) or a local folder; refusing")
+        if not Path(uri).is_dir():
+            raise UntrustedModel(f"{uri}: no such model folder")
+        return ModelSource(label=uri, local=Path(uri))
+    client = MlflowClient()
+    spec = uri[len("models:/"):].strip("/")
+    try:
+        if spec.startswith("m-") and "/" not in spec and "@" not in spec:
+            model_id, label = spec, uri
+        else:
+            if "@" in spec:
+                name, alias = spec.rsplit("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            elif spec.count("/") == 1:
+                name, number = spec.split("/")
+                version = client.get_model_version(name, number)
+            else:
+                raise UntrustedModel(f"{uri}: not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
+            model_id, label = version.model_id, f"{uri} (version {version.version})"
+            if not model_id:
+                raise UntrustedModel(f"{label}: has no LoggedModel (not logged by this project); refusing")
+        logged = client.get_logged_model(model_id)
+    except MlflowException as e:
+        raise UntrustedModel(f"{uri}: {str(e).splitlines()[0]}") from None
+    return ModelSource(label=label, model_id=model_id, recorded=dict(logged.tags or {}))
+
+
+def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
+    """Download a soup model under dst (a folder of ours) and verify it; returns (source, model folder,
+    checkpoint folder). What is used afterwards is exactly this verified copy."""
+    import shutil
+
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-    local = Path(uri)
-    if not local.is_dir():
+
+    source = resolve_model(uri)
+    local = Path(dst) / "verified-model"  # not an importable name: nothing can `import` it from a cwd
+    if source.local is not None:
+        verify_soup_model(source.local, None, source.label)  # before copying: no FIFO or device is opened
+        shutil.copytree(source.local, local, symlinks=True)
+    else:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            got = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{source.model_id}", dst_path=str(local))
         except (MlflowException, OSError) as e:
-            raise UntrustedModel(f"{uri}: cannot download model ({str(e).splitlines()[0]})") from None
-    verify_soup_model(local)
-    return mlflow.pyfunc.load_model(str(local))  # security: verified above: our class, our code, safetensors weights
+            raise UntrustedModel(f"{source.label}: cannot download model ({str(e).splitlines()[0]})") from None
+        local = Path(got)
+    ckpt = verify_soup_model(local, source.recorded, source.label)
+    return source, local, ckpt
+
+
+def load_soup_model(uri: str) -> SoupClassifier:
+    """Download, verify, then build SoupClassifier from the verified weights; nothing from the model folder
+    is imported or unpickled (MLflow's loader is not used)."""
+    from mlflow.pyfunc import PythonModelContext
+
+    with tempfile.TemporaryDirectory(prefix="ich-model-") as tmp:
+        _, _, ckpt = fetch_verified(uri, tmp)
+        model = SoupClassifier()
+        model.load_context(PythonModelContext(artifacts={ARTIFACT: str(ckpt)}, model_config=None))
+    return model

@@ -46,7 +46,6 @@ from ich.checkpoint import META
 from ich.data import ICHDataset, load_dataset
 from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
 from ich.models import family
-from ich.train import TrainConfig
 from soups import registry
 from soups.orchestrate import json_safe
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, soft_vote, softmax
@@ -130,13 +129,10 @@ class Predictions:
         return self.mem[key]
 
     def _evaluator(self, meta) -> Evaluator:
-        extra = meta.extra or {}
-        # soups carry their crop in extra; checkpoints in their training config (the orchestrator's default)
-        crop = extra.get("eval_crop_pct", (extra.get("config") or {}).get("eval_crop_pct", TrainConfig.eval_crop_pct))
-        key = (meta.architecture, int(meta.img_size), float(crop))
-        if key not in self.evaluators:
-            self.evaluators[key] = Evaluator(self.dataset, EvalSpec(*key), device=self.device)
-        return self.evaluators[key]
+        spec = EvalSpec.of(meta)  # the preprocessing the checkpoint (or soup) records
+        if spec.key() not in self.evaluators:
+            self.evaluators[spec.key()] = Evaluator(self.dataset, spec, device=self.device)
+        return self.evaluators[spec.key()]
 
     def ensure(self, records: list[registry.CheckpointRecord]) -> None:
         """Run every model that lacks a cached split, with a progress bar; each model once, on every split."""

@@ -30,6 +30,8 @@ class InitConfig:
     """Where every trial's initial weights come from (design decision 2)."""
     weights: str | None = None  # local .safetensors / checkpoint folder, MLflow model URI, or hub:<timm tag>
     warm_start: dict = field(default_factory=dict)  # TrainConfig overrides for the offline warm-start base model
+    # mean / std / crop_pct / interpolation overriding the init weights' own (ich/preprocess.py)
+    preprocess: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -129,6 +131,11 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
             lo, hi = args[0], args[1]
             if not lo < hi or (kind == "loguniform" and lo <= 0):
                 raise ConfigError(f"{where}: search.{k} {kind} range [{lo}, {hi}] holds no valid point")
+    from ich.preprocess import PreprocessError, check_overrides
+    try:
+        check_overrides(cfg.init.preprocess or {}, f"{where}: init.preprocess")
+    except PreprocessError as e:
+        raise ConfigError(str(e)) from None
     if cfg.mode not in ("min", "max"):
         raise ConfigError(f"{where}: mode must be min or max, not {cfg.mode!r}")
     if not cfg.metric.startswith("val_"):

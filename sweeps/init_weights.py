@@ -6,6 +6,9 @@ Sources, per model architecture of the sweep:
   - nothing given (offline default): a warm-start base model trained once on the train split to convergence
     (cosine to zero), recorded in MLflow as a LoggedModel (ich.kind=init) and reused by every trial, by a
     resumed sweep and by later scheduled runs of the same sweep.
+The init source also decides the evaluation preprocessing (design decision 9, ich/preprocess.py): a hub tag's
+timm pretrained config, a checkpoint folder's metadata, a JSON sidecar beside a local file; else the dataset's
+defaults. `init.preprocess` in the sweep config overrides any of mean / std / crop_pct / interpolation.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from mlflow import MlflowClient
 from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.errors import ConfigError
-from ich.models import create_model, load_init_weights
+from ich.models import ModelError, create_model, load_init_weights, resolve_init_weights
+from ich.preprocess import DATASET_DEFAULT, PreprocessError, hub_preprocess, init_preprocess
 from ich.train import TrainConfig, Trainer
 from soups import registry
 from sweeps.config import SweepConfig
@@ -36,6 +40,23 @@ def _source_for(cfg: SweepConfig, model: str) -> str | None:
     return w
 
 
+def _with_overrides(pre: dict | None, cfg: SweepConfig) -> dict | None:
+    """The init's preprocessing fields with the sweep's `init.preprocess` on top."""
+    overrides = cfg.init.preprocess or {}
+    if not overrides:
+        return pre
+    return {**(pre or {}), **overrides, "source": f"{(pre or {}).get('source', DATASET_DEFAULT)} + init.preprocess"}
+
+
+def describe_preprocess(pre: dict | None, tc: TrainConfig) -> str:
+    """One line for the sweep's output: what evaluation (and serving) will do to an image."""
+    p = pre or {}
+    mean = ", ".join(f"{v:g}" for v in p.get("mean", (0.485, 0.456, 0.406)))
+    std = ", ".join(f"{v:g}" for v in p.get("std", (0.229, 0.224, 0.225)))
+    return (f"mean ({mean}), std ({std}), crop {p.get('crop_pct', tc.eval_crop_pct):g}, "
+            f"{p.get('interpolation', 'bilinear')} [{p.get('source', DATASET_DEFAULT)}]")
+
+
 def _warm_start_config(cfg: SweepConfig, model: str) -> TrainConfig:
     fields = {**cfg.train, "model": model, **(cfg.init.warm_start or {})}
     return TrainConfig.from_dict(fields)
@@ -47,14 +68,14 @@ def _recipe_key(tc: TrainConfig) -> str:
 
 
 @ray.remote(max_retries=1)
-def _train_warm_start(tc: TrainConfig, dataset: ICHDataset) -> tuple[dict, dict, str]:
-    trainer = Trainer(tc, dataset)
+def _train_warm_start(tc: TrainConfig, dataset: ICHDataset, preprocess: dict | None = None) -> tuple[dict, dict, dict]:
+    trainer = Trainer(tc, dataset, init_preprocess=preprocess)
     metrics = {}
     for result in trainer.fit():
         metrics = result.metrics
         print(f"warm start {tc.model} epoch {result.epoch}/{tc.epochs}: val_accuracy {metrics['val_accuracy']:.4f}",
               flush=True)
-    return trainer.weights(), {k: float(v) for k, v in metrics.items()}, trainer.init_fingerprint
+    return trainer.weights(), {k: float(v) for k, v in metrics.items()}, trainer.preprocess.to_dict()
 
 
 def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, client: MlflowClient,
@@ -74,13 +95,17 @@ def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, clien
     for model, tc in to_train.items():
         print(f"training the warm-start base model for {model} ({tc.epochs} epochs, lr {tc.lr}, {tc.schedule})",
               flush=True)
-        futures[model] = task.remote(tc, dataset)
+        futures[model] = task.remote(tc, dataset, _with_overrides(None, cfg))
     for model, future in futures.items():
-        sd, metrics, _ = ray.get(future)
+        sd, metrics, pre = ray.get(future)
         inits[model] = record_warm_start(to_train[model], sd, metrics, dataset, client, experiment_id,
-                                         parent_run_id, sweep)
+                                         parent_run_id, sweep, preprocess=pre)
     for model in models:
-        print(f"init for {model}: {inits[model].source} (fingerprint {inits[model].fingerprint[:16]})", flush=True)
+        init = inits[model]
+        if init.preprocess is None:
+            init.preprocess = _with_overrides(None, cfg)
+        print(f"init for {model}: {init.source} (fingerprint {init.fingerprint[:16]}); eval preprocessing "
+              f"{describe_preprocess(init.preprocess, _warm_start_config(cfg, model))}", flush=True)
     return inits
 
 
@@ -88,15 +113,25 @@ def given_init(cfg: SweepConfig, model: str, source: str, dataset: ICHDataset) -
     """Weights the user named: a hub tag (downloads: asked for), a local file / folder, or an MLflow URI."""
     init_seed = cfg.train.get("init_seed", 0)
     torch.manual_seed(init_seed)  # a fresh classifier is the same in every trial
-    if source.startswith("hub:"):
-        net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
-        fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{init_seed}".encode()).hexdigest()[:32]
-    else:
-        net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
-        fp, fresh = load_init_weights(net, source)
-        if fresh:
-            fp = hashlib.sha256(f"{fp}|head{dataset.num_classes}|{init_seed}".encode()).hexdigest()
-    return Init({k: v.detach().clone() for k, v in net.state_dict().items()}, fp, source)
+    try:
+        if source.startswith("hub:"):
+            pre = hub_preprocess(source[4:])  # timm's pretrained config: installed with timm, no network
+            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
+            fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{init_seed}".encode()).hexdigest()[:32]
+        else:
+            local = resolve_init_weights(source)  # an MLflow URI downloads once, here
+            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
+            fp, fresh = load_init_weights(net, str(local))
+            if fresh:
+                fp = hashlib.sha256(f"{fp}|head{dataset.num_classes}|{init_seed}".encode()).hexdigest()
+            pre = init_preprocess(local)
+    except PreprocessError as e:
+        raise ModelError(f"init weights {source}: {e}") from None
+    if pre and "eval_crop_pct" in cfg.train and "crop_pct" not in (cfg.init.preprocess or {}) \
+            and float(cfg.train["eval_crop_pct"]) != pre["crop_pct"]:
+        print(f"note: train.eval_crop_pct={cfg.train['eval_crop_pct']} is not used: the init weights' preprocessing "
+              f"says crop {pre['crop_pct']:g} ({pre['source']}); set init.preprocess.crop_pct to override it", flush=True)
+    return Init({k: v.detach().clone() for k, v in net.state_dict().items()}, fp, source, _with_overrides(pre, cfg))
 
 
 def reuse_warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: MlflowClient, experiment_id: str,
@@ -113,14 +148,15 @@ def reuse_warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: 
 
 
 def record_warm_start(tc: TrainConfig, sd: dict, metrics: dict, dataset: ICHDataset, client: MlflowClient,
-                      experiment_id: str, parent_run_id: str, sweep: str) -> Init:
+                      experiment_id: str, parent_run_id: str, sweep: str, preprocess: dict | None = None) -> Init:
     """Log a freshly trained warm start as the sweep's init model (ich.kind=init); its sha256 is the fingerprint."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "init"
         meta = CheckpointMeta(architecture=tc.model, img_size=tc.img_size, num_classes=dataset.num_classes,
                               class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
                               init_fingerprint="warm-start", epoch=tc.epochs, metrics=metrics,
-                              extra={"sweep": sweep, "recipe": _recipe_key(tc), "config": dataclasses.asdict(tc)})
+                              extra={"sweep": sweep, "recipe": _recipe_key(tc), "config": dataclasses.asdict(tc)},
+                              preprocess=preprocess)
         sha = save_checkpoint(folder, sd, meta)
         model_id = registry.log_init_model(client, experiment_id=experiment_id, run_id=parent_run_id, ckpt_dir=folder,
                                            sweep=sweep, architecture=tc.model, dataset_fingerprint=dataset.fingerprint,

@@ -51,6 +51,7 @@ class Init:
     state_dict: dict
     fingerprint: str
     source: str
+    preprocess: dict | None = None  # the init's preprocessing fields (ich.preprocess.resolve); None: dataset defaults
 
 
 def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name: str, cfg: TrainConfig) -> str:
@@ -97,7 +98,8 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     cfg = TrainConfig.from_dict({**ctx.train, **config})
     init = inits[cfg.model]
-    trainer = Trainer(cfg, dataset, init_state=init.state_dict, init_fingerprint=init.fingerprint)
+    trainer = Trainer(cfg, dataset, init_state=init.state_dict, init_fingerprint=init.fingerprint,
+                      init_preprocess=init.preprocess)
 
     if (resume := tune.get_checkpoint()) is not None:
         with resume.as_directory() as d:
@@ -133,7 +135,8 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=dataset.num_classes,
                                   class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
                                   init_fingerprint=trainer.init_fingerprint, epoch=result.epoch, metrics=metrics,
-                                  extra={"sweep": ctx.sweep, "trial": trial_id, "config": asdict(cfg)})
+                                  extra={"sweep": ctx.sweep, "trial": trial_id, "config": asdict(cfg)},
+                                  preprocess=trainer.preprocess)
             sha = save_checkpoint(folder / CKPT_SUBDIR, result.weights(), meta)
             trainer.save_state(folder, with_model=False)
             future = uploader.submit(

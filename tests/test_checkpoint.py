@@ -194,6 +194,12 @@ def _write_meta(ck, d):
     (lambda d: d.update(num_classes=4), "num_classes=4 but class_names has 3"),
     (lambda d: d.update(class_names=CLASSES[:2]), "num_classes=3 but class_names has 2"),
     (lambda d: d.update(format_version=99), "format_version 99"),
+    (lambda d: d.pop("preprocess"), "lacks preprocess"),
+    (lambda d: d["preprocess"].update(mean=[0.5, 0.5]), "mean must be 3 finite numbers"),
+    (lambda d: d["preprocess"].update(std=[0.5, 0.0, 0.5]), "std must be positive"),
+    (lambda d: d["preprocess"].update(crop_pct=1.5), "crop_pct must be in"),
+    (lambda d: d["preprocess"].update(interpolation="lanczos"), "interpolation must be one of"),
+    (lambda d: d.update(format_version=1), "format_version 1 has no preprocess field"),
 ])
 def test_bad_metadata_is_refused(tmp_path, change, message):
     ck = tmp_path / "ck"
