@@ -9,10 +9,20 @@ Output (built in a temp dir beside `out`, then renamed into place, so a failed r
                                        width, label, split, path (relative to src), sha256 (source file)
     out/manifest.json                  classes, counts, shards, skipped files with reasons, fingerprint
 
-Every file is decoded once, in a process pool: sha256 of its bytes, PIL decode with EXIF orientation,
+Every file is decoded once, in worker processes: sha256 of its bytes, PIL decode with EXIF orientation,
 conversion to RGB from any mode, resize of the shorter side to `size`, center crop. Files that fail
 are skipped with a reason instead of failing the run; identical files are deduplicated before splitting
 so no image lands in two splits.
+
+Every input is bounded before its pixels are allocated: files above `max_file_bytes` (default 50 MiB) are
+skipped unread ("too large"); images above PIL's MAX_IMAGE_PIXELS are refused from their header (the
+DecompressionBombWarning is an error: "decompression bomb"); images whose long side is more than
+`max_aspect` (default 10) times the short side are refused from their header ("extreme aspect ratio":
+the center crop would keep under a tenth of the picture). The resize itself only ever computes the
+center square it keeps (`_resize_crop`), so even an unrefused 100000x1 image costs size^2 pixels, not
+the ~24 GiB a resize of the whole strip would ask for. A decoder process that dies (a segfault in a
+codec, the OOM killer) or hangs past `decode_timeout` fails the ingest in one line naming the file it
+was decoding; nothing is written and an existing output folder is left as it was.
 
 The fingerprint names the dataset's content, not the run: sha256 of a canonical JSON of format_version,
 image_size, classes and the sorted (split, label, source sha256) list. Two ingests of the same files with
@@ -20,6 +30,7 @@ the same options give the same fingerprint, wherever they are written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,13 +38,16 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import time
 import unicodedata
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +62,11 @@ SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MANIFEST = "manifest.json"
 SKIP_REASONS = ("zero bytes", "not an image", "truncated", "corrupt", "decompression bomb", "outside source",
-                "duplicate", "conflicting labels", "unreadable")
+                "duplicate", "conflicting labels", "unreadable", "too large", "extreme aspect ratio")
+MAX_FILE_BYTES = 50 * 2**20  # default cap on one source file; a 50 MP JPEG is ~25 MB
+MAX_ASPECT = 10.0  # default cap on long side / short side
+DECODE_TIMEOUT = 300.0  # seconds one file may take in a decoder before the ingest fails naming it
+FULL_RESIZE_LIMIT = 16  # _resize_crop resizes the whole image only up to this many size x size squares
 SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("height", pa.int32()),
@@ -119,28 +137,66 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bicubic), then the center size x size square.
+
+    Up to FULL_RESIZE_LIMIT squares the whole image is resized, then cropped (how every dataset so far was
+    made; kept bit for bit). Beyond, only the source region under the kept square is resampled (PIL's
+    `box`), so a 100000x1 strip costs size^2 output pixels instead of a ~24 GiB intermediate."""
     w, h = im.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    if (nw, nh) == (w, h):
+        return im.crop((left, top, left + size, top + size))
+    if nw * nh <= FULL_RESIZE_LIMIT * size * size:
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return im.crop((left, top, left + size, top + size))
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 
-def _decode_file(abspath: str, size: int) -> Decoded:
+def aspect_problem(width: int, height: int, max_aspect: float | None = MAX_ASPECT) -> str | None:
+    """"extreme aspect ratio" when the long side exceeds max_aspect times the short side (None: no limit)."""
+    if max_aspect is None:
+        return None
+    if min(width, height) < 1 or max(width, height) > max_aspect * min(width, height):
+        return "extreme aspect ratio"
+    return None
+
+
+def _fault_injected(abspath: str) -> None:
+    """Test hook, like ICH_FAULT_ONCE_AT_EPOCH: ICH_FAULT_DECODER="SIGSEGV:name.png" makes the decoder
+    process that opens a file of that name send itself the signal (SIGSEGV, SIGKILL as the OOM killer
+    does, SIGSTOP to hang)."""
+    spec = os.environ.get("ICH_FAULT_DECODER")
+    if spec and ":" in spec:
+        sig, name = spec.split(":", 1)
+        if os.path.basename(abspath) == name and multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), getattr(signal, sig))
+
+
+def _decode_file(abspath: str, size: int, max_bytes: int = MAX_FILE_BYTES,
+                 max_aspect: float | None = MAX_ASPECT) -> Decoded:
+    _fault_injected(abspath)
     try:
+        if os.stat(abspath).st_size > max_bytes:
+            return Decoded(None, "too large", None)  # never read
         with open(abspath, "rb") as f:
-            data = f.read()
+            data = f.read(max_bytes + 1)  # never more than the cap, even if the file grew since it was listed
     except OSError:
         return Decoded(None, "unreadable", None)
     digest = hashlib.sha256(data).hexdigest()
+    if len(data) > max_bytes:
+        return Decoded(None, "too large", None)
     if not data:
         return Decoded(digest, "zero bytes", None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data))  # reads the header only; the bomb check happens here
+            if aspect_problem(*im.size, max_aspect):
+                return Decoded(digest, "extreme aspect ratio", None)
             if im.format == "JPEG":
                 im.draft(None, (size, size))  # DCT-domain downscale; both sides stay >= size
             im.load()
@@ -163,8 +219,97 @@ def _decode_file(abspath: str, size: int) -> Decoded:
         return Decoded(digest, "corrupt", None)
 
 
-def _decode_task(args: tuple[str, int]) -> Decoded:
-    return _decode_file(*args)
+def _decoder_main(conn) -> None:
+    """A decoder process: decode the (abspath, size, max_bytes, max_aspect) tasks sent on `conn`, one at a
+    time, until None or the parent goes away."""
+    _init_worker()
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        conn.send(_decode_file(*task))
+
+
+def _how_it_ended(proc) -> str:
+    code = proc.exitcode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"exit code {code}"
+
+
+def _decode_all(tasks: list[tuple], workers: int, timeout: float, name_of):
+    """Yield (index, Decoded) for every task, decoded in `workers` processes, in completion order.
+
+    Each process holds one task at a time, so when one dies (a codec segfault, the OOM killer) or takes
+    longer than `timeout` seconds, the file it was decoding is known: IngestError names it
+    (`name_of(index)`), and every decoder is stopped. A plain Pool would wait forever for that result."""
+    ctx = multiprocessing.get_context()
+    procs, conns = [], []
+    busy: dict[int, tuple[int, float]] = {}  # decoder -> (task index, start time)
+    try:
+        for _ in range(min(workers, len(tasks))):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=_decoder_main, args=(child_end,), daemon=True)
+            proc.start()
+            child_end.close()
+            procs.append(proc)
+            conns.append(parent_end)
+        todo = iter(range(len(tasks)))
+
+        def feed(w: int) -> None:
+            i = next(todo, None)
+            if i is not None:
+                conns[w].send(tasks[i])
+                busy[w] = (i, time.monotonic())
+
+        for w in range(len(procs)):
+            feed(w)
+        while busy:
+            waiting = [conns[w] for w in busy] + [procs[w].sentinel for w in busy]
+            deadline = min(start for _, start in busy.values()) + timeout
+            ready = set(mp_connection.wait(waiting, timeout=max(0.0, deadline - time.monotonic())))
+            for w in list(busy):
+                i, start = busy[w]
+                if conns[w] in ready or (procs[w].sentinel in ready and conns[w].poll()):
+                    try:
+                        result = conns[w].recv()
+                    except (EOFError, OSError):
+                        result = None
+                    if isinstance(result, Decoded):
+                        del busy[w]
+                        yield i, result
+                        feed(w)
+                        continue
+                if procs[w].sentinel in ready or conns[w] in ready:  # ended, or closed its end, without a result
+                    procs[w].join(5)
+                    raise IngestError(f"{name_of(i)}: the image decoder process died while decoding this file "
+                                      f"({_how_it_ended(procs[w])}); nothing was written")
+                if time.monotonic() - start > timeout:
+                    raise IngestError(f"{name_of(i)}: decoding this file took over {timeout:g} s (decode_timeout); "
+                                      f"decoder stopped, nothing was written")
+    finally:
+        for w, (proc, conn) in enumerate(zip(procs, conns)):
+            if w in busy:
+                proc.kill()  # failing (or abandoned): a decoder still on a file, maybe hung, goes now
+                continue
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for proc in procs:
+            proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in conns:
+            conn.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,9 +504,15 @@ def _write_shards(tmp: Path, split: str, rows: list[tuple[int, str, str, int]], 
     return shards
 
 
-def _check_options(size, val_frac, test_frac, workers, shard_rows) -> None:
+def _check_options(size, val_frac, test_frac, workers, shard_rows, max_file_bytes, max_aspect, decode_timeout) -> None:
     if not isinstance(size, int) or size < 1:
         raise IngestError(f"size must be a positive integer, got {size!r}")
+    if not isinstance(max_file_bytes, int) or max_file_bytes < 1:
+        raise IngestError(f"max_file_bytes must be a positive integer, got {max_file_bytes!r}")
+    if max_aspect is not None and not max_aspect >= 1:
+        raise IngestError(f"max_aspect must be at least 1 (or None for no limit), got {max_aspect!r}")
+    if not decode_timeout > 0:
+        raise IngestError(f"decode_timeout must be positive, got {decode_timeout!r}")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise IngestError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum below 1")
     if workers < 1 or shard_rows < 1:
@@ -396,14 +547,19 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
            workers: int = 2, shard_rows: int = 2048, overwrite: bool = False, progress: bool = True,
-           strict: bool = False) -> dict:
+           strict: bool = False, max_file_bytes: int = MAX_FILE_BYTES, max_aspect: float | None = MAX_ASPECT,
+           decode_timeout: float = DECODE_TIMEOUT) -> dict:
     """Ingest the ImageFolder `src` into the dataset folder `out`; returns the manifest (also written to
     out/manifest.json). Raises IngestError with a one-line message when the dataset cannot be made.
+
+    max_file_bytes / max_aspect: larger files / more elongated images are skipped ("too large" /
+    "extreme aspect ratio"; max_aspect=None: no limit, the resize stays bounded anyway). A decoder
+    process that dies or spends over decode_timeout seconds on one file fails the ingest naming it.
 
     strict: any file that would be skipped (broken, duplicate, conflicting labels, outside src...) fails
     the ingest instead, naming the first such file (by path) and its reason; nothing is written."""
     src, out = Path(src).absolute(), Path(out).absolute()
-    _check_options(size, val_frac, test_frac, workers, shard_rows)
+    _check_options(size, val_frac, test_frac, workers, shard_rows, max_file_bytes, max_aspect, decode_timeout)
     if not src.is_dir():
         raise IngestError(f"{src}: source folder {'is not a folder' if src.exists() else 'does not exist'}")
     _check_out(src, out, overwrite)
@@ -429,28 +585,20 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
         scratch_path = tmp / "pixels.scratch"
         offsets: dict[int, int] = {}
         shas: list[str | None] = [None] * len(cands)
-        tasks = [(c.abspath, size) for c in cands]
-        chunk = max(1, min(16, len(tasks) // (workers * 8)))
-        old_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        pool = multiprocessing.Pool(workers, initializer=_init_worker) if workers > 1 else None
-        try:
-            results = pool.imap(_decode_task, tasks, chunksize=chunk) if pool else map(_decode_task, tasks)
-            with open(scratch_path, "wb") as scratch, \
-                    tqdm(total=len(tasks), desc="decode", unit="img", file=sys.stderr, disable=not progress) as bar:
-                for i, r in enumerate(results):
-                    shas[i] = r.sha256
-                    if r.reason:
-                        skipped.append({"path": cands[i].rel, "reason": r.reason})
-                    else:
-                        offsets[i] = scratch.tell()
-                        scratch.write(r.pixels)
-                    bar.update(1)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
-            if pool:
-                pool.terminate()
-                pool.join()
+        # Always in separate processes (also with workers=1): a decoder that crashes must not take the
+        # ingest down with it, only fail it with the file's name.
+        tasks = [(c.abspath, size, max_file_bytes, max_aspect) for c in cands]
+        results = _decode_all(tasks, workers, decode_timeout, lambda i: src / cands[i].rel)
+        with contextlib.closing(results), open(scratch_path, "wb") as scratch, \
+                tqdm(total=len(tasks), desc="decode", unit="img", file=sys.stderr, disable=not progress) as bar:
+            for i, r in results:
+                shas[i] = r.sha256
+                if r.reason:
+                    skipped.append({"path": cands[i].rel, "reason": r.reason})
+                else:
+                    offsets[i] = scratch.tell()
+                    scratch.write(r.pixels)
+                bar.update(1)
 
         decoded = sorted(offsets)
         keep_local = _dedupe([cands[i] for i in decoded], [shas[i] for i in decoded], skipped)

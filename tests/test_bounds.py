@@ -1,0 +1,242 @@
+"""Bounded ingest (issue 13, item 2): hostile files cost a clear reason, under 1 s and 200 MB, never a hang.
+
+Each case ingests a small good folder plus one hostile file in a fresh Python process that measures
+itself: wall time of the `ingest` call, and peak RSS above what the process held before the call (its
+own high-water mark, reset just before, and that of its decoder processes, forked from it). Before the
+fix, the 370-byte 100000x1 PNG made the decoder ask for a ~24 GiB resize; a dead decoder hung the pool.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.imagegen import make_bomb, make_simple_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {"a": 3, "b": 3}  # 6 good images beside the hostile one
+MAX_SECONDS = 1.0
+MAX_EXTRA_MB = 200
+
+# Runs in a fresh interpreter: measure one ingest call. Prints one JSON line.
+PROBE = r"""
+import json, resource, sys, time
+from ich.ingest import IngestError, ingest
+args = json.loads(sys.argv[1])
+
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+before = rss_kb("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset this process's peak RSS (VmHWM, ru_maxrss)
+t0 = time.perf_counter()
+try:
+    m = ingest(args["src"], args["out"], size=args.get("size", 32), workers=args.get("workers", 2), progress=False,
+               overwrite=args.get("overwrite", False), **args.get("options", {}))
+    result = {"ok": True, "skipped": m["skipped"], "num_images": m["num_images"]}
+except IngestError as e:
+    result = {"ok": False, "error": str(e)}
+wall = time.perf_counter() - t0
+peak_self = max(rss_kb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+result.update(wall_s=wall, extra_mb=(max(peak_self, peak_children) - before) / 1024, before_mb=before / 1024)
+print(json.dumps(result))
+"""
+
+
+def probe(src: Path, out: Path, env_extra: dict | None = None, **args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    p = subprocess.run([sys.executable, "-c", PROBE, json.dumps({"src": str(src), "out": str(out), **args})],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"{src.name}: {result['wall_s']:.3f} s, +{result['extra_mb']:.1f} MB")  # shown with -s
+    return result
+
+
+def assert_bounded(r: dict) -> None:
+    assert r["wall_s"] < MAX_SECONDS, f"took {r['wall_s']:.2f} s"
+    assert r["extra_mb"] < MAX_EXTRA_MB, f"used {r['extra_mb']:.0f} MB above the {r['before_mb']:.0f} MB baseline"
+
+
+def skipped_reason(r: dict, rel: str) -> str | None:
+    return next((d["reason"] for d in r["skipped"] if d["path"] == rel), None)
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def real_png_bomb(path: Path, side: int = 10_000) -> Path:
+    """A complete, valid greyscale PNG of side x side black pixels (100 M: above PIL's MAX_IMAGE_PIXELS,
+    below twice it, so PIL only *warns*); ~100 KB on disk."""
+    z = zlib.compressobj(9)
+    row = b"\0" * (side + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def strip_png(path: Path, w: int, h: int) -> Path:
+    Image.new("L", (w, h), 128).save(path, "PNG", optimize=True)
+    return path
+
+
+@pytest.fixture
+def good_src(tmp_path) -> Path:
+    return make_simple_folder(tmp_path / "src", GOOD, size=40)
+
+
+def test_thin_image_is_refused_from_its_header(tmp_path, good_src):
+    thin = strip_png(good_src / "a" / "thin.png", 100_000, 1)
+    assert thin.stat().st_size < 1000  # a few hundred bytes that asked for ~24 GiB
+    r = probe(good_src, tmp_path / "out")
+    assert r["ok"] and skipped_reason(r, "a/thin.png") == "extreme aspect ratio"
+    assert sum(r["num_images"].values()) == 6  # the rest is ingested
+    assert_bounded(r)
+
+
+def test_tall_image_is_refused_from_its_header(tmp_path, good_src):
+    strip_png(good_src / "b" / "tall.png", 1, 100_000)
+    r = probe(good_src, tmp_path / "out")
+    assert r["ok"] and skipped_reason(r, "b/tall.png") == "extreme aspect ratio"
+    assert sum(r["num_images"].values()) == 6
+    assert_bounded(r)
+
+
+@pytest.mark.parametrize("w, h", [(100_000, 1), (1, 100_000)], ids=["thin", "tall"])
+def test_unrefused_strip_is_resized_within_bounds(tmp_path, good_src, w, h):
+    """With the aspect limit off, the strip is ingested: crop-first keeps the resize at size^2 pixels."""
+    strip_png(good_src / "a" / "strip.png", w, h)
+    r = probe(good_src, tmp_path / "out", size=256, options={"max_aspect": None})
+    assert r["ok"] and r["skipped"] == [] and sum(r["num_images"].values()) == 7
+    assert_bounded(r)
+
+
+def test_aspect_limit_is_configurable(tmp_path, good_src):
+    strip_png(good_src / "a" / "wide.png", 300, 100)  # 3:1, fine by default
+    r = probe(good_src, tmp_path / "out", options={"max_aspect": 2.0})
+    assert r["ok"] and skipped_reason(r, "a/wide.png") == "extreme aspect ratio"
+
+
+def test_huge_file_is_skipped_unread(tmp_path, good_src):
+    """Default cap 50 MiB: a 60 MiB file (sparse: costs no disk) is refused from its size, never read."""
+    big = good_src / "a" / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.truncate(big, 60 * 2**20)
+    r = probe(good_src, tmp_path / "out")
+    assert r["ok"] and skipped_reason(r, "a/big.png") == "too large"
+    assert sum(r["num_images"].values()) == 6
+    assert_bounded(r)
+
+
+def test_file_size_cap_is_configurable(tmp_path, good_src):
+    r = probe(good_src, tmp_path / "out", options={"max_file_bytes": 200})  # every 40 px PNG is larger
+    assert not r["ok"] and "no usable images" in r["error"]
+    r = probe(good_src, tmp_path / "out2", options={"max_file_bytes": 10**6})
+    assert r["ok"] and r["skipped"] == []
+
+
+@pytest.mark.parametrize("kind", ["warning", "error"])
+def test_decompression_bomb_is_refused(tmp_path, good_src, kind):
+    """100 M pixels (PIL warns: treated as an error) and 400 M (PIL errors): both refused at the header."""
+    bomb = good_src / "a" / "bomb.png"
+    real_png_bomb(bomb) if kind == "warning" else make_bomb(bomb, 20_000, 20_000)
+    r = probe(good_src, tmp_path / "out")
+    assert r["ok"] and skipped_reason(r, "a/bomb.png") == "decompression bomb"
+    assert sum(r["num_images"].values()) == 6
+    assert_bounded(r)
+
+
+# ---------------------------------------------------------------------------------------------- dying decoders
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("sig, how", [("SIGSEGV", "killed by SIGSEGV"), ("SIGKILL", "killed by SIGKILL (out of memory?)"),
+                                      ("SIGSTOP", "took over 0.5 s")], ids=["segfault", "oom-kill", "hang"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dying_decoder_fails_naming_the_file(tmp_path, good_src, sig, how, workers):
+    """A decoder that crashes (or hangs past decode_timeout) on one file fails the ingest in one line naming
+    that file, fast; a dataset already at the output is left exactly as it was, and no temp folder stays."""
+    from ich.ingest import ingest
+    out = tmp_path / "out"
+    ingest(good_src, out, size=32, workers=1, progress=False)
+    before = snapshot(out)
+    (good_src / "b" / "crash.png").write_bytes((good_src / "b" / "000.png").read_bytes()[:-20] + b"x" * 20)
+    r = probe(good_src, out, {"ICH_FAULT_DECODER": f"{sig}:crash.png"}, workers=workers, overwrite=True,
+              options={"decode_timeout": 0.5})
+    assert not r["ok"]
+    assert "\n" not in r["error"] and r["error"].startswith(f"{good_src / 'b' / 'crash.png'}: "), r["error"]
+    assert how in r["error"] and "nothing was written" in r["error"]
+    assert r["wall_s"] < MAX_SECONDS + (0.5 if sig == "SIGSTOP" else 0), r["wall_s"]
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no .out.tmp-* left behind
+
+
+def test_dying_decoder_through_the_cli(tmp_path, good_src):
+    """`ich ingest` as users run it: exit 2 and one stderr line naming the file."""
+    (good_src / "a" / "crash.png").write_bytes((good_src / "a" / "000.png").read_bytes() + b"\0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ICH_FAULT_DECODER": "SIGSEGV:crash.png"}
+    p = subprocess.run([sys.executable, "-m", "ich.cli", "ingest", str(good_src), str(tmp_path / "out"), "--size", "16",
+                        "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("ich ingest: error: ") and "a/crash.png" in lines[0] and "SIGSEGV" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_fault_hook_is_inert_outside_a_decoder_process(tmp_path, monkeypatch):
+    """The test hook only fires inside decoder processes: an in-process decode is unaffected."""
+    from ich.ingest import _decode_file
+    path = strip_png(tmp_path / "x.png", 20, 20)
+    monkeypatch.setenv("ICH_FAULT_DECODER", "SIGKILL:x.png")
+    assert _decode_file(str(path), 8).reason is None
+
+
+# ---------------------------------------------------------------------------------------------- the resize
+
+def test_resize_crop_keeps_pixels_of_ordinary_images():
+    """Up to FULL_RESIZE_LIMIT squares the result is exactly resize-then-crop (what datasets were made with)."""
+    import numpy as np
+
+    from ich.ingest import _resize_crop
+    rng = np.random.default_rng(0)
+    for w, h, size in [(40, 30, 16), (300, 200, 64), (1000, 250, 64), (64, 64, 32), (8, 8, 32), (3000, 2000, 256)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        ref = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0) if (nw, nh) != (w, h) else im
+        left, top = (nw - size) // 2, (nh - size) // 2
+        ref = ref.crop((left, top, left + size, top + size))
+        assert np.array_equal(np.asarray(_resize_crop(im, size)), np.asarray(ref)), (w, h, size)
+
+
+def test_resize_crop_of_elongated_image_matches_on_smooth_content():
+    """Past the limit only the kept square is resampled; on smooth content it matches the full resize."""
+    import numpy as np
+
+    from ich.ingest import FULL_RESIZE_LIMIT, _resize_crop
+    w, h, size = 10, 2302, 16
+    assert h / w > FULL_RESIZE_LIMIT
+    yy, xx = np.mgrid[0:h, 0:w]
+    im = Image.fromarray(np.stack([yy * 255 / h, xx * 255 / w, (yy + xx) * 128 / (h + w)], -1).astype(np.uint8), "RGB")
+    nh = round(h * size / w)
+    full = np.asarray(im.resize((size, nh), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    top = (nh - size) // 2
+    got = np.asarray(_resize_crop(im, size)).astype(int)
+    assert np.abs(got - full[top:top + size].astype(int)).max() <= 1
