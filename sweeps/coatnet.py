@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", help="Ray Tune storage: a path, s3://bucket/prefix, gs://... (default $ICH_STORAGE "
                                      "or $ICH_HOME/ray_results)")
     p.add_argument("--seed", type=int, help="Optuna TPE sampler seed")
+    p.add_argument("--mlflow-host", metavar="ADDRESS",
+                   help="with no MLFLOW_TRACKING_URI, start the project's MLflow server on this address instead of "
+                        "127.0.0.1 ('auto': this machine's outward address) so that every Ray node reaches it; "
+                        "it has no authentication: a private network only")
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
     p.add_argument("--no-soups", action="store_true", help="skip the soups (and report) after the sweep")
     p.add_argument("--demo", action="store_true", help="write and ingest the digits demo data if --data is not given")
@@ -84,7 +88,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     from soups import registry
     from sweeps.config import load_config, tune_space
     from sweeps.init_weights import check_resources, shared_inits
-    from sweeps.mlflow_server import ensure_tracking_uri
+    from sweeps.mlflow_server import initial_tracking_uri
     from sweeps.trainable import SweepContext, train_trial
 
     t_start = time.time()
@@ -103,17 +107,19 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         if cfg.cpus_per_trial > (os.cpu_count() or 1):
             raise ConfigError(f"cpus_per_trial={cfg.cpus_per_trial:g} but this machine has {os.cpu_count()} CPUs")
 
-    tracking_uri = ensure_tracking_uri(home)
+    tracking_uri, autostarted = initial_tracking_uri(home, args.mlflow_host)
     client = MlflowClient(tracking_uri)
     experiment_id = registry.get_or_create_experiment(client, cfg.experiment)
     # The sweep run: one per invocation; --resume picks up the last unfinished one with its Tune state,
     # checked to lie under the storage root before Ray starts and before anything is read from it.
     storage = cfg.storage or os.environ.get("ICH_STORAGE") or str(home / "ray_results")
     resume_run = find_resume_run(client, experiment_id, sweep, cfg.experiment, storage) if args.resume else None
-    local = not os.environ.get("RAY_ADDRESS")
+    # The job's runtime_env is shown by the dashboard: MLflow knobs only. The tracking URI reaches trials in
+    # the sweep context (object store); credentials come from each node's own environment.
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                                       "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}})
+             runtime_env={"env_vars": dict(WORKER_ENV)})
+    check_tracking_reaches_nodes(tracking_uri, autostarted)
+    local = ray_started_here()  # a cluster (RAY_ADDRESS, `ray submit`, `ray job submit`) checks nothing locally
     check_resources(cfg, local)
 
     parent = None
@@ -233,6 +239,44 @@ def under_storage_root(path: str, root: str) -> bool:
     if any(s in ("", ".", "..") for s in segs):
         return False
     return len(segs) > len(root_segs) and segs[:len(root_segs)] == root_segs
+
+
+WORKER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def ray_started_here() -> bool:
+    """True when ray.init started a Ray of its own (the local default), False when it joined a running
+    cluster: RAY_ADDRESS, `ray job submit`, or `ray submit` on a head where `ray start` runs."""
+    import ray
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return bool(node is not None and node.is_head())
+
+
+def check_tracking_reaches_nodes(tracking_uri: str, autostarted: bool) -> None:
+    """Refuse (one line) a tracking URI some of Ray's nodes cannot reach (design decision 10)."""
+    import ray
+    from ich.errors import ConfigError
+    from sweeps.mlflow_server import decide_tracking, resolve_host
+    nodes = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+    decision = decide_tracking(None if autostarted else tracking_uri, nodes, ray.util.get_node_ip_address(),
+                               can_grow=cluster_can_grow(len(nodes)), autostarted_uri=tracking_uri,
+                               host_ips=resolve_host(tracking_uri))
+    if decision.action == "refuse":
+        raise ConfigError(decision.message)
+
+
+def cluster_can_grow(alive: int) -> bool:
+    """The cluster's autoscaler config allows more nodes than are alive (a cluster scaled to zero workers)."""
+    import ray
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config where Ray cannot tell: judge by the nodes alone
+        return False
+    if config is None:
+        return False
+    counts = [g.max_count for g in config.node_group_configs]
+    return any(c < 0 for c in counts) or sum(counts) > alive
 
 
 def optuna_study_storage(cfg, home: Path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import ipaddress
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_PORT = 5000
 HEALTH_TIMEOUT_S = 90.0  # it answers in ~5 s here with one worker; a loaded machine can take much longer
@@ -114,12 +116,12 @@ def health_ok(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # Like uvicorn: connections of a just-stopped server in TIME_WAIT must not block a restart.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -175,8 +177,8 @@ def _stop_pid(pid: int, process: subprocess.Popen | None, timeout: float) -> Non
 
 
 def start_server(data_dir: str | os.PathLike, port: int | None = None, backend_store_uri: str | None = None,
-                 *, timeout: float = HEALTH_TIMEOUT_S) -> ServerHandle:
-    """Start a detached `mlflow server` on 127.0.0.1 for data_dir and wait until /health answers.
+                 *, timeout: float = HEALTH_TIMEOUT_S, host: str = "127.0.0.1") -> ServerHandle:
+    """Start a detached `mlflow server` on host (default 127.0.0.1) for data_dir and wait until /health answers.
 
     port None: 5000 when free, else any free port. backend_store_uri None: SQLite in data_dir (a
     PostgreSQL URI works too). Artifacts are always served by the server from data_dir/mlflow/artifacts.
@@ -185,17 +187,17 @@ def start_server(data_dir: str | os.PathLike, port: int | None = None, backend_s
     mlflow_dir = _mlflow_dir(data_dir)
     (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     if port is None:
-        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
-    elif not _port_free(port):
-        raise MlflowServerError(f"port {port} on 127.0.0.1 is already in use; cannot start the MLflow server there")
+        port = DEFAULT_PORT if _port_free(DEFAULT_PORT, host) else free_port()
+    elif not _port_free(port, host):
+        raise MlflowServerError(f"port {port} on {host} is already in use; cannot start the MLflow server there")
     backend_store_uri = backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://{host}:{port}"
     log_path = mlflow_dir / "server.log"
     command = [
         _mlflow_executable(), "server",
         "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", str(mlflow_dir / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
         "--workers", "1",  # one uvicorn process: starts in ~5 s instead of ~11 s, light on 2 cores
     ]
     env = {**os.environ, **SERVER_ENV}
@@ -244,10 +246,12 @@ def _running_server(data_dir: Path) -> dict | None:
     return record
 
 
-def ensure_tracking_uri(data_dir: str | os.PathLike | None = None, *, quiet: bool = False) -> str:
+def ensure_tracking_uri(data_dir: str | os.PathLike | None = None, *, quiet: bool = False,
+                        host: str = "127.0.0.1") -> str:
     """MLFLOW_TRACKING_URI if set; else start or reuse the local server of data_dir and export its URI.
 
     data_dir defaults to $ICH_HOME or ./.ich. The URI goes into os.environ so Ray workers inherit it.
+    host: the address the server listens on (a routable one when Ray spans machines, see decide_tracking).
     """
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
@@ -256,7 +260,10 @@ def ensure_tracking_uri(data_dir: str | os.PathLike | None = None, *, quiet: boo
     data_dir = Path(data_dir).resolve() if data_dir is not None else default_data_dir()
     with _start_lock(data_dir):
         record = _running_server(data_dir)
-        uri = record["uri"] if record else start_server(data_dir).uri
+        if record and urlsplit(record["uri"]).hostname != host:
+            raise MlflowServerError(f"the MLflow server of {data_dir} already runs at {record['uri']}, not on {host}; "
+                                    "stop it with `ich ui --stop` first")
+        uri = record["uri"] if record else start_server(data_dir, host=host).uri
     os.environ["MLFLOW_TRACKING_URI"] = uri
     if not quiet:
         print(f"MLflow UI: {uri}", flush=True)
@@ -274,6 +281,120 @@ def stop_local_server(data_dir: str | os.PathLike | None = None) -> bool:
             _stop_pid(pid, None, 15.0)
         _record_path(data_dir).unlink(missing_ok=True)
     return running
+
+
+# ------------------------------------------------------------------- tracking on more than one machine
+# Design decision 10: on more than one machine the tracking URI is a routable address; loopback is for
+# one machine only. The decision is pure (URI and node addresses in, decision out) so it is unit tested;
+# the sweep gathers the addresses from Ray and acts on it.
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}  # reached over the network
+
+
+@dataclass(frozen=True)
+class TrackingDecision:
+    action: str  # "use" | "refuse"
+    uri: str | None = None
+    message: str = ""  # why it refuses, in one line
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost names, 127.0.0.0/8, ::1 and the unspecified address (0.0.0.0 reaches only this machine)."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+def password_in_uri(uri: str) -> str | None:
+    """The one-line refusal for a tracking URI that carries a password (it would be printed and shipped)."""
+    if urlsplit(uri).password:
+        return ("MLFLOW_TRACKING_URI carries a password (user:password@host): it would be printed and handed to "
+                "every trial; put the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on "
+                "each node instead")
+    return None
+
+
+def decide_tracking(uri: str | None, node_ips: list[str], driver_ip: str, *, can_grow: bool = False,
+                    autostarted_uri: str | None = None, host_ips: list[str] | None = None) -> TrackingDecision:
+    """Whether every Ray node can log to the tracking server.
+
+    uri: MLFLOW_TRACKING_URI as the user set it (None: unset, and the project started autostarted_uri);
+    node_ips: the alive nodes' addresses; driver_ip: this process's node address; can_grow: the autoscaler
+    may add nodes (a cluster scaled to zero workers is one machine only until the first trial asks for one);
+    host_ips: what the URI's host name resolves to here (a name that resolves to loopback only is loopback).
+    A loopback node address is this machine's (a node bound to 127.0.0.1 cannot be joined from elsewhere).
+    """
+    if uri and (refusal := password_in_uri(uri)):
+        return TrackingDecision("refuse", message=refusal)
+    effective = uri or autostarted_uri
+    remote = sorted({ip for ip in node_ips if not is_loopback_host(ip) and ip != driver_ip})
+    all_loopback = all(is_loopback_host(ip) for ip in node_ips)
+    if not remote and not (can_grow and not all_loopback):  # one machine: loopback is fine
+        return TrackingDecision("use", uri=effective)
+    spans = (f"Ray spans {1 + len(remote)} machines ({', '.join([driver_ip, *remote])})" if remote else
+             f"Ray's autoscaler can add nodes to this cluster (head {driver_ip})")
+    hint = f"set MLFLOW_TRACKING_URI to an address every node reaches, e.g. http://{driver_ip}:5000"
+    parts = urlsplit(effective or "")
+    scheme = parts.scheme.lower() or (effective or "").lower()  # "databricks" alone is a scheme too
+    loopback = is_loopback_host(parts.hostname or "localhost") or bool(
+        host_ips and all(is_loopback_host(ip) for ip in host_ips))
+    if scheme in ("http", "https") and not loopback:
+        return TrackingDecision("use", uri=effective)
+    if scheme in REMOTE_SCHEMES - {"http", "https"}:
+        return TrackingDecision("use", uri=effective)
+    if uri is None:
+        return TrackingDecision("refuse", message=(
+            f"MLFLOW_TRACKING_URI is not set and the project's MLflow server listens on {effective} (loopback) but "
+            f"{spans}; {hint} (or pass --mlflow-host auto to start the server on this machine's address)"))
+    if scheme not in ("http", "https"):
+        return TrackingDecision("refuse", message=(
+            f"MLFLOW_TRACKING_URI is {uri} (a store on this machine; trials talk HTTP to a tracking server) "
+            f"but {spans}; {hint}"))
+    return TrackingDecision("refuse", message=f"MLFLOW_TRACKING_URI is {uri} (loopback) but {spans}; {hint}")
+
+
+def resolve_host(uri: str) -> list[str]:
+    """The addresses the URI's host name resolves to here ([] for an IP literal or a name that does not resolve)."""
+    host = urlsplit(uri).hostname
+    if not host:
+        return []
+    try:
+        ipaddress.ip_address(host)
+        return []
+    except ValueError:
+        pass
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except OSError:
+        return []
+
+
+def outward_ip() -> str:
+    """This machine's address on its default route (no packet is sent: a UDP socket is only connected)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("8.8.8.8", 80))  # as Ray does: the default route picks the source address
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def initial_tracking_uri(data_dir: str | os.PathLike | None = None, mlflow_host: str | None = None) -> tuple[str, bool]:
+    """(tracking URI, started by the project?) before Ray starts. MLFLOW_TRACKING_URI when set (refused in
+    one line if it carries a password); else the project's server, on 127.0.0.1 or on mlflow_host ('auto':
+    this machine's outward address). Whether every node reaches it is checked once Ray is up."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        if refusal := password_in_uri(uri):
+            raise MlflowServerError(refusal)
+        return uri, False
+    host = outward_ip() if mlflow_host == "auto" else (mlflow_host or "127.0.0.1")
+    return ensure_tracking_uri(data_dir, host=host), True
 
 
 def main_ui(argv: list[str] | None = None) -> int:

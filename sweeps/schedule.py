@@ -3,88 +3,265 @@
 Each run of the job extends the same sweep: new trials guided by the sweep's persisted Optuna study, soups
 rebuilt over all checkpoints so far, `champion` moved only when the new best soup beats it on val.
 The job script takes a lock, so a run that is still going when the next one is due is not doubled.
+
+Locally the job runs this machine's `python sweeps/coatnet.py`. With `--address` it submits the project to
+the cluster's Jobs API: `ray job submit --working-dir <project> -- python sweeps/coatnet.py ...`, a relative
+entrypoint run by the cluster's Python (neither this machine's venv nor its paths exist on a remote head),
+with token auth from `RAY_AUTH_TOKEN_PATH`. The script works in cron's bare environment (`env -i HOME PATH
+SHELL`): it exports what it needs and calls `ray` by its absolute path.
+
+Nothing a user passes reaches a shell unquoted: names, schedules and addresses are validated (conservative
+character sets), and every value is shell-quoted (job script, cron line) or systemd-escaped (units).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from ich.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TOKEN_PATH = "~/.ich/ray_auth_token"  # where cluster.yaml and docs/cluster.md keep the Ray token
+# Not shipped to the cluster with --working-dir (Ray also honours .gitignore, which drops .venv, .ich, ...).
+WORKING_DIR_EXCLUDES = [".git", ".venv", ".ich", ".ich-ci", "test-artifacts", "bench/out", "**/__pycache__"]
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CRON_FIELD_RE = re.compile(r"[A-Za-z0-9*,/-]{1,64}")  # no `%`: cron turns it into a newline
+CRON_KEYWORDS = {"@reboot", "@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+ON_CALENDAR_RE = re.compile(r"[A-Za-z0-9 *:,./~+-]{1,128}")
+ADDRESS_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?")
+MARKER_RE = re.compile(r"#\s*ich-schedule\s+(\S+)\s*$")  # the tag at the end of an ich cron line
 
 
-def job_script(name: str, sweep_args: list[str], address: str | None, home: Path, python: str = sys.executable) -> str:
-    """A shell script that submits one run of the sweep (to the cluster's Jobs API when `address` is given)."""
-    sweep = [python, str(ROOT / "sweeps" / "coatnet.py"), *sweep_args]
-    if address:
-        ray = str(Path(python).with_name("ray"))
-        cmd = [ray, "job", "submit", "--address", address, "--", *sweep]
-    else:
-        cmd = sweep
-    log = home / "schedules" / f"{name}.log"
-    return f"""#!/usr/bin/env bash
-# ich schedule: one run of sweep '{name}' (written by `ich schedule`; safe to edit).
-set -euo pipefail
-export ICH_HOME={shlex.quote(str(home))}
-{"export RAY_AUTH_MODE=token" if address else ""}
-{f"export MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}" if os.environ.get("MLFLOW_TRACKING_URI") else ""}
-cd {shlex.quote(str(ROOT))}
-exec 9>{shlex.quote(str(home / "schedules" / f"{name}.lock"))}
-if ! flock -n 9; then echo "$(date -Is) sweep {name}: previous run still going, skipping" >> {shlex.quote(str(log))}; exit 0; fi
-echo "$(date -Is) sweep {name}: start" >> {shlex.quote(str(log))}
-{" ".join(shlex.quote(c) for c in cmd)} >> {shlex.quote(str(log))} 2>&1
-echo "$(date -Is) sweep {name}: done" >> {shlex.quote(str(log))}
-"""
+class ScheduleError(ConfigError):
+    """A name, path or schedule `ich schedule` refuses; the message says which and why, in one line."""
 
 
-def cron_line(schedule: str, script: Path) -> str:
-    return f"{schedule} {shlex.quote(str(script))}  # ich-schedule {script.stem}\n"
+def _control_chars(s: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in s)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise ScheduleError(f"experiment name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                            "letter or digit (it names the job script, the cron entry and the systemd units)")
+    return name
+
+
+def check_cron(schedule: str) -> str:
+    fields = schedule.split()
+    if len(fields) == 1 and fields[0] in CRON_KEYWORDS:
+        return fields[0]
+    if len(fields) != 5 or not all(CRON_FIELD_RE.fullmatch(f) for f in fields):
+        raise ScheduleError(f"--every {schedule!r}: not a cron schedule (5 fields of digits, letters, '*', ',', "
+                            f"'/', '-', or one of {', '.join(sorted(CRON_KEYWORDS))})")
+    return " ".join(fields)
+
+
+def check_on_calendar(spec: str) -> str:
+    if not ON_CALENDAR_RE.fullmatch(spec) or not spec.strip():
+        raise ScheduleError(f"--systemd {spec!r}: not a systemd OnCalendar expression (letters, digits, spaces and "
+                            "'*:,./~+-' only, e.g. '*-*-* 03:00:00' or 'daily')")
+    return spec.strip()
+
+
+def check_address(address: str) -> str:
+    if not ADDRESS_RE.fullmatch(address):
+        raise ScheduleError(f"--address {address!r}: not the http(s)://HOST:PORT of a Ray Jobs API "
+                            "(e.g. http://127.0.0.1:8265 through `ray dashboard cluster.yaml`)")
+    return address
+
+
+def check_path(what: str, path: str) -> str:
+    if not path or _control_chars(path):
+        raise ScheduleError(f"{what} {path!r}: empty or contains a control character (newline, tab, ...)")
+    return path
+
+
+@dataclass
+class JobSpec:
+    """One scheduled sweep. Paths are this machine's, except `data` (and an outside `config`) with an
+    address: those are paths on the cluster."""
+    name: str
+    data: str
+    num_samples: int
+    home: Path
+    config: str | None = None
+    address: str | None = None
+    token_path: Path | None = None
+    tracking_uri: str | None = None  # local mode: the MLFLOW_TRACKING_URI the job runs with
+    python: str = sys.executable
+    root: Path = ROOT
+
+
+def sweep_args(spec: JobSpec) -> list[str]:
+    args = ["--experiment", spec.name, "--data", spec.data, "--num-samples", str(spec.num_samples)]
+    return args + (["--config", spec.config] if spec.config else [])
+
+
+def job_command(spec: JobSpec) -> list[str]:
+    """The command one run executes (as argv; the script shell-quotes it)."""
+    if not spec.address:
+        return [spec.python, str(spec.root / "sweeps" / "coatnet.py"), *sweep_args(spec)]
+    ray = str(Path(spec.python).with_name("ray"))  # this machine's venv: cron's PATH has no venv
+    return [ray, "job", "submit", "--address", spec.address, "--working-dir", str(spec.root),
+            "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES}),
+            "--", "python", "sweeps/coatnet.py", *sweep_args(spec)]
+
+
+def job_script(spec: JobSpec) -> str:
+    """A bash script that runs the sweep once, under a lock, logging to $ICH_HOME/schedules/<name>.log."""
+    q = shlex.quote
+    folder = spec.home / "schedules"
+    exports = [f"export ICH_HOME={q(str(spec.home))}"]
+    if spec.address:
+        exports += ["export RAY_AUTH_MODE=token", f"export RAY_AUTH_TOKEN_PATH={q(str(spec.token_path))}"]
+    elif spec.tracking_uri:
+        exports.append(f"export MLFLOW_TRACKING_URI={q(spec.tracking_uri)}")
+    lines = [
+        "#!/bin/bash",
+        f"# ich schedule: one run of sweep {spec.name} (written by `ich schedule`; safe to edit).",
+        "set -uo pipefail",
+        "umask 077",
+        f"NAME={q(spec.name)}",
+        f"LOG={q(str(folder / f'{spec.name}.log'))}",
+        *exports,
+        "# MLflow credentials come from this machine's own file, never from this script.",
+        'if [ -f "$HOME/.ich/secrets.env" ]; then set -a; . "$HOME/.ich/secrets.env"; set +a; fi',
+        f"cd {q(str(spec.root))} || exit 1",
+        f"exec 9>{q(str(folder / f'{spec.name}.lock'))}",
+        'if ! flock -n 9; then echo "$(date -Is) sweep $NAME: previous run still going, skipping" >> "$LOG"; exit 0; fi',
+        'echo "$(date -Is) sweep $NAME: start" >> "$LOG"',
+        f'{" ".join(q(c) for c in job_command(spec))} >> "$LOG" 2>&1',
+        "rc=$?",
+        'echo "$(date -Is) sweep $NAME: done (exit $rc)" >> "$LOG"',
+        "exit $rc",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cron_line(schedule: str, script: Path, name: str) -> str:
+    path = str(script)
+    if "%" in path or _control_chars(path):  # cron turns `%` into a newline, even inside quotes
+        raise ScheduleError(f"{path}: a job script path with '%' or a control character cannot go in a cron line; "
+                            "set ICH_HOME to a plainer folder")
+    return f"{check_cron(schedule)} {shlex.quote(path)}  # ich-schedule {check_name(name)}\n"
+
+
+def crontab_without(crontab: str, name: str) -> str:
+    """The crontab text minus the ich entry of exactly `name` (scheduling `night` keeps `nightly`)."""
+    kept = [line for line in crontab.splitlines(keepends=True)
+            if not ((m := MARKER_RE.search(line)) and m.group(1) == name)]
+    text = "".join(kept)
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def systemd_quote(value: str) -> str:
+    """One argument of a systemd Exec line: double-quoted; `%` (specifiers) and `$` (variables) escaped."""
+    if _control_chars(value):
+        raise ScheduleError(f"{value!r}: a control character cannot go in a systemd unit")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
 
 
 def systemd_units(name: str, on_calendar: str, script: Path) -> dict[str, str]:
+    name, on_calendar = check_name(name), check_on_calendar(on_calendar)
     return {
         f"ich-sweep-{name}.service": f"[Unit]\nDescription=ich-soups sweep {name}\n\n[Service]\nType=oneshot\n"
-                                    f"ExecStart={script}\n",
+                                    f"ExecStart={systemd_quote(str(script))}\n",
         f"ich-sweep-{name}.timer": f"[Unit]\nDescription=ich-soups sweep {name} on a schedule\n\n[Timer]\n"
                                   f"OnCalendar={on_calendar}\nPersistent=true\n\n[Install]\nWantedBy=timers.target\n",
     }
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help="sweep to extend on every run (MLflow experiment)")
-    p.add_argument("--config", help="sweep YAML (default sweeps/configs/cpu.yaml)")
-    p.add_argument("--data", required=True, help="dataset made by `ich ingest`")
+    p.add_argument("--experiment", required=True, help="sweep to extend on every run (MLflow experiment; letters, "
+                                                       "digits, '.', '_', '-')")
+    p.add_argument("--config", help="sweep YAML (default sweeps/configs/cpu.yaml); with --address a file inside the "
+                                    "project is passed relative to it, any other path is a path on the cluster")
+    p.add_argument("--data", help="dataset made by `ich ingest` (with --address: its absolute path on the cluster)")
     p.add_argument("--num-samples", type=int, default=8, help="new trials per run")
     p.add_argument("--every", default="0 3 * * *", help="cron schedule (default daily 03:00)")
     p.add_argument("--systemd", metavar="ON_CALENDAR", help="write a systemd user timer with this OnCalendar instead")
     p.add_argument("--address", help="Ray Jobs API of the cluster, e.g. http://127.0.0.1:8265 (default: run locally)")
+    p.add_argument("--token-path", default=DEFAULT_TOKEN_PATH,
+                   help=f"the cluster's Ray token file, for --address (default {DEFAULT_TOKEN_PATH})")
     p.add_argument("--install", action="store_true", help="install the cron entry / enable the timer too")
+    p.add_argument("--remove", action="store_true", help="remove this experiment's cron entry / timer instead")
+
+
+def build_spec(a, home: Path) -> JobSpec:
+    """Validate the command line into a JobSpec (ScheduleError: one line naming what is wrong)."""
+    name = check_name(a.experiment)
+    if a.num_samples < 1:
+        raise ScheduleError(f"--num-samples {a.num_samples}: must be at least 1")
+    check_path("ICH_HOME", str(home))
+    if a.data is None:
+        raise ScheduleError("--data is required: the dataset made by `ich ingest`")
+    data = check_path("--data", a.data)
+    config = check_path("--config", a.config) if a.config else None
+    spec = JobSpec(name=name, data=data, num_samples=a.num_samples, home=home)
+    if a.address:
+        spec.address = check_address(a.address)
+        if not (data.startswith("/") or "://" in data):
+            raise ScheduleError(f"--data {data!r}: with --address give the dataset's absolute path on the cluster "
+                                "(or a URI); a relative path would be read from the job's working directory")
+        token = Path(check_path("--token-path", a.token_path)).expanduser().resolve()
+        if not token.is_file():
+            raise ScheduleError(f"--token-path {token}: no such file; it holds the cluster's Ray token "
+                                f"(docs/cluster.md keeps it at {DEFAULT_TOKEN_PATH})")
+        spec.token_path = token
+        if config:
+            local = Path(config).resolve()
+            # Inside the project it travels with --working-dir: pass it relative to the project root.
+            spec.config = str(local.relative_to(ROOT)) if local.is_file() and local.is_relative_to(ROOT) else config
+        return spec
+    local_data = Path(data).resolve()
+    if not (local_data / "manifest.json").is_file():
+        raise ScheduleError(f"{data}: not a dataset made by `ich ingest` (no manifest.json)")
+    spec.data = str(check_path("--data", str(local_data)))
+    if config:
+        spec.config = check_path("--config", str(Path(config).resolve()))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        from sweeps.mlflow_server import password_in_uri
+        if refusal := password_in_uri(uri):
+            raise ScheduleError(refusal)
+        spec.tracking_uri = check_path("MLFLOW_TRACKING_URI", uri)
+    return spec
 
 
 def cmd_schedule(a) -> None:
     from ich.cli import ich_home
-    from ich.errors import ConfigError
     home = ich_home()
-    data = Path(a.data).resolve()
-    if not (data / "manifest.json").is_file():
-        raise ConfigError(f"{a.data}: not a dataset made by `ich ingest` (no manifest.json)")
-    name = a.experiment
-    sweep_args = ["--experiment", name, "--data", str(data), "--num-samples", str(a.num_samples)]
-    if a.config:
-        sweep_args += ["--config", str(Path(a.config).resolve())]
+    if a.remove:
+        remove_schedule(check_name(a.experiment), home, systemd=bool(a.systemd))
+        return
+    spec = build_spec(a, home)
+    name = spec.name
     folder = home / "schedules"
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / f"{name}.sh"
-    script.write_text(job_script(name, sweep_args, a.address, home))
-    script.chmod(0o755)
+    # Validate everything that goes into the cron line / units before writing anything.
+    units = systemd_units(name, a.systemd, script) if a.systemd else None
+    line = None if units else cron_line(a.every, script, name)
+    script.write_text(job_script(spec))
+    script.chmod(0o700)
     print(f"job script: {script}")
-    if a.systemd:
+    if spec.address:
+        print(f"submits: {' '.join(shlex.quote(c) for c in job_command(spec)[job_command(spec).index('--') + 1:])} "
+              f"to {spec.address} (working dir {spec.root})")
+    if units:
         unit_dir = Path.home() / ".config" / "systemd" / "user"
-        for fname, text in systemd_units(name, a.systemd, script).items():
+        for fname, text in units.items():
             (folder / fname).write_text(text)
             print(f"systemd unit: {folder / fname}")
             if a.install:
@@ -95,13 +272,34 @@ def cmd_schedule(a) -> None:
             subprocess.run(["systemctl", "--user", "enable", "--now", f"ich-sweep-{name}.timer"], check=True)
             print(f"enabled ich-sweep-{name}.timer")
         return
-    line = cron_line(a.every, script)
     (folder / f"{name}.cron").write_text(line)
     print(f"cron entry: {line.strip()}")
     if a.install:
-        if not shutil.which("crontab"):
-            raise ConfigError("crontab is not installed here; use --systemd or install cron")
-        current = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
-        kept = [l for l in current.splitlines(keepends=True) if f"# ich-schedule {name}" not in l]
-        subprocess.run(["crontab", "-"], input="".join(kept) + line, text=True, check=True)
+        current = _read_crontab()
+        subprocess.run(["crontab", "-"], input=crontab_without(current, name) + line, text=True, check=True)
         print("installed in the user's crontab")
+
+
+def _read_crontab() -> str:
+    if not shutil.which("crontab"):
+        raise ConfigError("crontab is not installed here; use --systemd or install cron")
+    return subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
+
+
+def remove_schedule(name: str, home: Path, systemd: bool) -> None:
+    """Remove exactly this experiment's cron entry (or timer); its job script and log stay for the record."""
+    if systemd:
+        unit = f"ich-sweep-{name}.timer"
+        subprocess.run(["systemctl", "--user", "disable", "--now", unit], check=False)
+        for fname in (unit, f"ich-sweep-{name}.service"):
+            (Path.home() / ".config" / "systemd" / "user" / fname).unlink(missing_ok=True)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=False)
+        print(f"removed {unit}")
+        return
+    current = _read_crontab()
+    kept = crontab_without(current, name)
+    if kept == current:
+        print(f"no cron entry for sweep {name}")
+        return
+    subprocess.run(["crontab", "-"], input=kept, text=True, check=True)
+    print(f"removed the cron entry of sweep {name}")

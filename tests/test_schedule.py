@@ -1,37 +1,229 @@
-"""Scheduled experiments: `ich schedule` writes the job, two runs back to back extend one sweep."""
+"""Scheduled experiments: `ich schedule` writes the job, two runs back to back extend one sweep.
+
+Unit tests: what goes into the job script, the cron line and the systemd units is validated and quoted (a
+name with `$(...)`, quotes or a newline is refused; a data path with them is inert), removal matches the
+exact entry, and the cluster job submits the project with a relative entrypoint. The cluster runs under
+cron's environment are in tests/test_schedule_cluster.py.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
+from argparse import Namespace
 from pathlib import Path
 
 import optuna
 import pytest
 
 from ich.cli import main as ich_main
+from sweeps import schedule
+from sweeps.schedule import JobSpec, ScheduleError
 from tests.fixtures_sweep import write_sweep_config
 from tests.test_sweep import _trial_runs, assert_exactly_once
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+EVIL = ["$(touch {m})", "`touch {m}`", "a'; touch {m}; '", 'a"; touch {m}; "', "a\ntouch {m}", "a;touch {m}",
+        "a && touch {m}", "a|touch {m}", "x$IFS$(touch${{IFS}}{m})"]
 
 
+def _args(**kw) -> Namespace:
+    base = dict(experiment="nightly", data=None, num_samples=2, config=None, every="0 3 * * *", systemd=None,
+                address=None, token_path=schedule.DEFAULT_TOKEN_PATH, install=False, remove=False)
+    return Namespace(**{**base, **kw})
+
+
+def _fake_dataset(folder: Path) -> Path:
+    """A folder `ich schedule` accepts locally (it only checks for manifest.json); its manifest is bogus so a
+    sweep run on it stops at once with one line."""
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("name", ["nightly", "ich17", "ich17.v2_gpu-b", "A" * 64])
+def test_names_accepted(name):
+    assert schedule.check_name(name) == name
+
+
+@pytest.mark.parametrize("name", [e.format(m="/tmp/x") for e in EVIL] + ["", "-x", ".x", "a b", "a/b", "a\tb",
+                                                                           "A" * 65, "über", "a\n"])
+def test_names_refused_in_one_line(name):
+    with pytest.raises(ScheduleError) as e:
+        schedule.check_name(name)
+    assert "\n" not in str(e.value) and "experiment name" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["0 3 * * *", "*/15 1-5 * JAN,FEB mon-fri", "@daily", "@reboot", "  0 3 * * *  "])
+def test_cron_schedules_accepted(spec):
+    assert schedule.check_cron(spec) == " ".join(spec.split())
+
+
+@pytest.mark.parametrize("spec", ["0 3 * * * ; touch /tmp/x", "0 3 * * *\n* * * * * touch /tmp/x", "0 3 * *",
+                                  "% * * * *", "0 3 * * $(id)", "@evil", "0 3 * * * '", ""])
+def test_cron_schedules_refused(spec):
+    with pytest.raises(ScheduleError, match="not a cron schedule"):
+        schedule.check_cron(spec)
+
+
+@pytest.mark.parametrize("spec", ["*-*-* 03:00:00", "daily", "Mon..Fri 02:30", "*-*-* 0/6:00:00 UTC"])
+def test_on_calendar_accepted(spec):
+    assert schedule.check_on_calendar(spec) == spec
+
+
+@pytest.mark.parametrize("spec", ["daily\nExecStartPre=/bin/touch /tmp/x", "daily\rX=1", "%h", "daily;x",
+                                  "$(id)", "", "   "])
+def test_on_calendar_refused(spec):
+    with pytest.raises(ScheduleError, match="OnCalendar"):
+        schedule.check_on_calendar(spec)
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265$(id)", "http://h:8265 --x", "ftp://h:1", "h:8265",
+                                     "http://h:8265\n"])
+def test_addresses_refused(address):
+    with pytest.raises(ScheduleError, match="--address"):
+        schedule.check_address(address)
+
+
+def test_evil_name_refused_by_the_command_and_nothing_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
+    data = _fake_dataset(tmp_path / "ds")
+    marker = tmp_path / "PWNED"
+    for evil in EVIL:
+        rc = ich_main(["schedule", "--experiment", evil.format(m=marker), "--data", str(data)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("ich schedule: error: experiment name "), err
+    assert not (tmp_path / "home" / "schedules").exists() and not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ quoting is inert
+
+
+def test_injection_in_data_path_is_inert_when_the_job_runs(tmp_path, monkeypatch, capsys):
+    """A dataset folder whose name carries command substitutions and quotes is passed to the sweep as one
+    literal argument: the script runs the real sweep, which refuses the (bogus) dataset; no marker appears."""
+    marker = tmp_path / "PWNED"
+    evil_dir = tmp_path / ("ds $(touch " + str(marker) + ") `touch " + str(marker) + "` ' \" ;touch " + str(marker))
+    data = _fake_dataset(evil_dir)
+    home = tmp_path / "home with 'quote' and $HOME"
+    monkeypatch.setenv("ICH_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert ich_main(["schedule", "--experiment", "inert", "--data", str(data), "--every", "@daily"]) == 0
+    script = home / "schedules" / "inert.sh"
+    cron = (home / "schedules" / "inert.cron").read_text()
+    command = cron.rsplit("  # ich-schedule ", 1)[0].split(" ", 1)[1]
+    assert cron.startswith("@daily ") and shlex.split(command) == [str(script)]  # one word for cron's /bin/sh
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "SHELL": "/bin/sh"}  # cron's environment
+    out = subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=600)
+    log = (home / "schedules" / "inert.log").read_text()
+    assert out.returncode == 2, (out.stdout, out.stderr, log[-3000:])
+    assert str(data) in log and "sweep: error:" in log, log[-3000:]  # the literal path reached the sweep
+    assert not marker.exists() and not (ROOT / "PWNED").exists()
+    assert "done (exit 2)" in log
+
+
+def test_cron_line_and_units_quote_the_script_path(tmp_path):
+    script = tmp_path / "it's a $HOME `x`" / "nightly.sh"
+    line = schedule.cron_line("0 3 * * *", script, "nightly")
+    assert line.endswith("  # ich-schedule nightly\n")
+    assert shlex.split(line.split("  # ich-schedule")[0]) == ["0", "3", "*", "*", "*", str(script)]
+    with pytest.raises(ScheduleError, match="'%'"):
+        schedule.cron_line("0 3 * * *", tmp_path / "100%" / "x.sh", "x")
+    units = schedule.systemd_units("nightly", "*-*-* 03:00:00", tmp_path / 'a "b" 50% $USER' / "nightly.sh")
+    exec_line = units["ich-sweep-nightly.service"].split("ExecStart=")[1].splitlines()[0]
+    assert exec_line == '"' + str(tmp_path).replace("%", "%%") + '/a \\"b\\" 50%% $$USER/nightly.sh"'
+    assert "OnCalendar=*-*-* 03:00:00\n" in units["ich-sweep-nightly.timer"]
+    with pytest.raises(ScheduleError):
+        schedule.systemd_units("nightly", "daily\nExecStartPre=/bin/touch /tmp/x", tmp_path / "x.sh")
+    with pytest.raises(ScheduleError):
+        schedule.systemd_quote("a\nb")
+
+
+def test_removal_matches_the_exact_entry():
+    crontab = ("MAILTO=me\n"
+               "0 3 * * * /h/schedules/night.sh  # ich-schedule night\n"
+               "0 4 * * * /h/schedules/nightly.sh  # ich-schedule nightly\n"
+               "0 5 * * * /h/schedules/xnight.sh  # ich-schedule xnight\n"
+               "0 6 * * * /usr/bin/backup  # night backups, not ours\n"
+               "0 7 * * * /h/schedules/night.sh  # ich-schedule night")  # no final newline
+    kept = schedule.crontab_without(crontab, "night")
+    assert kept == ("MAILTO=me\n0 4 * * * /h/schedules/nightly.sh  # ich-schedule nightly\n"
+                    "0 5 * * * /h/schedules/xnight.sh  # ich-schedule xnight\n"
+                    "0 6 * * * /usr/bin/backup  # night backups, not ours\n")
+    assert schedule.crontab_without(kept, "nightly").count("ich-schedule") == 1
+    assert schedule.crontab_without("", "night") == ""
+
+
+# -------------------------------------------------------------------------------------------- cluster jobs
+
+
+def test_cluster_job_submits_the_project_with_a_relative_entrypoint(tmp_path):
+    token = tmp_path / "ray_auth_token"
+    token.write_text("t" * 64)
+    spec = schedule.build_spec(_args(data="/home/ubuntu/ich17-ds", address="http://127.0.0.1:8265",
+                                     token_path=str(token), config=str(ROOT / "sweeps" / "configs" / "gpu.yaml")),
+                               tmp_path / "home")
+    cmd = schedule.job_command(spec)
+    assert Path(cmd[0]).is_absolute() and Path(cmd[0]).name == "ray" and cmd[1:3] == ["job", "submit"]
+    assert cmd[cmd.index("--address") + 1] == "http://127.0.0.1:8265"
+    assert cmd[cmd.index("--working-dir") + 1] == str(ROOT)
+    assert ".git" in json.loads(cmd[cmd.index("--runtime-env-json") + 1])["excludes"]
+    entry = cmd[cmd.index("--") + 1:]
+    assert entry[:2] == ["python", "sweeps/coatnet.py"]  # the cluster's python, a path inside the working dir
+    assert not any(str(ROOT) in a or os.sys.executable in a for a in entry), entry
+    assert entry[entry.index("--config") + 1] == "sweeps/configs/gpu.yaml"
+    assert entry[entry.index("--data") + 1] == "/home/ubuntu/ich17-ds"  # a path on the cluster, not resolved here
+    script = schedule.job_script(spec)
+    assert "export RAY_AUTH_MODE=token\n" in script
+    assert f"export RAY_AUTH_TOKEN_PATH={shlex.quote(str(token))}\n" in script
+    assert "MLFLOW_TRACKING_URI" not in script and "PASSWORD" not in script
+
+
+def test_cluster_job_refusals(tmp_path):
+    token = tmp_path / "tok"
+    token.write_text("x")
+    with pytest.raises(ScheduleError, match="no such file"):
+        schedule.build_spec(_args(data="/d", address="http://h:8265", token_path=str(tmp_path / "none")), tmp_path)
+    with pytest.raises(ScheduleError, match="absolute path on the cluster"):
+        schedule.build_spec(_args(data="rel/ds", address="http://h:8265", token_path=str(token)), tmp_path)
+    with pytest.raises(ScheduleError, match="control character"):
+        schedule.build_spec(_args(data="/d\ntouch /tmp/x", address="http://h:8265", token_path=str(token)), tmp_path)
+
+
+def test_local_job_refuses_a_password_in_the_tracking_uri(tmp_path, monkeypatch):
+    data = _fake_dataset(tmp_path / "ds")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://admin:secret@10.0.0.1:5000")
+    with pytest.raises(ScheduleError, match="carries a password"):
+        schedule.build_spec(_args(data=str(data)), tmp_path)
+
+
+@pytest.mark.integration
 def test_schedule_writes_cron_and_systemd(tmp_path, digits_dataset, monkeypatch, capsys):
     monkeypatch.setenv("ICH_HOME", str(tmp_path))
-    assert ich_main(["schedule", "--experiment", "nightly", "--data", str(digits_dataset), "--every", "30 2 * * *",
-                     "--address", "http://127.0.0.1:8265"]) == 0
+    token = tmp_path / "ray_auth_token"
+    token.write_text("t" * 64)
+    assert ich_main(["schedule", "--experiment", "nightly", "--data", "/srv/ich17-ds", "--every", "30 2 * * *",
+                     "--address", "http://127.0.0.1:8265", "--token-path", str(token)]) == 0
     script = (tmp_path / "schedules" / "nightly.sh").read_text()
-    assert "ray job submit --address http://127.0.0.1:8265" in script and "RAY_AUTH_MODE=token" in script
-    assert "--experiment nightly" in script and "flock -n 9" in script
+    assert "job submit --address http://127.0.0.1:8265 --working-dir" in script and "RAY_AUTH_MODE=token" in script
+    assert "-- python sweeps/coatnet.py --experiment nightly --data /srv/ich17-ds" in script
+    assert "flock -n 9" in script
     assert (tmp_path / "schedules" / "nightly.cron").read_text().startswith("30 2 * * * ")
     assert ich_main(["schedule", "--experiment", "nightly", "--data", str(digits_dataset),
                      "--systemd", "*-*-* 02:30:00"]) == 0
     timer = (tmp_path / "schedules" / "ich-sweep-nightly.timer").read_text()
     assert "OnCalendar=*-*-* 02:30:00" in timer
+    capsys.readouterr()
     assert ich_main(["schedule", "--experiment", "x", "--data", str(tmp_path)]) == 2  # not a dataset
     assert "not a dataset" in capsys.readouterr().err
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_scheduled_runs_extend_one_sweep(ray_local, mlflow_server, mlflow_client, digits_dataset, tmp_path):
     """Run the scheduled job twice: new trials each time, one Optuna study continued, soups over all
     checkpoints, `champion` moved only when the new best soup beats it on val."""
