@@ -22,7 +22,9 @@ def cmd_demo_data(a) -> None:
 def cmd_ingest(a) -> None:
     from ich.ingest import ingest
     m = ingest(a.src, a.out, size=a.size, val_frac=a.val_frac, test_frac=a.test_frac, seed=a.seed,
-               workers=a.workers, overwrite=a.overwrite, progress=not a.quiet, strict=a.strict)
+               workers=a.workers, overwrite=a.overwrite, progress=not a.quiet, strict=a.strict,
+               max_file_bytes=int(a.max_file_mb * 2**20), max_aspect=a.max_aspect or None,
+               decode_timeout=a.decode_timeout)
     n = m["num_images"]
     print(f"{a.out}: {m['num_classes']} classes, train/val/test = {n.get('train', 0)}/{n.get('val', 0)}/"
           f"{n.get('test', 0)}, {len(m['skipped'])} skipped, fingerprint {m['fingerprint'][:16]}")
@@ -153,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--strict", action="store_true", help="fail (exit 2) on any file that would be skipped")
+    s.add_argument("--max-file-mb", type=float, default=50, help="skip (unread) source files larger than this")
+    s.add_argument("--max-aspect", type=float, default=10, help="skip images whose long side exceeds this many "
+                                                                "times the short side (0: no limit)")
+    s.add_argument("--decode-timeout", type=float, default=300, help="seconds one file may take to decode before "
+                                                                     "the ingest fails naming it")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_ingest)
 
