@@ -102,8 +102,23 @@ def _bomb(path: Path) -> None:
     make_bomb(path)
 
 
+def _thin(path: Path) -> None:
+    Image.new("L", (100_000, 1), 128).save(path, "PNG")  # ~370 bytes; a whole-image resize wanted ~24 GiB
+
+
+def _tall(path: Path) -> None:
+    Image.new("L", (1, 100_000), 128).save(path, "PNG")
+
+
+def _huge(path: Path) -> None:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.truncate(path, 60 * 2**20)  # sparse: over the 50 MiB default cap without using the disk
+
+
 BROKEN = [("truncated.jpg", _truncated_jpeg, "truncated"), ("empty.jpg", _zero_bytes, "zero bytes"),
-          ("notes.png", _not_an_image, "not an image"), ("bomb.png", _bomb, "decompression bomb")]
+          ("notes.png", _not_an_image, "not an image"), ("bomb.png", _bomb, "decompression bomb"),
+          ("thin.png", _thin, "extreme aspect ratio"), ("tall.png", _tall, "extreme aspect ratio"),
+          ("huge.png", _huge, "too large")]
 
 
 @pytest.mark.parametrize("filename, maker, reason", BROKEN, ids=[b[2].replace(" ", "_") for b in BROKEN])

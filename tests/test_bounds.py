@@ -240,3 +240,19 @@ def test_resize_crop_of_elongated_image_matches_on_smooth_content():
     top = (nh - size) // 2
     got = np.asarray(_resize_crop(im, size)).astype(int)
     assert np.abs(got - full[top:top + size].astype(int)).max() <= 1
+
+
+def test_cli_flags_set_the_bounds(tmp_path, good_src, capsys):
+    """`ich ingest --max-file-mb/--max-aspect` reach the ingest (0: no aspect limit)."""
+    from ich.cli import main
+    strip_png(good_src / "a" / "thin.png", 2000, 1)
+    assert main(["ingest", str(good_src), str(tmp_path / "o1"), "--size", "16", "--quiet"]) == 0
+    assert "skipped a/thin.png: extreme aspect ratio" in capsys.readouterr().out
+    assert main(["ingest", str(good_src), str(tmp_path / "o2"), "--size", "16", "--quiet", "--max-aspect", "0"]) == 0
+    assert "0 skipped" in capsys.readouterr().out
+    big = good_src / "b" / "big.png"
+    big.write_bytes((good_src / "b" / "000.png").read_bytes() + b"\0" * 200_000)
+    assert main(["ingest", str(good_src), str(tmp_path / "o3"), "--size", "16", "--quiet", "--max-aspect", "0",
+                 "--max-file-mb", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 skipped" in out and "skipped b/big.png: too large" in out
