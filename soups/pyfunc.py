@@ -59,15 +59,16 @@ class InputPolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
 
     @classmethod
-    def from_env(cls) -> "InputPolicy":
-        raw_cap = os.environ.get(MAX_BYTES_ENV, "").strip()
+    def from_env(cls, environ=None) -> "InputPolicy":
+        environ = os.environ if environ is None else environ
+        raw_cap = environ.get(MAX_BYTES_ENV, "").strip()
         try:
             cap = int(raw_cap) if raw_cap else DEFAULT_MAX_BYTES
         except ValueError:
             raise ValueError(f"{MAX_BYTES_ENV}={raw_cap!r}: not a whole number of bytes") from None
         if cap < 1:
             raise ValueError(f"{MAX_BYTES_ENV}={raw_cap!r}: must be at least 1")
-        raw_root = os.environ.get(PATH_ROOT_ENV, "").strip()
+        raw_root = environ.get(PATH_ROOT_ENV, "").strip()
         if not raw_root:
             return cls(None, cap)
         root = Path(os.path.realpath(raw_root))
@@ -191,7 +192,7 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "path" not in frame.columns and "image" not in frame.columns:
-            raise ValueError(f"input needs an 'image' or a 'path' column, got {list(frame.columns)}")
+            raise ValueError(f"input needs a 'path' or an 'image' column, got {list(frame.columns)}")
         images = []
         for i, (_, row) in enumerate(frame.iterrows()):
             row = row.where(row.notna(), None)  # a missing cell reads as None, not NaN
@@ -464,9 +465,12 @@ def resolve_model(uri: str) -> ModelSource:
                 version = client.get_model_version(name, number)
             else:
                 raise UntrustedModel(f"{uri}: not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
-            model_id, label = version.model_id, f"{uri} (version {version.version})"
-            if not model_id:
-                raise UntrustedModel(f"{label}: has no LoggedModel (not logged by this project); refusing")
+            label = f"{uri} (version {version.version})"
+            # The registry links a version to its LoggedModel through `source` (models:/m-…).
+            source = version.source or ""
+            model_id = version.model_id or (source[len("models:/"):] if source.startswith("models:/m-") else None)
+            if not model_id or "/" in model_id:
+                raise UntrustedModel(f"{label}: source {source!r} is not a logged soup model (models:/m-…); refusing")
         logged = client.get_logged_model(model_id)
     except MlflowException as e:
         raise UntrustedModel(f"{uri}: {str(e).splitlines()[0]}") from None
@@ -487,10 +491,17 @@ def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
         verify_soup_model(source.local, None, source.label)  # before copying: no FIFO or device is opened
         shutil.copytree(source.local, local, symlinks=True)
     else:
+        quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # refusals stay one line on stderr
         try:
             got = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{source.model_id}", dst_path=str(local))
         except (MlflowException, OSError) as e:
             raise UntrustedModel(f"{source.label}: cannot download model ({str(e).splitlines()[0]})") from None
+        finally:
+            if quiet is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
         local = Path(got)
     ckpt = verify_soup_model(local, source.recorded, source.label)
     return source, local, ckpt

@@ -123,7 +123,7 @@ def test_soup_runs_sit_under_the_sweep_with_tags_metrics_artifacts_and_weights(f
 
 
 @pytest.mark.integration
-def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep, mlflow_client):
+def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep, mlflow_client, monkeypatch):
     import mlflow.pyfunc
 
     summary, _ = first_run
@@ -136,7 +136,8 @@ def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep,
 
     images = Path(tiny_sweep["data"]).parent / "images"
     paths = [sorted((images / c).glob("*.png"))[0] for c in sorted(p.name for p in images.iterdir())]
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    monkeypatch.setenv("ICH_SERVE_PATH_ROOT", str(images))  # the path column is off unless a root is given
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")  # Models-from-Code: no pickle
     out = model.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
     classes = [p.parent.name for p in paths]
     assert set(out["class"]) <= set(classes)
@@ -258,13 +259,14 @@ def test_serving_decodes_images_exactly_like_ingest(fmt, tmp_path):
     assert np.array_equal(decode_image(path.read_bytes(), 24, str(path)), expected)
 
 
-def test_soup_classifier_predicts_from_paths_and_base64_and_names_bad_rows(tmp_path):
+def test_soup_classifier_predicts_from_paths_and_base64_and_names_bad_rows(tmp_path, monkeypatch):
     classes = ["Đờn ca tài tử", "Lễ hội Óc Om Bóc", "Múa Rom Vong"]
     model = create_model("coatnet_tiny_ich", len(classes), 32)
     meta = CheckpointMeta(architecture="coatnet_tiny_ich", img_size=32, num_classes=3, class_names=classes,
                           dataset_fingerprint="d", init_fingerprint="i", epoch=0,
                           extra={"image_size": 36, "eval_crop_pct": 0.875})
     save_checkpoint(tmp_path / "soup", model.state_dict(), meta)
+    monkeypatch.setenv("ICH_SERVE_PATH_ROOT", str(tmp_path))  # the path column is off unless a root is given
     served = SoupClassifier()
     served.load_context(SimpleNamespace(artifacts={"soup": str(tmp_path / "soup")}))
     paths = []
