@@ -125,8 +125,18 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+_retries = 0  # calls this process tried again after a transient error (read by retry_count)
+
+
+def retry_count() -> int:
+    """How many MLflow calls failed transiently and were tried again in this process so far. A trial reports
+    its share as the metric `mlflow_retries`, so an outage the sweep rode out is visible, not only survived."""
+    return _retries
+
+
 def call_with_retry(what: str, fn: Callable[..., T], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any) -> T:
     """fn(*args, **kwargs), retried with backoff on transient errors; RegistryError when they persist."""
+    global _retries
     policy = retry or DEFAULT_RETRY
     started = time.monotonic()
     for attempt in range(1, policy.attempts + 1):
@@ -140,6 +150,7 @@ def call_with_retry(what: str, fn: Callable[..., T], *args: Any, retry: RetryPol
                 raise RegistryError(f"MLflow {what}: failed {attempt} times over {time.monotonic() - started:.0f} s; "
                                     f"last error: {first_line}") from e
             pause = policy.delay(attempt)
+            _retries += 1
             log.warning("MLflow %s failed (%s); retry %d/%d in %.1f s", what, type(e).__name__, attempt,
                         policy.attempts - 1, pause)
             time.sleep(pause)

@@ -49,10 +49,7 @@ def main(argv=None) -> int:
     from ich.errors import USER_ERRORS
     from soups.registry import RegistryError
     from sweeps.mlflow_server import MlflowServerError
-    try:
-        from soups.orchestrate import SoupError
-    except ImportError:
-        SoupError = ValueError
+    from soups.orchestrate import SoupError  # part of the project: failing to import it is an error, not a notice
     try:
         run_sweep(args, ich_home())
     except USER_ERRORS + (RegistryError, MlflowServerError, SoupError) as e:
@@ -89,7 +86,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     from sweeps.config import load_config, tune_space
     from sweeps.init_weights import check_resources, shared_inits
     from sweeps.mlflow_server import initial_tracking_uri
-    from sweeps.trainable import SweepContext, train_trial
+    from sweeps.trainable import SweepContext, faults_from_env, train_trial
 
     t_start = time.time()
     cfg = load_config(args.config, {"data": args.data, "experiment": args.experiment, "num_samples": args.num_samples,
@@ -151,7 +148,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
 
     ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        tracking_uri=tracking_uri, train=dict(cfg.train),
-                       fault_once_at_epoch=int(os.environ.get("ICH_FAULT_ONCE_AT_EPOCH", "0")),
+                       faults=faults_from_env(),
                        fault_marker_dir=str(home / "faults" / sweep))
     # Dataset and inits go into the object store once; every trial on a node maps the same copy.
     trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=dataset, inits=inits, ctx=ctx), resources)
@@ -336,11 +333,7 @@ def _fmt(v) -> str:
 
 
 def run_soups(cfg, sweep: str, tracking_uri: str) -> None:
-    try:
-        from soups.orchestrate import SoupOptions, run_soups as build
-    except ImportError:
-        print("soups: the soup orchestrator is not installed in this version; skipping", flush=True)
-        return
+    from soups.orchestrate import SoupOptions, run_soups as build  # an ImportError here fails the sweep, loudly
     build(SoupOptions(experiment=cfg.experiment, sweep=sweep, tracking_uri=tracking_uri, **vars(cfg.soups)))
 
 

@@ -2,35 +2,69 @@
 
 Per epoch: write the checkpoint (safetensors + metadata + optimizer state), log it to MLflow as a
 LoggedModel of the trial's run, and only then report to Tune (ASHA may stop the trial at the report,
-design decision 5). The upload runs in a background thread while the next epoch trains; the report
-follows as soon as the upload is done, at the next optimizer step.
+design decision 5). The upload runs in a helper process (sweeps/uploader.py) while the next epoch trains;
+the report follows as soon as the upload is done, at the next optimizer step.
+
+Every (re)start of a trial logs where it began: the metric `resumed_from_epoch` (the epoch of the checkpoint
+the trainer loaded, 0 from the shared init; step = how many starts came before), and every trial reports
+`mlflow_retries`, the MLflow calls it had to try again.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
-import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
 from soups import registry
+from sweeps.uploader import Upload, UploadProcess
 
 TAG_TRIAL_NAME = "ich.trial_name"
 TAG_NODE = "ich.node"
 TAG_NODE_ID = "ich.node_id"
 TAG_PID = "ich.pid"  # the process running the trial now (changes when Tune retries it elsewhere)
 CKPT_SUBDIR = "checkpoint"  # inside a Tune checkpoint: the folder that goes to MLflow
+METRIC_RESUMED_FROM = "resumed_from_epoch"  # per (re)start of a trial: the epoch its trainer resumed from
+METRIC_RETRIES = "mlflow_retries"  # per (re)start: MLflow calls that failed transiently and were tried again
+FAULT_POINTS = ("epoch_start", "before_report", "mid_epoch")
+
+
+@dataclass
+class Fault:
+    """Test hook: fail once per trial at one point of one epoch, by raising or by SIGKILL of the trial process.
+
+        epoch_start    when epoch N starts, right after epoch N-1 was reported to Tune
+        before_report  when epoch N's checkpoint is READY in MLflow and not yet reported to Tune
+        mid_epoch      at the first optimizer step of epoch N after epoch N-1 was reported
+    """
+    point: str
+    epoch: int
+    action: str = "raise"  # "raise" | "kill"
+
+
+def faults_from_env(environ=os.environ) -> list[Fault]:
+    """ICH_FAULTS="before_report:2,mid_epoch:3:kill" (and the older ICH_FAULT_ONCE_AT_EPOCH=N, an epoch_start)."""
+    faults = []
+    if int(environ.get("ICH_FAULT_ONCE_AT_EPOCH", "0") or 0):
+        faults.append(Fault("epoch_start", int(environ["ICH_FAULT_ONCE_AT_EPOCH"])))
+    for spec in filter(None, (s.strip() for s in environ.get("ICH_FAULTS", "").split(","))):
+        point, epoch, action = (spec.split(":") + ["raise"])[:3]
+        if point not in FAULT_POINTS or action not in ("raise", "kill") or not epoch.isdigit():
+            raise ValueError(f"ICH_FAULTS: {spec!r} is not POINT:EPOCH[:raise|kill] with POINT in {FAULT_POINTS}")
+        faults.append(Fault(point, int(epoch), action))
+    return faults
 
 
 @dataclass
@@ -41,8 +75,8 @@ class SweepContext:
     parent_run_id: str
     tracking_uri: str
     train: dict  # fixed TrainConfig fields
-    fault_once_at_epoch: int = 0  # tests only: raise once when this epoch starts (retry path)
-    fault_marker_dir: str = ""
+    faults: list[Fault] = field(default_factory=list)  # tests only (faults_from_env)
+    fault_marker_dir: str = ""  # where a fired fault leaves its marker, so it fires once per trial
 
 
 @dataclass
@@ -82,14 +116,27 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _maybe_fail(ctx: SweepContext, trial_id: str, epoch: int) -> None:
-    """Fault injection for tests: fail once per trial when `epoch` starts, so Tune retries from a checkpoint."""
-    if epoch == ctx.fault_once_at_epoch:
-        marker = Path(ctx.fault_marker_dir) / f"failed-{trial_id}"
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            raise RuntimeError(f"injected fault: trial {trial_id} at the start of epoch {epoch}")
+def _maybe_fail(ctx: SweepContext, trial_id: str, point: str, epoch: int, **note) -> None:
+    """Fire the fault configured for (point, epoch), once per trial: its marker file `<point>-<trial>` records
+    the process and what the test needs to check (e.g. the model id READY in MLflow when it fired)."""
+    for fault in ctx.faults:
+        marker = Path(ctx.fault_marker_dir) / f"{point}-{trial_id}"
+        if (fault.point, fault.epoch) != (point, epoch) or marker.exists():
+            continue
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, **note}))
+        if fault.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault: trial {trial_id}, {point} of epoch {epoch}")
+
+
+def record_start(client: MlflowClient, run_id: str, epoch: int) -> int:
+    """Log where this (re)start of the trial begins: `resumed_from_epoch` = the epoch the trainer holds now (its
+    loaded checkpoint's, 0 from the shared init) at step = the number of earlier starts. Returns that step."""
+    starts = len(registry.call_with_retry("read trial starts", client.get_metric_history, run_id, METRIC_RESUMED_FROM))
+    row = Metric(METRIC_RESUMED_FROM, float(epoch), int(time.time() * 1000), starts)  # one row, however often retried
+    registry.call_with_retry("record trial start", client.log_batch, run_id, metrics=[row])
+    return starts
 
 
 def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ctx: SweepContext) -> None:
@@ -106,10 +153,15 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             trainer.load_state(d, model_weights=Path(d) / CKPT_SUBDIR / "model.safetensors")
 
     client = MlflowClient(ctx.tracking_uri)
-    run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
     uploader = _uploader()
-    pending: tuple[Future, Path, dict] | None = None
+    retries_at_start = registry.retry_count() + uploader.retries
+    run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
+    start = record_start(client, run_id, trainer.epoch)
+    pending: tuple[Upload, Path, dict] | None = None
     overhead = {"report_s": 0.0, "write_s": 0.0}  # sweep-side cost per epoch, reported as metrics
+
+    def retries() -> int:
+        return registry.retry_count() + uploader.retries - retries_at_start
 
     def report_pending(block: bool) -> None:
         """Report the last epoch to Tune once its checkpoint is in MLflow (never before)."""
@@ -117,17 +169,23 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         if pending is None or not (block or pending[0].done()):
             return
         t0 = time.perf_counter()
-        future, folder, metrics = pending
+        upload, folder, metrics = pending
         pending = None
-        model_id = future.result()  # an upload that failed for good fails the trial (Tune retries it)
-        tune.report({**metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id,
+        model_id = upload.result()  # an upload that failed for good fails the trial (Tune retries it)
+        _maybe_fail(ctx, trial_id, "before_report", int(metrics["epoch"]), model_id=model_id)
+        tune.report({**metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id, METRIC_RETRIES: retries(),
                      "sweep_report_s": overhead["report_s"], "sweep_write_s": overhead["write_s"]},
                     checkpoint=tune.Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
         overhead["report_s"] = time.perf_counter() - t0
 
+    def on_step() -> None:
+        report_pending(False)
+        if ctx.faults and pending is None:  # the last epoch is reported: mid-way through the next one
+            _maybe_fail(ctx, trial_id, "mid_epoch", trainer.epoch + 1)
+
     try:
-        for result in trainer.fit(on_step=lambda: report_pending(False)):
+        for result in trainer.fit(on_step=on_step):
             report_pending(True)  # reports stay in epoch order
             t0 = time.perf_counter()
             metrics = {k: float(v) for k, v in result.metrics.items()}
@@ -139,36 +197,33 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
                                   preprocess=trainer.preprocess)
             sha = save_checkpoint(folder / CKPT_SUBDIR, result.weights(), meta)
             trainer.save_state(folder, with_model=False)
-            future = uploader.submit(
-                _log_checkpoint, ctx.tracking_uri, experiment_id=ctx.experiment_id, run_id=run_id,
+            upload = uploader.submit(
+                ctx.tracking_uri, experiment_id=ctx.experiment_id, run_id=run_id,
                 ckpt_dir=folder / CKPT_SUBDIR, sweep=ctx.sweep, trial=trial_id, epoch=result.epoch, sha256=sha,
                 metrics=metrics, dataset_fingerprint=dataset.fingerprint,
                 init_fingerprint=trainer.init_fingerprint, architecture=cfg.model)
-            pending = (future, folder, metrics)
+            pending = (upload, folder, metrics)
             overhead["write_s"] = time.perf_counter() - t0
-            if ctx.fault_once_at_epoch == result.epoch + 1:
+            if any((f.point, f.epoch) == ("epoch_start", result.epoch + 1) for f in ctx.faults):
                 report_pending(True)  # so the retry resumes from this epoch's checkpoint
-                _maybe_fail(ctx, trial_id, result.epoch + 1)
+                _maybe_fail(ctx, trial_id, "epoch_start", result.epoch + 1)
         report_pending(True)
+        row = Metric(METRIC_RETRIES, float(retries()), int(time.time() * 1000), start)
+        registry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
         registry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
     finally:
         if pending is not None:  # a failing trial still lets its last upload finish (it may be reported on retry)
-            pending[0].exception()
+            pending[0].wait()
 
 
-_UPLOADER: ProcessPoolExecutor | None = None
+_UPLOADER: UploadProcess | None = None
 
 
-def _uploader() -> ProcessPoolExecutor:
+def _uploader() -> UploadProcess:
     """One upload process per worker, kept across the trials a reused actor runs. A process, not a thread:
     a thread's Python (HTTP, JSON) would hold the GIL against the training loop's."""
     global _UPLOADER
-    if _UPLOADER is None or getattr(_UPLOADER, "_broken", False):
-        _UPLOADER = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    if _UPLOADER is None or not _UPLOADER.alive():
+        _UPLOADER = UploadProcess()
     return _UPLOADER
-
-
-def _log_checkpoint(tracking_uri: str, **kwargs) -> str:
-    """registry.log_checkpoint in the upload process (which builds its own client)."""
-    return registry.log_checkpoint(MlflowClient(tracking_uri), **kwargs)
 
