@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(s)
     s.set_defaults(func=cmd_report)
 
+    from soups.gc import add_gc_args, cmd_gc
+    s = sub.add_parser("gc", help="delete the weights of checkpoints no soup uses beyond each trial's top-k/last-k "
+                                  "(dry run unless --apply)")
+    add_gc_args(s)
+    s.set_defaults(func=cmd_gc)
+
     s = sub.add_parser("predict", help="class names and probabilities of images from a model (URI or folder)")
     s.add_argument("--model", required=True,
                    help="e.g. models:/ich17-soup@champion, a local pyfunc folder, or a checkpoint folder")

@@ -714,7 +714,10 @@ def run_soups(opts: SoupOptions) -> dict:
     # Checks that need no download: a val figure to rank by, and the dataset we evaluate on.
     skipped, records = [], []
     key = f"val_{opts.metric}"
+    collected = [r for r in all_records if r.tags.get("ich.gc") == "deleted"]  # weights deleted by `ich gc`
     for r in all_records:
+        if r in collected:  # the record stays, the weights are gone: one note below, no warning each
+            continue
         score = r.metrics.get(key)
         reason = (f"no {key} recorded" if score is None else f"{key} is {score}" if not math.isfinite(score)
                   else f"dataset fingerprint {r.dataset_fingerprint[:12]} is not the one of {data} "
@@ -725,13 +728,16 @@ def run_soups(opts: SoupOptions) -> dict:
         else:
             records.append((r, float(score)))
     if not records:
+        first = skipped[0]["reason"] if skipped else "weights deleted by ich gc"
         raise SoupError(f"experiment {opts.experiment!r}: none of its {len(all_records)} checkpoints is usable "
-                        f"(first: {skipped[0]['reason']})")
+                        f"(first: {first})")
     print(f"soups of sweep {sweep}: {len(records)} checkpoints of {len({r.trial for r, _ in records})} trials, "
           f"scope {opts.scope}, recipe {opts.recipe}, metric val_{opts.metric}, BN {opts.bn}", flush=True)
 
     soups: list[dict] = []
     notes: list[str] = []
+    if collected:
+        notes.append(f"{len(collected)} checkpoint(s) kept as records only (weights deleted by ich gc), not souped")
     val_logits: dict[str, np.ndarray] = {}
     champion = None
     # MLflow prints a "View run" line (after an extra get_run) for every run it ends: noise here.

@@ -191,6 +191,8 @@ def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) ->
         score = r.metrics.get(key)
         if r.dataset_fingerprint != fingerprint:
             reason = "built on another dataset"
+        elif r.tags.get("ich.gc") == "deleted":  # the record stays, its weights were deleted by `ich gc`
+            reason = "weights deleted by ich gc"
         elif score is None or not math.isfinite(score):
             reason = f"no finite {key} recorded"
         else:

@@ -45,6 +45,13 @@ class SoupConfig:
 
 
 @dataclass
+class GcConfig:
+    """What `ich gc` keeps per trial besides soup and champion ingredients (soups/gc.py)."""
+    keep_top_k: int = 2  # best checkpoints by the sweep's val metric
+    keep_last_k: int = 1  # latest epochs
+
+
+@dataclass
 class SweepConfig:
     experiment: str = "ich-sweep"
     sweep: str | None = None  # sweep name inside the experiment (default: the experiment name); baselines use their own
@@ -64,6 +71,7 @@ class SweepConfig:
     asha: AshaConfig = field(default_factory=AshaConfig)
     init: InitConfig = field(default_factory=InitConfig)
     soups: SoupConfig = field(default_factory=SoupConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
 
     @property
     def max_epochs(self) -> int:
@@ -83,7 +91,7 @@ def _build(cls, d: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(names)})")
     kw = {}
     for k, v in d.items():
-        sub = {"asha": AshaConfig, "init": InitConfig, "soups": SoupConfig}.get(k) if cls is SweepConfig else None
+        sub = {"asha": AshaConfig, "init": InitConfig, "soups": SoupConfig, "gc": GcConfig}.get(k) if cls is SweepConfig else None
         kw[k] = _build(sub, v or {}, f"{where}.{k}") if sub else v
     return cls(**kw)
 
@@ -157,6 +165,8 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
                                  ("bn", s.bn, ("average", "recalibrate", "auto"))):
         if value not in allowed:
             raise ConfigError(f"{where}: soups.{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.gc.keep_top_k < 0 or cfg.gc.keep_last_k < 0:
+        raise ConfigError(f"{where}: gc.keep_top_k and gc.keep_last_k must be >= 0")
     import timm  # unknown models fail here, not in a worker
     models = set([cfg.train.get("model", TrainConfig.model)])
     if "model" in cfg.search:
