@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from ich.data import ICHDataset, load_dataset
-from soups import registry
+from soups import provenance, registry
 from soups.analysis import soft_vote
 from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
 from soups.bn import choose_bn_mode
@@ -368,6 +368,7 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members:
     return {
         "name": name, "scope": family.scope, "recipe": recipe, "group": family.group, "trial": family.trial,
         "ingredients": [{"trial": p.record.trial, "epoch": p.record.epoch, "model_id": p.record.model_id,
+                         "run_id": p.record.run_id,
                          "sha256": p.record.sha256, "val_score": p.score,
                          "candidate_val": tries.get(p.record.model_id),
                          "accepted": p.record.model_id in accepted} for p in members],
@@ -445,8 +446,12 @@ def log_soup(ctx: Context, entry: dict, soup: Built, ref: Pulled) -> None:
         tags[registry.TAG_TRIAL] = entry["trial"]
     if ctx.sweep_run_id:
         tags["mlflow.parentRunId"] = ctx.sweep_run_id
+    # Traceable: this code and environment, and the distinct code versions that trained the ingredients.
+    ingredient_runs = {i["run_id"] for i in entry["ingredients"] if i["accepted"]}
+    run_tags = {**tags, **provenance.run_tags("soups/orchestrate.py"),
+                **provenance.ingredient_tags(client, ctx.experiment_id, ingredient_runs)}
     run = registry.call_with_retry("create soup run", client.create_run, ctx.experiment_id, run_name=entry["name"],
-                                   tags=tags)
+                                   tags=run_tags)
     run_id = run.info.run_id
     metrics = flat_metrics(entry)
     now = int(time.time() * 1000)

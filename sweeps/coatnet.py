@@ -82,7 +82,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
 
     from ich.data import load_dataset
     from ich.errors import ConfigError
-    from soups import registry
+    from soups import provenance, registry
     from sweeps.config import load_config, tune_space
     from sweeps.init_weights import check_resources, shared_inits
     from sweeps.mlflow_server import initial_tracking_uri
@@ -126,13 +126,15 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         if not tune.Tuner.can_restore(tune_path):
             raise ConfigError(f"--resume: no Ray Tune state at {tune_path}")
         registry.call_with_retry("mark sweep running", client.update_run, parent.info.run_id, status="RUNNING")
+        registry.call_with_retry("tag sweep provenance", client.log_batch, parent.info.run_id, tags=[  # code now
+            RunTag(k, v) for k, v in provenance.run_tags("sweeps/coatnet.py").items()])
     else:
         name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
         tune_path = f"{storage.rstrip('/')}/{name}"
         parent = registry.call_with_retry(
             "create sweep run", client.create_run, experiment_id, run_name=name,
             tags={"ich.kind": "sweep", "ich.sweep": sweep, "ich.tune_path": tune_path, "ich.data": cfg.data,
-                  "ich.dataset_fingerprint": dataset.fingerprint})
+                  "ich.dataset_fingerprint": dataset.fingerprint, **provenance.run_tags("sweeps/coatnet.py")})
         registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
             Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
                                                   ("num_samples", cfg.num_samples), ("train", cfg.train),

@@ -28,7 +28,7 @@ from ray import tune
 from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
-from soups import registry
+from soups import provenance, registry
 from sweeps.uploader import Upload, UploadProcess
 
 TAG_TRIAL_NAME = "ich.trial_name"
@@ -96,12 +96,13 @@ def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name
     if run is None:
         run = registry.call_with_retry(
             "create trial run", client.create_run, ctx.experiment_id, run_name=trial_name,
-            tags={**tags, **node, "mlflow.parentRunId": ctx.parent_run_id, TAG_TRIAL_NAME: trial_name})
+            tags={**tags, **node, "mlflow.parentRunId": ctx.parent_run_id, TAG_TRIAL_NAME: trial_name,
+                  **provenance.run_tags("sweeps/trainable.py")})
         params = [Param(k, str(v)) for k, v in asdict(cfg).items()]
         registry.call_with_retry("log trial params", client.log_batch, run.info.run_id, params=params)
-    else:  # retried / resumed: running again, maybe on another node
-        registry.call_with_retry("tag trial run", client.log_batch, run.info.run_id,
-                                 tags=[RunTag(k, v) for k, v in node.items()])
+    else:  # retried / resumed: running again, maybe on another node (and code)
+        registry.call_with_retry("tag trial run", client.log_batch, run.info.run_id, tags=[
+            RunTag(k, v) for k, v in {**node, **provenance.run_tags("sweeps/trainable.py")}.items()])
         registry.call_with_retry("mark trial running", client.update_run, run.info.run_id, status="RUNNING")
     return run.info.run_id
 
