@@ -29,6 +29,58 @@ def random_state_dict(seed: int) -> dict:
 
 # ---------------------------------------------------------------- averaging
 
+def large_state_dict(seed: int) -> dict:
+    """Above the threaded path's threshold, values over many magnitudes: float64 rounding depends on order."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-6, 6, 300_000)
+    return {"a.weight": torch.randn(300_000, generator=g) * scale, "b.weight": torch.randn(700, 900, generator=g),
+            "c.bias": torch.randn(257, generator=g) * 1e4, "d.weight": torch.randn(400, 300, generator=g).half(),
+            "e.weight": torch.randn(2000, 100, generator=g).to(torch.bfloat16),
+            "bn.num_batches_tracked": torch.tensor(7 + seed, dtype=torch.int64)}
+
+
+def reference_mean(sds: list[dict], extra: dict | None = None) -> dict:
+    """Today's soup, written out plainly: float64 sum in ingredient order, divided once, rounded once."""
+    every = sds + ([extra] if extra is not None else [])
+    out = {}
+    for k, v in sds[0].items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        s = v.to(torch.float64)
+        for sd in every[1:]:
+            s = s + sd[k].to(torch.float64)
+        out[k] = (s / len(every)).to(v.dtype)
+    return out
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8) if a[k].is_floating_point()
+                                                        else a[k], b[k].view(-1).view(torch.uint8)
+                                                        if b[k].is_floating_point() else b[k]), k
+
+
+def test_soups_are_bitwise_equal_for_any_number_of_accumulation_threads():
+    sds = [large_state_dict(i) for i in range(5)]
+    expected = reference_mean(sds)
+    for threads in (1, 2, 3, 4):
+        assert_bitwise(uniform_soup(sds, threads=threads), expected)
+        rs = RunningSum(threads=threads)
+        for sd in sds[:4]:
+            rs.add(sd)
+        assert_bitwise(rs.candidate_with(sds[4]), reference_mean(sds[:4], sds[4]))
+        assert_bitwise(rs.mean(), reference_mean(sds[:4]))
+    # greedy: every ingredient improves, so its soup is the uniform one, whatever the threads
+    for threads in (1, 3):
+        scores = iter(range(10))
+        res = greedy_soup([Ingredient(str(i), 1.0 - i, sd) for i, sd in enumerate(sds)], lambda sd: next(scores),
+                          threads=threads)
+        assert res.accepted == [str(i) for i in range(5)]
+        assert_bitwise(res.state_dict, expected)
+
+
 def test_uniform_soup_is_float64_mean_and_keeps_int_buffers():
     sds = [random_state_dict(s) for s in range(5)]
     soup = uniform_soup(iter(sds))
