@@ -91,7 +91,6 @@ def cmd_predict(a) -> None:
         logits = _checked_logits(net, pre, images)
         probs = _softmax(logits)
     else:
-        import pandas as pd
         from soups.pyfunc import load_soup_model
         from sweeps.mlflow_server import ensure_tracking_uri
         if "://" in a.model or a.model.startswith(("models:", "runs:")):
@@ -128,6 +127,70 @@ def _softmax(logits):
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def cmd_serve(a) -> None:
+    """Verify a soup model, then serve exactly that verified copy with `mlflow models serve --env-manager local`.
+
+    The copy lives in a private temporary folder (removed on exit); the server runs with that folder's parent
+    as its working directory, so nothing beside the model is importable from it. SIGTERM/SIGINT stop the server
+    (its own process group, started here) and remove the copy."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    from ich.errors import ConfigError
+    from soups.pyfunc import MAX_BYTES_ENV, PATH_ROOT_ENV, InputPolicy, fetch_verified
+    from sweeps.mlflow_server import ensure_tracking_uri
+    env = dict(os.environ)
+    if a.path_root is not None:
+        env[PATH_ROOT_ENV] = a.path_root
+    if a.max_bytes is not None:
+        env[MAX_BYTES_ENV] = str(a.max_bytes)
+    try:
+        policy = InputPolicy.from_env(env)  # checked here so a bad root fails before anything starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if a.model.startswith("models:"):
+        ensure_tracking_uri(ich_home(), quiet=True)
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the server execs uvicorn
+    tmp = tempfile.mkdtemp(prefix="ich-serve-")
+    server = None
+
+    def stop(signum, _frame):
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+    try:
+        source, local, _ = fetch_verified(a.model, tmp)
+        roots = f"path column under {policy.path_root}" if policy.path_root else "path column off"
+        print(f"verified {source.label}; serving it on http://{a.host}:{a.port}/invocations ({roots})", flush=True)
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", str(local), "--env-manager",
+               "local", "--host", a.host, "--port", str(a.port), "--workers", str(a.workers)]
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        server = subprocess.Popen(cmd, env=env, cwd=tmp, start_new_session=True, preexec_fn=_die_with_parent())
+        rc = server.wait()
+        if rc not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+            raise SystemExit(rc)
+    finally:
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _die_with_parent():
+    """A preexec_fn: the server gets SIGTERM if `ich serve` dies (even by SIGKILL), so no server outlives it.
+    libc's prctl is looked up here, before the fork; the child only calls it."""
+    import ctypes
+    import signal
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def cmd_ui(a) -> None:
@@ -198,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=3, help="probabilities shown per image")
     s.add_argument("--json", action="store_true", help="one JSON object per image: class, probabilities, logits")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="verify a registered soup, then serve it over HTTP (mlflow models serve)")
+    s.add_argument("--model", required=True, help="e.g. models:/ich17-soup@champion, or a local pyfunc folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    s.add_argument("--port", type=int, default=5001)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--path-root", default=None,
+                   help="allow the 'path' input column, for regular files under this folder only "
+                        "(default: $ICH_SERVE_PATH_ROOT, else the column is refused)")
+    s.add_argument("--max-bytes", type=int, default=None,
+                   help="largest image file or base64 value accepted (default: $ICH_SERVE_MAX_BYTES, else 20 MiB)")
+    s.set_defaults(func=cmd_serve)
 
     from sweeps.schedule import add_schedule_args, cmd_schedule
     s = sub.add_parser("schedule", help="run a sweep on a schedule (cron or systemd timer); each run extends it")
