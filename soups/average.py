@@ -11,6 +11,8 @@ number of threads.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import os
 import queue
@@ -248,6 +250,30 @@ def prefetch(iterable: Iterable[Any], depth: int = 1) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def prefetch_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int = 2,
+                 depth: int = 2) -> Iterator[Any]:
+    """fn(item) for every item, in order, computed on `workers` threads while the consumer works.
+
+    At most `depth` items are in flight (started, or done and waiting) besides the one the consumer holds, so
+    memory stays flat in the number of items. For downloads: the next ones arrive while the current one is
+    verified and averaged. An exception of fn is raised in the consumer when it reaches that item."""
+    it = iter(items)
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="soups-fetch") as pool:
+        try:
+            for item in itertools.islice(it, max(1, depth)):
+                pending.append(pool.submit(fn, item))
+            while pending:
+                result = pending.popleft().result()
+                for item in itertools.islice(it, 1):  # keep `depth` in flight while the consumer works
+                    pending.append(pool.submit(fn, item))
+                yield result
+                del result
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _loaded(ingredients: Iterable[Ingredient], depth: int,

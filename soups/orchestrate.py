@@ -21,7 +21,8 @@
    McNemar's exact test on val, p < alpha, with higher val accuracy).
 
 Memory stays flat in the number of ingredients: a running sum, one candidate and one checkpoint loaded
-ahead; only the ingredients' logits (N x C each) are kept, for soft voting.
+ahead; only the ingredients' logits (N x C each) are kept, for soft voting (soups/logit_store.py: in memory up
+to ICH_SOUP_LOGITS_MB, 64 MB by default, spilled to disk past it).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from tqdm import tqdm
 from ich.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from ich.data import ICHDataset, load_dataset
 from soups import provenance, registry
-from soups.analysis import soft_vote
+from soups.logit_store import LogitStore, soft_vote_stream
 from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
 from soups.bn import choose_bn_mode
 from soups.compat import IncompatibleCheckpoint, check_compatible
@@ -267,7 +268,8 @@ class SoupBuilder:
     dataset: ICHDataset
     pool: CheckpointPool
     evaluators: dict = field(default_factory=dict)
-    logits: dict = field(default_factory=dict)  # model_id -> split -> (N, C): kept for soft voting
+    # model_id -> split -> (N, C), kept for soft voting: in memory up to ICH_SOUP_LOGITS_MB (64), then on disk
+    logits: LogitStore = field(default_factory=LogitStore)
 
     def evaluator(self, p: Pulled) -> Evaluator:
         key = p.spec.key()
@@ -341,9 +343,9 @@ def _metrics(ev: Evaluator, logits: np.ndarray, split: str) -> dict[str, float]:
     return {k: float(m[k]) for k in REPORTED}
 
 
-def _soft_vote_logits(logit_sets: list[np.ndarray]) -> np.ndarray:
-    """Log of soft voting's probabilities: the evaluator's metrics take logits."""
-    return np.log(np.clip(soft_vote(logit_sets), 1e-300, None))
+def _soft_vote_logits(logit_sets) -> np.ndarray:
+    """Log of soft voting's probabilities (the evaluator's metrics take logits), one model's logits at a time."""
+    return np.log(np.clip(soft_vote_stream(logit_sets), 1e-300, None))
 
 
 def _paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, opts: SoupOptions, k: int) -> dict[str, float]:
@@ -356,7 +358,7 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members:
     opts, k = builder.opts, builder.dataset.num_classes
     best = members[0]
     best_logits = builder.logits[best.record.model_id]
-    soft = {s: _soft_vote_logits([builder.logits[p.record.model_id][s] for p in members]) for s in ("val", "test")}
+    soft = {s: _soft_vote_logits(builder.logits[p.record.model_id][s] for p in members) for s in ("val", "test")}
     y = ev.labels("test")
     soup_pred, best_pred, soft_pred = (soup.logits["test"].argmax(1), best_logits["test"].argmax(1),
                                        soft["test"].argmax(1))

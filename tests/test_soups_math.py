@@ -336,3 +336,63 @@ def test_choose_bn_mode():
     assert choose_bn_mode(0.80, 0.80) == "average"
     assert choose_bn_mode(0.5, 0.4, higher_is_better=False) == "recalibrate"
     assert choose_bn_mode(0.5, float("nan"), higher_is_better=False) == "average"
+
+
+# ---------------------------------------------------------------- soft voting's logits, bounded
+
+def test_prefetch_map_keeps_order_bounds_flight_and_raises_in_place():
+    from soups.average import prefetch_map
+    started, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01)
+        if i == 7:
+            raise OSError("item 7 broke")
+        return i * i
+
+    seen = []
+    gen = prefetch_map(fn, range(10), workers=2, depth=2)
+    for i, r in enumerate(gen):
+        seen.append(r)
+        with lock:
+            assert max(started) <= i + 2  # never more than depth ahead of the consumer
+        if i == 6:
+            with pytest.raises(OSError, match="item 7"):
+                next(gen)
+            break
+    assert seen == [i * i for i in range(7)]
+
+
+def test_logit_store_spills_past_its_limit_and_soft_vote_stream_is_bitwise_soft_vote(tmp_path):
+    import numpy as np
+
+    from soups.analysis import soft_vote
+    from soups.logit_store import LogitStore, soft_vote_stream
+    rng = np.random.default_rng(0)
+    per = {f"m{i}": {"val": rng.normal(size=(67, 17)).astype(np.float32) * 10,
+                     "test": rng.normal(size=(74, 17)).astype(np.float32)} for i in range(40)}
+    one = LogitStore.nbytes(per["m0"])
+    store = LogitStore(max_bytes=5 * one, folder=tmp_path / "spill")
+    for k, v in per.items():
+        store[k] = v
+    assert len(store) == 40 and "m0" in store and "m39" in store and "nope" not in store
+    assert store.peak_bytes_in_memory <= 6 * one and store.bytes_in_memory <= 5 * one
+    assert store.bytes_on_disk == 35 * one and len(list((tmp_path / "spill").glob("*.npy"))) == 70
+    for k in ("m0", "m17", "m39"):  # spilled and in memory alike come back exactly
+        assert all(np.array_equal(store[k][s], per[k][s]) for s in ("val", "test"))
+    del store["m0"]
+    assert "m0" not in store and store.bytes_on_disk == 34 * one
+    for split in ("val", "test"):
+        arrays = [per[k][split] for k in per]
+        assert np.array_equal(soft_vote_stream(store[k][split] for k in per if k in store),
+                              soft_vote([per[k][split] for k in per if k != "m0"]))
+        assert np.array_equal(soft_vote_stream(iter(arrays)), soft_vote(arrays))
+    store.close()
+    owned = LogitStore(max_bytes=0)
+    owned["a"] = per["m1"]
+    folder = owned._folder
+    assert folder.is_dir() and np.array_equal(owned["a"]["val"], per["m1"]["val"])
+    owned.close()
+    assert not folder.exists()
