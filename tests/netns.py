@@ -335,20 +335,44 @@ def _kill_node(n: Node) -> None:
 
 def destroy_cluster(c: NsCluster) -> list[str]:
     """Remove everything `create_cluster` made; returns leftovers (empty when all is gone)."""
+    inodes = _netns_inodes(c)  # before the namespaces are deleted: processes still in them show it
     for n in c.nodes:
         _kill_node(n)
     for n in c.nodes:
         _sh("ip", "link", "delete", n.veth, check=False)
         _sh("ip", "netns", "delete", n.netns, check=False)
     _sh("ip", "link", "delete", c.bridge, check=False)
-    left = leftovers(c)
+    left = leftovers(c, inodes)
     if not left:
         shutil.rmtree(c.base, ignore_errors=True)
     return left
 
 
-def leftovers(c: NsCluster) -> list[str]:
-    """What of this cluster still exists: namespaces, links, node processes."""
+def _netns_inodes(c: NsCluster) -> set[int]:
+    inodes = set()
+    for n in c.nodes:
+        try:
+            inodes.add(os.stat(f"/run/netns/{n.netns}").st_ino)
+        except OSError:
+            pass
+    return inodes
+
+
+def processes_in(inodes: set[int]) -> list[str]:
+    """Processes of this machine whose network namespace is one of `inodes` (sshd, Ray, trials...)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.stat(proc / "ns" / "net").st_ino in inodes:
+                    found.append(f"process {proc.name} ({(proc / 'comm').read_text().strip()})")
+            except OSError:
+                pass
+    return found
+
+
+def leftovers(c: NsCluster, inodes: set[int] | None = None) -> list[str]:
+    """What of this cluster still exists: namespaces, links, node processes, any process in its namespaces."""
     left = []
     netns = _sh("ip", "netns", "list", check=False).stdout
     links = _sh("ip", "-o", "link", check=False).stdout
@@ -362,21 +386,217 @@ def leftovers(c: NsCluster) -> list[str]:
     if f" {c.bridge}:" in links:
         left.append(f"bridge {c.bridge}")
     # Any process still running in one of this cluster's namespaces (sshd, Ray) shows its netns inode.
-    inodes = set()
-    for n in c.nodes:
-        try:
-            inodes.add(os.stat(f"/run/netns/{n.netns}").st_ino)
-        except OSError:
-            pass
-    if inodes:
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    if os.stat(proc / "ns" / "net").st_ino in inodes:
-                        left.append(f"process {proc.name} ({(proc / 'comm').read_text().strip()})")
-                except OSError:
-                    pass
+    left += processes_in(inodes if inodes is not None else _netns_inodes(c))
     return left
+
+
+# ------------------------------------------------------------------------------------------- ray up
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+WHEEL_CACHE = ROOT / ".ich" / "netns-wheels"  # .gitignore'd; reused across runs
+
+
+@dataclass
+class Launched:
+    cluster: NsCluster
+    yaml: Path
+    env: dict
+    client_home: Path
+    token_path: Path
+    mlflow_uri: str
+    admin: tuple[str, str]
+    worker_user: tuple[str, str | None]   # password: known only on the head (~/.ich/worker_password)
+    src: Path = ROOT
+    up_seconds: float = 0.0
+    ready_seconds: float = 0.0
+    up_log: str = ""
+
+    def ray(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the `ray` CLI on this machine against the cluster, from the checkout `ray up` ran in."""
+        r = subprocess.run([RAY, *args], env=self.env, cwd=self.src, capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and r.returncode:
+            raise RuntimeError(f"ray {' '.join(args)}: exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+        return r
+
+    def dashboard(self):
+        return _dashboard_tunnel(self)
+
+
+def render_cluster_yaml(c: NsCluster, dest: Path, source: Path = ROOT / "cluster.yaml") -> Path:
+    """The project's own cluster.yaml switched to the on-prem `local` provider as its comments instruct."""
+    import yaml
+    cfg = yaml.safe_load(source.read_text())
+    cfg["cluster_name"] = f"ich-soups-{c.tag}"  # the local provider keeps /tmp/cluster-<name>.state
+    cfg["provider"] = {"type": "local", "head_ip": c.head.addr, "worker_ips": [c.worker.addr]}
+    del cfg["head_node_type"], cfg["available_node_types"]
+    cfg["max_workers"] = 1
+    cfg["auth"] = {"ssh_user": "root", "ssh_private_key": str(c.key)}
+    dest.write_text(yaml.safe_dump(cfg, sort_keys=False, width=1000))
+    return dest
+
+
+def prepare_wheels(dest: Path = WHEEL_CACHE) -> Path:
+    """Wheels of what the head installs beyond this venv (mlflow[auth], boto3, psycopg2) plus the build
+    backend of the editable install: the namespaces have no route to a package index."""
+    import json
+    import mlflow
+    dest.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
+    report = dest / "report.json"
+    subprocess.run([*pip, "install", "-q", "--dry-run", "--ignore-installed", "--report",
+                    str(report), "setuptools>=68", "wheel"], check=True, capture_output=True, timeout=600)
+    wanted = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())["install"]]
+    subprocess.run([*pip, "install", "-q", "--dry-run", "--report", str(report), f"mlflow[auth]=={mlflow.__version__}",
+                    "boto3", "psycopg2-binary"], check=True, capture_output=True, timeout=600)
+    wanted += [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())["install"]]
+    have = {w.name.split("-")[0].lower().replace("_", "-") + "==" + w.name.split("-")[1] for w in dest.glob("*.whl")}
+    missing = [w for w in wanted if w.lower().replace("_", "-") not in have]
+    if missing:
+        subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", str(dest), *missing],
+                       check=True, capture_output=True, timeout=900)
+    return dest
+
+
+def write_client_home(c: NsCluster, admin: tuple[str, str]) -> tuple[Path, Path]:
+    """The `ray up` user's home: ~/.ich/secrets.env and ~/.ich/ray_auth_token, as docs/cluster.md says."""
+    import sysconfig
+    home = c.base / "client-home"
+    ich = home / ".ich"
+    ich.mkdir(parents=True, exist_ok=True)
+    os.chmod(ich, 0o700)
+    token = ich / "ray_auth_token"
+    token.write_text(secrets.token_hex(32) + "\n")
+    secrets_env = ich / "secrets.env"
+    secrets_env.write_text(textwrap.dedent(f"""\
+        MLFLOW_TRACKING_USERNAME={admin[0]}
+        MLFLOW_TRACKING_PASSWORD={admin[1]}
+        ICH_STORAGE={c.shared}/ray-results
+        ICH_MLFLOW_ARTIFACTS={c.shared}/mlflow-artifacts
+        ICH_SITE_PACKAGES={sysconfig.get_paths()["purelib"]}
+        PIP_NO_INDEX=1
+        PIP_FIND_LINKS={c.shared}/wheels
+        """))
+    for f in (token, secrets_env):
+        os.chmod(f, 0o600)
+    return home, token
+
+
+def snapshot_checkout(dest: Path) -> Path:
+    """The files a clone of this working tree has (tracked + untracked, minus .gitignore'd): `ray up` runs
+    there, as from a user's checkout. `ray up` hashes every file under a file_mounts folder, .venv included
+    (~GBs here), and other processes writing in the working tree would race that walk."""
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
+                         capture_output=True, text=True).stdout
+    for rel in filter(None, out.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def launch(c: NsCluster, timeout: float = 1200) -> Launched:
+    """`ray up -y` of the rendered cluster.yaml, as a user runs it (v1 autoscaler: see docs/cluster.md)."""
+    admin = ("ich-admin", secrets.token_hex(16))
+    src = snapshot_checkout(c.base / "src")
+    shutil.copytree(prepare_wheels(), c.shared / "wheels", ignore=shutil.ignore_patterns("*.json"))
+    home, token = write_client_home(c, admin)
+    yaml_path = render_cluster_yaml(c, c.base / "cluster.yaml", src / "cluster.yaml")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MLFLOW_", "ICH_", "PYTEST", "PIP_"))}
+    env.update(HOME=str(home), PATH=f"{Path(RAY).parent}:{env.get('PATH', '')}", RAY_UP_enable_autoscaler_v2="0",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONUNBUFFERED="1")
+    launched = Launched(c, yaml_path, env, home, token, f"http://{c.head.addr}:5000", admin,
+                        ("ich-worker", None), src)
+    t0 = time.time()
+    r = launched.ray("up", "-y", str(yaml_path), timeout=timeout, check=False)
+    launched.up_seconds = time.time() - t0
+    launched.up_log = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"ray up failed (exit {r.returncode}):\n{launched.up_log[-6000:]}")
+    return launched
+
+
+def wait_for_worker(launched: Launched, timeout: float = 300) -> str:
+    """Poll `ray exec <yaml> 'ray status'` until the worker node is alive; returns the status text."""
+    deadline = time.time() + timeout
+    status = ""
+    while time.time() < deadline:
+        r = launched.ray("exec", str(launched.yaml), "ray status", check=False, timeout=120)
+        status = r.stdout
+        if active_nodes(status) >= 2:
+            return status
+        time.sleep(5)
+    raise RuntimeError(f"the worker did not join within {timeout:.0f} s:\n{status[-3000:]}")
+
+
+def active_nodes(status: str) -> int:
+    """Nodes in the "Active:" section of `ray status` ("2 local.cluster.node" or one "node_..." per line)."""
+    active = status.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in status else ""
+    n = 0
+    for line in active.splitlines():
+        word = line.split()[0] if line.split() else ""
+        n += int(word) if word.isdigit() else ("node_" in line)
+    return n
+
+
+class _dashboard_tunnel:
+    """`ray dashboard <yaml> --port P` in its own session: the Jobs API at http://127.0.0.1:P."""
+
+    def __init__(self, launched: Launched):
+        self.launched = launched
+
+    def __enter__(self) -> str:
+        from sweeps.mlflow_server import free_port
+        port = free_port()
+        self.proc = subprocess.Popen([RAY, "dashboard", str(self.launched.yaml), "--port", str(port)],
+                                     env=self.launched.env, cwd=self.launched.src, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=5)
+                return url
+            except Exception as e:  # noqa: BLE001 -- 401 means the tunnel is up (token auth)
+                if getattr(e, "code", None) in (401, 403):
+                    return url
+            time.sleep(1)
+        self.__exit__()
+        raise RuntimeError("the `ray dashboard` tunnel did not come up in 60 s")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def ray_down(launched: Launched) -> str:
+    """`ray down -y <yaml>` as a user runs it; then forget the local provider's state of this cluster on this
+    machine (/tmp/ray/cluster-<name>.*) and Ray's SSH control folder. Returns ray down's output."""
+    import hashlib
+    from ray.autoscaler._private.local.config import get_lock_path, get_state_path
+    r = launched.ray("down", "-y", str(launched.yaml), check=False, timeout=300)
+    name = f"ich-soups-{launched.cluster.tag}"
+    for f in (get_lock_path(name), get_state_path(name)):
+        Path(f).unlink(missing_ok=True)
+    user = hashlib.sha256(b"root").hexdigest()[:10]
+    shutil.rmtree(f"/tmp/ray_ssh_{user}/{hashlib.sha256(name.encode()).hexdigest()[:10]}", ignore_errors=True)
+    return r.stdout + r.stderr
+
+
+def teardown(launched: Launched) -> tuple[str, list[str]]:
+    """`ray down -y`, then remove the nodes; returns (ray down's output, leftovers)."""
+    out = ray_down(launched)
+    return out, destroy_cluster(launched.cluster)
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -401,6 +621,24 @@ if pytest is not None:
         yield c
         left = destroy_cluster(c)
         assert not left, f"namespace cluster left behind: {left}"
+
+    @pytest.fixture(scope="session")
+    def ns_ray_cluster(ns_cluster):
+        """`ray up -y` of the project's cluster.yaml on the two nodes, worker joined; `ray down -y` at the end
+        (then `ns_cluster` removes the nodes and fails the session if anything is left)."""
+        t0 = time.time()
+        try:
+            launched = launch(ns_cluster)
+            wait_for_worker(launched)
+        except RuntimeError as e:
+            pytest.fail(f"ray up on the namespace cluster failed: {e}", pytrace=False)
+        launched.ready_seconds = time.time() - t0
+        print(f"\nnamespace cluster: ray up {launched.up_seconds:.0f} s, worker joined after "
+              f"{launched.ready_seconds:.0f} s")
+        yield launched
+        out = ray_down(launched)
+        (ROOT / "test-artifacts").mkdir(exist_ok=True)
+        (ROOT / "test-artifacts" / "launcher-ray-down.log").write_text(out)
 
 
 if __name__ == "__main__":  # smoke: build, ssh to both, show addresses, destroy
