@@ -35,9 +35,10 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "bare_loop_1thread": ("bench.bare_loop", dict(threads=1, accuracy=True), dict(warmup_epochs=0, epochs=1, threads=1)),
     "sweep_overhead": ("bench.sweep_overhead", dict(epochs=8), dict(epochs=2)),
     "soup_bench": ("bench.soup_bench", dict(), dict(quick=True)),
+    "soup_scale": ("bench.soup_scale", dict(), dict(quick=True)),
     "ingest_bench": ("bench.ingest_bench", dict(), dict(quick=True)),
 }
-TIMEOUT_S = {"full": 900, "quick": 300}
+TIMEOUT_S = {"full": 900, "quick": 480}
 
 _NUM = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _GOAL = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*([-+]?\d+(?:\.\d+)?)\s*(%?)")

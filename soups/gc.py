@@ -97,7 +97,7 @@ def plan(candidates: list[Candidate], protected: dict[str, str], policy: GcPolic
     for c in candidates:
         if c.model_id in protected:
             keep(c.model_id, protected[c.model_id])
-        if c.ready:
+        if c.ready and not c.collected:  # top-k / last-k count checkpoints that still have their weights
             trials.setdefault((c.sweep, c.trial), []).append(c)
     sign = -1.0 if policy.mode == "max" else 1.0
     for members in trials.values():

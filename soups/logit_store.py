@@ -57,11 +57,14 @@ class LogitStore(MutableMapping):
         if key in self:
             del self[key]
         splits = {s: np.ascontiguousarray(a) for s, a in splits.items()}
-        self._mem[key] = splits
-        self.bytes_in_memory += self.nbytes(splits)
-        self.peak_bytes_in_memory = max(self.peak_bytes_in_memory, self.bytes_in_memory)
-        while self.bytes_in_memory > self.max_bytes and self._mem:
+        n = self.nbytes(splits)
+        while self._mem and self.bytes_in_memory + n > self.max_bytes:  # make room first: never above the limit
             self._spill(next(iter(self._mem)))
+        self._mem[key] = splits
+        self.bytes_in_memory += n
+        if self.bytes_in_memory > self.max_bytes:  # larger than the limit alone: straight to disk
+            self._spill(key)
+        self.peak_bytes_in_memory = max(self.peak_bytes_in_memory, self.bytes_in_memory)
 
     def _spill(self, key: str) -> None:
         splits = self._mem.pop(key)

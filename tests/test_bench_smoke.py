@@ -69,12 +69,14 @@ def test_run_all_quick(tmp_path):
     """run_all --quick without sweep_overhead (its MLflow server + Ray start alone take about a minute here;
     tests/test_sweep.py covers that path) and without the 1-thread repeat of bare_loop."""
     results = tmp_path / "results.json"
-    out = _run(["bench/run_all.py", "--quick", "--only", "bare_loop", "soup_bench", "ingest_bench",
-                "--out", str(results)], timeout=600)
+    out = _run(["bench/run_all.py", "--quick", "--only", "bare_loop", "soup_bench", "soup_scale", "ingest_bench",
+                "--out", str(results)], timeout=900)
     rows = _table(out, "figure | measured | goal | met?")
     figures = [r[0] for r in rows]
     for prefix in ("bare training throughput", "share of step time waiting for data", "uniform soup / raw read",
-                   "uniform soup peak RSS", "greedy soup / sum of its evaluations", "ingest 2 workers vs 1"):
+                   "uniform soup peak RSS", "greedy soup / sum of its evaluations", "ingest 2 workers vs 1",
+                   "uniform soup pulled from a real mlflow server", "uniform soup time per ingredient",
+                   "greedy soup time per ingredient", "MLflow search + download", "soft-voting logits"):
         assert any(f.startswith(prefix) for f in figures), (prefix, figures)
     for r in rows:
         assert len(r) == 4, r

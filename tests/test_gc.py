@@ -34,12 +34,13 @@ def _c(trial: str, epoch: int, score: float, ready: bool = True, mid: str | None
 def test_plan_keeps_top_k_last_k_and_protected_and_drops_superseded():
     cands = [_c("a", 1, 0.5), _c("a", 2, 0.9), _c("a", 3, 0.7), _c("a", 4, 0.6), _c("a", 3, 0.99, ready=False),
              _c("b", 1, 0.4), _c("b", 2, math.nan), _c("b", 3, 0.3)]
+    cands.append(Candidate("b9", "s", "b", 9, 0.95, True, collected=True))  # weights gone: ranks nowhere
     out = plan(cands, {"a1": "ingredient of soup x"}, GcPolicy(keep_top_k=1, keep_last_k=1))
     assert set(out.keep) == {"a1", "a2", "a4", "b1", "b3"}
     assert out.keep["a2"] == ["top-1 val_macro_f1"] and out.keep["a4"] == ["last-1 epoch"]
     assert out.keep["a1"] == ["ingredient of soup x"]
     # a FAILED duplicate never ranks, even with the best score; a NaN score ranks last
-    assert set(out.delete) == {"a3", "a3x", "b2"}
+    assert set(out.delete) == {"a3", "a3x", "b2", "b9"}
     assert out.delete["a3x"].startswith("superseded")
 
 
@@ -205,6 +206,16 @@ def test_gc_dry_run_then_apply_on_a_real_server(gc_sweep, mlflow_server, digits_
     # a second gc finds nothing left to delete
     rc, second, printed = _gc(capsys, tmp, "--apply")
     assert rc == 0 and second["deleted"] == 0 and second["bytes"] == 0 and second["already_collected"] == 4
+
+    # the sweep config's gc keys set the policy when no CLI override is given
+    from tests.fixtures_sweep import write_sweep_config
+    config = write_sweep_config(tmp, EXPERIMENT)
+    config.write_text(config.read_text() + "gc: {keep_top_k: 3, keep_last_k: 0}\n")
+    assert ich_main(["gc", "--experiment", EXPERIMENT, "--config", str(config), "--json", str(tmp / "cfg.json")]) == 0
+    from_config = json.loads((tmp / "cfg.json").read_text())
+    assert (from_config["policy"]["keep_top_k"], from_config["policy"]["keep_last_k"]) == (3, 0)
+    assert from_config["policy"]["metric"] == "val_macro_f1" and from_config["deleted"] == 0
+    capsys.readouterr()
 
 
 @pytest.mark.integration

@@ -378,7 +378,7 @@ def test_logit_store_spills_past_its_limit_and_soft_vote_stream_is_bitwise_soft_
     for k, v in per.items():
         store[k] = v
     assert len(store) == 40 and "m0" in store and "m39" in store and "nope" not in store
-    assert store.peak_bytes_in_memory <= 6 * one and store.bytes_in_memory <= 5 * one
+    assert store.peak_bytes_in_memory == store.bytes_in_memory == 5 * one  # never above the limit
     assert store.bytes_on_disk == 35 * one and len(list((tmp_path / "spill").glob("*.npy"))) == 70
     for k in ("m0", "m17", "m39"):  # spilled and in memory alike come back exactly
         assert all(np.array_equal(store[k][s], per[k][s]) for s in ("val", "test"))
