@@ -1,0 +1,98 @@
+"""Quiet, honest logs (issue 13.8): the demo sweep, as `make demo` runs it (sweeps/coatnet.py --demo: sweep,
+soups, report), prints no traceback at all; a sweep with one injected trial fault prints only that fault's.
+And honest CI (13.7): a missing service fails a test under CI=true instead of skipping it.
+
+Each sweep runs as a subprocess with its own ICH_HOME, its own `mlflow server` and its own local Ray, with
+Ray's log deduplication off so that no repeated traceback hides behind "[repeated 3x across cluster]".
+The outputs land in test-artifacts/quiet-*.log.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_sweep import write_sweep_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACEBACK = "Traceback (most recent call last)"
+# Small enough for minutes on 2 cores, big enough for ASHA to stop a trial and for soups to have ingredients.
+TINY = {"num_samples: 4": "num_samples: 3", "epochs: 3": "epochs: 2", "epochs: 4, lr": "epochs: 1, lr"}
+
+
+def _sweep(tmp_path: Path, name: str, data: Path, *extra: str, edits: dict | None = None, env: dict | None = None) -> str:
+    """Run sweeps/coatnet.py --demo on `data` with a tiny config; returns its combined stdout and stderr."""
+    from sweeps.mlflow_server import start_server
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_sweep_config(home, name, **{**TINY, **(edits or {})})
+    server = start_server(tmp_path / "mlflow")
+    try:
+        run_env = {**os.environ, "ICH_HOME": str(home), "MLFLOW_TRACKING_URI": server.uri, "RAY_DEDUP_LOGS": "0",
+                   "PYTHONUNBUFFERED": "1", **(env or {})}
+        run_env.pop("RAY_ADDRESS", None)  # a local Ray of its own, never the test session's
+        out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "coatnet.py"), "--demo", "--config", str(config),
+                              "--data", str(data), *extra], env=run_env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=840)
+    finally:
+        server.stop()
+    (ROOT / "test-artifacts").mkdir(exist_ok=True)
+    (ROOT / "test-artifacts" / f"quiet-{name}.log").write_text(out.stdout)
+    assert out.returncode == 0, out.stdout[-4000:]
+    return out.stdout
+
+
+def _tracebacks(output: str, lines_after: int = 80) -> list[str]:
+    """Each traceback with the lines that follow it (where its exception is named)."""
+    chunks = output.split(TRACEBACK)[1:]
+    return ["\n".join(chunk.splitlines()[:lines_after]) for chunk in chunks]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_sweep_prints_no_traceback(tmp_path, digits_dataset):
+    out = _sweep(tmp_path, "quiet-demo", digits_dataset)
+    assert "report:" in out  # the whole demo ran: sweep, soups and report
+    found = _tracebacks(out)
+    assert not found, f"{len(found)} tracebacks, the first:\n{found[0][:3000]}"
+    for noise in ("resource_tracker", "leaked semaphore", "KeyError: '/mp-"):
+        assert noise not in out, noise
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_one_injected_fault_prints_only_its_own_traceback(tmp_path, digits_dataset):
+    out = _sweep(tmp_path, "quiet-fault", digits_dataset, "--no-soups",
+                 edits={"num_samples: 3": "num_samples: 1"}, env={"ICH_FAULTS": "before_report:1"})
+    found = _tracebacks(out)
+    assert found, "the injected fault printed no traceback"
+    foreign = [t for t in found if "injected fault" not in t]
+    assert not foreign, f"{len(foreign)} of {len(found)} tracebacks are not the injected fault's:\n{foreign[0][:3000]}"
+    assert "resource_tracker" not in out
+
+
+def test_missing_service_fails_under_ci_and_skips_elsewhere(tmp_path):
+    """tests/conftest.py's require_service: the one way a test says its service (PostgreSQL, Chromium, sshd,
+    namespaces) is missing."""
+    test = tmp_path / "test_needs_service.py"
+    test.write_text(textwrap.dedent("""
+        from tests.conftest import require_service
+
+        def test_needs_postgres():
+            require_service("PostgreSQL is not installed")
+    """))
+    results = {}
+    for ci in ("true", ""):
+        env = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test),
+                              "--rootdir", str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+        results[ci] = (out.returncode, out.stdout)
+    code, said = results["true"]
+    assert code == 1 and "1 failed" in said and "required service missing under CI=true: PostgreSQL" in said, said
+    code, said = results[""]
+    assert code == 0 and "1 skipped" in said and "PostgreSQL is not installed" in said, said
