@@ -357,7 +357,7 @@ def test_single_checkpoint_predict_and_served_logits_equal_the_trainers(parity, 
     np.testing.assert_allclose(ich_predict(str(folder), parity["files"]), expected, rtol=1e-5, atol=1e-5)
     mlflow.set_tracking_uri(mlflow_client.tracking_uri)
     with mlflow.start_run(experiment_id=exp, run_name="single-checkpoint-pyfunc"):
-        info = log_pyfunc(folder, name="single")
+        info = log_pyfunc(folder, name="single", example_pixels=parity["stored"][0])
     uri = f"models:/{info.model_id}"
     np.testing.assert_allclose(ich_predict(uri, parity["files"]), expected, rtol=1e-5, atol=1e-5)
     served = load_soup_model(uri)  # the project's verified loader
