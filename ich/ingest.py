@@ -219,18 +219,20 @@ def _decode_file(abspath: str, size: int, max_bytes: int = MAX_FILE_BYTES,
         return Decoded(digest, "corrupt", None)
 
 
-def _decoder_main(conn) -> None:
+def _decoder_main(conn, parent_ends) -> None:
     """A decoder process: decode the (abspath, size, max_bytes, max_aspect) tasks sent on `conn`, one at a
     time, until None or the parent goes away."""
+    for end in parent_ends:  # inherited copies of the parent's ends: without closing them, a decoder would
+        end.close()          # never see EOF (and exit) if the ingest process were killed
     _init_worker()
     while True:
         try:
             task = conn.recv()
+            if task is None:
+                return
+            conn.send(_decode_file(*task))
         except (EOFError, OSError):
             return
-        if task is None:
-            return
-        conn.send(_decode_file(*task))
 
 
 def _how_it_ended(proc) -> str:
@@ -256,7 +258,7 @@ def _decode_all(tasks: list[tuple], workers: int, timeout: float, name_of):
     try:
         for _ in range(min(workers, len(tasks))):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_decoder_main, args=(child_end,), daemon=True)
+            proc = ctx.Process(target=_decoder_main, args=(child_end, [*conns, parent_end]), daemon=True)
             proc.start()
             child_end.close()
             procs.append(proc)

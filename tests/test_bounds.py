@@ -281,3 +281,39 @@ def test_cli_flags_set_the_bounds(tmp_path, good_src, capsys):
                  "--max-file-mb", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "1 skipped" in out and "skipped b/big.png: too large" in out
+
+
+def test_decoders_exit_when_the_ingest_is_killed(tmp_path):
+    """SIGKILL the ingest mid-decode: its decoder processes see their pipe close and exit (no orphans)."""
+    import signal
+    import time
+
+    from bench.ingest_bench import make_photos
+    src = make_photos(tmp_path / "photos", 60)
+    code = (f"from ich.ingest import ingest; ingest({str(src)!r}, {str(tmp_path / 'out')!r}, size=256, workers=2, "
+            "progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(kids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            kids = [int(k) for k in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            time.sleep(0.02)
+        assert len(kids) == 2, "the ingest never started its two decoders"
+        time.sleep(0.2)
+    finally:
+        proc.kill()  # the ingest only: its decoders are left to notice by themselves
+        proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 10
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [k for k in kids if alive(k)]
+    for k in left:  # our own grandchildren, by the PIDs we recorded: clean up before failing
+        os.kill(k, signal.SIGKILL)
+    assert not left, f"decoders {left} outlived the killed ingest"
