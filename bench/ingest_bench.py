@@ -1,5 +1,5 @@
-"""What a second core buys `ich ingest`: ingest with 2 worker processes over ingest with 1 (no pool, everything
-in this process), on the same folder of photo-sized JPEGs, measured side by side in one run.
+"""What a second core buys `ich ingest`: ingest with 2 decoder processes over ingest with 1 (one decoder process
+beside the main one), on the same folder of photo-sized JPEGs, measured side by side in one run.
 
     python bench/ingest_bench.py [--images 300] [--repeats 3] [--quick]
 
@@ -10,10 +10,11 @@ real photo (random noise is what makes JPEG entropy decoding cost). It is writte
 
 Both sides are `ich.ingest.ingest(src, out, size=256, overwrite=True, progress=False)`, the same work: read,
 sha256, PIL decode (JPEG draft mode), EXIF transpose, RGB, resize + center crop, dedupe, split, Parquet (zstd)
-write and manifest. One side runs `workers=2` (a process pool; the main process gathers the pixels and writes
-Parquet), the other `workers=1` (no pool: the one-process loop). The sides alternate which goes first, `repeats`
-times each; the figure is median(workers=1 time) / median(workers=2 time). Files are read once before timing,
-so both sides read from the page cache. The pool's start-up (fork of 2 workers) is inside the 2-worker time.
+write and manifest. One side runs `workers=2` (two decoder processes; the main process gathers the pixels and
+writes Parquet), the other `workers=1` (one decoder process: a decoder crash must not take the ingest down). The
+sides alternate which goes first, `repeats` times each; the figure is median(workers=1 time) / median(workers=2
+time). Files are read once before timing, so both sides read from the page cache. The decoders' start-up (fork)
+is inside each side's time.
 
 Beside the figure: the CPUs each side actually got (CPU seconds of the process and its workers / wall
 seconds); on a busy machine the 2-worker side gets well under 2 and the speedup measures the load, not ingest.
