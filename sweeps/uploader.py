@@ -42,7 +42,7 @@ class Upload:
         """The model id (blocks until the answer is in); UploadError when the upload failed."""
         if self._answer is None:
             self._answer = self._process.read_answer()
-        self._process.retries += int(self._answer.get("retries", 0))
+            self._process.retries += int(self._answer.get("retries", 0))
         if "error" in self._answer:
             raise UploadError(self._answer["error"])
         return self._answer["model_id"]

@@ -1,17 +1,17 @@
 """Faults survived (issue: reliability): a trial process SIGKILLed mid-epoch, the MLflow server down for
-~10 s mid-sweep. After each: exactly one record per (trial, epoch) that completed, none lost.
+~10 s mid-sweep. After each: exactly one record per (trial, epoch) that completed, none lost, and the proof
+that the fault path ran: where each restart began, how many MLflow calls were retried.
 (The killed driver + --resume case is in test_sweep.py, an altered artifact in the soup tests.)"""
 from __future__ import annotations
 
-import os
-import signal
+import json
 import threading
 import time
 
 import pytest
 
 from tests.fixtures_sweep import sweep_args, write_sweep_config
-from tests.test_sweep import _all_checkpoint_models, _trial_runs, assert_exactly_once
+from tests.test_sweep import _all_checkpoint_models, _trial_runs, assert_exactly_once, starts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,40 +42,37 @@ def _wait_for(predicate, timeout, what):
 
 
 def test_trial_process_killed_mid_epoch_is_retried_from_its_checkpoint(ray_local, mlflow_client, digits_dataset,
-                                                                      ich_home):
+                                                                      ich_home, monkeypatch):
+    """Each trial's process SIGKILLs itself mid-way through epoch 2, right after epoch 1 was reported to Tune
+    (a test hook at that point, so no timing decides what the retry finds): it must resume from epoch 1."""
+    from sweeps.coatnet import run_sweep
+    monkeypatch.setenv("ICH_FAULTS", "mid_epoch:2:kill")
     config = write_sweep_config(ich_home, "kill-trial", **LONGER)
-    thread, box = _run_in_thread(config, digits_dataset, ich_home)
-    exp = _wait_for(lambda: (e := mlflow_client.get_experiment_by_name("kill-trial")) and e.experiment_id, 120,
-                    "the experiment")
-
-    def victim():  # a trial with one checkpoint in MLflow, mid-way through its next epoch
-        for m in _all_checkpoint_models(mlflow_client, exp, "kill-trial"):
-            if m.tags["ich.epoch"] == "1":
-                run = mlflow_client.get_run(m.source_run_id)
-                return run.data.tags["ich.trial"], int(run.data.tags["ich.pid"])
-    trial, pid = _wait_for(victim, 180, "a first checkpoint")
-    time.sleep(0.3)  # into epoch 2
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=400)
-    assert not thread.is_alive(), "sweep did not finish"
-    assert "error" not in box, box.get("error")
-    summary = box["summary"]
+    summary = run_sweep(sweep_args(config, digits_dataset), ich_home)
+    exp = summary["experiment_id"]
     assert all(t["status"] == "FINISHED" and t["epochs"] == 4 for t in summary["trials"]), summary["trials"]
     assert_exactly_once(mlflow_client, exp, "kill-trial", {t["trial"]: 4 for t in summary["trials"]})
-    run = [r for r in _trial_runs(mlflow_client, exp, "kill-trial") if r.data.tags["ich.trial"] == trial][0]
-    assert int(run.data.tags["ich.pid"]) != pid  # it really ran again in another process
-    history = mlflow_client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # resumed after epoch 1, nothing trained twice
+    runs = _trial_runs(mlflow_client, exp, "kill-trial")
+    assert len(runs) == 2
+    for run in runs:
+        trial = run.data.tags["ich.trial"]
+        killed = json.loads((ich_home / "faults" / "kill-trial" / f"mid_epoch-{trial}").read_text())
+        assert int(run.data.tags["ich.pid"]) != killed["pid"]  # it really ran again, in another process
+        assert starts(mlflow_client, run.info.run_id) == [0, 1], trial  # fresh, then from the epoch-1 checkpoint
+        history = mlflow_client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]  # nothing trained twice
 
 
 def test_mlflow_server_down_for_10s_mid_sweep(ray_local, digits_dataset, ich_home, tmp_path, monkeypatch):
     from mlflow import MlflowClient
+    from soups import registry
     from sweeps.mlflow_server import free_port, start_server
     port = free_port()
     server = start_server(tmp_path / "mlflow", port=port)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     client = MlflowClient(server.uri)
     config = write_sweep_config(ich_home, "server-down", **LONGER)
+    driver_retries = registry.retry_count()
     thread, box = _run_in_thread(config, digits_dataset, ich_home)
     try:
         exp = _wait_for(lambda: (e := client.get_experiment_by_name("server-down")) and e.experiment_id, 120,
@@ -92,5 +89,56 @@ def test_mlflow_server_down_for_10s_mid_sweep(ray_local, digits_dataset, ich_hom
         summary = box["summary"]
         assert all(t["status"] == "FINISHED" and t["epochs"] == 4 for t in summary["trials"]), summary["trials"]
         assert_exactly_once(client, exp, "server-down", {t["trial"]: 4 for t in summary["trials"]})
+        # The trials met the outage: their MLflow calls failed and were tried again (counted by the registry's
+        # retry wrapper, in the trial and in its upload process), not merely finished after it.
+        retried = {r.data.tags["ich.trial"]: sum(m.value for m in client.get_metric_history(r.info.run_id,
+                                                                                              "mlflow_retries"))
+                   for r in _trial_runs(client, exp, "server-down")}
+        print(f"MLflow calls retried by trials: {retried}; by the driver: {registry.retry_count() - driver_retries}")
+        assert sum(retried.values()) >= 1, retried
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------ the upload process and retry counts
+
+def test_retried_calls_are_counted():
+    from soups import registry
+    before = registry.retry_count()
+
+    def refused():
+        raise ConnectionRefusedError("connection refused")
+    with pytest.raises(registry.RegistryError, match="failed 3 times"):
+        registry.call_with_retry("flaky call", refused, retry=registry.RetryPolicy(attempts=3, base_s=0.01))
+    assert registry.retry_count() - before == 2  # three attempts: two retries
+    with pytest.raises(ValueError):  # not transient: no retry, nothing counted
+        registry.call_with_retry("bad call", lambda: int("x"), retry=registry.RetryPolicy(attempts=3, base_s=0.01))
+    assert registry.retry_count() - before == 2
+
+
+@pytest.mark.integration
+def test_upload_process_logs_checkpoints_and_ends_with_its_worker(mlflow_server, mlflow_client, tmp_path, capfd):
+    """The trial's upload process (a plain subprocess, no multiprocessing): answers in order, turns a failed
+    upload into one line, and exits quietly when its worker closes the pipe."""
+    from soups import registry
+    from sweeps.uploader import UploadError, UploadProcess
+    from tests.test_registry import make_checkpoint
+    exp = registry.get_or_create_experiment(mlflow_client, "upload-process")
+    run_id = mlflow_client.create_run(exp).info.run_id
+    ckpt_dir, sha, _ = make_checkpoint(tmp_path, "trial_up", 1, seed=1)
+    common = dict(experiment_id=exp, run_id=run_id, ckpt_dir=ckpt_dir, sweep="upload-process", trial="trial_up",
+                  epoch=1, metrics={"val_accuracy": 0.5}, dataset_fingerprint="ds-1", init_fingerprint="init-1",
+                  architecture="tiny_coatnet")
+    process = UploadProcess()
+    good = process.submit(mlflow_server, sha256=sha, **common)
+    model_id = good.result()
+    assert str(mlflow_client.get_logged_model(model_id).status) in ("READY", "LoggedModelStatus.READY")
+    bad = process.submit(mlflow_server, sha256="0" * 64, **common)
+    with pytest.raises(UploadError, match=r"^CheckpointError: .*sha256 mismatch") as refused:
+        bad.result()
+    assert "\n" not in str(refused.value)
+    assert process.submit(mlflow_server, sha256=sha, **common).result() == model_id  # still serving, exactly once
+    assert process.retries == 0
+    process._proc.stdin.close()  # what the worker's exit does
+    assert process._proc.wait(timeout=30) == 0
+    assert "Traceback" not in capfd.readouterr().err
