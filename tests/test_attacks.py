@@ -108,6 +108,19 @@ def plant_loader_module(folder: Path, marker: Path) -> None:
     _edit_mlmodel(folder, lambda m: m["flavors"]["python_function"].update(loader_module="evil_loader", code="code"))
 
 
+def plant_code_shadow(folder: Path, marker: Path) -> None:
+    """A bundled code dir that MLflow puts first on sys.path: its soups/pyfunc.py shadows the installed one
+    (served_model.py and the loader are untouched)."""
+    package = folder / "code" / "soups"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pyfunc.py").write_text(evil_code(marker) + "import mlflow.pyfunc\n\n\n"
+                                       "class SoupClassifier(mlflow.pyfunc.PythonModel):\n"
+                                       "    def predict(self, context, model_input, params=None):\n"
+                                       "        return model_input\n")
+    _edit_mlmodel(folder, lambda m: m["flavors"]["python_function"].update(code="code"))
+
+
 def plant_extra_flavor(folder: Path, marker: Path) -> None:
     (folder / "data").mkdir()
     (folder / "data" / "model.pth").write_bytes(tripwire_pickle(marker))
@@ -136,6 +149,7 @@ ATTACKS = {
     "pickle-model": (plant_pickle_model, "MLmodel python_function has unexpected key 'python_model'", True),
     "hidden-pickle": (plant_hidden_pickle, "tokenizer.json is a pickle", False),
     "loader-module": (plant_loader_module, "MLmodel loader_module 'evil_loader' is not", True),
+    "code-shadow": (plant_code_shadow, "MLmodel python_function code 'code' (bundled code dirs) is not allowed", True),
     "extra-flavor": (plant_extra_flavor, "MLmodel flavors ['python_function', 'pytorch'] are not just "
                                          "python_function", False),
     "swapped-weights": (plant_swapped_weights, "model.safetensors sha256", False),
@@ -250,9 +264,9 @@ def test_planted_attack_is_refused_by_predict_and_serve(attack, legit, image_fil
         assert len(lines) == 1, (k, err)
         assert lines[0].startswith(f"ich {k}: error: {uri} (version ") and expected in lines[0], (k, lines[0])
         assert "Traceback" not in err and "verified" not in out
-    (ROOT / "test-artifacts").mkdir(exist_ok=True)
-    with open(ROOT / "test-artifacts" / "attack-refusals.txt", "a") as f:
-        f.write(f"{attack}: {results['predict'][2].strip()}\n{attack}: {results['serve'][2].strip()}\n")
+    (ROOT / "test-artifacts" / "attacks").mkdir(parents=True, exist_ok=True)
+    (ROOT / "test-artifacts" / "attacks" / f"{attack}.txt").write_text(
+        results["predict"][2].strip() + "\n" + results["serve"][2].strip() + "\n")
     assert not marker.exists()
 
 
@@ -265,17 +279,14 @@ def test_planted_payloads_are_live_under_mlflows_own_loader(legit, mlflow_server
         folder = tmp_path / name
         shutil.copytree(legit["folder"], folder)
         ATTACKS[name][0](folder, markers[name])
-    script = ("import sys, mlflow.pyfunc\n"
-              "for folder in sys.argv[1:]:\n"
-              "    try:\n"
-              "        mlflow.pyfunc.load_model(folder)\n"
-              "    except BaseException as e:\n"
-              "        print(folder, type(e).__name__)\n")
-    proc = subprocess.run([sys.executable, "-c", script, *(str(tmp_path / n) for n in live)], cwd=tmp_path,
-                          env={**_env(mlflow_server), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"},
-                          capture_output=True, text=True, timeout=300)
+    # One fresh process per folder (as a server would be): a module imported by one load cannot mask another.
+    script = "import sys, mlflow.pyfunc\ntry:\n    mlflow.pyfunc.load_model(sys.argv[1])\nexcept BaseException:\n    pass\n"
+    env = {**_env(mlflow_server), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / n)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in live]
+    errors = [p.communicate(timeout=300)[1][-1500:] for p in procs]
     ran = sorted(n for n, m in markers.items() if m.exists())
-    assert ran == sorted(live), (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert ran == sorted(live), dict(zip(live, errors))
 
 
 def test_legit_model_has_no_pickle_and_its_code_is_ours(legit):
@@ -356,8 +367,9 @@ def test_ich_serve_answers_on_loopback_and_refuses_bad_inputs(legit, image_file,
                                 json={"dataframe_split": {"columns": [column], "data": [[value]]}})
             assert 400 <= bad.status_code < 500 and says in bad.text, (column, bad.status_code, bad.text[:500])
         assert server.poll() is None
-        listening = [l for l in Path("/proc/net/tcp").read_text().splitlines()[1:] if f":{port:04X} " in l.split()[1]]
-        assert listening and all(l.split()[1].startswith("0100007F:") for l in listening)  # 127.0.0.1 only
+        sockets = [l.split() for l in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        listening = [f[1] for f in sockets if f[1].endswith(f":{port:04X}") and f[3] == "0A"]  # 0A: LISTEN
+        assert listening == [f"0100007F:{port:04X}"], listening  # 127.0.0.1 only
     finally:
         server.send_signal(signal.SIGTERM)  # ich serve stops the server it started, then removes its copy
         server.wait(timeout=60)
