@@ -6,7 +6,9 @@
     ray submit cluster.yaml sweeps/coatnet.py -- --config sweeps/configs/gpu.yaml --data ...
 
 Ray: local when RAY_ADDRESS is unset, the running cluster when it is set (or under `ray submit`).
-MLflow: MLFLOW_TRACKING_URI, or a local `mlflow server` on 127.0.0.1 started/reused by the project.
+MLflow: MLFLOW_TRACKING_URI, or a local `mlflow server` on 127.0.0.1 started/reused by the project. When Ray
+spans more than one machine the sweep refuses, in one line, a URI some node cannot reach (loopback, a local
+store, or unset without --mlflow-host).
 """
 from __future__ import annotations
 
@@ -104,18 +106,29 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         if cfg.cpus_per_trial > (os.cpu_count() or 1):
             raise ConfigError(f"cpus_per_trial={cfg.cpus_per_trial:g} but this machine has {os.cpu_count()} CPUs")
 
+    # The job's runtime_env is shown by the dashboard: MLflow knobs only. The tracking URI reaches trials in
+    # the sweep context (object store); credentials come from each node's own environment.
+    def start_ray():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True,
+                 runtime_env={"env_vars": dict(WORKER_ENV)})
+
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if joining:  # a running cluster: every node must reach the tracking server before anything talks to it
+        start_ray()
+        if not os.environ.get("MLFLOW_TRACKING_URI") and not args.mlflow_host:  # refuse before starting one
+            check_tracking_reaches_nodes(None, "http://127.0.0.1:5000")
     tracking_uri, autostarted = initial_tracking_uri(home, args.mlflow_host)
+    if joining:
+        check_tracking_reaches_nodes(None if autostarted else tracking_uri, tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = registry.get_or_create_experiment(client, cfg.experiment)
     # The sweep run: one per invocation; --resume picks up the last unfinished one with its Tune state,
     # checked to lie under the storage root before Ray starts and before anything is read from it.
     storage = cfg.storage or os.environ.get("ICH_STORAGE") or str(home / "ray_results")
     resume_run = find_resume_run(client, experiment_id, sweep, cfg.experiment, storage) if args.resume else None
-    # The job's runtime_env is shown by the dashboard: MLflow knobs only. The tracking URI reaches trials in
-    # the sweep context (object store); credentials come from each node's own environment.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True,
-             runtime_env={"env_vars": dict(WORKER_ENV)})
-    check_tracking_reaches_nodes(tracking_uri, autostarted)
+    if not joining:  # the local default: Ray starts only now, after the checks above
+        start_ray()
+        check_tracking_reaches_nodes(None if autostarted else tracking_uri, tracking_uri)
     local = ray_started_here()  # a cluster (RAY_ADDRESS, `ray submit`, `ray job submit`) checks nothing locally
     check_resources(cfg, local)
 
@@ -252,15 +265,15 @@ def ray_started_here() -> bool:
     return bool(node is not None and node.is_head())
 
 
-def check_tracking_reaches_nodes(tracking_uri: str, autostarted: bool) -> None:
-    """Refuse (one line) a tracking URI some of Ray's nodes cannot reach (design decision 10)."""
+def check_tracking_reaches_nodes(user_uri: str | None, effective_uri: str) -> None:
+    """Refuse (one line) a tracking URI some of Ray's nodes cannot reach (design decision 10). user_uri:
+    MLFLOW_TRACKING_URI as set (None: unset); effective_uri: what trials would use (the project's server)."""
     import ray
     from ich.errors import ConfigError
     from sweeps.mlflow_server import decide_tracking, resolve_host
     nodes = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
-    decision = decide_tracking(None if autostarted else tracking_uri, nodes, ray.util.get_node_ip_address(),
-                               can_grow=cluster_can_grow(len(nodes)), autostarted_uri=tracking_uri,
-                               host_ips=resolve_host(tracking_uri))
+    decision = decide_tracking(user_uri, nodes, ray.util.get_node_ip_address(), can_grow=cluster_can_grow(len(nodes)),
+                               autostarted_uri=effective_uri, host_ips=resolve_host(effective_uri))
     if decision.action == "refuse":
         raise ConfigError(decision.message)
 
