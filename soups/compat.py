@@ -1,7 +1,8 @@
 """Compatibility checks: soups refuse to mix checkpoints that cannot be averaged (design decision 7).
 
 Two checkpoints average only when they share architecture, image size, class map, dataset and
-initialization (COMPAT_FIELDS), and their state dicts have the same keys and shapes.
+initialization (COMPAT_FIELDS), their preprocessing (ich/preprocess.py; where it came from may differ),
+and their state dicts have the same keys and shapes.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 import torch
 
 from ich.checkpoint import COMPAT_FIELDS, CheckpointError, CheckpointMeta
+from ich.preprocess import Preprocess
 
 # What must agree for an across-run soup; num_classes is implied by class_names.
 GROUP_FIELDS = ("architecture", "img_size", "init_fingerprint", "dataset_fingerprint", "class_names")
@@ -52,6 +54,11 @@ def check_compatible(metas: Sequence[tuple[str, CheckpointMeta]]) -> None:
                 continue
             what = _describe_class_names(b, a) if f == "class_names" else f"{a} != {b}"
             raise IncompatibleCheckpoint(f"checkpoint {name} differs from {ref_name} in {f}: {what}")
+        a, b = Preprocess.from_meta(meta).key(), Preprocess.from_meta(ref).key()  # a soup has one preprocessing
+        for f, x, y in zip(("img_size", "mean", "std", "crop_pct", "interpolation", "stored_size"), a, b):
+            if x != y:
+                raise IncompatibleCheckpoint(f"checkpoint {name} differs from {ref_name} in preprocess.{f}: "
+                                             f"{x} != {y}")
 
 
 def group_key(meta: CheckpointMeta) -> tuple:

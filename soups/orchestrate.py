@@ -239,12 +239,7 @@ def _compatible(members: list[Pulled], pool: CheckpointPool) -> list[Pulled]:
     ref, kept = members[0], [members[0]]
     for p in members[1:]:
         try:
-            check_compatible([(ref.label, ref.meta), (p.label, p.meta)])
-            if p.spec.key() != ref.spec.key():
-                a, b = p.spec.preprocess.to_dict(), ref.spec.preprocess.to_dict()
-                diff = [k for k in a if k != "source" and a[k] != b[k]] or ["img_size"]
-                raise IncompatibleCheckpoint(f"checkpoint {p.label} differs from {ref.label} in preprocessing "
-                                             f"{diff[0]}: {a.get(diff[0])} != {b.get(diff[0])}")
+            check_compatible([(ref.label, ref.meta), (p.label, p.meta)])  # preprocessing too
         except IncompatibleCheckpoint as e:
             pool.skip(p.record, str(e))
             continue

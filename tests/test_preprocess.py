@@ -128,6 +128,25 @@ def test_overrides_beat_the_init_which_beats_the_dataset_defaults():
         resolve(32, 36, 1.0, init, {"size": 3})
 
 
+def test_soups_refuse_to_mix_preprocessing_but_not_where_it_came_from():
+    from ich.checkpoint import CheckpointMeta
+    from soups.compat import IncompatibleCheckpoint, check_compatible
+
+    def meta(**pre):
+        base = dict(img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.95, interpolation="bicubic",
+                    stored_size=32, source="sidecar:/a/config.json")
+        return CheckpointMeta(architecture="coatnet_tiny_ich", img_size=32, num_classes=2, class_names=["a", "b"],
+                              dataset_fingerprint="d", init_fingerprint="i", epoch=1,
+                              preprocess=Preprocess(**{**base, **pre}))
+    check_compatible([("e1", meta()), ("e2", meta(source="sidecar:/elsewhere/config.json"))])
+    check_compatible([("e1", meta()), ("e2", meta(stored_size=0))])  # 0 means img_size: the same decode
+    for change, message in (({"crop_pct": 0.875}, "preprocess.crop_pct: 0.875 != 0.95"),
+                            ({"interpolation": "bilinear"}, "preprocess.interpolation: bilinear != bicubic"),
+                            ({"mean": IMAGENET_MEAN}, "preprocess.mean"), ({"stored_size": 36}, "preprocess.stored_size: 36 != 32")):
+        with pytest.raises(IncompatibleCheckpoint, match=f"checkpoint e2 differs from e1 in {message}"):
+            check_compatible([("e1", meta()), ("e2", meta(**change))])
+
+
 def test_bad_init_preprocess_in_a_sweep_config_is_one_line(tmp_path):
     from sweeps.config import load_config
     path = tmp_path / "bad.yaml"
