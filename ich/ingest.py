@@ -646,7 +646,8 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
             "counts": counts,
             "num_images": {s: len(by_split[s]) for s in SPLITS},
             "shards": shards,
-            "options": {"size": size, "val_frac": val_frac, "test_frac": test_frac, "seed": seed},
+            "options": {"size": size, "val_frac": val_frac, "test_frac": test_frac, "seed": seed,
+                        "max_file_bytes": max_file_bytes, "max_aspect": max_aspect},  # the bounds decide what is skipped
             "fingerprint": _fingerprint(size, classes, [(s, r[0], r[2]) for s in SPLITS for r in by_split[s]]),
             "skipped": sorted(skipped, key=lambda d: (d["path"], d["reason"])),
             "source": str(src),
