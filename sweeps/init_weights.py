@@ -105,7 +105,7 @@ def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, clien
         if init.preprocess is None:
             init.preprocess = _with_overrides(None, cfg)
         print(f"init for {model}: {init.source} (fingerprint {init.fingerprint[:16]}); eval preprocessing "
-              f"{describe_preprocess(init.preprocess, _warm_start_config(cfg, model))}", flush=True)
+              f"{describe_preprocess(init.preprocess, TrainConfig.from_dict({**cfg.train, 'model': model}))}", flush=True)
     return inits
 
 
