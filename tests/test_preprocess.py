@@ -259,6 +259,12 @@ def test_gpu_configs_start_from_timm_weights_and_the_demo_stays_offline():
     for c in (gpu, two):
         assert c.train["img_size"] == hub_preprocess(c.init.weights[4:])["input_size"] == 224
     assert load_config(ROOT / "sweeps" / "configs" / "cpu.yaml").init.weights is None  # demo: warm start, offline
+    base = load_config(ROOT / "sweeps" / "configs" / "baselines-gpu.yaml")
+    assert set(base.init.weights) == set(base.search["model"]["choice"]) and "eval_crop_pct" not in base.train
+    vit = hub_preprocess(base.init.weights["vit_base_patch16_224"][4:])
+    assert (vit["mean"], vit["crop_pct"], vit["input_size"]) == (HALF, 0.9, 224)
+    for model, source in base.init.weights.items():
+        assert source.startswith(f"hub:{model}.") and hub_preprocess(source[4:])["input_size"] == 224
 
 
 def test_a_hub_tag_offline_fails_in_one_line_that_says_how_to_use_a_local_file(tmp_path):
