@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from ich.checkpoint import CheckpointError, load_weights, state_dict_to_cpu
 from ich.data import AugmentConfig, ICHDataset, Prefetcher, batch_indices, mixup_cutmix, train_transform
 from ich.metrics import classification_metrics, log_loss
-from ich.models import create_model, load_init_weights, random_init_fingerprint, resolve_init_weights
-from ich.preprocess import Preprocess, init_preprocess, resolve, transform
+from ich.models import ModelError, create_model, load_init_weights, random_init_fingerprint, resolve_init_weights
+from ich.preprocess import Preprocess, PreprocessError, init_preprocess, resolve, transform
 
 TRAIN_STATE = "train_state.safetensors"
 TRAIN_STATE_JSON = "train_state.json"
@@ -321,12 +321,10 @@ class Trainer:
 
 
 def _init_preprocess(path: str) -> dict | None:
-    from ich.checkpoint import CheckpointError as _CE
-    from ich.models import ModelError
-    from ich.preprocess import PreprocessError
+    """The preprocessing the init weights at `path` carry (sidecar / checkpoint metadata), one line if unusable."""
     try:
         return init_preprocess(path)
-    except (PreprocessError, _CE) as e:
+    except (PreprocessError, CheckpointError) as e:
         raise ModelError(f"init weights {path}: {e}") from None
 
 
