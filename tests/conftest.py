@@ -32,9 +32,11 @@ def mlflow_server_handle(tmp_path_factory):
     Session-scoped because the server takes seconds to start. MLFLOW_TRACKING_URI points at it for the
     session and is restored afterwards.
     """
-    from sweeps.mlflow_server import start_server
+    from sweeps.mlflow_server import free_port, start_server
 
-    handle = start_server(tmp_path_factory.mktemp("mlflow-session"))
+    # A random free port, never the default 5000 a concurrent session or `make demo` may be starting a server on:
+    # start_server trusts whatever answers /health on its port.
+    handle = start_server(tmp_path_factory.mktemp("mlflow-session"), port=free_port())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", handle.uri)
         try:

@@ -26,11 +26,11 @@ TINY = {"num_samples: 4": "num_samples: 3", "epochs: 3": "epochs: 2", "epochs: 4
 
 def _sweep(tmp_path: Path, name: str, data: Path, *extra: str, edits: dict | None = None, env: dict | None = None) -> str:
     """Run sweeps/coatnet.py --demo on `data` with a tiny config; returns its combined stdout and stderr."""
-    from sweeps.mlflow_server import start_server
+    from sweeps.mlflow_server import free_port, start_server
     home = tmp_path / "home"
     home.mkdir()
     config = write_sweep_config(home, name, **{**TINY, **(edits or {})})
-    server = start_server(tmp_path / "mlflow")
+    server = start_server(tmp_path / "mlflow", port=free_port())
     try:
         run_env = {**os.environ, "ICH_HOME": str(home), "MLFLOW_TRACKING_URI": server.uri, "RAY_DEDUP_LOGS": "0",
                    "PYTHONUNBUFFERED": "1", **(env or {})}
