@@ -3,11 +3,12 @@
 The model is logged as MLflow Models-from-Code: its `python_model` is this project's own module file
 soups/served_model.py, its weights are a checkpoint folder artifact (model.safetensors + checkpoint.json).
 Nothing in it is a pickle. The sha256 of the weights and of checkpoint.json are recorded as tags of the
-LoggedModel at logging time. Before anything loads a soup (`ich predict`, `ich serve`, the champion
-rule), `verify_soup_model` checks the whole MLmodel against an allowlist, every file of the folder, the
-code file against the installed one and the weights against the recorded sha256; `ich predict` then
-builds SoupClassifier itself (nothing from the model folder is imported), `ich serve` hands the verified
-copy to `mlflow models serve`.
+LoggedModel at logging time. Before `ich predict` or `ich serve` loads a soup pyfunc model,
+`verify_soup_model` checks the whole MLmodel against an allowlist, every file of the folder, the code file
+against the installed one and the weights against the recorded sha256; `ich predict` then builds
+SoupClassifier itself (nothing from the model folder is imported), `ich serve` hands the verified copy to
+`mlflow models serve`. (The champion rule reads the soup's own checkpoint record, sha256-verified by
+soups.registry, not this model.)
 
 Input: a pandas DataFrame with an `image` column (base64 bytes, for REST calls) or a `path` column (image
 files). The `path` column is refused unless the server was given a root folder (ICH_SERVE_PATH_ROOT or

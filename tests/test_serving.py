@@ -1,5 +1,6 @@
-"""Serving the champion: `mlflow models serve` on loopback answers images with class names and
-probabilities; `ich predict` does the same from the command line."""
+"""Serving the champion: `ich serve` (verify, then `mlflow models serve` on the verified copy) answers images
+on loopback with class names and probabilities equal to the trainer's eval logits softmaxed; `ich predict`
+does the same from the command line. The attacks it refuses are in tests/test_attacks.py."""
 from __future__ import annotations
 
 import base64
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -37,19 +39,35 @@ def _digit_pngs(tiny_sweep, n=4) -> list[Path]:
     return [sorted((images / d).glob("*.png"))[0] for d in ("0", "3", "7", "9")][:n]
 
 
-def test_mlflow_models_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path):
+def _expected_probabilities(ckpt: Path, image: Path) -> np.ndarray:
+    """Helper B's train/serve parity recipe: the trainer's eval logits of the stored image, softmaxed."""
+    import torch
+
+    from ich.checkpoint import load_checkpoint
+    from ich.models import create_model
+    from ich.preprocess import Preprocess, decode_image, transform
+    state_dict, meta = load_checkpoint(ckpt)
+    pre = Preprocess.from_meta(meta)
+    model = create_model(meta.architecture, meta.num_classes, meta.img_size)
+    model.load_state_dict(state_dict)
+    model.eval()
+    stored = decode_image(image.read_bytes(), pre.decode_size, str(image))
+    with torch.no_grad():
+        logits = model(transform(torch.from_numpy(stored[None].copy()), pre))
+    return torch.softmax(logits.double(), dim=1)[0].numpy()
+
+
+def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path):
+    from soups.pyfunc import fetch_verified
     from sweeps.mlflow_server import free_port
     port = free_port()
-    # As a user runs it: with the venv's bin on PATH (the scoring server execs `uvicorn`).
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", MODEL,
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen([str(Path(sys.executable).with_name("ich")), "serve", "--model", MODEL, "--port",
+                               str(port)], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
+        deadline = time.time() + 240
         while time.time() < deadline and server.poll() is None:
             try:
                 if requests.get(f"{url}/ping", timeout=2).status_code == 200:
@@ -67,18 +85,30 @@ def test_mlflow_models_serve_answers_images(champion, tiny_sweep, mlflow_server,
         (ROOT / "test-artifacts").mkdir(exist_ok=True)
         (ROOT / "test-artifacts" / "served-prediction.json").write_text(json.dumps(predictions, indent=1))
         assert len(predictions) == len(pngs)
-        for p, truth in zip(predictions, [p.parent.name for p in pngs]):
+        for p in predictions:
             assert p["class"] in [str(d) for d in range(10)]
             assert abs(sum(p["probabilities"]) - 1) < 1e-4 and len(p["probabilities"]) == 10
         correct = sum(p["class"] == png.parent.name for p, png in zip(predictions, pngs))
         assert correct >= 2, predictions  # a soup at ~85% val should get most of four clear digits
-        # A bad request is an error answer, not a crash of the server.
+        # Train/serve parity: served probabilities = softmax of the trainer's eval logits for the same image.
+        _, _, ckpt = fetch_verified(MODEL, tmp_path)
+        for p, png in zip(predictions, pngs):
+            assert np.allclose(p["probabilities"], _expected_probabilities(ckpt, png), atol=1e-6), png
+        # A bad request is an error answer, not a crash of the server; the path column is off by default.
         bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"], "data": [["!!"]]}},
                             timeout=60)
         assert bad.status_code >= 400 and server.poll() is None
+        by_path = requests.post(f"{url}/invocations", timeout=60,
+                                json={"dataframe_split": {"columns": ["path"], "data": [[str(pngs[0])]]}})
+        assert by_path.status_code >= 400 and "the 'path' column is off" in by_path.text
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        server.send_signal(15)  # `ich serve` stops the scoring server it started and removes its verified copy
+        try:
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, 9)
+    assert "verified models:/tiny-sweep-soup@champion (version" in (tmp_path / "serve.log").read_text()
 
 
 def test_ich_predict_cli(champion, tiny_sweep, mlflow_server):
