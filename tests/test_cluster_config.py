@@ -255,3 +255,55 @@ def test_no_literal_secrets_in_cluster_yaml():
 def test_secret_detector_catches_planted_secrets(planted):
     """The no-secrets check can fail: a copy of cluster.yaml with a planted secret is caught."""
     assert find_secrets(CLUSTER_YAML.read_text() + "\n" + planted + "\n")
+
+
+# -- Least privilege (issue 13.5) -----------------------------------------------------------------------
+
+
+def test_ssh_ingress_is_an_explicit_group_and_roles_are_the_projects():
+    config = load()
+    group = config["provider"]["security_group"]
+    assert group["GroupName"] == "ich-soups-ssh"
+    # Rules listed here would only extend Ray's default group (SSH from 0.0.0.0/0); the named group is
+    # created with its CIDR rule beforehand (docs/cluster.md), so none may open SSH to the world here.
+    for rule in group.get("IpPermissions", []):
+        assert all(r.get("CidrIp") != "0.0.0.0/0" for r in rule.get("IpRanges", [])), rule
+    assert head_type(config)["node_config"]["IamInstanceProfile"]["Name"] == "ich-soups-head"
+    for worker in worker_types(config).values():
+        assert worker["node_config"]["IamInstanceProfile"]["Name"] == "ich-soups-worker"
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    for name in ("ich-soups-ssh", "ich-soups-head", "ich-soups-worker"):
+        assert name in docs, f"docs/cluster.md does not say how to create {name}"
+
+
+def _split_command(config: dict) -> str:
+    return next(c for c in config["head_setup_commands"] if "admin.env" in c)
+
+
+def test_head_setup_keeps_admin_credentials_on_the_head(tmp_path):
+    """Run the head's credential split on a secrets file as the head would, twice (a second `ray up`)."""
+    import subprocess
+    ich = tmp_path / ".ich"
+    ich.mkdir()
+    (ich / "secrets.env").write_text("MLFLOW_TRACKING_USERNAME=boss\nMLFLOW_TRACKING_PASSWORD=admin-pw-123\n"
+                                     "ICH_BUCKET=b\nICH_MLFLOW_DB_URI=postgresql://u:db-pw@h/d\n")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for _ in range(2):
+        r = subprocess.run(["bash", "-c", _split_command(load())], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        admin, shared = (ich / "admin.env").read_text(), (ich / "secrets.env").read_text()
+        assert "MLFLOW_TRACKING_PASSWORD=admin-pw-123" in admin and "db-pw" in admin
+        assert "admin-pw-123" not in shared and "db-pw" not in shared and "boss" not in shared
+        assert "MLFLOW_TRACKING_USERNAME=ich-worker" in shared and "ICH_BUCKET=b" in shared
+        assert f"MLFLOW_TRACKING_PASSWORD={(ich / 'worker_password').read_text().strip()}" in shared
+    assert oct((ich / "admin.env").stat().st_mode & 0o777) == "0o600"
+
+
+def test_workers_get_a_non_admin_mlflow_user():
+    config = load()
+    common = "\n".join(config["setup_commands"])
+    assert '. "\\$HOME/.ich/admin.env"' in common  # env.sh: admin credentials override, on the head only
+    start = "\n".join(config["head_start_ray_commands"])
+    assert "create_user(name, password)" in start and "update_user_admin(name, False)" in start
+    assert "default_permission = EDIT" in start  # runs and models: write, no delete, no user management
+    assert "--num-cpus=0" in next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)

@@ -1,0 +1,125 @@
+"""The production path as users run it: `ray up` of the project's own cluster.yaml (on-prem `local` provider)
+on two SSH "machines" (network namespaces with sshd, tests/netns.py), `ray submit cluster.yaml
+sweeps/coatnet.py`, `ray job submit` through the `ray dashboard` tunnel with token auth, `ray down`.
+
+Asserts: trials ran on the worker node (ich.node tag = the worker's address), one checkpoint per (trial, epoch)
+in MLflow, soups built, workers log with a non-admin MLflow user and hold no admin credential, and the
+namespace cluster leaves nothing behind (the `ns_cluster` fixture fails the session otherwise; the small test
+at the end proves that check on a process left running in a node)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests import netns
+from tests.fixtures_sweep import write_sweep_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.launcher]
+
+
+def _mlflow(launched: netns.Launched, monkeypatch):
+    from mlflow import MlflowClient
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", launched.admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", launched.admin[1])
+    return MlflowClient(tracking_uri=launched.mlflow_uri)
+
+
+def _save(name: str, text: str) -> None:
+    (netns.ROOT / "test-artifacts").mkdir(exist_ok=True)
+    (netns.ROOT / "test-artifacts" / name).write_text(text)
+
+
+def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
+    from tests.test_sweep import _all_checkpoint_models, _trial_runs, assert_exactly_once
+    t0 = time.time()
+    launched, cluster = ns_ray_cluster, ns_ray_cluster.cluster
+    _save("launcher-ray-up.log", launched.up_log)
+    assert "MLflow tracking server: http://" + cluster.head.addr in launched.up_log
+    assert "MLflow worker user: ich-worker (not an admin)" in launched.up_log
+
+    # 1. `ray submit cluster.yaml sweeps/coatnet.py -- ...`: the driver runs on the head over SSH.
+    config = write_sweep_config(cluster.shared, "launcher")
+    submit = launched.ray("submit", str(launched.yaml), "sweeps/coatnet.py", "--", "--demo", "--config", str(config),
+                          "--num-samples", "2", "--experiment", "launcher", timeout=1500, check=False)
+    _save("launcher-ray-submit.log", submit.stdout + submit.stderr)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-5000:]
+
+    client = _mlflow(launched, monkeypatch)
+    exp = client.get_experiment_by_name("launcher").experiment_id
+    runs = _trial_runs(client, exp, "launcher")
+    assert len(runs) == 2
+    nodes = sorted({r.data.tags["ich.node"] for r in runs})
+    print("trial nodes:", nodes)
+    assert all(n.endswith("/" + cluster.worker.addr) for n in nodes), nodes
+    epochs = {r.data.tags["ich.trial"]: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in runs}
+    assert_exactly_once(client, exp, "launcher", epochs)
+    assert len(_all_checkpoint_models(client, exp, "launcher")) == sum(epochs.values())
+    soups = client.search_runs([exp], "tags.`ich.kind` = 'soup'")
+    assert soups, "no soup runs after `ray submit`"
+    t_submit = time.time() - t0
+
+    # 2. `ray job submit` through the `ray dashboard` tunnel; token auth: no token, no entry. The job runs on the
+    # head in the uploaded working dir, on the dataset the demo run ingested there (~/ich-home, root's home).
+    with launched.dashboard() as url:
+        no_token = {k: v for k, v in launched.env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+        no_token["RAY_AUTH_TOKEN_PATH"] = str(cluster.base / "no-such-token")
+        refused = subprocess.run([netns.RAY, "job", "list", "--address", url], env=no_token, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode != 0
+        assert "auth" in (refused.stdout + refused.stderr).lower(), refused.stderr[-2000:]
+        job = launched.ray("job", "submit", "--address", url, "--working-dir", ".", "--", "python",
+                           "sweeps/coatnet.py", "--data", "/root/ich-home/demo/digits-ds", "--config", str(config),
+                           "--num-samples", "1",
+                           "--experiment", "launcher-job", "--no-soups", timeout=1500, check=False)
+    _save("launcher-job-submit.log", job.stdout + job.stderr)
+    assert job.returncode == 0 and "succeeded" in (job.stdout + job.stderr).lower(), (job.stdout + job.stderr)[-5000:]
+    job_exp = client.get_experiment_by_name("launcher-job").experiment_id
+    job_runs = _trial_runs(client, job_exp, "launcher-job")
+    assert len(job_runs) == 1 and job_runs[0].data.tags["ich.node"].endswith("/" + cluster.worker.addr)
+
+    # 3. Least privilege: the workers' MLflow user is not an admin, and no worker file holds the admin password.
+    from mlflow.server import get_app_client
+    auth = get_app_client("basic-auth", tracking_uri=launched.mlflow_uri)
+    assert auth.get_user("ich-worker").is_admin is False
+    assert auth.get_user(launched.admin[0]).is_admin is True
+    worker_env = netns.ssh(cluster, cluster.worker, "echo $MLFLOW_TRACKING_USERNAME", check=True).stdout.split()
+    assert worker_env[-1:] == ["ich-worker"], worker_env
+    leak = netns.ssh(cluster, cluster.worker, f"grep -rl {launched.admin[1]} ~/.ich ~/.bashrc")
+    assert leak.returncode == 1 and not leak.stdout.strip(), f"admin password on the worker: {leak.stdout}"
+    head_files = netns.ssh(cluster, cluster.head, "grep -c MLFLOW_TRACKING_PASSWORD ~/.ich/admin.env && "
+                           f"! grep -q {launched.admin[1]} ~/.ich/secrets.env")
+    assert head_files.returncode == 0, head_files.stdout + head_files.stderr
+    # A worker cannot administer MLflow: creating a user with its credentials is refused.
+    escalate = netns.ssh(cluster, cluster.worker, "python -c \"import os; from mlflow.server import get_app_client; "
+                         "get_app_client('basic-auth', tracking_uri=os.environ['MLFLOW_TRACKING_URI'])"
+                         ".create_user('intruder', 'intruder-password-123')\"", timeout=180)
+    assert escalate.returncode != 0 and "PERMISSION_DENIED" in escalate.stdout + escalate.stderr, escalate.stderr[-2000:]
+
+    timings = {"ray_up_s": round(launched.up_seconds), "worker_ready_s": round(launched.ready_seconds),
+               "ray_submit_sweep_s": round(t_submit), "test_body_s": round(time.time() - t0)}
+    _save("launcher-timings.json", json.dumps(timings, indent=1))
+    print("launcher timings:", timings)
+
+
+def test_teardown_check_sees_a_process_left_in_a_node():
+    """The leftover check that guards the launcher test: a daemon detached inside a node (as Ray's are) is
+    seen while the node runs and gone after destroy_cluster, with the namespaces, veths and bridge."""
+    why = netns.missing_prerequisites()
+    if why:
+        from tests.conftest import require_service
+        require_service(f"namespace cluster: {why}")
+    c = netns.create_cluster()
+    try:
+        netns.ssh(c, c.worker, "setsid sleep 600 >/dev/null 2>&1 < /dev/null &", check=True)
+        time.sleep(0.5)
+        during = netns.leftovers(c)
+        assert any("(sleep)" in x for x in during), during
+        assert any("(sshd)" in x for x in during), during
+    finally:
+        left = netns.destroy_cluster(c)
+    assert left == [], left
+    assert c.head.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not c.base.exists()
