@@ -582,15 +582,22 @@ class _dashboard_tunnel:
 def ray_down(launched: Launched) -> str:
     """`ray down -y <yaml>` as a user runs it; then forget the local provider's state of this cluster on this
     machine (/tmp/ray/cluster-<name>.*) and Ray's SSH control folder. Returns ray down's output."""
+    r = launched.ray("down", "-y", str(launched.yaml), check=False, timeout=300)
+    forget_local_state(launched.cluster)
+    return r.stdout + r.stderr
+
+
+def forget_local_state(c: NsCluster) -> None:
+    """What the `ray` CLI keeps on this machine for the cluster: the local provider's state files and the SSH
+    control folder (both named after the cluster)."""
+    import getpass
     import hashlib
     from ray.autoscaler._private.local.config import get_lock_path, get_state_path
-    r = launched.ray("down", "-y", str(launched.yaml), check=False, timeout=300)
-    name = f"ich-soups-{launched.cluster.tag}"
+    name = f"ich-soups-{c.tag}"
     for f in (get_lock_path(name), get_state_path(name)):
         Path(f).unlink(missing_ok=True)
-    user = hashlib.sha256(b"root").hexdigest()[:10]
+    user = hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]
     shutil.rmtree(f"/tmp/ray_ssh_{user}/{hashlib.sha256(name.encode()).hexdigest()[:10]}", ignore_errors=True)
-    return r.stdout + r.stderr
 
 
 def teardown(launched: Launched) -> tuple[str, list[str]]:
@@ -631,6 +638,7 @@ if pytest is not None:
             launched = launch(ns_cluster)
             wait_for_worker(launched)
         except RuntimeError as e:
+            forget_local_state(ns_cluster)
             pytest.fail(f"ray up on the namespace cluster failed: {e}", pytrace=False)
         launched.ready_seconds = time.time() - t0
         print(f"\nnamespace cluster: ray up {launched.up_seconds:.0f} s, worker joined after "
