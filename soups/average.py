@@ -132,6 +132,22 @@ class RunningSum:
             raise ValueError("RunningSum.mean: no state dict added yet")
         return self._mean(None)
 
+    def export(self) -> tuple[StateDict, dict[str, str], int]:
+        """The float64 sums, the ingredients' dtype names and the count: what restore() needs to go on bitwise
+        (a trial's running soup travels in its checkpoint this way, sweeps/soup_objective.py)."""
+        return self._sum, {k: str(d).removeprefix("torch.") for k, d in self._dtypes.items()}, self.count
+
+    @classmethod
+    def restore(cls, sums: StateDict, dtypes: dict[str, str], count: int, name: str = "restored sum",
+                threads: int | None = None) -> "RunningSum":
+        if set(sums) != set(dtypes) or count < 1 or not all(isinstance(getattr(torch, d, None), torch.dtype)
+                                                             for d in dtypes.values()):
+            raise ValueError(f"{name}: not a saved running sum (keys, dtypes or count {count} do not fit)")
+        out = cls(threads)
+        out._sum, out.count, out._ref_name = dict(sums), int(count), name
+        out._dtypes = {k: getattr(torch, d) for k, d in dtypes.items()}
+        return out
+
     def candidate_with(self, sd: StateDict, name: str = "ingredient") -> StateDict:
         """(sum + sd) / (count + 1), without committing sd to the sum."""
         if self.count == 0:

@@ -150,6 +150,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
                   "ich.dataset_fingerprint": dataset.fingerprint, **provenance.run_tags("sweeps/coatnet.py")})
         registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
             Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
+                                                  ("objective", cfg.objective),
                                                   ("num_samples", cfg.num_samples), ("train", cfg.train),
                                                   ("search", cfg.search), ("asha", cfg.asha), ("init", cfg.init)]])
     parent_run_id = parent.info.run_id
@@ -164,17 +165,17 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        tracking_uri=tracking_uri, train=dict(cfg.train),
                        faults=faults_from_env(),
-                       fault_marker_dir=str(home / "faults" / sweep))
+                       fault_marker_dir=str(home / "faults" / sweep), objective=cfg.objective)
     # Dataset and inits go into the object store once; every trial on a node maps the same copy.
     trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=dataset, inits=inits, ctx=ctx), resources)
 
     if args.resume:
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        searcher = OptunaSearch(metric=cfg.metric, mode=cfg.mode, study_name=sweep,
+        searcher = OptunaSearch(metric=cfg.tune_metric, mode=cfg.mode, study_name=sweep,
                                 storage=optuna_study_storage(cfg, home),
                                 sampler=TPESampler(seed=cfg.seed + study_size(cfg, home, sweep)))
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.metric, mode=cfg.mode,
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.tune_metric, mode=cfg.mode,
                                   max_t=cfg.max_epochs, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)
         tuner = tune.Tuner(
@@ -329,7 +330,9 @@ def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[
                                      "stopped by ASHA" if status == "KILLED" else status.lower())
         rows.append({"trial": trial_id, "status": status, "epochs": last_epoch, "iterations": done,
                      "run_id": run.info.run_id if run else None,
-                     cfg.metric: (r.metrics or {}).get(cfg.metric), "config": r.config})
+                     cfg.metric: (r.metrics or {}).get(cfg.metric), "config": r.config,
+                     **({cfg.tune_metric: (r.metrics or {}).get(cfg.tune_metric)} if cfg.tune_metric != cfg.metric
+                        else {})})
     return rows
 
 

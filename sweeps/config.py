@@ -58,6 +58,9 @@ class SweepConfig:
     data: str | None = None
     metric: str = "val_macro_f1"  # drives ASHA and Optuna (val only: design decision 3)
     mode: str = "max"
+    # single: a trial is judged by its checkpoint's metric; trajectory_soup: by the uniform soup of its
+    # checkpoints so far, reported as val_soup_<metric> (sweeps/soup_objective.py)
+    objective: str = "single"
     num_samples: int = 8
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
@@ -72,6 +75,12 @@ class SweepConfig:
     init: InitConfig = field(default_factory=InitConfig)
     soups: SoupConfig = field(default_factory=SoupConfig)
     gc: GcConfig = field(default_factory=GcConfig)
+
+    @property
+    def tune_metric(self) -> str:
+        """The metric ASHA and Optuna rank trials by."""
+        from sweeps.soup_objective import objective_metric
+        return objective_metric(self.metric, self.objective)
 
     @property
     def max_epochs(self) -> int:
@@ -146,6 +155,8 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
         raise ConfigError(str(e)) from None
     if cfg.mode not in ("min", "max"):
         raise ConfigError(f"{where}: mode must be min or max, not {cfg.mode!r}")
+    if cfg.objective not in ("single", "trajectory_soup"):
+        raise ConfigError(f"{where}: objective must be single or trajectory_soup, not {cfg.objective!r}")
     if not cfg.metric.startswith("val_"):
         raise ConfigError(f"{where}: metric {cfg.metric!r} must be a val_ metric (test never selects)")
     if cfg.num_samples < 1 or cfg.max_concurrent < 1:

@@ -25,10 +25,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
-from ich.checkpoint import CheckpointMeta, save_checkpoint
+from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
 from soups import provenance, registry
+from sweeps.soup_objective import TrajectorySoup
 from sweeps.uploader import Upload, UploadProcess
 
 TAG_TRIAL_NAME = "ich.trial_name"
@@ -77,6 +78,7 @@ class SweepContext:
     train: dict  # fixed TrainConfig fields
     faults: list[Fault] = field(default_factory=list)  # tests only (faults_from_env)
     fault_marker_dir: str = ""  # where a fired fault leaves its marker, so it fires once per trial
+    objective: str = "single"  # trajectory_soup: also evaluate and report the trial's running soup (soup_objective.py)
 
 
 @dataclass
@@ -149,16 +151,19 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     trainer = Trainer(cfg, dataset, init_state=init.state_dict, init_fingerprint=init.fingerprint,
                       init_preprocess=init.preprocess)
 
+    soup = TrajectorySoup(trainer) if ctx.objective == "trajectory_soup" else None
     if (resume := tune.get_checkpoint()) is not None:
         with resume.as_directory() as d:
             trainer.load_state(d, model_weights=Path(d) / CKPT_SUBDIR / "model.safetensors")
+            if soup is not None and not soup.load(d) and trainer.epoch:
+                raise CheckpointError(f"{d}: resumed at epoch {trainer.epoch} without the trial's running soup")
 
     client = MlflowClient(ctx.tracking_uri)
     uploader = _uploader()
     retries_at_start = registry.retry_count() + uploader.retries
     run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
     start = record_start(client, run_id, trainer.epoch)
-    pending: tuple[Upload, Path, dict] | None = None
+    pending: tuple[Upload, Path, dict, dict] | None = None
     overhead = {"report_s": 0.0, "write_s": 0.0}  # sweep-side cost per epoch, reported as metrics
 
     def retries() -> int:
@@ -170,11 +175,11 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         if pending is None or not (block or pending[0].done()):
             return
         t0 = time.perf_counter()
-        upload, folder, metrics = pending
+        upload, folder, metrics, soup_metrics = pending
         pending = None
         model_id = upload.result()  # an upload that failed for good fails the trial (Tune retries it)
         _maybe_fail(ctx, trial_id, "before_report", int(metrics["epoch"]), model_id=model_id)
-        tune.report({**metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id, METRIC_RETRIES: retries(),
+        tune.report({**metrics, **soup_metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id, METRIC_RETRIES: retries(),
                      "sweep_report_s": overhead["report_s"], "sweep_write_s": overhead["write_s"]},
                     checkpoint=tune.Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
@@ -196,14 +201,22 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
                                   init_fingerprint=trainer.init_fingerprint, epoch=result.epoch, metrics=metrics,
                                   extra={"sweep": ctx.sweep, "trial": trial_id, "config": asdict(cfg)},
                                   preprocess=trainer.preprocess)
-            sha = save_checkpoint(folder / CKPT_SUBDIR, result.weights(), meta)
+            weights = result.weights()
+            sha = save_checkpoint(folder / CKPT_SUBDIR, weights, meta)
             trainer.save_state(folder, with_model=False)
             upload = uploader.submit(
                 ctx.tracking_uri, experiment_id=ctx.experiment_id, run_id=run_id,
                 ckpt_dir=folder / CKPT_SUBDIR, sweep=ctx.sweep, trial=trial_id, epoch=result.epoch, sha256=sha,
                 metrics=metrics, dataset_fingerprint=dataset.fingerprint,
                 init_fingerprint=trainer.init_fingerprint, architecture=cfg.model)
-            pending = (upload, folder, metrics)
+            soup_metrics = {}
+            if soup is not None:  # the running soup, evaluated while the upload runs; a trial metric, not the checkpoint's
+                soup.add(weights, result.epoch)
+                soup_metrics = soup.evaluate()
+                soup.save(folder)
+                rows = [Metric(k, v, int(time.time() * 1000), result.epoch) for k, v in soup_metrics.items()]
+                registry.call_with_retry("log trajectory soup", client.log_batch, run_id, metrics=rows)
+            pending = (upload, folder, metrics, soup_metrics)
             overhead["write_s"] = time.perf_counter() - t0
             if any((f.point, f.epoch) == ("epoch_start", result.epoch + 1) for f in ctx.faults):
                 report_pending(True)  # so the retry resumes from this epoch's checkpoint
