@@ -11,7 +11,8 @@ of which no soup will ever use. gc deletes the weights of the checkpoints that
 - are not within their trial's top-k by the sweep's val metric (`gc.keep_top_k`), and
 - are not within their trial's last-k epochs (`gc.keep_last_k`: what a resumed trial continues from),
 
-and the weights of superseded records (FAILED duplicates left by retries and resumes). The record of every
+and the weights of superseded records (FAILED duplicates left by retries and resumes; PENDING ones may be
+uploading right now and stay). The record of every
 checkpoint stays: its LoggedModel, metrics, tags (sha256 included) and checkpoint.json (the metadata); only
 the other artifact files go (model.safetensors), and the model is tagged `ich.gc=deleted` with the bytes
 freed. The soup orchestrator and the report skip such records with one note, not a sha256 failure each.
@@ -72,9 +73,14 @@ class Candidate:
     trial: str
     epoch: int
     score: float  # the policy's metric; NaN when missing
-    ready: bool  # READY; anything else (FAILED duplicates, crash leftovers) is superseded
+    ready: bool  # READY
     collected: bool = False  # already tagged ich.gc=deleted
     label: str = ""
+    failed: bool | None = None  # FAILED (superseded duplicates, failed uploads); None: whatever is not READY
+
+    def __post_init__(self) -> None:
+        if self.failed is None:
+            self.failed = not self.ready
 
 
 @dataclass
@@ -97,6 +103,8 @@ def plan(candidates: list[Candidate], protected: dict[str, str], policy: GcPolic
     for c in candidates:
         if c.model_id in protected:
             keep(c.model_id, protected[c.model_id])
+        if not c.ready and not c.failed:  # PENDING: a trial may be uploading it right now
+            keep(c.model_id, "pending (being logged)")
         if c.ready and not c.collected:  # top-k / last-k count checkpoints that still have their weights
             trials.setdefault((c.sweep, c.trial), []).append(c)
     sign = -1.0 if policy.mode == "max" else 1.0
@@ -111,7 +119,7 @@ def plan(candidates: list[Candidate], protected: dict[str, str], policy: GcPolic
     for c in candidates:
         if c.model_id in out.keep:
             continue
-        out.delete[c.model_id] = ("superseded (not READY)" if not c.ready else
+        out.delete[c.model_id] = ("superseded (FAILED)" if not c.ready else
                                   f"not in top-{policy.keep_top_k} or last-{policy.keep_last_k}, no soup uses it")
     return out
 
@@ -222,6 +230,7 @@ def _delete_files(client, artifact_uri: str, paths: list[str]) -> None:
 
 def _candidates(client, experiment_id: str, metric: str) -> tuple[list[Candidate], dict[str, object]]:
     """Every checkpoint LoggedModel of the experiment, READY or not (searches elsewhere see READY only)."""
+    from mlflow.entities import LoggedModelStatus
     models = registry._search_models(client, [experiment_id], registry._tag_filter(
         {registry.TAG_KIND: registry.KIND_CHECKPOINT}), None)
     out, by_id = [], {}
@@ -233,9 +242,10 @@ def _candidates(client, experiment_id: str, metric: str) -> tuple[list[Candidate
             epoch = -1
         score = registry._latest_metrics(m).get(metric, math.nan)
         ready = registry._is_ready(m)
+        failed = m.status == LoggedModelStatus.FAILED
         label = f"trial {tags.get(registry.TAG_TRIAL, '?')} epoch {epoch} (model {m.model_id})"
         out.append(Candidate(m.model_id, tags.get(registry.TAG_SWEEP, ""), tags.get(registry.TAG_TRIAL, ""), epoch,
-                             score, ready, tags.get(TAG_GC) == GC_DELETED, label))
+                             score, ready, tags.get(TAG_GC) == GC_DELETED, label, failed))
         by_id[m.model_id] = m
     return out, by_id
 
@@ -306,7 +316,8 @@ def run_gc(opts: GcOptions) -> dict:
     summary = {
         "experiment": opts.experiment, "applied": opts.apply, "policy": vars(policy),
         "checkpoints": len(candidates), "ready": sum(c.ready for c in candidates),
-        "superseded": sum(not c.ready for c in candidates), "soups": len(soup_ids),
+        "superseded": sum(bool(c.failed) for c in candidates),
+        "pending": sum(not c.ready and not c.failed for c in candidates), "soups": len(soup_ids),
         "champions": [{"registered_model": n, "soup_model_id": s} for n, s in champions],
         "kept": len(decided.keep), "kept_reasons": reasons, "kept_bytes": kept_bytes if kept_bytes else None,
         "deleted": len(rows), "deleted_ready": sum(r["ready"] for r in rows),
@@ -325,7 +336,7 @@ def print_summary(s: dict, verbose: bool = False) -> None:
     p = s["policy"]
     verb = "deleted" if s["applied"] else "would delete"
     print(f"ich gc {s['experiment']}{'' if s['applied'] else ' (dry run)'}: {s['checkpoints']} checkpoint records "
-          f"({s['ready']} READY, {s['superseded']} superseded), {s['soups']} soups, "
+          f"({s['ready']} READY, {s['superseded']} superseded, {s['pending']} pending), {s['soups']} soups, "
           f"{len(s['champions'])} champion(s); keep top-{p['keep_top_k']} by {p['metric']} ({p['mode']}) and "
           f"last-{p['keep_last_k']} per trial")
     why = ", ".join(f"{k}: {v}" for k, v in sorted(s["kept_reasons"].items()))

@@ -75,8 +75,8 @@ def test_run_all_quick(tmp_path):
     figures = [r[0] for r in rows]
     for prefix in ("bare training throughput", "share of step time waiting for data", "uniform soup / raw read",
                    "uniform soup peak RSS", "greedy soup / sum of its evaluations", "ingest 2 workers vs 1",
-                   "uniform soup pulled from a real mlflow server", "uniform soup time per ingredient",
-                   "greedy soup time per ingredient", "MLflow search + download", "soft-voting logits"):
+                   "uniform soup pulled from a real mlflow server", "uniform soup CPU time per ingredient",
+                   "greedy soup CPU time per ingredient", "MLflow search + download", "soft-voting logits"):
         assert any(f.startswith(prefix) for f in figures), (prefix, figures)
     for r in rows:
         assert len(r) == 4, r

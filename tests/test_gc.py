@@ -35,8 +35,10 @@ def test_plan_keeps_top_k_last_k_and_protected_and_drops_superseded():
     cands = [_c("a", 1, 0.5), _c("a", 2, 0.9), _c("a", 3, 0.7), _c("a", 4, 0.6), _c("a", 3, 0.99, ready=False),
              _c("b", 1, 0.4), _c("b", 2, math.nan), _c("b", 3, 0.3)]
     cands.append(Candidate("b9", "s", "b", 9, 0.95, True, collected=True))  # weights gone: ranks nowhere
+    cands.append(Candidate("b5p", "s", "b", 5, 0.1, False, failed=False))  # PENDING: may be uploading now
     out = plan(cands, {"a1": "ingredient of soup x"}, GcPolicy(keep_top_k=1, keep_last_k=1))
-    assert set(out.keep) == {"a1", "a2", "a4", "b1", "b3"}
+    assert set(out.keep) == {"a1", "a2", "a4", "b1", "b3", "b5p"}
+    assert out.keep["b5p"] == ["pending (being logged)"]
     assert out.keep["a2"] == ["top-1 val_macro_f1"] and out.keep["a4"] == ["last-1 epoch"]
     assert out.keep["a1"] == ["ingredient of soup x"]
     # a FAILED duplicate never ranks, even with the best score; a NaN score ranks last
