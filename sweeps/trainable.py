@@ -48,7 +48,7 @@ class Fault:
 
         epoch_start    when epoch N starts, right after epoch N-1 was reported to Tune
         before_report  when epoch N's checkpoint is READY in MLflow and not yet reported to Tune
-        mid_epoch      at the first optimizer step of epoch N after epoch N-1 was reported
+        mid_epoch      at the first optimizer step of epoch N, once epoch N-1 is reported (waiting for its upload)
     """
     point: str
     epoch: int
@@ -186,9 +186,10 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         overhead["report_s"] = time.perf_counter() - t0
 
     def on_step() -> None:
-        report_pending(False)
-        if ctx.faults and pending is None:  # the last epoch is reported: mid-way through the next one
+        if ctx.faults and any((f.point, f.epoch) == ("mid_epoch", trainer.epoch + 1) for f in ctx.faults):
+            report_pending(True)  # the fault's point: the last epoch reported, the next one under way
             _maybe_fail(ctx, trial_id, "mid_epoch", trainer.epoch + 1)
+        report_pending(False)
 
     try:
         for result in trainer.fit(on_step=on_step):
