@@ -117,17 +117,6 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         start_ray()
         if not os.environ.get("MLFLOW_TRACKING_URI") and not args.mlflow_host:  # refuse before starting one
             check_tracking_reaches_nodes(None, "http://127.0.0.1:5000")
-    # The job's runtime_env is shown by the dashboard: MLflow knobs only. The tracking URI reaches trials in
-    # the sweep context (object store); credentials come from each node's own environment.
-    def start_ray():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True,
-                 runtime_env={"env_vars": dict(WORKER_ENV)})
-
-    joining = bool(os.environ.get("RAY_ADDRESS"))
-    if joining:  # a running cluster: every node must reach the tracking server before anything talks to it
-        start_ray()
-        if not os.environ.get("MLFLOW_TRACKING_URI") and not args.mlflow_host:  # refuse before starting one
-            check_tracking_reaches_nodes(None, "http://127.0.0.1:5000")
     tracking_uri, autostarted = initial_tracking_uri(home, args.mlflow_host)
     if joining:
         check_tracking_reaches_nodes(None if autostarted else tracking_uri, tracking_uri)
