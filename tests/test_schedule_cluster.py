@@ -21,9 +21,9 @@ import optuna
 import pytest
 
 from tests.fixtures_sweep import write_sweep_config
-from tests.netns import node_exec, ns_cluster, ns_ray_cluster  # noqa: F401  (session fixtures)
+from tests.netns import node_exec  # ns_ray_cluster: the session's namespace cluster, from conftest.py
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.launcher, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 ICH = str(Path(sys.executable).with_name("ich"))
 ARTIFACTS = ROOT / "test-artifacts"
