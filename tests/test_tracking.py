@@ -114,3 +114,24 @@ def test_sweep_refuses_a_password_in_the_uri_before_starting_anything(tmp_path, 
     assert out.returncode == 2 and out.stderr.startswith("sweep: error: MLFLOW_TRACKING_URI carries a password"), \
         out.stderr[-2000:]
     assert out.stderr.count("\n") == 1 and "s3cret" not in out.stderr + out.stdout
+
+
+@pytest.mark.integration
+def test_mlflow_host_auto_serves_on_this_machines_routable_address(tmp_path, monkeypatch):
+    """--mlflow-host auto: with no MLFLOW_TRACKING_URI the project's server listens on the outward address,
+    which the decision accepts on a cluster; a loopback server of the same store is not silently reused."""
+    from sweeps.mlflow_server import (MlflowServerError, health_ok, initial_tracking_uri, outward_ip,
+                                      stop_local_server)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ip = outward_ip()
+    if is_loopback_host(ip):
+        pytest.fail("this machine has no default route: no routable address to serve on")
+    try:
+        uri, started = initial_tracking_uri(tmp_path, "auto")
+        assert started and uri.startswith(f"http://{ip}:") and health_ok(uri)
+        assert decide_tracking(None, [ip, "10.87.0.3"], ip, autostarted_uri=uri).action == "use"
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        with pytest.raises(MlflowServerError, match="already runs at"):
+            initial_tracking_uri(tmp_path, None)  # same store, asked for loopback: say so, do not reuse
+    finally:
+        stop_local_server(tmp_path)
