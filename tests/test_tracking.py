@@ -135,3 +135,20 @@ def test_mlflow_host_auto_serves_on_this_machines_routable_address(tmp_path, mon
             initial_tracking_uri(tmp_path, None)  # same store, asked for loopback: say so, do not reuse
     finally:
         stop_local_server(tmp_path)
+
+
+@pytest.mark.integration
+def test_local_resource_check_only_for_a_ray_started_here(ray_local, tmp_path):
+    """A sweep that joins a running cluster (RAY_ADDRESS, `ray job submit`, `ray submit`) skips the local
+    resource check: a cluster scaled to zero GPU workers has no GPU until a trial asks for one."""
+    import ray
+
+    from sweeps.coatnet import ray_started_here
+    assert ray_started_here()  # the session's Ray was started by this process
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    probe = ("import ray; ray.init(); from sweeps.coatnet import ray_started_here; "
+             "from sweeps.init_weights import check_resources; from types import SimpleNamespace as S; "
+             "check_resources(S(cpus_per_trial=1, gpus_per_trial=1), ray_started_here()); "
+             "print('joined', ray_started_here())")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "joined False" in out.stdout, out.stderr[-3000:]
