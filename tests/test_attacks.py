@@ -474,3 +474,25 @@ def test_bounded_inputs_each_refused_fast_and_small(classifier, tmp_path):
     (ROOT / "test-artifacts").mkdir(exist_ok=True)
     (ROOT / "test-artifacts" / "bounded-inputs.json").write_text(json.dumps(figures, indent=1, ensure_ascii=False))
 
+
+
+def test_local_model_folder_with_a_symlink_or_fifo_is_refused_without_opening_it(legit, tmp_path):
+    from soups.pyfunc import UntrustedModel, fetch_verified
+    linked, fifo = tmp_path / "linked", tmp_path / "fifo"
+    for folder in (linked, fifo):
+        shutil.copytree(legit["folder"], folder)
+    (linked / "served_model.py").unlink()
+    os.symlink(ROOT / "soups" / "served_model.py", linked / "served_model.py")  # even a link to our own file
+    os.mkfifo(fifo / "requirements.txt.tmp")
+    for folder, says in ((linked, "served_model.py is a symlink"), (fifo, "requirements.txt.tmp is not a regular file")):
+        start = time.perf_counter()
+        with pytest.raises(UntrustedModel, match=says):
+            fetch_verified(str(folder), tmp_path / f"copy-{folder.name}")
+        assert time.perf_counter() - start < 5  # the FIFO was never opened (that would block)
+
+
+def test_ich_serve_refuses_a_path_root_that_is_not_a_folder(tmp_path, capsys):
+    from ich.cli import main
+    assert main(["serve", "--model", str(tmp_path), "--path-root", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ich serve: error: ") and "not a folder" in err[0], err
