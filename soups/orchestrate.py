@@ -103,6 +103,7 @@ class SoupOptions:
     n_resamples: int = 1000
     champion_rule: str = "better"  # better | significant
     alpha: float = 0.05
+    parallel: int = 1  # families built at once as Ray tasks (soups/parallel.py); 1: one after another, here
 
     def validate(self) -> None:
         for name, allowed in (("scope", SCOPES), ("recipe", RECIPES), ("metric", METRICS), ("tie_rule", TIE_RULES),
@@ -115,6 +116,8 @@ class SoupOptions:
             raise SoupError(f"soup option alpha={self.alpha}: must lie between 0 and 1")
         if self.n_resamples < 100:
             raise SoupError(f"soup option n_resamples={self.n_resamples}: use at least 100")
+        if not isinstance(self.parallel, int) or self.parallel < 1:
+            raise SoupError(f"soup option parallel={self.parallel!r}: must be a whole number >= 1")
 
     @property
     def recipes(self) -> list[str]:
@@ -653,8 +656,9 @@ def _families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, 
                 yield Family("across", f"across-all{suffix}", group, members, ["greedy"])
 
 
-def _build_family(ctx: Context, builder: SoupBuilder, family: Family, soups: list[dict],
-                  val_logits: dict[str, np.ndarray]) -> None:
+def cook_family(builder: SoupBuilder, family: Family):
+    """Build a family's soups, one recipe at a time: yields (recipe, soup, uniform, accepted, tries). No MLflow:
+    the serial path records each soup before the next is built, a Ray task (soups/parallel.py) returns them."""
     ev = builder.evaluator(family.members[0])
     uniform_sd, members = builder.uniform(family.members, ev, f"{family.name} uniform")
     family.members = members
@@ -670,13 +674,27 @@ def _build_family(ctx: Context, builder: SoupBuilder, family: Family, soups: lis
             soup = builder.finish(result.state_dict, ev)
             accepted, tries = set(result.accepted), {s.name: s.candidate_score for s in result.steps}
             del result
-        name = f"{family.name}-{recipe}"
-        entry = report_soup(name=name, family=family, recipe=recipe, soup=soup, members=members, ev=ev,
-                            builder=builder, uniform=uniform, accepted=accepted, tries=tries)
-        log_soup(ctx, entry, soup, members[0])
-        soup.state_dict = {}  # on disk and in MLflow now; the next recipe needs the memory
-        val_logits[name] = soup.logits["val"]
-        soups.append(entry)
+        yield recipe, soup, uniform, accepted, tries
+
+
+def _build_family(ctx: Context, builder: SoupBuilder, family: Family, soups: list[dict],
+                  val_logits: dict[str, np.ndarray]) -> None:
+    for cooked in cook_family(builder, family):
+        _record_soup(ctx, builder, family, *cooked, soups, val_logits)
+
+
+def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str, soup: Built, uniform: Built,
+                 accepted: set[str], tries: dict[str, float], soups: list[dict],
+                 val_logits: dict[str, np.ndarray]) -> None:
+    """Report one built soup, log it to MLflow and keep its val predictions for the champion decision."""
+    members, ev = family.members, builder.evaluator(family.members[0])
+    name = f"{family.name}-{recipe}"
+    entry = report_soup(name=name, family=family, recipe=recipe, soup=soup, members=members, ev=ev,
+                        builder=builder, uniform=uniform, accepted=accepted, tries=tries)
+    log_soup(ctx, entry, soup, members[0])
+    soup.state_dict = {}  # on disk and in MLflow now; the next recipe needs the memory
+    val_logits[name] = soup.logits["val"]
+    soups.append(entry)
 
 
 def _default_tracking_uri() -> str:
@@ -750,8 +768,14 @@ def run_soups(opts: SoupOptions) -> dict:
     ctx = Context(client, opts, experiment_id, sweep, sweep_run.info.run_id if sweep_run else None, dataset, tmp)
     try:
         builder = SoupBuilder(opts, dataset, pool)
-        for family in _families(opts, records, pool, notes):
-            _build_family(ctx, builder, family, soups, val_logits)
+        if opts.parallel > 1:  # families as Ray tasks; recorded here in the same order as the serial path
+            from soups.parallel import cook_families
+            for family, cooked in cook_families(builder, _families(opts, records, pool, notes), uri, notes):
+                for one in cooked:
+                    _record_soup(ctx, builder, family, *one, soups, val_logits)
+        else:
+            for family in _families(opts, records, pool, notes):
+                _build_family(ctx, builder, family, soups, val_logits)
         pool.close()
         if soups:
             champion = register_best(ctx, soups, val_logits)
@@ -826,6 +850,8 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
                    help="move alias champion when val is better, or only when significantly better (McNemar)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of --champion-rule significant")
     p.add_argument("--resamples", dest="n_resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="build up to N soup families at once as Ray tasks (default 1: one after another)")
 
 
 def cmd_soup(args: argparse.Namespace) -> None:

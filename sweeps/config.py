@@ -42,6 +42,7 @@ class SoupConfig:
     tie_rule: str = "accept"  # accept (the paper's code) | strict (the model-soups reference)
     bn: str = "auto"  # average | recalibrate | auto
     registered_model: str | None = None  # default: "<experiment>-soup"
+    parallel: int = 1  # soup families built at once as Ray tasks at the end of the sweep (1: one after another)
 
 
 @dataclass
@@ -176,6 +177,8 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
                                  ("bn", s.bn, ("average", "recalibrate", "auto"))):
         if value not in allowed:
             raise ConfigError(f"{where}: soups.{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if not isinstance(s.parallel, int) or s.parallel < 1:
+        raise ConfigError(f"{where}: soups.parallel must be a whole number >= 1, not {s.parallel!r}")
     if cfg.gc.keep_top_k < 0 or cfg.gc.keep_last_k < 0:
         raise ConfigError(f"{where}: gc.keep_top_k and gc.keep_last_k must be >= 0")
     import timm  # unknown models fail here, not in a worker

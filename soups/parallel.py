@@ -1,0 +1,97 @@
+"""Soup families built at once as Ray tasks: `ich soup --parallel N`, or `soups.parallel: N` in a sweep config.
+
+Families are independent (each trial's within soups, each compatible group's across soups). A Ray task builds
+one family's soups with the serial path's own code (orchestrate.cook_family) on the same members in the same
+order, so parallel and serial give the same soups, weights bitwise equal (the float64 running sum does not
+depend on where or on how many threads it runs). The driver pulls and verifies the checkpoints as before,
+keeps at most N tasks in flight, and records the results (reports, MLflow runs, champion) in family order.
+A task on a node without the driver's checkpoint cache downloads (and verifies) its members itself.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+
+class _Skips:
+    """Stands in for the driver's CheckpointPool inside a task: collects skips to hand back to it."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[str, str]] = []
+
+    def skip(self, record, reason: str) -> None:
+        self.skipped.append((record.model_id, reason))
+
+
+def _cook(opts, dataset, family, tracking_uri: str, threads: int):
+    """One family, inside a Ray task: (member ids after skips, [(recipe, soup, uniform, accepted, tries)],
+    member logits for soft voting, skips, the worker's pid)."""
+    import torch
+    from mlflow import MlflowClient
+
+    from soups import registry
+    from soups.orchestrate import SoupBuilder, cook_family
+    # The driver's intra-op threads: CPU kernels (and BN recalibration's running statistics) then add in the
+    # same order as on the serial path, so logits, greedy's choices and weights come out the same bits.
+    torch.set_num_threads(threads)
+    tmp = None
+    try:
+        for p in family.members:
+            if not p.folder.is_dir():  # another node: fetch it here (sha256 verified again on load)
+                tmp = tmp or Path(tempfile.mkdtemp(prefix="ich-soup-task-"))
+                p.folder = registry.download_checkpoint(MlflowClient(tracking_uri), p.record, tmp)
+        skips = _Skips()
+        builder = SoupBuilder(opts, dataset, skips)
+        cooked = list(cook_family(builder, family))
+        logits = {p.record.model_id: builder.logits[p.record.model_id] for p in family.members}
+        return [p.record.model_id for p in family.members], cooked, logits, skips.skipped, os.getpid()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cook_families(builder, families: Iterable, tracking_uri: str,
+                  notes: list[str]) -> Iterator[tuple[object, list[tuple]]]:
+    """Yield (family, its built soups) in the order of `families`, building up to builder.opts.parallel at once;
+    a note says how many families ran in how many worker processes."""
+    import ray
+    import torch
+    started = not ray.is_initialized()
+    if started:  # no Ray yet (`ich soup` alone): a local one, or the cluster RAY_ADDRESS names
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0) if builder.opts.device != "cpu" else 0
+        task = ray.remote(num_cpus=1, num_gpus=1 / builder.opts.parallel if gpus else 0, max_retries=1)(_cook)
+        threads = torch.get_num_threads()
+        dataset = ray.put(builder.dataset)  # once in the object store, mapped by every task on a node
+        window: deque = deque()
+        pids: list[int] = []
+
+        def collect():
+            family, ref = window.popleft()
+            ids, cooked, logits, skipped, pid = ray.get(ref)
+            pids.append(pid)
+            by_id = {p.record.model_id: p for p in family.members}
+            for model_id, reason in skipped:
+                builder.pool.skip(by_id[model_id].record, reason)
+            family.members = [by_id[i] for i in ids]  # the driver's own records, in the task's order
+            for model_id, per_split in logits.items():
+                if model_id not in builder.logits:
+                    builder.logits[model_id] = per_split
+            return family, cooked
+
+        for family in families:
+            window.append((family, task.remote(builder.opts, dataset, family, tracking_uri, threads)))
+            if len(window) >= builder.opts.parallel:
+                yield collect()
+        while window:
+            yield collect()
+        notes.append(f"{len(pids)} soup families built as Ray tasks, up to {builder.opts.parallel} at once, "
+                     f"in {len(set(pids))} worker process(es)")
+    finally:
+        if started:
+            ray.shutdown()
