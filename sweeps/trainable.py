@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -223,12 +224,16 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
                 report_pending(True)  # so the retry resumes from this epoch's checkpoint
                 _maybe_fail(ctx, trial_id, "epoch_start", result.epoch + 1)
         report_pending(True)
-        row = Metric(METRIC_RETRIES, float(retries()), int(time.time() * 1000), start)
-        registry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
         registry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
     finally:
         if pending is not None:  # a failing trial still lets its last upload finish (it may be reported on retry)
             pending[0].wait()
+        # Also (above all) when this start failed: an outage that outlasted the retries shows here.
+        row = Metric(METRIC_RETRIES, float(retries()), int(time.time() * 1000), start)
+        try:
+            registry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
+        except registry.RegistryError as e:  # never hide why the trial failed
+            print(f"trial {trial_id}: {e}", file=sys.stderr, flush=True)
 
 
 _UPLOADER: UploadProcess | None = None
