@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "soup_bench": ("bench.soup_bench", dict(), dict(quick=True)),
     "soup_scale": ("bench.soup_scale", dict(), dict(quick=True)),
     "ingest_bench": ("bench.ingest_bench", dict(), dict(quick=True)),
+    "soup_sweep": ("bench.soup_sweep", dict(), dict(quick=True)),  # issue 14: trajectory-soup cost, parallel soups
 }
 TIMEOUT_S = {"full": 900, "quick": 480}
 

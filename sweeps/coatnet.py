@@ -184,7 +184,9 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
                                         scheduler=scheduler, num_samples=cfg.num_samples, reuse_actors=True),
             run_config=tune.RunConfig(name=Path(tune_path).name, storage_path=str(Path(tune_path).parent) if "://" not in tune_path else tune_path.rsplit("/", 1)[0],
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
+                                      callbacks=soup_callbacks(cfg, tracking_uri, experiment_id, sweep,
+                                                               parent_run_id)))
     results = tuner.fit()
 
     summary = finish_trials(client, experiment_id, sweep, results, cfg)
@@ -200,6 +202,15 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
             build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data)
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path}
+
+
+def soup_callbacks(cfg, tracking_uri: str, experiment_id: str, sweep: str, parent_run_id: str) -> list:
+    """`soup_so_far: true`: the across-run greedy soup grows on the driver as trials end (sweeps/soup_callback.py)."""
+    if not cfg.soup_so_far:
+        return []
+    from sweeps.soup_callback import SoupSoFar
+    return [SoupSoFar(tracking_uri=tracking_uri, experiment_id=experiment_id, sweep=sweep, parent_run_id=parent_run_id,
+                      data=cfg.data, metric=cfg.soups.metric, tie_rule=cfg.soups.tie_rule, device="auto")]
 
 
 def find_resume_run(client, experiment_id: str, sweep: str, experiment: str, storage: str):

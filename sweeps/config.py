@@ -62,6 +62,7 @@ class SweepConfig:
     # single: a trial is judged by its checkpoint's metric; trajectory_soup: by the uniform soup of its
     # checkpoints so far, reported as val_soup_<metric> (sweeps/soup_objective.py)
     objective: str = "single"
+    soup_so_far: bool = False  # extend the across-run greedy soup as trials end (sweeps/soup_callback.py)
     num_samples: int = 8
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
@@ -156,6 +157,8 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
         raise ConfigError(str(e)) from None
     if cfg.mode not in ("min", "max"):
         raise ConfigError(f"{where}: mode must be min or max, not {cfg.mode!r}")
+    if not isinstance(cfg.soup_so_far, bool):
+        raise ConfigError(f"{where}: soup_so_far must be true or false, not {cfg.soup_so_far!r}")
     if cfg.objective not in ("single", "trajectory_soup"):
         raise ConfigError(f"{where}: objective must be single or trajectory_soup, not {cfg.objective!r}")
     if not cfg.metric.startswith("val_"):

@@ -73,7 +73,7 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
                                                                 tmp_path):
     from sweeps.coatnet import run_sweep
     config = write_sweep_config(ich_home, "soup-objective", **{
-        "mode: max\n": "mode: max\nobjective: trajectory_soup\n", "num_samples: 4": "num_samples: 2",
+        "mode: max\n": "mode: max\nobjective: trajectory_soup\nsoup_so_far: true\n", "num_samples: 4": "num_samples: 2",
         "epochs: 3": "epochs: 2", "warm_start: {epochs: 4": "warm_start: {epochs: 2"})
     summary = run_sweep(sweep_args(config, digits_dataset), ich_home)
     rows = summary["trials"]
@@ -86,6 +86,15 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
 
     exp = mlflow_client.get_experiment_by_name("soup-objective").experiment_id
     records = registry.search_checkpoints(mlflow_client, [exp], sweep="soup-objective")
+
+    # The soup so far (item 1): one step per trial done, never worse, the first is one trial's best checkpoint.
+    so_far = sorted(mlflow_client.get_metric_history(summary["parent_run_id"], "soup_so_far_val_macro_f1"),
+                    key=lambda m: m.step)
+    sizes = sorted(mlflow_client.get_metric_history(summary["parent_run_id"], "soup_so_far_size"), key=lambda m: m.step)
+    assert [m.step for m in so_far] == [1, 2] and [m.step for m in sizes] == [1, 2]
+    assert sizes[0].value == 1 and sizes[1].value in (1, 2) and so_far[1].value >= so_far[0].value - 1e-7
+    bests = [max(r.metrics["val_macro_f1"] for r in records if r.trial == row["trial"]) for row in rows]
+    assert any(math.isclose(so_far[0].value, b, abs_tol=1e-9) for b in bests), (so_far[0].value, bests)
     for row in rows:
         mine = sorted((r for r in records if r.trial == row["trial"]), key=lambda r: r.epoch)
         history = sorted(mlflow_client.get_metric_history(row["run_id"], "val_soup_macro_f1"), key=lambda m: m.step)
