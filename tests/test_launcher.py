@@ -44,6 +44,8 @@ def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
 
     # 1. `ray submit cluster.yaml sweeps/coatnet.py -- ...`: the driver runs on the head over SSH.
     config = write_sweep_config(cluster.shared, "launcher")
+    # One soup family (uniform across the trials' best checkpoints) keeps the soups step short on 2 CPUs.
+    config.write_text(config.read_text() + "soups:\n  scope: across\n  recipe: uniform\n  bn: average\n")
     submit = launched.ray("submit", str(launched.yaml), "sweeps/coatnet.py", "--", "--demo", "--config", str(config),
                           "--num-samples", "2", "--experiment", "launcher", timeout=1500, check=False)
     _save("launcher-ray-submit.log", submit.stdout + submit.stderr)
