@@ -84,12 +84,19 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
                     builder.logits[model_id] = per_split
             return family, cooked
 
-        for family in families:
-            window.append((family, task.remote(builder.opts, dataset, family, tracking_uri, threads)))
-            if len(window) >= builder.opts.parallel:
-                yield collect()
+        pending = iter(families)
+
+        def submit() -> None:
+            family = next(pending, None)
+            if family is not None:
+                window.append((family, task.remote(builder.opts, dataset, family, tracking_uri, threads)))
+
+        for _ in range(builder.opts.parallel):
+            submit()
         while window:
-            yield collect()
+            done = collect()
+            submit()  # before the caller records `done`: N families keep building meanwhile
+            yield done
         notes.append(f"{len(pids)} soup families built as Ray tasks, up to {builder.opts.parallel} at once, "
                      f"in {len(set(pids))} worker process(es)")
     finally:
