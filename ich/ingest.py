@@ -30,6 +30,7 @@ the same options give the same fingerprint, wherever they are written.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
@@ -219,20 +220,32 @@ def _decode_file(abspath: str, size: int, max_bytes: int = MAX_FILE_BYTES,
         return Decoded(digest, "corrupt", None)
 
 
-def _decoder_main(conn, parent_ends) -> None:
-    """A decoder process: decode the (abspath, size, max_bytes, max_aspect) tasks sent on `conn`, one at a
-    time, until None or the parent goes away."""
+def _decoder_main(conn, parent_ends, scratch_path: str, nbytes: int) -> None:
+    """A decoder process: decode the (index, (abspath, size, max_bytes, max_aspect)) tasks sent on `conn` in the
+    order sent, until None or the parent goes away. Pixels go straight into the scratch file at index * nbytes
+    (pwrite: no copy through the pipe); only (index, Decoded without pixels) comes back."""
     for end in parent_ends:  # inherited copies of the parent's ends: without closing them, a decoder would
         end.close()          # never see EOF (and exit) if the ingest process were killed
     _init_worker()
-    while True:
-        try:
-            task = conn.recv()
-            if task is None:
+    fd = os.open(scratch_path, os.O_WRONLY)
+    try:
+        while True:
+            try:
+                task = conn.recv()
+                if task is None:
+                    return
+                i, args = task
+                d = _decode_file(*args)
+                if d.pixels is not None:
+                    view = memoryview(d.pixels)
+                    done = 0
+                    while done < len(view):  # pwrite may write less than asked
+                        done += os.pwrite(fd, view[done:], i * nbytes + done)
+                conn.send((i, Decoded(d.sha256, d.reason, None)))
+            except (EOFError, OSError):
                 return
-            conn.send(_decode_file(*task))
-        except (EOFError, OSError):
-            return
+    finally:
+        os.close(fd)
 
 
 def _how_it_ended(proc) -> str:
@@ -246,59 +259,77 @@ def _how_it_ended(proc) -> str:
     return f"exit code {code}"
 
 
-def _decode_all(tasks: list[tuple], workers: int, timeout: float, name_of):
-    """Yield (index, Decoded) for every task, decoded in `workers` processes, in completion order.
+QUEUE_DEPTH = 4  # tasks queued per decoder: it never waits for the parent between files
 
-    Each process holds one task at a time, so when one dies (a codec segfault, the OOM killer) or takes
-    longer than `timeout` seconds, the file it was decoding is known: IngestError names it
-    (`name_of(index)`), and every decoder is stopped. A plain Pool would wait forever for that result."""
+
+def _decode_all(tasks: list[tuple], workers: int, timeout: float, name_of, scratch_path, nbytes: int):
+    """Yield (index, Decoded) for every task, decoded in `workers` processes, in completion order. The pixels of
+    task i (Decoded.reason None) are in the scratch file (which must exist) at i * nbytes; Decoded.pixels is None.
+
+    Each decoder has up to QUEUE_DEPTH tasks queued and works through them in the order sent, so when one dies
+    (a codec segfault, the OOM killer) or spends over `timeout` seconds on one file, the file it was decoding is
+    the oldest of its unanswered tasks: IngestError names it (`name_of(index)`), and every decoder is stopped.
+    A plain Pool would wait forever for that result."""
     ctx = multiprocessing.get_context()
     procs, conns = [], []
-    busy: dict[int, tuple[int, float]] = {}  # decoder -> (task index, start time)
+    queued: list[collections.deque] = []  # per decoder: task indices sent and not answered, oldest first
+    head_since: list[float] = []  # per decoder: when its oldest unanswered task became the one it works on
     try:
         for _ in range(min(workers, len(tasks))):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_decoder_main, args=(child_end, [*conns, parent_end]), daemon=True)
+            proc = ctx.Process(target=_decoder_main, args=(child_end, [*conns, parent_end], str(scratch_path), nbytes),
+                               daemon=True)
             proc.start()
             child_end.close()
             procs.append(proc)
             conns.append(parent_end)
+            queued.append(collections.deque())
+            head_since.append(time.monotonic())
         todo = iter(range(len(tasks)))
 
         def feed(w: int) -> None:
-            i = next(todo, None)
-            if i is not None:
-                conns[w].send(tasks[i])
-                busy[w] = (i, time.monotonic())
+            while len(queued[w]) < QUEUE_DEPTH:
+                i = next(todo, None)
+                if i is None:
+                    return
+                if not queued[w]:
+                    head_since[w] = time.monotonic()
+                conns[w].send((i, tasks[i]))
+                queued[w].append(i)
 
         for w in range(len(procs)):
             feed(w)
-        while busy:
+        while any(queued):
+            busy = [w for w in range(len(procs)) if queued[w]]
             waiting = [conns[w] for w in busy] + [procs[w].sentinel for w in busy]
-            deadline = min(start for _, start in busy.values()) + timeout
+            deadline = min(head_since[w] for w in busy) + timeout
             ready = set(mp_connection.wait(waiting, timeout=max(0.0, deadline - time.monotonic())))
-            for w in list(busy):
-                i, start = busy[w]
-                if conns[w] in ready or (procs[w].sentinel in ready and conns[w].poll()):
-                    try:
-                        result = conns[w].recv()
-                    except (EOFError, OSError):
-                        result = None
-                    if isinstance(result, Decoded):
-                        del busy[w]
+            for w in busy:
+                dead = procs[w].sentinel in ready
+                try:
+                    while queued[w] and conns[w].poll():  # every answer already there, also from one that died since
+                        i, result = conns[w].recv()
+                        if i != queued[w][0] or not isinstance(result, Decoded):
+                            raise EOFError  # cannot happen with a sane decoder; treat it as a dead one
+                        queued[w].popleft()
+                        head_since[w] = time.monotonic()
                         yield i, result
                         feed(w)
-                        continue
-                if procs[w].sentinel in ready or conns[w] in ready:  # ended, or closed its end, without a result
+                except (EOFError, OSError):
+                    dead = True  # closed its end without an answer
+                if not queued[w]:
+                    continue
+                i = queued[w][0]
+                if dead or not procs[w].is_alive():
                     procs[w].join(5)
                     raise IngestError(f"{name_of(i)}: the image decoder process died while decoding this file "
                                       f"({_how_it_ended(procs[w])}); nothing was written")
-                if time.monotonic() - start > timeout:
+                if time.monotonic() - head_since[w] > timeout:
                     raise IngestError(f"{name_of(i)}: decoding this file took over {timeout:g} s (decode_timeout); "
                                       f"decoder stopped, nothing was written")
     finally:
         for w, (proc, conn) in enumerate(zip(procs, conns)):
-            if w in busy:
+            if queued[w]:
                 proc.kill()  # failing (or abandoned): a decoder still on a file, maybe hung, goes now
                 continue
             try:
@@ -584,22 +615,24 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
     try:
         (tmp / "data").mkdir()
         # Decode everything once; pixels go to a scratch file so memory stays flat in the dataset size.
+        # The decoders write file i's pixels at i * nbytes (skipped files leave a hole).
         scratch_path = tmp / "pixels.scratch"
+        scratch_path.touch()
+        nbytes = size * size * 3
         offsets: dict[int, int] = {}
         shas: list[str | None] = [None] * len(cands)
         # Always in separate processes (also with workers=1): a decoder that crashes must not take the
         # ingest down with it, only fail it with the file's name.
         tasks = [(c.abspath, size, max_file_bytes, max_aspect) for c in cands]
-        results = _decode_all(tasks, workers, decode_timeout, lambda i: src / cands[i].rel)
-        with contextlib.closing(results), open(scratch_path, "wb") as scratch, \
+        results = _decode_all(tasks, workers, decode_timeout, lambda i: src / cands[i].rel, scratch_path, nbytes)
+        with contextlib.closing(results), \
                 tqdm(total=len(tasks), desc="decode", unit="img", file=sys.stderr, disable=not progress) as bar:
             for i, r in results:
                 shas[i] = r.sha256
                 if r.reason:
                     skipped.append({"path": cands[i].rel, "reason": r.reason})
                 else:
-                    offsets[i] = scratch.tell()
-                    scratch.write(r.pixels)
+                    offsets[i] = i * nbytes
                 bar.update(1)
 
         decoded = sorted(offsets)
