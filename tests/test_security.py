@@ -345,14 +345,16 @@ def _fenced_blocks(markdown: str) -> list[str]:
 
 
 def test_mlflow_basic_auth_admin_and_permissions_come_from_secrets():
-    """What test_cluster_config does not check: the auth config the head writes gives READ by default,
-    holds no admin password, and the admin password comes from secrets.env (MLflow ships no default)."""
+    """What test_cluster_config does not check: the auth config the head writes gives authenticated users at
+    most EDIT by default (the workers' non-admin user must create runs and models in the experiments the
+    driver creates; MANAGE, which grants deletes and permission changes, stays with the admin), holds no
+    admin password, and the admin password comes from secrets.env (MLflow ships no default)."""
     config = _cluster_yaml()
     server = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
     ini = re.search(r"printf '(\[mlflow\][^']*)'", server)
     assert ini, "the head does not write its basic-auth config"
     ini_text = ini.group(1).replace("\\n", "\n")
-    assert re.search(r"^default_permission = (READ|NO_PERMISSIONS)$", ini_text, re.M), ini_text
+    assert re.search(r"^default_permission = (READ|EDIT|NO_PERMISSIONS)$", ini_text, re.M), ini_text
     assert "admin_password" not in ini_text
     assert re.search(r"\(\s*umask 077;\s*printf '\[mlflow\]", server), "basic_auth.ini must be written mode 600"
     admin = re.search(r"MLFLOW_AUTH_ADMIN_PASSWORD=\"?\$\{?(\w+)", server)
