@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.served import expected_probabilities, wait_served
 import requests
 import yaml
 
@@ -307,25 +309,7 @@ def test_legit_model_predicts(legit, image_file, mlflow_server):
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["class"] in CLASSES and abs(sum(row["probabilities"]) - 1) < 1e-6
-    assert row["probabilities"] == pytest.approx(_expected_probabilities(legit["ckpt"], image_file), abs=1e-6)
-
-
-def _expected_probabilities(ckpt: Path, image: Path) -> list[float]:
-    """The trainer's eval logits for the image (ich.preprocess's one path), softmaxed."""
-    import torch
-
-    from ich.checkpoint import load_checkpoint
-    from ich.models import create_model
-    from ich.preprocess import Preprocess, decode_image, transform
-    state_dict, meta = load_checkpoint(ckpt)
-    pre = Preprocess.from_meta(meta)
-    model = create_model(meta.architecture, meta.num_classes, meta.img_size)
-    model.load_state_dict(state_dict)
-    model.eval()
-    stored = decode_image(image.read_bytes(), pre.decode_size, str(image))
-    with torch.no_grad():
-        logits = model(transform(torch.from_numpy(stored[None].copy()), pre))
-    return torch.softmax(logits.double(), dim=1)[0].tolist()
+    assert row["probabilities"] == pytest.approx(expected_probabilities(legit["ckpt"], image_file), abs=1e-6)
 
 
 def test_ich_serve_answers_on_loopback_and_refuses_bad_inputs(legit, image_file, mlflow_server, tmp_path):
@@ -341,21 +325,13 @@ def test_ich_serve_answers_on_loopback_and_refuses_bad_inputs(legit, image_file,
                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        wait_served(url, server, tmp_path / "serve.log")
         encoded = base64.b64encode(image_file.read_bytes()).decode()
         answer = requests.post(f"{url}/invocations", timeout=120,
                                json={"dataframe_split": {"columns": ["image"], "data": [[encoded]]}})
         assert answer.status_code == 200, answer.text
         served = answer.json()["predictions"][0]
-        assert served["probabilities"] == pytest.approx(_expected_probabilities(legit["ckpt"], image_file), abs=1e-6)
+        assert served["probabilities"] == pytest.approx(expected_probabilities(legit["ckpt"], image_file), abs=1e-6)
         by_path = requests.post(f"{url}/invocations", timeout=60,
                                 json={"dataframe_split": {"columns": ["path"], "data": [["ok.png"]]}})
         assert by_path.status_code == 200 and by_path.json()["predictions"][0]["class"] == served["class"]
@@ -473,7 +449,6 @@ def test_bounded_inputs_each_refused_fast_and_small(classifier, tmp_path):
     assert len(classifier.predict(None, pd.DataFrame({"path": ["ok.png"]}))) == 1  # what is allowed still works
     (ROOT / "test-artifacts").mkdir(exist_ok=True)
     (ROOT / "test-artifacts" / "bounded-inputs.json").write_text(json.dumps(figures, indent=1, ensure_ascii=False))
-
 
 
 def test_local_model_folder_with_a_symlink_or_fifo_is_refused_without_opening_it(legit, tmp_path):

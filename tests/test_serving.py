@@ -8,11 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.served import expected_probabilities, wait_served
 import requests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,24 +40,6 @@ def _digit_pngs(tiny_sweep, n=4) -> list[Path]:
     return [sorted((images / d).glob("*.png"))[0] for d in ("0", "3", "7", "9")][:n]
 
 
-def _expected_probabilities(ckpt: Path, image: Path) -> np.ndarray:
-    """Helper B's train/serve parity recipe: the trainer's eval logits of the stored image, softmaxed."""
-    import torch
-
-    from ich.checkpoint import load_checkpoint
-    from ich.models import create_model
-    from ich.preprocess import Preprocess, decode_image, transform
-    state_dict, meta = load_checkpoint(ckpt)
-    pre = Preprocess.from_meta(meta)
-    model = create_model(meta.architecture, meta.num_classes, meta.img_size)
-    model.load_state_dict(state_dict)
-    model.eval()
-    stored = decode_image(image.read_bytes(), pre.decode_size, str(image))
-    with torch.no_grad():
-        logits = model(transform(torch.from_numpy(stored[None].copy()), pre))
-    return torch.softmax(logits.double(), dim=1)[0].numpy()
-
-
 def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path):
     from soups.pyfunc import fetch_verified
     from sweeps.mlflow_server import free_port
@@ -67,15 +50,7 @@ def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path)
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while time.time() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        wait_served(url, server, tmp_path / "serve.log")
         pngs = _digit_pngs(tiny_sweep)
         payload = {"dataframe_split": {"columns": ["image"],
                                        "data": [[base64.b64encode(p.read_bytes()).decode()] for p in pngs]}}
@@ -93,7 +68,7 @@ def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path)
         # Train/serve parity: served probabilities = softmax of the trainer's eval logits for the same image.
         _, _, ckpt = fetch_verified(MODEL, tmp_path)
         for p, png in zip(predictions, pngs):
-            assert np.allclose(p["probabilities"], _expected_probabilities(ckpt, png), atol=1e-6), png
+            assert np.allclose(p["probabilities"], expected_probabilities(ckpt, png), atol=1e-6), png
         # A bad request is an error answer, not a crash of the server; the path column is off by default.
         bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"], "data": [["!!"]]}},
                             timeout=60)
