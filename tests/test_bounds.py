@@ -56,7 +56,9 @@ try:
 except IngestError as e:
     result = {"ok": False, "error": str(e)}
 wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-peak_self = max(rss_kb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a probe started from a large pytest process
+# would report the parent's size (measured: +1.2 GB after the bench smoke tests).
+peak_self = rss_kb("VmHWM")
 peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 result.update(wall_s=wall, cpu_s=cpu, extra_mb=(max(peak_self, peak_children) - before) / 1024, before_mb=before / 1024)
 
