@@ -149,8 +149,18 @@ chmod 1777 "$NODE_ROOT/tmp"
 chmod 700 "$NODE_ROOT/home"
 # The venv's Python lives under the real home: keep it visible inside the private home.
 if [ -d /root/.pyenv ]; then mount --bind /root/.pyenv "$NODE_ROOT/home/.pyenv"; fi
+# So do the checkout and its venv when they live under /tmp or /root (a CI clone may): same path inside.
+IFS=: read -r -a keep <<< "${KEEP_PATHS:-}"
+for path in "${keep[@]}"; do
+  case "$path" in
+    /tmp/*) target="$NODE_ROOT/tmp/${path#/tmp/}" ;;
+    /root/*) target="$NODE_ROOT/home/${path#/root/}" ;;
+    *) continue ;;
+  esac
+  mkdir -p "$target" && mount --bind "$path" "$target"
+done
 mount --rbind "$NODE_ROOT/home" /root
-mount --bind "$NODE_ROOT/tmp" /tmp
+mount --rbind "$NODE_ROOT/tmp" /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/sshd
 ip link set lo up
@@ -222,6 +232,14 @@ def _build(c: NsCluster) -> None:
         _wait_ssh(c, n)
 
 
+def _kept_paths() -> list[str]:
+    """What a node must see at the same path although its /tmp and /root are private: the checkout, the venv
+    and the Python it was built with (a CI clone may sit under /tmp or /root)."""
+    paths = {ROOT.resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    return sorted(str(p) for p in paths if str(p).startswith(("/tmp/", "/root/")) and not str(p).startswith(
+        "/root/.pyenv"))
+
+
 def _start_node(c: NsCluster, n: Node) -> None:
     n.root.mkdir(parents=True, exist_ok=True)
     (n.root / "home").mkdir(exist_ok=True)
@@ -234,7 +252,7 @@ def _start_node(c: NsCluster, n: Node) -> None:
                                          authorized=c.base / "authorized_keys"))
     log = open(n.root / "node.log", "ab")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "NODE_ROOT": str(n.root),
-           "SSHD_CONFIG": str(config)}
+           "SSHD_CONFIG": str(config), "KEEP_PATHS": ":".join(_kept_paths())}
     p = subprocess.Popen(["ip", "netns", "exec", n.netns, "unshare", "--pid", "--fork", "--kill-child",
                           "--mount-proc", "bash", "-c", NODE_INIT], env=env, stdout=log, stderr=log,
                          stdin=subprocess.DEVNULL, start_new_session=True)
