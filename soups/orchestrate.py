@@ -581,6 +581,9 @@ def register_best(ctx: Context, soups: list[dict], val_logits: dict[str, np.ndar
     current = _current_champion(client, name)
     decision = decide_champion(ctx, best, val_logits[best["name"]], current)
 
+    # The fluent API logs the pyfunc; point it at this experiment (an experiment set earlier in the process
+    # makes start_run refuse a run of another one).
+    mlflow.set_experiment(experiment_id=ctx.experiment_id)
     with mlflow.start_run(run_id=best["run_id"]):
         info = log_pyfunc(best["_ckpt"], name="pyfunc", example_pixels=ctx.dataset.splits["val"].images[0],
                           tags={registry.TAG_KIND: "soup-pyfunc", registry.TAG_SWEEP: ctx.sweep,

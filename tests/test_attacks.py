@@ -191,9 +191,9 @@ def legit(mlflow_server, tmp_path_factory):
     from soups.pyfunc import log_pyfunc
     client = MlflowClient(mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    experiment = mlflow.set_experiment("attacks")
+    experiment = client.get_experiment(client.create_experiment("attacks"))
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("attack-soup") / "soup")
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
         info = log_pyfunc(ckpt, name="pyfunc", example_pixels=np.zeros((36, 36, 3), np.uint8),
                           tags={"ich.kind": "soup-pyfunc"})
     client.create_registered_model(MODEL)
