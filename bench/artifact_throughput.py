@@ -51,7 +51,7 @@ def _uploader(uri: str, folder: str, index: int, count: int, size: int, start, r
 def measure(processes: int = 4, checkpoints: int = 16, mb: int = 100, keep: str | None = None) -> dict:
     from mlflow import MlflowClient
 
-    from sweeps.mlflow_server import start_server
+    from soups.tracking_server import start_server
     size = mb * 1024 * 1024
     per = [checkpoints // processes + (i < checkpoints % processes) for i in range(processes)]
     with scratch_dir(keep, "ich-artifact-bench-") as folder:

@@ -15,7 +15,7 @@ a section that would not fit in what is left of --budget-s is skipped with a not
   torch.utils.flop_counter.FlopCounterMode, per image, times the bare images/s, over the GPU's dense bf16 peak
   (H100 SXM / H200: 989 TFLOP/s; picked from torch.cuda.get_device_name).
 - sweep: Ray Tune runs two trials of sweeps.trainable.train_trial at 0.5 GPU each, concurrently, logging every
-  epoch's checkpoint to a local MLflow server (sweeps.mlflow_server.start_server); the figure is the two
+  epoch's checkpoint to a local MLflow server (soups.tracking_server.start_server); the figure is the two
   trials' summed train-loop images/s (per-trial median of epochs >= 2) over the bare images/s, same flags. Needs
   ray and mlflow in the Python that runs this (the CUDA image's python3 has neither: carry them as wheels).
 - soup: 16 checkpoints of coatnet_0 size (107 MB each) written to a temp folder; uniform soup (CPU, float64,
@@ -231,7 +231,7 @@ class Bench:
         from ich.models import create_model, random_init_fingerprint
         from ich.checkpoint import state_dict_to_cpu
         from soups import registry
-        from sweeps.mlflow_server import start_server
+        from soups.tracking_server import start_server
         from sweeps.trainable import Init, SweepContext, train_trial
         import torch
 

@@ -127,7 +127,7 @@ def measure(*, quick: bool = False) -> dict:
     import ray
     from bench.bare_loop import digits_dataset, standard_config
     from ich.data import load_dataset
-    from sweeps.mlflow_server import start_server
+    from soups.tracking_server import start_server
     p = QUICK if quick else FULL
     with digits_dataset() as ds, tempfile.TemporaryDirectory(prefix="ich-bench-soupsweep-") as tmp:
         data = load_dataset(ds)

@@ -87,7 +87,7 @@ def measure(epochs: int = 8) -> dict:
     import ray
     from bench.bare_loop import digits_dataset, standard_config
     from ich.data import load_dataset
-    from sweeps.mlflow_server import start_server
+    from soups.tracking_server import start_server
     with digits_dataset() as ds, tempfile.TemporaryDirectory(prefix="ich-bench-sweep-") as tmp:
         data = load_dataset(ds)
         cfg = standard_config(epochs=epochs)

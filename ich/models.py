@@ -2,7 +2,7 @@
 
 `create_model(name, num_classes, img_size)` builds an architecture (random init, or a timm hub tag only
 when the user asks with `hub:`); `load_init_weights(model, source)` puts initial weights in from a local
-safetensors file / checkpoint folder or an MLflow model URI. Tiny variants are registered with timm so they
+safetensors file or checkpoint folder (sweeps.init_weights downloads MLflow model URIs first). Tiny variants are registered with timm so they
 are created like any other timm model.
 """
 from __future__ import annotations
@@ -146,17 +146,15 @@ def _classifier_keys(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)}
 
 
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "m-")
+
+
 def resolve_init_weights(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Local path (a .safetensors file or a checkpoint folder) or MLflow model URI -> a local safetensors file."""
-    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "m-")):
-        import mlflow.artifacts  # only the MLflow URI path needs MLflow
-        uri = f"models:/{source}" if source.startswith("m-") else source
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=cache_dir))
-        except Exception as e:  # MLflow raises several types; all mean the same to the user
-            raise ModelError(f"init weights {source}: cannot download from MLflow ({str(e).splitlines()[0]})") from None
-    else:
-        local = Path(source).expanduser()
+    """Local path (a .safetensors file or a checkpoint folder) -> a local safetensors file. MLflow model URIs are
+    downloaded first by sweeps.init_weights.resolve_init_source (ich/ knows no MLflow)."""
+    if source.startswith(MLFLOW_URI_PREFIXES):
+        raise ModelError(f"init weights {source}: an MLflow URI; resolve it with sweeps.init_weights first")
+    local = Path(source).expanduser()
     if local.is_dir():
         if (local / "checkpoint.json").is_file():  # a checkpoint folder: its metadata must hold up too
             try:

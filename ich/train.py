@@ -1,6 +1,6 @@
 """One trial's training and evaluation loop. Knows nothing of Ray or MLflow.
 
-    trainer = Trainer(TrainConfig(...), dataset, init_weights="path/or/models:/uri")
+    trainer = Trainer(TrainConfig(...), dataset, init_weights="path/to/weights.safetensors")
     for result in trainer.fit():          # one EpochResult per epoch
         result.metrics                    # train_loss, lr, val_accuracy, val_macro_f1, ...
         result.weights()                  # CPU state dict of this epoch's model
@@ -138,7 +138,7 @@ class Trainer:
                           "fp16": torch.float16, "off": None}[cfg.amp]
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_cuda)
         if init_state is None and init_weights and init_preprocess is None:
-            init_weights = str(resolve_init_weights(init_weights))  # an MLflow URI downloads once, here
+            init_weights = str(resolve_init_weights(init_weights))  # a local file or checkpoint folder
             init_preprocess = _init_preprocess(init_weights)
         # One preprocessing for eval, checkpoints and serving; train augmentation normalizes alike.
         self.preprocess: Preprocess = resolve(cfg.img_size, data.image_size, cfg.eval_crop_pct, init_preprocess)

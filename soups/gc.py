@@ -132,7 +132,9 @@ class GcOptions:
     apply: bool = False
     keep_top_k: int | None = None  # None: the sweep config's gc.keep_top_k (default 2)
     keep_last_k: int | None = None  # None: the sweep config's gc.keep_last_k (default 1)
-    config: str | None = None  # sweep config: gc keys, metric and mode
+    # The sweep config's {keep_top_k, keep_last_k, metric, mode}, read by the `ich` CLI (soups/ does not read
+    # sweep configs: they belong to sweeps/).
+    from_config: dict | None = None
     metric: str | None = None  # None: the config's, else the latest sweep run's `metric` param, else val_macro_f1
     tracking_uri: str | None = None
     json_path: str | None = None
@@ -142,11 +144,9 @@ class GcOptions:
 def _policy(opts: GcOptions, client, experiment_id: str) -> GcPolicy:
     policy = GcPolicy()
     metric = mode = None
-    if opts.config:
-        from sweeps.config import load_config
-        cfg = load_config(opts.config)
-        policy.keep_top_k, policy.keep_last_k = cfg.gc.keep_top_k, cfg.gc.keep_last_k
-        metric, mode = cfg.metric, cfg.mode
+    if opts.from_config:
+        policy.keep_top_k, policy.keep_last_k = opts.from_config["keep_top_k"], opts.from_config["keep_last_k"]
+        metric, mode = opts.from_config["metric"], opts.from_config["mode"]
     if metric is None:
         run = registry.latest_run_by_tags(client, experiment_id, {registry.TAG_KIND: "sweep"})
         metric = run.data.params.get("metric") if run is not None else None
@@ -260,7 +260,7 @@ def run_gc(opts: GcOptions) -> dict:
     if not opts.experiment:
         raise GcError("gc: empty experiment name")
     if opts.tracking_uri is None:
-        from sweeps.mlflow_server import ensure_tracking_uri
+        from soups.tracking_server import ensure_tracking_uri
         opts.tracking_uri = ensure_tracking_uri()
     client = MlflowClient(opts.tracking_uri)
     experiment = registry.call_with_retry(f"get experiment {opts.experiment!r}", client.get_experiment_by_name,
@@ -366,10 +366,10 @@ def add_gc_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_gc(args: argparse.Namespace) -> None:
     """`ich gc`: bad input exits 2 with one line."""
-    from sweeps.mlflow_server import MlflowServerError
+    from soups.tracking_server import MlflowServerError
     try:
         run_gc(GcOptions(experiment=args.experiment, apply=args.apply, keep_top_k=args.keep_top_k,
-                         keep_last_k=args.keep_last_k, config=args.config, metric=args.metric,
+                         keep_last_k=args.keep_last_k, from_config=getattr(args, "from_config", None), metric=args.metric,
                          json_path=args.json_path, verbose=args.verbose))
     except (GcError, registry.RegistryError, MlflowServerError) as e:
         print(f"ich gc: error: {e}", file=sys.stderr)

@@ -701,7 +701,7 @@ def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str
 
 
 def _default_tracking_uri() -> str:
-    from sweeps.mlflow_server import ensure_tracking_uri
+    from soups.tracking_server import ensure_tracking_uri
     return ensure_tracking_uri()
 
 
@@ -835,7 +835,7 @@ def print_table(summary: dict) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def add_soup_args(p: argparse.ArgumentParser) -> None:
-    """Options of `ich soup`. Wire into ich/cli.py with:
+    """Options of `ich soup`. Wired into sweeps/cli.py with:
     s = sub.add_parser("soup", help=...); add_soup_args(s); s.set_defaults(func=cmd_soup)"""
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--sweep", help="sweep name (default: that of the experiment's latest sweep run)")
@@ -858,8 +858,8 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
-    """`ich soup`: bad input exits 2 with one line (ich.cli's USER_ERRORS lack the soup and registry errors)."""
-    from sweeps.mlflow_server import MlflowServerError
+    """`ich soup`: bad input exits 2 with one line (sweeps.cli's USER_ERRORS lack the soup and registry errors)."""
+    from soups.tracking_server import MlflowServerError
     names = {f.name for f in dataclasses.fields(SoupOptions)}
     try:
         run_soups(SoupOptions(**{k: v for k, v in vars(args).items() if k in names}))

@@ -163,7 +163,7 @@ class Predictions:
 def _open(experiment: str, tracking_uri: str | None):
     from mlflow import MlflowClient
     if tracking_uri is None:
-        from sweeps.mlflow_server import ensure_tracking_uri
+        from soups.tracking_server import ensure_tracking_uri
         tracking_uri = ensure_tracking_uri()
     client = MlflowClient(tracking_uri)
     found = registry.call_with_retry(f"get experiment {experiment!r}", client.get_experiment_by_name, experiment)
@@ -643,7 +643,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
     as the artifacts of a report run; returns the summary (also written as report.json)."""
     from mlflow.entities import Metric
 
-    from ich.cli import ich_home
+    from ich.home import ich_home
 
     if split_for_table not in SPLITS:
         raise ReportError(f"report option split_for_table={split_for_table!r}: must be one of {', '.join(SPLITS)}")
@@ -786,9 +786,9 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """`ich report`: bad input exits 2 with one line."""
-    from ich.cli import ich_home
+    from ich.home import ich_home
     from ich.errors import USER_ERRORS
-    from sweeps.mlflow_server import MlflowServerError
+    from soups.tracking_server import MlflowServerError
     out = args.out or str(ich_home() / "reports" / args.experiment)
     try:
         summary = build_report(args.experiment, out, data=args.data, split_for_table=args.split_for_table,

@@ -47,10 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ich.cli import ich_home
+    from ich.home import ich_home
     from ich.errors import USER_ERRORS
     from soups.registry import RegistryError
-    from sweeps.mlflow_server import MlflowServerError
+    from soups.tracking_server import MlflowServerError
     from soups.orchestrate import SoupError  # part of the project: failing to import it is an error, not a notice
     try:
         run_sweep(args, ich_home())
@@ -87,7 +87,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     from soups import provenance, registry
     from sweeps.config import load_config, tune_space
     from sweeps.init_weights import check_resources, shared_inits
-    from sweeps.mlflow_server import initial_tracking_uri
+    from soups.tracking_server import initial_tracking_uri
     from sweeps.trainable import SweepContext, faults_from_env, train_trial
 
     t_start = time.time()
@@ -282,7 +282,7 @@ def check_tracking_reaches_nodes(user_uri: str | None, effective_uri: str) -> No
     MLFLOW_TRACKING_URI as set (None: unset); effective_uri: what trials would use (the project's server)."""
     import ray
     from ich.errors import ConfigError
-    from sweeps.mlflow_server import decide_tracking, resolve_host
+    from soups.tracking_server import decide_tracking, resolve_host
     nodes = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
     decision = decide_tracking(user_uri, nodes, ray.util.get_node_ip_address(), can_grow=cluster_can_grow(len(nodes)),
                                autostarted_uri=effective_uri, host_ips=resolve_host(effective_uri))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -25,13 +26,26 @@ from mlflow import MlflowClient
 from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.errors import ConfigError
-from ich.models import ModelError, create_model, load_init_weights, resolve_init_weights
+from ich.models import MLFLOW_URI_PREFIXES, ModelError, create_model, load_init_weights, resolve_init_weights
 from ich.preprocess import DATASET_DEFAULT, PreprocessError, hub_preprocess, init_preprocess
 from ich.train import TrainConfig, Trainer
 from soups import registry
 from sweeps.config import SweepConfig
 from sweeps.trainable import Init
 
+
+
+def resolve_init_source(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Every init source but `hub:` -> a local safetensors file: an MLflow model URI is downloaded (here, not in
+    ich/, which knows no MLflow), then the local path is checked by ich.models.resolve_init_weights."""
+    if source.startswith(MLFLOW_URI_PREFIXES):
+        import mlflow.artifacts
+        uri = f"models:/{source}" if source.startswith("m-") else source
+        try:
+            source = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=cache_dir)
+        except Exception as e:  # MLflow raises several types; all mean the same to the user
+            raise ModelError(f"init weights {source}: cannot download from MLflow ({str(e).splitlines()[0]})") from None
+    return resolve_init_weights(source)
 
 def _source_for(cfg: SweepConfig, model: str) -> str | None:
     w = cfg.init.weights
@@ -119,7 +133,7 @@ def given_init(cfg: SweepConfig, model: str, source: str, dataset: ICHDataset) -
             net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
             fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{init_seed}".encode()).hexdigest()[:32]
         else:
-            local = resolve_init_weights(source)  # an MLflow URI downloads once, here
+            local = resolve_init_source(source)  # an MLflow URI downloads once, here
             net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
             fp, fresh = load_init_weights(net, str(local))
             if fresh:

@@ -232,7 +232,7 @@ def build_spec(a, home: Path) -> JobSpec:
         spec.config = check_path("--config", str(Path(config).resolve()))
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        from sweeps.mlflow_server import password_in_uri
+        from soups.tracking_server import password_in_uri
         if refusal := password_in_uri(uri):
             raise ScheduleError(refusal)
         spec.tracking_uri = check_path("MLFLOW_TRACKING_URI", uri)
@@ -240,7 +240,7 @@ def build_spec(a, home: Path) -> JobSpec:
 
 
 def cmd_schedule(a) -> None:
-    from ich.cli import ich_home
+    from ich.home import ich_home
     home = ich_home()
     if a.remove:
         remove_schedule(check_name(a.experiment), home, systemd=bool(a.systemd))

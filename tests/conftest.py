@@ -33,7 +33,7 @@ def mlflow_server_handle(tmp_path_factory):
     Session-scoped because the server takes seconds to start. MLFLOW_TRACKING_URI points at it for the
     session and is restored afterwards.
     """
-    from sweeps.mlflow_server import free_port, start_server
+    from soups.tracking_server import free_port, start_server
 
     # A random free port, never the default 5000 a concurrent session or `make demo` may be starting a server on:
     # start_server trusts whatever answers /health on its port.

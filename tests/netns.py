@@ -567,7 +567,7 @@ class _dashboard_tunnel:
         self.launched = launched
 
     def __enter__(self) -> str:
-        from sweeps.mlflow_server import free_port
+        from soups.tracking_server import free_port
         port = free_port()
         self.proc = subprocess.Popen([RAY, "dashboard", str(self.launched.yaml), "--port", str(port)],
                                      env=self.launched.env, cwd=self.launched.src, stdout=subprocess.DEVNULL,

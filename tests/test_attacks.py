@@ -243,7 +243,7 @@ def test_planted_attack_is_refused_by_predict_and_serve(attack, legit, image_fil
     marker = tmp_path / f"{attack}.marker"
     uri = plant(legit, attack, marker, tmp_path)
     env = _env(mlflow_server)
-    from sweeps.mlflow_server import free_port
+    from soups.tracking_server import free_port
     commands = {"predict": [ICH, "predict", "--model", uri, str(image_file)],
                 "serve": [ICH, "serve", "--model", uri, "--port", str(free_port())]}
     # Both at once (two cores); a serve that wrongly accepted would not return: the timeout fails the test.
@@ -313,7 +313,7 @@ def test_legit_model_predicts(legit, image_file, mlflow_server):
 
 
 def test_ich_serve_answers_on_loopback_and_refuses_bad_inputs(legit, image_file, mlflow_server, tmp_path):
-    from sweeps.mlflow_server import free_port
+    from soups.tracking_server import free_port
     port = free_port()
     root = tmp_path / "allowed"
     root.mkdir()
@@ -467,7 +467,7 @@ def test_local_model_folder_with_a_symlink_or_fifo_is_refused_without_opening_it
 
 
 def test_ich_serve_refuses_a_path_root_that_is_not_a_folder(tmp_path, capsys):
-    from ich.cli import main
+    from sweeps.cli import main
     assert main(["serve", "--model", str(tmp_path), "--path-root", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ich serve: error: ") and "not a folder" in err[0], err

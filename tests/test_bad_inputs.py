@@ -1,7 +1,7 @@
 """Bad input through the real command lines: a non-zero exit, exactly one stderr line that names the item
 and the problem, and nothing already written lost or half-written.
 
-Most cases call `ich.cli.main` / `sweeps.coatnet.main` in-process (the same code as the `ich` and
+Most cases call `sweeps.cli.main` / `sweeps.coatnet.main` in-process (the same code as the `ich` and
 `python sweeps/coatnet.py` entry points, without the interpreter start); the ones that need their own
 process (Ray, the MLflow client of `ich soup` / `ich predict`) run as subprocesses.
 """
@@ -41,7 +41,7 @@ def run_main(main, argv, capsys) -> tuple[int, list[str], str]:
 
 
 def ich(capsys, *argv):
-    from ich.cli import main
+    from sweeps.cli import main
     return run_main(main, argv, capsys)
 
 
@@ -429,7 +429,7 @@ def test_train_unknown_model_and_missing_dataset(tmp_path, capsys, tiny_ds):
 
 @pytest.mark.integration
 def test_soup_unknown_experiment(tmp_path, mlflow_server):
-    result = run_proc(["-m", "ich.cli", "soup", "--experiment", "nope-no-such-experiment"],
+    result = run_proc(["-m", "sweeps.cli", "soup", "--experiment", "nope-no-such-experiment"],
                       env_extra={"MLFLOW_TRACKING_URI": mlflow_server, "ICH_HOME": str(tmp_path / "home")})
     assert_one_line(result, "ich soup: error:", "nope-no-such-experiment")
 
@@ -438,6 +438,6 @@ def test_soup_unknown_experiment(tmp_path, mlflow_server):
 def test_predict_unknown_registered_model(tmp_path, mlflow_server):
     img = tmp_path / "img.png"
     save_as(class_image(0, 16, np.random.default_rng(0)), img, "png")
-    result = run_proc(["-m", "ich.cli", "predict", "--model", "models:/nope@champion", img],
+    result = run_proc(["-m", "sweeps.cli", "predict", "--model", "models:/nope@champion", img],
                       env_extra={"MLFLOW_TRACKING_URI": mlflow_server, "ICH_HOME": str(tmp_path / "home")})
     assert_one_line(result, "ich predict: error:", "models:/nope@champion")

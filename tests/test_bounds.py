@@ -219,7 +219,7 @@ def test_dying_decoder_through_the_cli(tmp_path, good_src):
     """`ich ingest` as users run it: exit 2 and one stderr line naming the file."""
     (good_src / "a" / "crash.png").write_bytes((good_src / "a" / "000.png").read_bytes() + b"\0")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ICH_FAULT_DECODER": "SIGSEGV:crash.png"}
-    p = subprocess.run([sys.executable, "-m", "ich.cli", "ingest", str(good_src), str(tmp_path / "out"), "--size", "16",
+    p = subprocess.run([sys.executable, "-m", "sweeps.cli", "ingest", str(good_src), str(tmp_path / "out"), "--size", "16",
                         "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
@@ -271,7 +271,7 @@ def test_resize_crop_of_elongated_image_matches_on_smooth_content():
 
 def test_cli_flags_set_the_bounds(tmp_path, good_src, capsys):
     """`ich ingest --max-file-mb/--max-aspect` reach the ingest (0: no aspect limit)."""
-    from ich.cli import main
+    from sweeps.cli import main
     strip_png(good_src / "a" / "thin.png", 2000, 1)
     assert main(["ingest", str(good_src), str(tmp_path / "o1"), "--size", "16", "--quiet"]) == 0
     assert "skipped a/thin.png: extreme aspect ratio" in capsys.readouterr().out

@@ -66,7 +66,7 @@ def test_trial_process_killed_mid_epoch_is_retried_from_its_checkpoint(ray_local
 def test_mlflow_server_down_for_10s_mid_sweep(ray_local, digits_dataset, ich_home, tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from soups import registry
-    from sweeps.mlflow_server import free_port, start_server
+    from soups.tracking_server import free_port, start_server
     port = free_port()
     server = start_server(tmp_path / "mlflow", port=port)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)

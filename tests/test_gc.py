@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from ich.checkpoint import META, WEIGHTS, CheckpointMeta, load_checkpoint, save_checkpoint
-from ich.cli import main as ich_main
+from sweeps.cli import main as ich_main
 from ich.errors import ConfigError
 from ich.models import create_model
 from soups import registry

@@ -174,7 +174,7 @@ def run_load(store: str, backend_store_uri: str | None, tmp: Path) -> dict:
     from mlflow import MlflowClient
 
     from soups import registry
-    from sweeps.mlflow_server import free_port, start_server
+    from soups.tracking_server import free_port, start_server
 
     t_server = time.monotonic()
     handle = start_server(tmp / "server", port=free_port(), backend_store_uri=backend_store_uri)

@@ -24,7 +24,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def _free_port() -> int:
-    from sweeps.mlflow_server import free_port
+    from soups.tracking_server import free_port
     return free_port()
 
 

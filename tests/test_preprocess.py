@@ -309,7 +309,7 @@ def trainer_logits(weights: Path, data, state_dict: dict, images: np.ndarray) ->
 
 def ich_predict(model: str, images: list[Path]) -> np.ndarray:
     """`ich predict --json` as a user runs it: a new process."""
-    out = subprocess.run([sys.executable, "-m", "ich.cli", "predict", "--model", model, "--json", *map(str, images)],
+    out = subprocess.run([sys.executable, "-m", "sweeps.cli", "predict", "--model", model, "--json", *map(str, images)],
                          cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

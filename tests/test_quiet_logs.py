@@ -26,7 +26,7 @@ TINY = {"num_samples: 4": "num_samples: 3", "epochs: 3": "epochs: 2", "epochs: 4
 
 def _sweep(tmp_path: Path, name: str, data: Path, *extra: str, edits: dict | None = None, env: dict | None = None) -> str:
     """Run sweeps/coatnet.py --demo on `data` with a tiny config; returns its combined stdout and stderr."""
-    from sweeps.mlflow_server import free_port, start_server
+    from soups.tracking_server import free_port, start_server
     home = tmp_path / "home"
     home.mkdir()
     config = write_sweep_config(home, name, **{**TINY, **(edits or {})})

@@ -14,7 +14,7 @@ from mlflow.entities import LoggedModelStatus
 from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from soups import registry
 from soups.registry import RetryPolicy, call_with_retry, log_checkpoint, search_checkpoints
-from sweeps import mlflow_server
+from soups import tracking_server as mlflow_server
 
 CLASSES = ["Đờn ca tài tử", "Lễ hội Ok Om Bok"]
 

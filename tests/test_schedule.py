@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ich.cli import main as ich_main
+from sweeps.cli import main as ich_main
 from sweeps import schedule
 from sweeps.schedule import JobSpec, ScheduleError
 from tests.fixtures_sweep import write_sweep_config

@@ -306,7 +306,7 @@ def test_proc_net_parser_sees_wildcard_listeners():
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
 def test_local_mlflow_server_listens_on_loopback_only(tmp_path, monkeypatch):
-    from sweeps.mlflow_server import ensure_tracking_uri, stop_local_server
+    from soups.tracking_server import ensure_tracking_uri, stop_local_server
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     home = tmp_path / "home"
@@ -420,7 +420,7 @@ def test_ingest_never_reads_outside_source(tmp_path):
     os.symlink(outside / "dir", src / "b" / "linked_dir")
     os.symlink(outside / "dir", src / "c_linked_class")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "ich.cli", "ingest", str(src), str(out), "--size", "16",
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "ingest", str(src), str(out), "--size", "16",
                            "--workers", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     import json

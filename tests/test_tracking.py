@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.mlflow_server import decide_tracking, is_loopback_host, password_in_uri
+from soups.tracking_server import decide_tracking, is_loopback_host, password_in_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD, WORKER = "10.87.0.2", "10.87.0.3"
@@ -120,7 +120,7 @@ def test_sweep_refuses_a_password_in_the_uri_before_starting_anything(tmp_path, 
 def test_mlflow_host_auto_serves_on_this_machines_routable_address(tmp_path, monkeypatch):
     """--mlflow-host auto: with no MLFLOW_TRACKING_URI the project's server listens on the outward address,
     which the decision accepts on a cluster; a loopback server of the same store is not silently reused."""
-    from sweeps.mlflow_server import (MlflowServerError, health_ok, initial_tracking_uri, outward_ip,
+    from soups.tracking_server import (MlflowServerError, health_ok, initial_tracking_uri, outward_ip,
                                       stop_local_server)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ip = outward_ip()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ich.checkpoint import CheckpointError, load_checkpoint
-from ich.cli import main as ich_main
+from sweeps.cli import main as ich_main
 from ich.data import ICHDataset, Split
 from ich.train import TrainConfig, Trainer, evaluate_logits, lr_at
 
@@ -221,7 +221,7 @@ def test_ich_train_bad_option_value_is_a_one_line_error(digits_dataset, capsys):
 
 def test_ich_train_on_a_missing_dataset_exits_2_with_one_line(tmp_path):
     missing = tmp_path / "no-such-dataset"
-    p = subprocess.run([sys.executable, "-m", "ich.cli", "train", str(missing), "--epochs", "1"],
+    p = subprocess.run([sys.executable, "-m", "sweeps.cli", "train", str(missing), "--epochs", "1"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()

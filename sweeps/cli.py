@@ -1,4 +1,6 @@
-"""`ich` command line: one subcommand per step of the data flow (see README's CLI reference)."""
+"""`ich` command line: one subcommand per step of the data flow (see README's CLI reference).
+
+The top of the house: it may import every room (ich, soups, sweeps); nothing imports it back."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +10,7 @@ import sys
 from pathlib import Path
 
 
-def ich_home() -> Path:
-    """Project data folder: datasets, the local MLflow store, Ray results. $ICH_HOME or ./.ich"""
-    return Path(os.environ.get("ICH_HOME", ".ich")).resolve()
+from ich.home import ich_home
 
 
 def cmd_demo_data(a) -> None:
@@ -41,7 +41,9 @@ def cmd_train(a) -> None:
     overrides = {k: v for k, v in vars(a).items() if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
     cfg = TrainConfig.from_dict(overrides)
     data = load_dataset(a.data)
-    trainer = Trainer(cfg, data, init_weights=a.init)
+    from sweeps.init_weights import resolve_init_source
+    init = str(resolve_init_source(a.init)) if a.init else None  # an MLflow URI downloads here
+    trainer = Trainer(cfg, data, init_weights=init)
     if a.resume:
         trainer.load_state(a.resume)
         print(f"resumed from {a.resume} at epoch {trainer.epoch}")
@@ -92,7 +94,7 @@ def cmd_predict(a) -> None:
         probs = _softmax(logits)
     else:
         from soups.pyfunc import load_soup_model
-        from sweeps.mlflow_server import ensure_tracking_uri
+        from soups.tracking_server import ensure_tracking_uri
         if "://" in a.model or a.model.startswith(("models:", "runs:")):
             ensure_tracking_uri(ich_home(), quiet=True)
         # Verified first (MLmodel allowlist, code and weights hashes, no pickle); then our own SoupClassifier
@@ -142,7 +144,7 @@ def cmd_serve(a) -> None:
 
     from ich.errors import ConfigError
     from soups.pyfunc import MAX_BYTES_ENV, PATH_ROOT_ENV, InputPolicy, fetch_verified
-    from sweeps.mlflow_server import ensure_tracking_uri
+    from soups.tracking_server import ensure_tracking_uri
     env = dict(os.environ)
     if a.path_root is not None:
         env[PATH_ROOT_ENV] = a.path_root
@@ -194,10 +196,21 @@ def _die_with_parent():
 
 
 def cmd_ui(a) -> None:
-    from sweeps.mlflow_server import main_ui
+    from soups.tracking_server import main_ui
     rc = main_ui((["--stop"] if a.stop else []) + (["--data-dir", a.data_dir] if a.data_dir else []))
     if rc:
         raise SystemExit(rc)
+
+
+def cmd_gc(a) -> None:
+    """`ich gc`: the sweep config (a sweeps/ file) is read here; soups/gc.py gets its values."""
+    from soups.gc import cmd_gc as run_cmd_gc
+    if a.config:
+        from sweeps.config import load_config
+        cfg = load_config(a.config)
+        a.from_config = {"keep_top_k": cfg.gc.keep_top_k, "keep_last_k": cfg.gc.keep_last_k, "metric": cfg.metric,
+                         "mode": cfg.mode}
+    run_cmd_gc(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(s)
     s.set_defaults(func=cmd_report)
 
-    from soups.gc import add_gc_args, cmd_gc
+    from soups.gc import add_gc_args
     s = sub.add_parser("gc", help="delete the weights of checkpoints no soup uses beyond each trial's top-k/last-k "
                                   "(dry run unless --apply)")
     add_gc_args(s)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ich.home import ich_home
+
 DEFAULT_PORT = 5000
 HEALTH_TIMEOUT_S = 90.0  # it answers in ~5 s here with one worker; a loaded machine can take much longer
 
@@ -64,7 +66,7 @@ _started: dict[int, subprocess.Popen] = {}
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("ICH_HOME") or ".ich").resolve()
+    return ich_home()
 
 
 def _mlflow_dir(data_dir: Path) -> Path:
