@@ -5,9 +5,8 @@
 1. Pulled from the registry: N=8 checkpoints the size of coatnet_0 (107 MB) are logged to the server, then two
    things alternate, `repeats` times each (medians): downloading the same N files alone (mlflow's
    download_artifacts, 2 threads, 2 files ahead, each deleted when done) and the uniform soup pulled from the
-   server: registry.download_checkpoint (sha256 verified) + load_checkpoint (safetensors; the soup checks and
-   skips NaN/Inf ingredients) on the same 2
-   threads 2 files ahead (soups.average.prefetch_map), while soups.average.uniform_soup accumulates the current
+   server as `ich soup` pulls them: the orchestrator's CheckpointPool (download, sha256, load check) on the
+   same 2 threads, while soups.average.uniform_soup loads the next one (prefetched) and accumulates the current
    one (float64, default accumulation threads). The ratio is soup / download alone.
 2. A scale curve at N = 8, 32, 128 (tiny CoAtNet checkpoints, `coatnet_tiny_ich` with 17 classes, ~1 MB each:
    128 coatnet_0 checkpoints would take 14 GB of disk). N=8/32/128 are interleaved in every repeat:
@@ -102,17 +101,17 @@ def download_alone(client, records, dst: Path, workers: int, depth: int) -> int:
 
 
 def pulled_uniform(client, records, dst: Path, workers: int, depth: int) -> dict:
-    """Uniform soup of the records pulled from the server: the next downloads overlap the current accumulation."""
-    from ich.checkpoint import load_checkpoint
-    from soups import registry
-    from soups.average import Ingredient, prefetch_map, uniform_soup
-
-    def pull(r) -> Ingredient:
-        folder = registry.download_checkpoint(client, r, dst)  # sha256 verified
-        state_dict, _ = load_checkpoint(folder, check_finite=False)  # safetensors only; the soup skips NaN/Inf
-        shutil.rmtree(folder.parent, ignore_errors=True)  # the tensors are in memory now
-        return Ingredient(r.model_id, 0.0, state_dict)
-    return uniform_soup(prefetch_map(pull, records, workers=workers, depth=depth), prefetch_depth=0)
+    """Uniform soup of the records pulled from the server the way `ich soup` pulls them: the orchestrator's
+    CheckpointPool downloads and verifies on `workers` threads while uniform_soup loads (prefetched) and
+    accumulates the current one. `depth` is unused here: the pool starts every download at once."""
+    from soups.average import Ingredient, uniform_soup
+    from soups.orchestrate import CheckpointPool
+    pool = CheckpointPool(client, [(r, 0.0) for r in records], dst, workers=workers)
+    try:
+        pulled = (pool.get(r) for r in records)
+        return uniform_soup(Ingredient(p.record.model_id, 0.0, p.load) for p in pulled if p is not None)
+    finally:
+        pool.close()
 
 
 def time_pulled(client, records, tmp: Path, repeats: int, workers: int, depth: int) -> dict:
@@ -244,7 +243,7 @@ def _measure(p: dict, keep: str | None, threads: int | None) -> dict:
 
     from soups import registry
     from soups.average import default_threads
-    from sweeps.mlflow_server import free_port, start_server
+    from soups.tracking_server import free_port, start_server
     out: dict = {"params": p, "accumulation_threads": default_threads()}
     with scratch_dir(keep, "ich-bench-scale-") as folder:
         t0 = time.perf_counter()
