@@ -1,24 +1,39 @@
-"""The report: the paper's table, its MDS figure and a bias-variance study, from MLflow records alone.
+"""The report: the paper's table, its figures and a bias-variance study, from MLflow records alone.
 
     build_report("ich17", "reports/ich17")          # or: ich report --experiment ich17 --out reports/ich17
 
-What it reads (searches, never local paths; every weight file is verified by sha256 when it is pulled):
-  - checkpoints (LoggedModels ich.kind=checkpoint) of every sweep of the experiment: the CoAtNet trials and the
-    baselines, told apart by architecture family (ich.models.family), not by sweep name;
-  - soups (LoggedModels ich.kind=soup, built by soups/orchestrate.py) with their ich.scope/ich.recipe/ich.trial tags;
-  - the `champion` alias of the registered model "<experiment>-soup".
+Three phases, so the math is testable without a server:
+  1. read_snapshot: the sweep's record, read once (searches, never local paths) into a `Snapshot`:
+     - checkpoints (LoggedModels ich.kind=checkpoint) of every sweep of the experiment: the CoAtNet trials and the
+       baselines, told apart by architecture family (ich.models.family), not by sweep name;
+     - soups (LoggedModels ich.kind=soup, built by soups/orchestrate.py), their tags and accepted ingredients;
+     - the latest sweep run: its trial runs (val metric per epoch, final status: stopped by ASHA or not) and its
+       `soup_so_far_val_<metric>` history;
+     - the `champion` alias of the registered model the soups were registered under (--registered-model; by
+       default the name on the newest soup run's ich.registered_model tag, else "<experiment>-soup");
+     - the sweep's Optuna study, when its storage is known (--optuna-storage, or the sweep run's
+       ich.optuna_storage tag): its trials, copied out of the database.
+  2. compute_report: selection by val, logits (cached per model id; weights pulled and sha256-verified only for
+     models not cached yet), every section as data: title, text, tables, figures, files.
+  3. render: one Markdown and one HTML renderer over the same sections; then the report run in MLflow.
 What it writes (to DIR, and as artifacts of a report run: ich.kind=report, child of the latest sweep run):
   results.md/.json        the table: best of each baseline family, best single CoAtNet, uniform and greedy soups
                           (within the best trial's trajectory, across runs), soft voting of each soup's ingredients;
                           accuracy, macro P/R/F1, 95% bootstrap intervals, paired difference vs the best single
                           CoAtNet and McNemar's exact p
+  forest.png              every soup's and soft voting's Δ accuracy vs the best single, paired 95% interval
+  val_test.png            val vs test accuracy of every checkpoint of the soups' architecture (grey), best single,
+                          soups and soft voting marked (the model-soups paper's Fig. 1)
+  learning_curves.png     val metric per epoch of every trial of the sweep run (ASHA stops marked) and the soup
+                          so far after each finished trial
+  optuna_history.png, optuna_importances.png   the sweep's Optuna study (when its storage is reachable)
   ce_distance.json/.csv   pairwise cross-entropy distances on val (trajectory, greedy, uniform, soft voting)
   mds.png                 their metric-MDS embedding, each point labelled with its val accuracy
   bias_variance.md/.json/.png   CE (Yang et al.) and 0-1 (Domingos) decompositions across trials: best singles
                           vs trajectory soups
   champion.json/.png      confusion matrix and per-class F1 of the champion
   report.md, report.html  everything on one page; report.json the whole summary
-Selection looks at recorded val metrics only; test is only reported (design decision 3). The soups and the
+Selection looks at recorded val metrics only; test is only reported (docs: split discipline). The soups and the
 bias-variance study use the architecture of the best single CoAtNet (a CoAtNet-0 soup is compared with a CoAtNet-0).
 Logits are cached per model id and split in $ICH_HOME/cache/predictions/<dataset fingerprint>/: a model runs once.
 """
@@ -30,12 +45,14 @@ import csv
 import html
 import json
 import math
+import re
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from mlflow.artifacts import download_artifacts
@@ -44,12 +61,15 @@ from tqdm import tqdm
 
 from ich.checkpoint import META
 from ich.data import ICHDataset, load_dataset
+from ich.errors import IchError
 from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
 from ich.models import family
 from soups import registry
-from soups.orchestrate import json_safe
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, soft_vote, softmax
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better
+from soups.orchestrate import json_safe
+from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_learning_curves, plot_mds,
+                         plot_optuna_history, plot_param_importances, plot_val_test, trial_labels)
 from soups.stats import bootstrap_ci, paired_comparison
 
 SPLITS = ("val", "test")
@@ -60,9 +80,13 @@ MDS_CAP = 12  # trajectory points in the MDS figure (the paper shows 8)
 SEED = 0  # bootstrap resamples: the same images for every row
 ALIAS = "champion"
 TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it (orchestrate.py)
+TAG_REGISTERED_MODEL = "ich.registered_model"  # on the registered soup's run (orchestrate.register_best)
+TAG_OPTUNA_STORAGE = "ich.optuna_storage"  # on the sweep run, when the sweep records it
+TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
+RUNS_PAGE = 5000
 
 
-class ReportError(ValueError):
+class ReportError(IchError):
     """The report cannot be built: unknown experiment, no checkpoints, bad option; one line naming it."""
 
 
@@ -97,15 +121,245 @@ def _best(candidates: list[Candidate], metric: str) -> Candidate | None:
     return ranked[0] if ranked else None
 
 
+# ---------------------------------------------------------------------------------------------- snapshot
+
+@dataclass
+class TrialRun:
+    """One trial run of the sweep run: its curve (val metric per epoch) and how it ended."""
+    trial: str
+    run_id: str
+    status: str  # finished | stopped by ASHA | failed | running
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, value), one per epoch
+
+    @property
+    def stopped(self) -> bool:
+        return self.status == "stopped by ASHA"
+
+
+@dataclass
+class ChampionRef:
+    """The version the `champion` alias points at, and the soup LoggedModel behind it."""
+    registered_model: str
+    version: str
+    model_id: str | None
+    record: registry.CheckpointRecord | None = None  # read only when it is not one of the experiment's soups
+
+
+@dataclass
+class OptunaRecord:
+    """The sweep's Optuna study, copied out of its database (FrozenTrials are plain data)."""
+    study_name: str
+    storage: str  # shown with any password masked
+    direction: str  # maximize | minimize
+    trials: list = field(default_factory=list)
+
+    def study(self):
+        """An in-memory study holding the same trials (for optuna's own importance evaluators)."""
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name=self.study_name, direction=self.direction)
+        study.add_trials(self.trials)
+        return study
+
+
+@dataclass
+class Snapshot:
+    """Everything the report reads from MLflow (and the Optuna database), read once; the rest is computation."""
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    checkpoints: list[registry.CheckpointRecord]
+    soups: list[registry.CheckpointRecord] = field(default_factory=list)
+    ingredients: dict[str, list[str] | None] = field(default_factory=dict)  # soup model id -> accepted ingredients
+    sweep: str | None = None
+    sweep_run_id: str | None = None
+    sweep_tags: dict[str, str] = field(default_factory=dict)
+    curve_key: str = ""  # the trial metric in the curves: val_<metric>, or val_soup_<metric> under trajectory_soup
+    trials: list[TrialRun] = field(default_factory=list)
+    soup_so_far_key: str | None = None
+    soup_so_far: list[tuple[int, float]] = field(default_factory=list)  # (trials done, value)
+    registered_model: str = ""
+    champion: ChampionRef | None = None
+    optuna: OptunaRecord | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be read, said once
+
+    @property
+    def data(self) -> str | None:
+        return self.sweep_tags.get("ich.data")
+
+
+def _open(experiment: str, tracking_uri: str | None):
+    from mlflow import MlflowClient
+    if tracking_uri is None:
+        from soups.tracking_server import ensure_tracking_uri
+        tracking_uri = ensure_tracking_uri()
+    client = MlflowClient(tracking_uri)
+    found = registry.call_with_retry(f"get experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        raise ReportError(f"experiment {experiment!r}: not found on the MLflow server at {tracking_uri}")
+    return client, found.experiment_id, tracking_uri
+
+
+def _sweep_run(client, experiment_id: str, sweep: str | None):
+    """The latest sweep run (of `sweep` if that has one): the report's parent and the default dataset."""
+    for tags in ([{registry.TAG_KIND: "sweep", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "sweep"}]:
+        if (run := registry.latest_run_by_tags(client, experiment_id, tags)) is not None:
+            return run
+    return None
+
+
+def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> list[str] | None:
+    """Model ids the soup averaged (accepted ingredients), from its checkpoint.json (a small download)."""
+    dst = tmp / "soup-meta" / soup.model_id
+    dst.mkdir(parents=True, exist_ok=True)
+    uri = f"{soup.artifact_uri.rstrip('/')}/{META}"
+    try:
+        path = registry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
+                                        artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri)
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (MlflowException, registry.RegistryError, OSError, ValueError):
+        return None  # selection notes the soup without a soft-voting row
+    return list((meta.get("extra") or {}).get("ingredients") or [])
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """A metric's history by step; a step logged twice (a retried epoch) keeps its latest value."""
+    rows = registry.call_with_retry(f"metric history {key} of run {run_id}", client.get_metric_history, run_id, key)
+    by_step = {}
+    for m in sorted(rows, key=lambda m: m.timestamp):
+        by_step[int(m.step)] = float(m.value)
+    return sorted(by_step.items())
+
+
+def _trial_runs(client, experiment_id: str, sweep_run_id: str, key: str) -> list[TrialRun]:
+    runs = registry.call_with_retry(
+        "search trial runs", client.search_runs, [experiment_id],
+        filter_string=f"tags.`{registry.TAG_KIND}` = 'trial' AND tags.`mlflow.parentRunId` = '{sweep_run_id}'",
+        max_results=RUNS_PAGE)
+    trials = []
+    for run in runs:
+        tags = run.data.tags
+        status = tags.get("ich.status") or TRIAL_STATUS.get(run.info.status, run.info.status.lower())
+        history = _history(client, run.info.run_id, key) if key in run.data.metrics else []
+        trials.append(TrialRun(tags.get(registry.TAG_TRIAL, run.info.run_name or run.info.run_id), run.info.run_id,
+                               status, history))
+    return sorted(trials, key=lambda t: t.trial)
+
+
+def _registered_model(client, experiment_id: str, experiment: str, sweep: str | None) -> str:
+    """The name the soups were registered under: the newest soup run's ich.registered_model tag
+    (of this sweep first), else the orchestrator's default "<experiment>-soup"."""
+    for tags in ([{registry.TAG_KIND: "soup", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "soup"}]:
+        runs = registry.call_with_retry(
+            "search registered soup runs", client.search_runs, [experiment_id],
+            filter_string=registry._tag_filter(tags) + f" AND tags.`{TAG_REGISTERED_MODEL}` LIKE '%'",
+            max_results=1, order_by=["attributes.start_time DESC"])
+        if runs:
+            return runs[0].data.tags[TAG_REGISTERED_MODEL]
+    return f"{experiment}-soup"
+
+
+def _read_champion(client, name: str, soup_ids: set[str], notes: list[str]) -> ChampionRef | None:
+    try:
+        version = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException as e:
+        if registry.is_transient(e):
+            raise
+        return None  # no registered model or no alias yet
+    model_id = (version.tags or {}).get(TAG_SOUP_MODEL)
+    ref = ChampionRef(name, str(version.version), model_id)
+    if model_id and model_id not in soup_ids:
+        try:
+            ref.record = registry.get_model_record(client, model_id)
+        except (MlflowException, registry.RegistryError) as e:
+            if isinstance(e, MlflowException) and registry.is_transient(e):
+                raise
+            notes.append(f"alias {ALIAS} of {name} (v{version.version}): model {model_id} cannot be read ({e})")
+    return ref
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def _read_optuna(storage: str | None, study_name: str | None, notes: list[str]) -> OptunaRecord | None:
+    """The study's trials, or a note saying why there are none; never creates a database."""
+    if not storage:
+        notes.append("no Optuna figures: the study's storage is unknown (pass --optuna-storage, e.g. "
+                     "sqlite:///$ICH_HOME/optuna.db)")
+        return None
+    if not study_name:
+        notes.append("no Optuna figures: no sweep run names the study")
+        return None
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        notes.append(f"no Optuna figures: {_masked(storage)} does not exist")
+        return None
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        direction = study.direction.name.lower()
+        trials = study.get_trials(deepcopy=True)
+    except KeyError:
+        notes.append(f"no Optuna figures: no study {study_name!r} in {_masked(storage)}")
+        return None
+    except Exception as e:  # a database that cannot be read is a note, not a failed report
+        notes.append(f"no Optuna figures: study {study_name!r} in {_masked(storage)} cannot be read "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
+    return OptunaRecord(study_name, _masked(storage), direction, trials)
+
+
+def read_snapshot(experiment: str, *, tracking_uri: str | None = None, metric: str = "macro_f1",
+                  registered_model: str | None = None, optuna_storage: str | None = None,
+                  tmp: Path | None = None) -> tuple[object, Snapshot]:
+    """Read the experiment's record once; returns the client (to pull weights later) and the snapshot."""
+    client, experiment_id, uri = _open(experiment, tracking_uri)
+    records = registry.search_checkpoints(client, [experiment_id])
+    if not records:
+        raise ReportError(f"experiment {experiment!r}: no checkpoints")
+    key = f"val_{metric}"
+    scored = [r for r in records if math.isfinite(r.metrics.get(key, float("nan")))]
+    top = _best([Candidate(r, "checkpoint", r.metrics[key]) for r in scored if family(r.architecture) == "coatnet"],
+                metric)
+    snap = Snapshot(experiment, experiment_id, uri, records)
+    snap.soups = registry.search_soup_models(client, [experiment_id])
+    own_tmp = tmp is None
+    tmp = Path(tempfile.mkdtemp(prefix="ich-report-")) if own_tmp else tmp
+    try:
+        snap.ingredients = {s.model_id: _soup_ingredients(client, s, tmp) for s in snap.soups
+                            if family(s.architecture) == "coatnet" and s.tags.get("ich.gc") != "deleted"}
+    finally:
+        shutil.rmtree(tmp if own_tmp else tmp / "soup-meta", ignore_errors=True)
+
+    sweep_run = _sweep_run(client, experiment_id, top.record.sweep if top else None)
+    if sweep_run is not None:
+        snap.sweep_run_id, snap.sweep_tags = sweep_run.info.run_id, dict(sweep_run.data.tags)
+        snap.sweep = snap.sweep_tags.get(registry.TAG_SWEEP)
+        soup_objective = sweep_run.data.params.get("objective") == "trajectory_soup"
+        snap.curve_key = f"val_soup_{metric}" if soup_objective else key  # what ASHA decided on
+        snap.trials = _trial_runs(client, experiment_id, snap.sweep_run_id, snap.curve_key)
+        so_far = sorted(k for k in sweep_run.data.metrics if k.startswith("soup_so_far_val_"))
+        if so_far:
+            snap.soup_so_far_key = f"soup_so_far_{key}" if f"soup_so_far_{key}" in so_far else so_far[0]
+            snap.soup_so_far = _history(client, snap.sweep_run_id, snap.soup_so_far_key)
+    snap.registered_model = registered_model or _registered_model(client, experiment_id, experiment, snap.sweep)
+    snap.champion = _read_champion(client, snap.registered_model, {s.model_id for s in snap.soups}, snap.notes)
+    storage = optuna_storage or snap.sweep_tags.get(TAG_OPTUNA_STORAGE)
+    snap.optuna = _read_optuna(storage, snap.sweep, snap.notes)
+    return client, snap
+
+
 # ---------------------------------------------------------------------------------------------- predictions
 
 @dataclass
 class Predictions:
-    """Logits per (model id, split): memory, then the disk cache, then one forward pass per model (all splits)."""
-    client: object
+    """Logits per (model id, split): memory, then the disk cache, then one forward pass per model (all splits).
+    `load(record, folder) -> (state_dict, meta)` pulls weights (sha256 verified); None when every model is cached."""
     dataset: ICHDataset
     cache_dir: Path
     tmp: Path
+    load: Callable | None = None
     device: str = "auto"
     computed: int = 0  # models run by this report (the rest came from the cache)
     mem: dict = field(default_factory=dict)
@@ -138,9 +392,11 @@ class Predictions:
         """Run every model that lacks a cached split, with a progress bar; each model once, on every split."""
         unique = {r.model_id: r for r in records}
         todo = [r for r in unique.values() if any(self._cached(r.model_id, s) is None for s in SPLITS)]
+        if todo and self.load is None:
+            raise ReportError(f"model {todo[0].model_id}: no logits in the cache and no way to pull its weights")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         for record in tqdm(todo, desc="report predictions", unit="model", file=sys.stderr):
-            state_dict, meta = registry.load_record(self.client, record, self.tmp)  # sha256 verified
+            state_dict, meta = self.load(record, self.tmp)  # sha256 verified
             if list(meta.class_names) != self.dataset.classes:
                 raise ReportError(f"model {record.model_id}: its class map differs from the dataset's")
             ev = self._evaluator(meta)
@@ -158,31 +414,7 @@ class Predictions:
         return self.mem[(model_id, split)]
 
 
-# ---------------------------------------------------------------------------------------------- gather
-
-def _open(experiment: str, tracking_uri: str | None):
-    from mlflow import MlflowClient
-    if tracking_uri is None:
-        from soups.tracking_server import ensure_tracking_uri
-        tracking_uri = ensure_tracking_uri()
-    client = MlflowClient(tracking_uri)
-    found = registry.call_with_retry(f"get experiment {experiment!r}", client.get_experiment_by_name, experiment)
-    if found is None or found.lifecycle_stage == "deleted":
-        raise ReportError(f"experiment {experiment!r}: not found on the MLflow server at {tracking_uri}")
-    return client, found.experiment_id, tracking_uri
-
-
-def _soups(client, experiment_id: str) -> list[registry.CheckpointRecord]:
-    return registry.search_soup_models(client, [experiment_id])
-
-
-def _sweep_run(client, experiment_id: str, sweep: str | None):
-    """The latest sweep run (of `sweep` if that has one): the report's parent and the default dataset."""
-    for tags in ([{registry.TAG_KIND: "sweep", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "sweep"}]:
-        if (run := registry.latest_run_by_tags(client, experiment_id, tags)) is not None:
-            return run
-    return None
-
+# ---------------------------------------------------------------------------------------------- selection
 
 def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) -> list[Candidate]:
     """Records built on this dataset with a finite val figure; the rest are counted in one note per reason."""
@@ -204,18 +436,6 @@ def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) ->
     return out
 
 
-def _soup_ingredients(client, soup: Candidate, tmp: Path) -> list[str]:
-    """Model ids the soup averaged (accepted ingredients), from its checkpoint.json (a small download)."""
-    dst = tmp / "soup-meta" / soup.id
-    dst.mkdir(parents=True, exist_ok=True)
-    uri = f"{soup.record.artifact_uri.rstrip('/')}/{META}"
-    path = registry.call_with_retry(f"download {META} of soup {soup.id}", download_artifacts, artifact_uri=uri,
-                                    dst_path=str(dst), tracking_uri=client.tracking_uri)
-    return list((json.loads(Path(path).read_text(encoding="utf-8")).get("extra") or {}).get("ingredients") or [])
-
-
-# ---------------------------------------------------------------------------------------------- selection
-
 @dataclass
 class Selection:
     """What the report shows, chosen by val: every field names models by their registry records."""
@@ -226,6 +446,7 @@ class Selection:
     trajectory: list[Candidate]  # epochs of the soup trial, for the MDS figure
     soup_trial: str | None
     bias_variance: list[dict]  # per trial: {"trial", "single", "uniform", "greedy"}
+    pool: list[Candidate] = field(default_factory=list)  # every checkpoint of the soups' architecture (val vs test)
 
 
 def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, ingredients_of, notes: list[str]) -> Selection:
@@ -256,7 +477,7 @@ def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, in
                 notes.append(f"no {scope} {recipe} soup of {arch} in MLflow (run `ich soup` first)")
     ingredients: dict[str, list[Candidate]] = {}
     for soup in chosen.values():
-        ids = ingredients_of(soup)
+        ids = ingredients_of(soup) or []
         missing = [i for i in ids if i not in by_id]
         if not ids or missing:
             notes.append(f"soup {soup.record.name} ({soup.id}): ingredients {missing or ids} are not usable "
@@ -264,8 +485,9 @@ def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, in
             continue
         ingredients[soup.id] = [by_id[i] for i in ids]
 
-    trial_ckpts = sorted([c for c in coatnets if c.record.trial == (soup_trial or best.record.trial)
-                          and c.record.architecture == arch], key=lambda c: c.record.epoch)
+    same_arch = [c for c in coatnets if c.record.architecture == arch]
+    trial_ckpts = sorted([c for c in same_arch if c.record.trial == (soup_trial or best.record.trial)],
+                         key=lambda c: c.record.epoch)
     if len(trial_ckpts) > MDS_CAP:  # evenly spaced epochs, first and last kept
         keep = np.unique(np.linspace(0, len(trial_ckpts) - 1, MDS_CAP).round().astype(int))
         trial_ckpts = [trial_ckpts[i] for i in keep]
@@ -274,13 +496,51 @@ def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, in
     for trial in sorted({s.record.trial for s in within}):
         mine = [s for s in within if s.record.trial == trial]
         uniform, greedy = (_best([s for s in mine if s.recipe == r], metric) for r in ("uniform", "greedy"))
-        single = _best([c for c in coatnets if c.record.trial == trial and c.record.architecture == arch], metric)
+        single = _best([c for c in same_arch if c.record.trial == trial], metric)
         if uniform and greedy and single:
             spread.append({"trial": trial, "single": single, "uniform": uniform, "greedy": greedy})
-    return Selection(best, baselines, chosen, ingredients, trial_ckpts, soup_trial, spread)
+    return Selection(best, baselines, chosen, ingredients, trial_ckpts, soup_trial, spread, same_arch)
 
 
-# ---------------------------------------------------------------------------------------------- figures
+def _champion(snap: Snapshot, sel: Selection, soups: list[Candidate], metric: str, fingerprint: str,
+              notes: list[str]) -> tuple[Candidate, str]:
+    """The champion alias's soup when it is usable here; else the best soup; else the best single."""
+    ref, name = snap.champion, snap.registered_model
+    if ref is not None:
+        known = {s.id: s for s in soups}
+        if ref.model_id in known:
+            return known[ref.model_id], f"alias {ALIAS} of {name} (v{ref.version})"
+        if ref.record is not None and ref.record.dataset_fingerprint == fingerprint:
+            return (Candidate(ref.record, "soup", ref.record.metrics.get(f"val_{metric}", float("nan"))),
+                    f"alias {ALIAS} of {name} (v{ref.version})")
+        notes.append(f"alias {ALIAS} of {name} (v{ref.version}) points at no usable soup of this dataset")
+    best_soup = _best([s for s in soups if s.record.architecture == sel.best.record.architecture], metric)
+    if best_soup is not None:
+        return best_soup, f"best soup by val {metric} (no {ALIAS} alias on {name})"
+    return sel.best, f"best single CoAtNet by val {metric} (no soups)"
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+@dataclass
+class Table:
+    header: list[str]
+    lines: list[list[str]]
+
+
+@dataclass
+class Section:
+    """One part of the page as data; render_markdown and render_html draw the same sections."""
+    title: str  # "" for the untitled introduction
+    text: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (png file name, what it shows)
+    files: list[str] = field(default_factory=list)  # data files beside it, named under "Files:"
+    items: list[str] = field(default_factory=list)  # a bullet list
+
+    def written(self) -> list[str]:
+        return self.files + [name for name, _ in self.figures]
+
 
 def _pct(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
@@ -339,98 +599,7 @@ def html_table(header: list[str], lines: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers or in tests
-    import matplotlib.pyplot as plt
-    return plt
-
-
-MARKERS = {"ingredient": ("o", "#7f7f7f"), "greedy": ("*", "#d62728"), "uniform": ("s", "#2ca02c"),
-           "soft_vote": ("D", "#1f77b4")}
-
-
-def plot_mds(path: Path, coords: np.ndarray, points: list[dict], title: str) -> Path:
-    """2-D MDS of the CE distances; every point labelled with its val accuracy (like the paper's figure)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
-    for kind, (marker, color) in MARKERS.items():
-        idx = [i for i, p in enumerate(points) if p["kind"] == kind]
-        if idx:
-            ax.scatter(coords[idx, 0], coords[idx, 1], marker=marker, c=color, s=140 if marker == "*" else 60,
-                       label={"ingredient": "ingredients (epochs)", "soft_vote": "soft voting"}.get(kind, f"{kind} soup"),
-                       edgecolors="black", linewidths=0.5, zorder=3)
-    for (x, y), p in zip(coords, points):
-        text = f"{100 * p['val_accuracy']:.2f}" + (f" (e{p['epoch']})" if p["kind"] == "ingredient" else "")
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("MDS 1")
-    ax.set_ylabel("MDS 2")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_bias_variance(path: Path, groups: list[dict]) -> Path:
-    """Grouped bars: CE bias²/variance and 0-1 bias/variance per group of models."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), dpi=110)
-    panels = (("ce", ("bias2", "variance", "expected_loss"), "cross-entropy (Yang et al.)"),
-              ("zero_one", ("bias", "variance", "net_variance", "expected_loss"), "0-1 loss (Domingos)"))
-    width = 0.8 / max(1, len(groups))
-    for ax, (key, terms, title) in zip(axes, panels):
-        x = np.arange(len(terms))
-        for i, g in enumerate(groups):
-            ax.bar(x + i * width - 0.4 + width / 2, [g[key][t] for t in terms], width, label=g["label"])
-        ax.set_xticks(x)
-        ax.set_xticklabels([t.replace("_", " ") for t in terms], fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_champion(path: Path, cm: np.ndarray, f1: np.ndarray, classes: list[str], title: str) -> Path:
-    plt = _plt()
-    k = len(classes)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(6 + 0.45 * k, 3 + 0.3 * k), dpi=110,
-                               gridspec_kw={"width_ratios": [3, 2]})
-    a.imshow(cm, cmap="Blues")
-    if k <= 25:
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    a.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                           color="white" if cm[i, j] > cm.max() / 2 else "black")
-    a.set_xticks(range(k))
-    a.set_yticks(range(k))
-    a.set_xticklabels(classes, rotation=90, fontsize=7)
-    a.set_yticklabels(classes, fontsize=7)
-    a.set_xlabel("predicted")
-    a.set_ylabel("true")
-    a.set_title(title, fontsize=9)
-    b.barh(range(k), f1, color="#1f77b4")
-    b.set_yticks(range(k))
-    b.set_yticklabels(classes, fontsize=7)
-    b.invert_yaxis()
-    b.set_xlim(0, 1)
-    b.set_xlabel("F1")
-    b.set_title("per-class F1", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- sections
-
-def results_section(sel: Selection, preds: Predictions, split: str, metric: str, n_resamples: int) -> list[dict]:
+def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: int) -> list[dict]:
     data = preds.dataset
     y, k = data.splits[split].labels, data.num_classes
     reference = preds.logits(sel.best.id, split)
@@ -465,7 +634,118 @@ def results_section(sel: Selection, preds: Predictions, split: str, metric: str,
     return rows
 
 
-def mds_section(sel: Selection, preds: Predictions, out: Path) -> dict | None:
+def results_section(rows: list[dict], split: str, metric: str, out: Path) -> Section:
+    header, lines = table_lines(rows, metric)
+    (out / "results.json").write_text(json.dumps(json_safe({"split": split, "metric": metric, "rows": rows}),
+                                                 indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "results.md").write_text(f"# Results on {split}\n\n{md_table(header, lines)}\n", encoding="utf-8")
+    return Section(f"Results on {split}", tables=[Table(header, lines)], files=["results.md", "results.json"])
+
+
+def forest_rows(rows: list[dict]) -> list[dict]:
+    """Every row compared with the best single (soups, soft voting): Δ accuracy and its paired 95% interval,
+    the very numbers of the table."""
+    return [{"key": r["key"], "label": r["label"], "kind": r["kind"], "delta": r["vs_best_single"]["acc_diff"],
+             "lo": r["vs_best_single"]["acc_diff_low"], "hi": r["vs_best_single"]["acc_diff_high"]}
+            for r in rows if r.get("vs_best_single")]
+
+
+def forest_section(rows: list[dict], split: str, out: Path) -> tuple[list[dict], Section | None]:
+    forest = forest_rows(rows)
+    if not plot_forest(out / "forest.png", forest, metric="accuracy",
+                       title=f"soups and soft voting vs the best single CoAtNet ({split})"):
+        return forest, None
+    text = (f"Δ accuracy on {split} of every soup and soft voting row vs the best single CoAtNet, in percentage "
+            "points, with the paired bootstrap 95% interval of the table; the line at 0 is the best single. "
+            "A filled marker: the interval excludes 0.")
+    return forest, Section(f"Δ vs the best single (forest plot, {split})", text,
+                           figures=[("forest.png", "Forest plot of Δ accuracy vs the best single")])
+
+
+def val_test_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict, Section | None]:
+    """Val vs test accuracy of every checkpoint of the soups' architecture, with the table's models marked."""
+    data = preds.dataset
+
+    def acc(logits_of) -> tuple[float, float]:
+        return tuple(classification_metrics(data.splits[s].labels, logits_of(s).argmax(1), data.num_classes)
+                     ["accuracy"] for s in ("val", "test"))
+
+    points = [{"model_id": c.id, "trial": c.record.trial, "epoch": c.record.epoch,
+               **dict(zip(("val", "test"), acc(lambda s, c=c: preds.logits(c.id, s))))} for c in sel.pool]
+    marked = []
+    b = sel.best
+    marked.append({"label": "best single", "kind": "best_single", "model_id": b.id,
+                   **dict(zip(("val", "test"), acc(lambda s: preds.logits(b.id, s))))})
+    for (scope, recipe), soup in sel.soups.items():
+        marked.append({"label": f"{scope} {recipe} soup", "kind": recipe, "model_id": soup.id,
+                       **dict(zip(("val", "test"), acc(lambda s, soup=soup: preds.logits(soup.id, s))))})
+        members = sel.ingredients.get(soup.id)
+        if members:
+            marked.append({"label": f"{scope} {recipe} soft voting", "kind": "soft_vote",
+                           **dict(zip(("val", "test"), acc(lambda s, m=members: _vote_logits(preds, m, s))))})
+    result = {"metric": "accuracy", "checkpoints": points, "marked": marked}
+    if not plot_val_test(out / "val_test.png", [(p["val"], p["test"]) for p in points], marked, metric="accuracy",
+                         title=f"val vs test: {len(points)} checkpoints of {b.record.architecture}"):
+        return result, None
+    text = (f"Val vs test accuracy of every checkpoint of {b.record.architecture} ({len(points)}, grey) with the "
+            "best single, the soups and soft voting marked (the model-soups paper's Fig. 1). Val selects; test is "
+            "only read off.")
+    (out / "val_test.json").write_text(json.dumps(json_safe(result), indent=2), encoding="utf-8")
+    return result, Section("Val vs test", text, figures=[("val_test.png", "Val vs test of every checkpoint")],
+                           files=["val_test.json"])
+
+
+def learning_curves_section(snap: Snapshot, out: Path) -> tuple[dict | None, Section | None]:
+    """Each trial's val curve (an x where ASHA stopped it) and the soup so far after each finished trial."""
+    trials = [t for t in snap.trials if t.history]
+    if not trials and not snap.soup_so_far:
+        return None, None
+    labels = trial_labels([t.trial for t in trials])
+    curves = {labels[t.trial]: {"points": t.history, "stopped": t.stopped} for t in trials}
+    metric = snap.curve_key[len("val_"):] if snap.curve_key.startswith("val_") else snap.curve_key
+    path = plot_learning_curves(out / "learning_curves.png", curves, metric=metric,
+                                title=f"trials of sweep {snap.sweep} ({snap.curve_key} per epoch)",
+                                soup_so_far=snap.soup_so_far or None)
+    result = {"key": snap.curve_key, "sweep_run_id": snap.sweep_run_id,
+              "trials": [{"trial": t.trial, "label": labels[t.trial], "run_id": t.run_id, "status": t.status,
+                          "history": t.history} for t in trials],
+              "soup_so_far_key": snap.soup_so_far_key, "soup_so_far": snap.soup_so_far}
+    if path is None:
+        return result, None
+    stopped = sum(t.stopped for t in trials)
+    text = (f"{snap.curve_key} per epoch of the {len(trials)} trials of sweep run {snap.sweep_run_id} "
+            f"({stopped} stopped by ASHA, marked x); labels are the shortest unique part of each trial id.")
+    if snap.soup_so_far:
+        text += (f" Right: {snap.soup_so_far_key} of the across-run greedy soup built while the sweep ran, after each "
+                 "finished trial.")
+    (out / "learning_curves.json").write_text(json.dumps(json_safe(result), indent=2), encoding="utf-8")
+    return result, Section("Learning curves", text, figures=[("learning_curves.png", "Trial learning curves")],
+                           files=["learning_curves.json"])
+
+
+def optuna_section(snap: Snapshot, out: Path, notes: list[str]) -> tuple[dict | None, Section | None]:
+    if snap.optuna is None:
+        return None, None
+    study = snap.optuna.study()
+    figures, result = [], {"study": snap.optuna.study_name, "storage": snap.optuna.storage,
+                           "direction": snap.optuna.direction, "trials": len(snap.optuna.trials)}
+    for name, plot, what in (("optuna_history.png", plot_optuna_history, "Optuna optimization history"),
+                             ("optuna_importances.png", plot_param_importances, "Optuna parameter importances")):
+        path, reason = plot(out / name, study)
+        if path is None:
+            notes.append(f"no {what.lower()}: {reason}")
+        else:
+            figures.append((name, what))
+    result["figures"] = [name for name, _ in figures]
+    if not figures:
+        return result, None
+    text = (f"Optuna study {snap.optuna.study_name!r} ({snap.optuna.storage}, {snap.optuna.direction}, "
+            f"{len(snap.optuna.trials)} trials): the objective of every complete trial with the best so far, and "
+            "fANOVA parameter importances.")
+    return result, Section("Optuna study", text, figures=figures)
+
+
+def mds_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict | None, Section | None]:
     """CE distances on val between the trajectory's epochs, the within soups and soft voting; MDS; the figure."""
     points, probs = [], []
     y, k = preds.dataset.splits["val"].labels, preds.dataset.num_classes
@@ -487,7 +767,7 @@ def mds_section(sel: Selection, preds: Predictions, out: Path) -> dict | None:
         add("soft voting", "soft_vote", _vote_logits(preds, members, "val"),
             ingredients=[c.id for c in members])
     if len(points) < 2:
-        return None
+        return None, None
     D = ce_distance_matrix(probs)
     coords = mds_embed(D)
     for p, (x1, x2) in zip(points, coords):
@@ -502,13 +782,16 @@ def mds_section(sel: Selection, preds: Predictions, out: Path) -> dict | None:
     (out / "ce_distance.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot_mds(out / "mds.png", coords, points, f"CE distance, metric MDS (val), trial {sel.soup_trial}: "
                                               "labels = val accuracy %")
-    return result
+    text = (f"Pairwise cross-entropy distance on val between the epochs of trial {sel.soup_trial}'s trajectory, "
+            "its greedy and uniform soups and soft voting, embedded in 2-D by metric MDS; labels are val accuracy %.")
+    return result, Section("Cross-entropy distance and MDS (val)", text, figures=[("mds.png", "MDS of CE distances")],
+                           files=["ce_distance.csv", "ce_distance.json"])
 
 
-def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: Path) -> dict | None:
+def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: Path) -> tuple[dict | None, Section | None]:
     """Spread across trials of their best single checkpoints vs of their within-trajectory soups."""
     if len(sel.bias_variance) < 2:
-        return None
+        return None, None
     y, k = preds.dataset.splits[split].labels, preds.dataset.num_classes
     groups = []
     for key, label in (("single", "best single per trial"), ("uniform", "uniform soup per trial"),
@@ -527,36 +810,14 @@ def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: P
     (out / "bias_variance.md").write_text(f"# Bias-variance decomposition ({split})\n\n{md_table(header, lines)}\n",
                                           encoding="utf-8")
     plot_bias_variance(out / "bias_variance.png", groups)
-    return result
+    text = (f"Across {len(result['trials'])} trials: their best single checkpoints vs their within-trajectory soups, "
+            f"on {split}. CE: Yang et al. (bias² + variance = expected loss); 0-1: Domingos.")
+    return result, Section("Bias-variance", text, tables=[Table(header, lines)],
+                           figures=[("bias_variance.png", "Bias-variance")],
+                           files=["bias_variance.md", "bias_variance.json"])
 
 
-def _champion(client, experiment: str, sel: Selection, soups: list[Candidate], metric: str, fingerprint: str,
-              notes: list[str]) -> tuple[Candidate, str]:
-    name = f"{experiment}-soup"
-    try:
-        version = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException as e:
-        if registry.is_transient(e):
-            raise
-        version = None  # no registered model or no alias yet
-    if version is not None:
-        model_id = (version.tags or {}).get(TAG_SOUP_MODEL)
-        known = {s.id: s for s in soups}
-        if model_id in known:
-            return known[model_id], f"alias {ALIAS} of {name} (v{version.version})"
-        if model_id:
-            record = registry.get_model_record(client, model_id)
-            if record.dataset_fingerprint == fingerprint:
-                return (Candidate(record, "soup", record.metrics.get(f"val_{metric}", float("nan"))),
-                        f"alias {ALIAS} of {name} (v{version.version})")
-        notes.append(f"alias {ALIAS} of {name} (v{version.version}) points at no usable soup of this dataset")
-    best_soup = _best([s for s in soups if s.record.architecture == sel.best.record.architecture], metric)
-    if best_soup is not None:
-        return best_soup, f"best soup by val {metric} (no {ALIAS} alias on {name})"
-    return sel.best, f"best single CoAtNet by val {metric} (no soups)"
-
-
-def champion_section(champ: Candidate, source: str, preds: Predictions, split: str, out: Path) -> dict:
+def champion_section(champ: Candidate, source: str, preds: Predictions, split: str, out: Path) -> tuple[dict, Section]:
     data = preds.dataset
     y, k = data.splits[split].labels, data.num_classes
     pred = preds.logits(champ.id, split).argmax(1)
@@ -569,68 +830,151 @@ def champion_section(champ: Candidate, source: str, preds: Predictions, split: s
                             for c, p, r, f, s in zip(data.classes, precision, recall, f1, cm.sum(1))]}
     (out / "champion.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     plot_champion(out / "champion.png", cm, f1, data.classes, f"champion {champ.record.name} ({split})")
-    return result
+    text = (f"{result['name']} ({result['model_id']}, {source}): accuracy {_pct(result['metrics']['accuracy'])} %, "
+            f"macro F1 {_pct(result['metrics']['macro_f1'])} % on {split}.")
+    return result, Section("Champion", text, figures=[("champion.png", "Champion confusion matrix and per-class F1")],
+                           files=["champion.json"])
 
 
-# ---------------------------------------------------------------------------------------------- pages
+# ---------------------------------------------------------------------------------------------- compute
 
-def write_pages(out: Path, summary: dict) -> list[str]:
-    """report.md and report.html: the table, every figure by file name, the notes."""
-    s, split, metric = summary, summary["split"], summary["metric"]
-    header, lines = table_lines(s["table"], metric)
-    intro = (f"Experiment **{s['experiment']}** (id {s['experiment_id']}) on {s['tracking_uri']}; data `{s['data']}` "
-             f"(fingerprint {s['dataset_fingerprint'][:16]}); {s['counts']['coatnet_checkpoints']} CoAtNet and "
-             f"{s['counts']['baseline_checkpoints']} baseline checkpoints, {s['counts']['soups']} CoAtNet soups. Models are chosen by val {metric}; figures on {split}. Intervals: 95% "
-             f"stratified bootstrap ({s['n_resamples']} resamples); Δ = row − best single CoAtNet on the same images, "
-             "McNemar's exact test on the images where exactly one is right.")
-    md = [f"# Model soups report: {s['experiment']}", "", intro, "", f"## Results on {split}", "",
-          md_table(header, lines), "", "Files: `results.md`, `results.json`.", ""]
-    parts = [("h2", f"Results on {split}"), ("table", html_table(header, lines)),
-             ("p", "Files: results.md, results.json.")]
-    if s["mds"]:
-        text = (f"Pairwise cross-entropy distance on val between the epochs of trial {s['mds']['trial']}'s trajectory, "
-                "its greedy and uniform soups and soft voting, embedded in 2-D by metric MDS; labels are val accuracy %.")
-        md += ["## Cross-entropy distance and MDS (val)", "", text, "", "![MDS of CE distances](mds.png)", "",
-               "Files: `mds.png`, `ce_distance.csv`, `ce_distance.json`.", ""]
-        parts += [("h2", "Cross-entropy distance and MDS (val)"), ("p", text), ("img", "mds.png"),
-                  ("p", "Files: mds.png, ce_distance.csv, ce_distance.json.")]
-    if s["bias_variance"]:
-        bv = s["bias_variance"]
-        text = (f"Across {len(bv['trials'])} trials: their best single checkpoints vs their within-trajectory soups, "
-                f"on {bv['split']}. CE: Yang et al. (bias² + variance = expected loss); 0-1: Domingos.")
-        md += ["## Bias-variance", "", text, "", md_table(bv["table"]["header"], bv["table"]["lines"]), "",
-               "![Bias-variance](bias_variance.png)", "",
-               "Files: `bias_variance.png`, `bias_variance.md`, `bias_variance.json`.", ""]
-        parts += [("h2", "Bias-variance"), ("p", text), ("table", html_table(bv["table"]["header"], bv["table"]["lines"])),
-                  ("img", "bias_variance.png"), ("p", "Files: bias_variance.png, bias_variance.md, bias_variance.json.")]
-    c = s["champion"]
-    text = (f"{c['name']} ({c['model_id']}, {c['source']}): accuracy {_pct(c['metrics']['accuracy'])} %, "
-            f"macro F1 {_pct(c['metrics']['macro_f1'])} % on {c['split']}.")
-    md += ["## Champion", "", text, "", "![Champion confusion matrix and per-class F1](champion.png)", "",
-           "Files: `champion.png`, `champion.json`.", ""]
-    parts += [("h2", "Champion"), ("p", text), ("img", "champion.png"), ("p", "Files: champion.png, champion.json.")]
-    if s["notes"]:
-        md += ["## Notes", ""] + [f"- {n}" for n in s["notes"]] + [""]
-        parts += [("h2", "Notes"), ("ul", s["notes"])]
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+@dataclass
+class Report:
+    """The computed report: the summary (report.json) and the sections of the page, in order."""
+    title: str
+    summary: dict
+    sections: list[Section]
 
-    body = [f"<h1>Model soups report: {html.escape(s['experiment'])}</h1>", f"<p>{html.escape(intro)}</p>"]
-    for kind, value in parts:
-        if kind == "img":  # embedded, so the page stands alone; the file name is the link
-            data = base64.b64encode((out / value).read_bytes()).decode()
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{value}">'
-                        f'<figcaption><a href="{value}">{value}</a></figcaption></figure>')
-        elif kind == "table":
-            body.append(value)
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in value) + "</ul>")
-        else:
-            body.append(f"<{kind}>{html.escape(value)}</{kind}>")
+    def files(self) -> list[str]:
+        return [name for s in self.sections for name in s.written()]
+
+
+def needed_models(sel: Selection, champ: Candidate) -> list[Candidate]:
+    """Every model whose logits the sections read."""
+    return [sel.best, *sel.baselines.values(), *sel.soups.values(), *sel.trajectory, champ, *sel.pool,
+            *(c for members in sel.ingredients.values() for c in members),
+            *(t[k] for t in sel.bias_variance for k in ("single", "uniform", "greedy"))]
+
+
+def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str = "test", metric: str = "macro_f1",
+                   n_resamples: int = 1000, data: str = "") -> Report:
+    """Selection, logits and every section from the snapshot; no MLflow call (weights are pulled through
+    preds.load only for models not in the cache)."""
+    dataset = preds.dataset
+    key = f"val_{metric}"
+    notes = list(snap.notes)
+    checkpoints = _usable(snap.checkpoints, "checkpoint", key, dataset.fingerprint, notes)
+    soups = [s for s in _usable(snap.soups, "soup", key, dataset.fingerprint, notes) if s.family == "coatnet"]
+    if not any(c.family == "coatnet" for c in checkpoints):
+        raise ReportError(f"experiment {snap.experiment!r}: no CoAtNet checkpoint with a {key} on dataset {data}")
+    if split == "val":
+        notes.append("the table is on val, the split that also selects: its figures are optimistic")
+
+    sel = select(checkpoints, soups, metric, lambda s: snap.ingredients.get(s.id), notes)
+    champ, source = _champion(snap, sel, soups, metric, dataset.fingerprint, notes)
+    needed = needed_models(sel, champ)
+    preds.ensure([c.record for c in needed])
+
+    rows = results_rows(sel, preds, split, n_resamples)
+    sections = [results_section(rows, split, metric, out)]
+    forest, section = forest_section(rows, split, out)
+    sections += [section] if section else []
+    val_test, section = val_test_section(sel, preds, out)
+    sections += [section] if section else []
+    curves, section = learning_curves_section(snap, out)
+    if section:
+        sections.append(section)
+    else:
+        notes.append(f"no learning curves: sweep run {snap.sweep_run_id} has no trial runs with {snap.curve_key or key} "
+                     "and no soup-so-far metric")
+    optuna, section = optuna_section(snap, out, notes)
+    sections += [section] if section else []
+    mds, section = mds_section(sel, preds, out)
+    if section:
+        sections.append(section)
+    else:
+        notes.append("no MDS figure: the soup trial has fewer than 2 models to compare")
+    bv, section = bias_variance_section(sel, preds, split, out)
+    if section:
+        sections.append(section)
+    else:
+        notes.append(f"no bias-variance study: {len(sel.bias_variance)} trial(s) have within-trajectory soups "
+                     "(needs at least 2)")
+    champion, section = champion_section(champ, source, preds, split, out)
+    sections.append(section)
+
+    counts = {"coatnet_checkpoints": sum(c.family == "coatnet" for c in checkpoints),
+              "baseline_checkpoints": sum(c.family != "coatnet" for c in checkpoints),
+              "soups": len(soups), "computed": preds.computed,
+              "from_cache": len({c.id for c in needed}) - preds.computed}
+    intro = (f"Experiment **{snap.experiment}** (id {snap.experiment_id}) on {snap.tracking_uri}; data `{data}` "
+             f"(fingerprint {dataset.fingerprint[:16]}); {counts['coatnet_checkpoints']} CoAtNet and "
+             f"{counts['baseline_checkpoints']} baseline checkpoints, {counts['soups']} CoAtNet soups. Models are "
+             f"chosen by val {metric}; figures on {split}. Intervals: 95% stratified bootstrap ({n_resamples} "
+             "resamples); Δ = row − best single CoAtNet on the same images, McNemar's exact test on the images where "
+             "exactly one is right.")
+    sections.insert(0, Section("", intro))
+    if notes:
+        sections.append(Section("Notes", items=notes))
+    summary = json_safe({
+        "experiment": snap.experiment, "experiment_id": snap.experiment_id, "tracking_uri": snap.tracking_uri,
+        "data": str(data), "dataset_fingerprint": dataset.fingerprint, "split": split, "metric": metric,
+        "n_resamples": n_resamples, "out_dir": str(out), "counts": counts, "registered_model": snap.registered_model,
+        "sweep_run_id": snap.sweep_run_id, "table": rows, "forest": forest, "val_test": val_test,
+        "learning_curves": curves, "optuna": optuna, "mds": mds, "bias_variance": bv, "champion": champion,
+        "notes": notes})
+    return Report(f"Model soups report: {snap.experiment}", summary, sections)
+
+
+# ---------------------------------------------------------------------------------------------- render
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    md = [f"# {title}", ""]
+    for s in sections:
+        md += [f"## {s.title}", ""] if s.title else []
+        md += [s.text, ""] if s.text else []
+        for t in s.tables:
+            md += [md_table(t.header, t.lines), ""]
+        for name, what in s.figures:
+            md += [f"![{what}]({name})", ""]
+        md += [f"- {item}" for item in s.items] + ([""] if s.items else [])
+        if s.written():
+            md += ["Files: " + ", ".join(f"`{name}`" for name in s.written()) + ".", ""]
+    return "\n".join(md)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's **bold** and `code` as HTML (the only markup the sections use)."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def render_html(title: str, sections: list[Section], out: Path) -> str:
+    """The same sections as one standalone page: figures embedded, each captioned with its file's link."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        body += [f"<h2>{html.escape(s.title)}</h2>"] if s.title else []
+        body += [f"<p>{_inline(s.text)}</p>"] if s.text else []
+        body += [html_table(t.header, t.lines) for t in s.tables]
+        for name, what in s.figures:
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(what)}">'
+                        f'<figcaption><a href="{name}">{name}</a></figcaption></figure>')
+        if s.items:
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in s.items) + "</ul>")
+        if s.written():
+            body.append("<p>Files: " + ", ".join(html.escape(n) for n in s.written()) + ".</p>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Report "
-                                     f"{html.escape(s['experiment'])}</title><style>{style}</style></head><body>"
-                                     + "\n".join(body) + "</body></html>", encoding="utf-8")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
+
+
+def write_pages(out: Path, report: Report) -> list[str]:
+    """report.md and report.html: the same sections, rendered twice."""
+    (out / "report.md").write_text(render_markdown(report.title, report.sections), encoding="utf-8")
+    (out / "report.html").write_text(render_html(report.title, report.sections, out), encoding="utf-8")
     return ["report.md", "report.html"]
 
 
@@ -638,9 +982,13 @@ def write_pages(out: Path, summary: dict) -> list[str]:
 
 def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: str | None = None,
                  data: str | None = None, split_for_table: str = "test", n_resamples: int = 1000,
-                 device: str = "auto", metric: str = "macro_f1") -> dict:
+                 device: str = "auto", metric: str = "macro_f1", registered_model: str | None = None,
+                 optuna_storage: str | None = None) -> dict:
     """Build the report of an experiment from MLflow, write it to out_dir (a temp folder if None) and log it
-    as the artifacts of a report run; returns the summary (also written as report.json)."""
+    as the artifacts of a report run; returns the summary (also written as report.json).
+    registered_model: where the champion alias lives (default: the soups' ich.registered_model tag, else
+    "<experiment>-soup"); optuna_storage: the sweep's Optuna database URL (default: the sweep run's
+    ich.optuna_storage tag; without one the report says so and has no Optuna figures)."""
     from mlflow.entities import Metric
 
     from ich.home import ich_home
@@ -652,88 +1000,43 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
     if n_resamples < 100:
         raise ReportError(f"report option n_resamples={n_resamples}: use at least 100")
     started = time.time()
-    client, experiment_id, uri = _open(experiment, tracking_uri)
-    records = registry.search_checkpoints(client, [experiment_id])
-    if not records:
-        raise ReportError(f"experiment {experiment!r}: no checkpoints")
-    key = f"val_{metric}"
-    scored = [r for r in records if math.isfinite(r.metrics.get(key, float("nan")))]
-    top = _best([Candidate(r, "checkpoint", r.metrics[key]) for r in scored if family(r.architecture) == "coatnet"],
-                metric)
-    sweep_run = _sweep_run(client, experiment_id, top.record.sweep if top else None)
-    tagged = sweep_run.data.tags.get("ich.data") if sweep_run else None
-    data = data or tagged
-    if not data:
-        raise ReportError(f"experiment {experiment!r}: no sweep run with an ich.data tag; pass the dataset with --data")
-    if not Path(data).is_dir():
-        raise ReportError(f"dataset {data}: no such folder" + (" (the sweep run's ich.data tag; pass --data)"
-                                                               if data == tagged else ""))
-    dataset = load_dataset(data)
-
-    notes: list[str] = []
-    checkpoints = _usable(records, "checkpoint", key, dataset.fingerprint, notes)
-    soups = [s for s in _usable(_soups(client, experiment_id), "soup", key, dataset.fingerprint, notes)
-             if s.family == "coatnet"]
-    if not any(c.family == "coatnet" for c in checkpoints):
-        raise ReportError(f"experiment {experiment!r}: no CoAtNet checkpoint with a {key} on dataset {data}")
-    if split_for_table == "val":
-        notes.append("the table is on val, the split that also selects: its figures are optimistic")
-
     tmp = Path(tempfile.mkdtemp(prefix="ich-report-"))
-    out = Path(out_dir) if out_dir else tmp / "report"
-    out.mkdir(parents=True, exist_ok=True)
     run_id = None
+    client = None
     try:
-        sel = select(checkpoints, soups, metric, lambda s: _soup_ingredients(client, s, tmp), notes)
-        champ, source = _champion(client, experiment, sel, soups, metric, dataset.fingerprint, notes)
-        needed = [sel.best, *sel.baselines.values(), *sel.soups.values(), *sel.trajectory, champ,
-                  *(c for members in sel.ingredients.values() for c in members),
-                  *(t[k] for t in sel.bias_variance for k in ("single", "uniform", "greedy"))]
-        preds = Predictions(client, dataset, ich_home() / "cache" / "predictions" / dataset.fingerprint[:16],
-                            tmp / "pulled", device)
-        preds.ensure([c.record for c in needed])
+        client, snap = read_snapshot(experiment, tracking_uri=tracking_uri, metric=metric,
+                                     registered_model=registered_model, optuna_storage=optuna_storage, tmp=tmp)
+        tagged = snap.data
+        data = data or tagged
+        if not data:
+            raise ReportError(f"experiment {experiment!r}: no sweep run with an ich.data tag; pass the dataset with --data")
+        if not Path(data).is_dir():
+            raise ReportError(f"dataset {data}: no such folder" + (" (the sweep run's ich.data tag; pass --data)"
+                                                                   if data == tagged else ""))
+        dataset = load_dataset(data)
+        out = Path(out_dir) if out_dir else tmp / "report"
+        out.mkdir(parents=True, exist_ok=True)
+        preds = Predictions(dataset, ich_home() / "cache" / "predictions" / dataset.fingerprint[:16], tmp / "pulled",
+                            load=lambda record, folder: registry.load_record(client, record, folder), device=device)
+        report = compute_report(snap, preds, out, split=split_for_table, metric=metric, n_resamples=n_resamples,
+                                data=str(data))
 
-        table = results_section(sel, preds, split_for_table, metric, n_resamples)
-        (out / "results.json").write_text(json.dumps(json_safe({"split": split_for_table, "metric": metric,
-                                                             "n_resamples": n_resamples, "rows": table}), indent=2,
-                                                     ensure_ascii=False), encoding="utf-8")
-        header, lines = table_lines(table, metric)
-        (out / "results.md").write_text(f"# Results on {split_for_table}\n\n{md_table(header, lines)}\n",
-                                        encoding="utf-8")
-        mds = mds_section(sel, preds, out)
-        if mds is None:
-            notes.append("no MDS figure: the soup trial has fewer than 2 models to compare")
-        bv = bias_variance_section(sel, preds, split_for_table, out)
-        if bv is None:
-            notes.append(f"no bias-variance study: {len(sel.bias_variance)} trial(s) have within-trajectory soups "
-                         "(needs at least 2)")
-        champion = champion_section(champ, source, preds, split_for_table, out)
-
-        parent = sweep_run.info.run_id if sweep_run else None
+        parent = snap.sweep_run_id
+        best = next(r for r in report.summary["table"] if r["key"] == "best_single")
         tags = {registry.TAG_KIND: "report", "ich.experiment": experiment, "ich.split": split_for_table,
-                "ich.metric": metric, registry.TAG_SWEEP: sel.best.record.sweep,
+                "ich.metric": metric, registry.TAG_SWEEP: best["sweep"],
                 **({"mlflow.parentRunId": parent} if parent else {})}
-        run = registry.call_with_retry("create report run", client.create_run, experiment_id,
+        run = registry.call_with_retry("create report run", client.create_run, snap.experiment_id,
                                        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         run_id = run.info.run_id
-        summary = json_safe({
-            "experiment": experiment, "experiment_id": experiment_id, "tracking_uri": uri, "run_id": run_id,
-            "parent_run_id": parent, "data": str(data), "dataset_fingerprint": dataset.fingerprint,
-            "split": split_for_table, "metric": metric, "n_resamples": n_resamples, "out_dir": str(out),
-            "counts": {"coatnet_checkpoints": sum(c.family == "coatnet" for c in checkpoints),
-                       "baseline_checkpoints": sum(c.family != "coatnet" for c in checkpoints),
-                       "soups": len(soups), "computed": preds.computed,
-                       "from_cache": len({c.id for c in needed}) - preds.computed},
-            "table": table, "mds": mds, "bias_variance": bv, "champion": champion, "notes": notes})
-        files = ["results.md", "results.json"] + (["ce_distance.json", "ce_distance.csv", "mds.png"] if mds else []) \
-            + (["bias_variance.md", "bias_variance.json", "bias_variance.png"] if bv else []) \
-            + ["champion.json", "champion.png"] + write_pages(out, summary) + ["report.json"]
+        summary = {**report.summary, "run_id": run_id, "parent_run_id": parent}
+        files = report.files() + write_pages(out, report) + ["report.json"]
         summary["files"] = files
         summary["seconds"] = round(time.time() - started, 1)
         (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
         now = int(time.time() * 1000)
         metrics = [Metric(f"{r['key']}_{split_for_table}_{m}", float(r[m]), now, 0)
-                   for r in table for m in ("accuracy", "macro_f1")]
+                   for r in report.summary["table"] for m in ("accuracy", "macro_f1")]
         registry.call_with_retry("log report metrics", client.log_batch, run_id, metrics=metrics)
         for name in files:
             registry.call_with_retry(f"log report artifact {name}", client.log_artifact, run_id, str(out / name))
@@ -745,6 +1048,8 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
                 client.set_terminated(run_id, "FAILED")
             except Exception:
                 pass
+        if not out_dir:  # the report folder lived in tmp: nothing worth keeping
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(tmp / "pulled", ignore_errors=True)
@@ -781,19 +1086,23 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", dest="split_for_table", choices=SPLITS, default="test", help="split of the table")
     p.add_argument("--metric", choices=METRICS, default="macro_f1", help="val metric that selects every model")
     p.add_argument("--resamples", dest="n_resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="device for models not in the prediction cache (auto, cpu, cuda)")
+    p.add_argument("--registered-model", dest="registered_model",
+                   help="registered model holding the champion alias (default: the one the soups were registered "
+                        "under, from their ich.registered_model tag, else <experiment>-soup)")
+    p.add_argument("--optuna-storage", dest="optuna_storage",
+                   help="the sweep's Optuna database URL for the study figures (default: the sweep run's "
+                        "ich.optuna_storage tag; e.g. sqlite:///$ICH_HOME/optuna.db)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """`ich report`: bad input exits 2 with one line."""
+    from ich.errors import exit_on_user_error
     from ich.home import ich_home
-    from ich.errors import USER_ERRORS
-    from soups.tracking_server import MlflowServerError
     out = args.out or str(ich_home() / "reports" / args.experiment)
-    try:
+    with exit_on_user_error("ich report"):
         summary = build_report(args.experiment, out, data=args.data, split_for_table=args.split_for_table,
-                               n_resamples=args.n_resamples, device=args.device, metric=args.metric)
-    except (ReportError, registry.RegistryError, MlflowServerError) + USER_ERRORS as e:
-        print(f"ich report: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+                               n_resamples=args.n_resamples, device=args.device, metric=args.metric,
+                               registered_model=getattr(args, "registered_model", None),
+                               optuna_storage=getattr(args, "optuna_storage", None))
     print_summary(summary)
