@@ -423,8 +423,12 @@ def plot_param_importances(path: str | Path, study) -> tuple[Path | None, str | 
         return None, (f"study '{study.study_name}' has {len(params)} parameter(s) common to its complete trials; "
                       "importances need at least 2")
     try:
+        import optuna
         from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-        imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+        # only the trials with a finite value: one inf (a diverged trial) would make every importance NaN
+        finite = optuna.create_study(study_name=study.study_name, direction=study.direction)
+        finite.add_trials(trials)
+        imp = get_param_importances(finite, evaluator=FanovaImportanceEvaluator(seed=0))
     except Exception as e:  # e.g. zero variance of the objective: no importances to draw
         return None, f"importances could not be computed: {type(e).__name__}: {e}"
     imp = {k: float(v) for k, v in imp.items() if _finite(v)}

@@ -207,6 +207,14 @@ def test_optuna_plots_say_why_they_cannot_draw(tmp_path):
     path, reason = plots.plot_param_importances(tmp_path / "f.png", flat)
     assert path is None and "zero total variance" in reason  # a constant objective: explained, never raised
 
+    # a trial that diverged before suggesting anything (value inf, no params): left out, not a reason to give
+    # up (optuna's own get_param_importances over the whole study returns {} here)
+    diverged = two_param_study(4)
+    diverged.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=math.inf))
+    path, reason = plots.plot_param_importances(tmp_path / "d.png", diverged)
+    assert reason is None
+    png_size(path)
+
     multi = optuna.create_study(study_name="multi", directions=["maximize", "minimize"])
     multi.optimize(lambda t: (t.suggest_float("a", 0, 1), t.suggest_float("b", 0, 1)), n_trials=3)
     for f in (plots.plot_optuna_history, plots.plot_param_importances):
