@@ -102,3 +102,66 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
     finally:
         if started:
             ray.shutdown()
+
+
+def state_dict_sha256(state_dict: dict) -> str:
+    """sha256 of a state dict's tensors (name, dtype, shape, bytes; names sorted): equal iff bitwise equal."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{tuple(state_dict[k].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, tracking_uri: str, threads: int) -> dict:
+    """One trial's within-trajectory soups, inside a Ray task started while the sweep runs (sweeps/soup_callback.py).
+
+    The trial's READY checkpoint records are searched here (not on the driver). The same code as `ich soup`: they go
+    through the orchestrator's filter, pull (CheckpointPool: download,
+    sha256, finite weights), family (_families, scope within) and build (cook_family), with the driver's torch
+    threads; so the soups equal the post-hoc ones, weights bitwise. Returns plain data: per recipe the val figures,
+    BN mode, ingredients (accepted or not) and the weights' sha256; or a note why there is no soup."""
+    import dataclasses
+    import math
+
+    import torch
+    from mlflow import MlflowClient
+
+    from soups import registry
+    from soups.orchestrate import REPORTED, CheckpointPool, SoupBuilder, _families, cook_family
+
+    torch.set_num_threads(threads)
+    client = MlflowClient(tracking_uri)
+    records = registry.search_checkpoints(client, [experiment_id], sweep=sweep, trial=trial)
+    opts = dataclasses.replace(opts, scope="within", parallel=1)
+    key = f"val_{opts.metric}"
+    usable = [(r, float(r.metrics[key])) for r in records
+              if r.tags.get("ich.gc") != "deleted" and r.metrics.get(key) is not None
+              and math.isfinite(r.metrics[key]) and r.dataset_fingerprint == dataset.fingerprint]
+    out = {"trial": trial, "soups": [], "notes": [], "skipped": [], "pid": os.getpid()}
+    if not usable:
+        out["notes"].append(f"trial {trial}: no usable checkpoint")
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix="ich-within-task-"))
+    pool = CheckpointPool(client, usable, tmp / "pulled")
+    try:
+        builder = SoupBuilder(opts, dataset, pool)
+        for family in _families(opts, usable, pool, out["notes"]):
+            ev = builder.evaluator(family.members[0])
+            for recipe, soup, _uniform, accepted, tries in cook_family(builder, family):
+                out["soups"].append({
+                    "name": f"{family.name}-{recipe}", "recipe": recipe, "bn_mode": soup.bn_mode,
+                    "val": {k: float(ev.metrics(soup.logits["val"], "val")[k]) for k in REPORTED},
+                    "ingredients": [{"epoch": p.record.epoch, "model_id": p.record.model_id,
+                                     "accepted": p.record.model_id in accepted,
+                                     "candidate_val": tries.get(p.record.model_id)} for p in family.members],
+                    "weights_sha256": state_dict_sha256(soup.state_dict)})
+    finally:
+        pool.close()
+        out["skipped"] = pool.skipped
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -194,14 +194,19 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     print_summary(summary, cfg)
     print(f"sweep {sweep} took {time.time() - t_start:.0f} s; MLflow UI: {tracking_uri}/#/experiments/{experiment_id}",
           flush=True)
+    soups = None
     if not args.no_soups:
-        run_soups(cfg, sweep, tracking_uri)
+        soups = run_soups(cfg, sweep, tracking_uri)
+        if cfg.soup_so_far:  # the soup built while the sweep ran beside the post-hoc one (sweeps/soup_callback.py)
+            from sweeps.soup_callback import compare_with_posthoc
+            compare_with_posthoc(tracking_uri, parent_run_id, soups)
         if args.report or args.demo:
             from soups.report import build_report
             out = home / "reports" / cfg.experiment
             build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data)
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
-    return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path}
+    return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path,
+            "soups": soups}
 
 
 def soup_callbacks(cfg, tracking_uri: str, experiment_id: str, sweep: str, parent_run_id: str) -> list:
@@ -210,7 +215,8 @@ def soup_callbacks(cfg, tracking_uri: str, experiment_id: str, sweep: str, paren
         return []
     from sweeps.soup_callback import SoupSoFar
     return [SoupSoFar(tracking_uri=tracking_uri, experiment_id=experiment_id, sweep=sweep, parent_run_id=parent_run_id,
-                      data=cfg.data, metric=cfg.soups.metric, tie_rule=cfg.soups.tie_rule, device="auto")]
+                      data=cfg.data, metric=cfg.soups.metric, tie_rule=cfg.soups.tie_rule, device="auto",
+                      soups=dict(vars(cfg.soups)))]  # within soups as Ray tasks with the sweep's soup options
 
 
 def find_resume_run(client, experiment_id: str, sweep: str, experiment: str, storage: str):
@@ -361,9 +367,9 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def run_soups(cfg, sweep: str, tracking_uri: str) -> None:
+def run_soups(cfg, sweep: str, tracking_uri: str) -> dict:
     from soups.orchestrate import SoupOptions, run_soups as build  # an ImportError here fails the sweep, loudly
-    build(SoupOptions(experiment=cfg.experiment, sweep=sweep, tracking_uri=tracking_uri, **vars(cfg.soups)))
+    return build(SoupOptions(experiment=cfg.experiment, sweep=sweep, tracking_uri=tracking_uri, **vars(cfg.soups)))
 
 
 if __name__ == "__main__":

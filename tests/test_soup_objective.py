@@ -2,11 +2,15 @@
 val_soup_<metric>, and that is what Optuna and ASHA rank by. Real Ray + MLflow for the sweep."""
 from __future__ import annotations
 
+import json
 import math
+import pickle
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from ich.checkpoint import CheckpointError, load_checkpoint
 from ich.data import load_dataset
@@ -14,9 +18,11 @@ from ich.errors import ConfigError
 from soups import registry
 from soups.average import RunningSum, uniform_soup
 from soups.evaluate import EvalSpec, Evaluator
+from soups.parallel import state_dict_sha256
 from sweeps.config import SweepConfig, load_config
+from sweeps.soup_callback import TAG_VS_POSTHOC, SoupSoFar, diff_with_posthoc, summary_line
 from sweeps.soup_objective import TrajectorySoup, objective_metric
-from tests.fixtures_sweep import sweep_args, write_sweep_config
+from tests.fixtures_sweep import write_sweep_config
 
 
 def _sd(seed: int) -> dict[str, torch.Tensor]:
@@ -69,13 +75,28 @@ def test_objective_config(tmp_path):
         load_config(bad)
 
 
+def _history(client, run_id: str, key: str) -> list:
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+def _artifact_json(client, run_id: str, path: str, folder) -> dict:
+    return json.loads(Path(client.download_artifacts(run_id, path, str(folder))).read_text())
+
+
 def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow_client, digits_dataset, ich_home,
                                                                 tmp_path):
-    from sweeps.coatnet import run_sweep
+    """Issue 14 items 1 and 2 on real Ray + MLflow: the trials report val_soup_macro_f1 each epoch and ASHA and
+    Optuna rank by it; while the sweep runs the soup so far grows one step per trial and each trial's within soups
+    are built as Ray tasks; they equal the post-hoc `ich soup`'s (ingredients, figures, weights bitwise)."""
+    from sweeps.coatnet import parse_args, run_sweep
     config = write_sweep_config(ich_home, "soup-objective", **{
         "mode: max\n": "mode: max\nobjective: trajectory_soup\nsoup_so_far: true\n", "num_samples: 4": "num_samples: 2",
-        "epochs: 3": "epochs: 2", "warm_start: {epochs: 4": "warm_start: {epochs: 2"})
-    summary = run_sweep(sweep_args(config, digits_dataset), ich_home)
+        "grace_period: 1": "grace_period: 2",  # ASHA's rung at epoch 2: there the soup of 2 differs from epoch 2 alone
+        "warm_start: {epochs: 4": "warm_start: {epochs: 2"})
+    args = parse_args(["--config", str(config), "--data", str(digits_dataset)])  # soups after the sweep, too
+    if hasattr(args, "no_report"):
+        args.no_report = True  # the report has tests of its own
+    summary = run_sweep(args, ich_home)
     rows = summary["trials"]
     assert len(rows) == 2 and all(r["status"] in ("FINISHED", "KILLED") for r in rows)
 
@@ -86,19 +107,12 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
 
     exp = mlflow_client.get_experiment_by_name("soup-objective").experiment_id
     records = registry.search_checkpoints(mlflow_client, [exp], sweep="soup-objective")
-
-    # The soup so far (item 1): one step per trial done, never worse, the first is one trial's best checkpoint.
-    so_far = sorted(mlflow_client.get_metric_history(summary["parent_run_id"], "soup_so_far_val_macro_f1"),
-                    key=lambda m: m.step)
-    sizes = sorted(mlflow_client.get_metric_history(summary["parent_run_id"], "soup_so_far_size"), key=lambda m: m.step)
-    assert [m.step for m in so_far] == [1, 2] and [m.step for m in sizes] == [1, 2]
-    assert sizes[0].value == 1 and sizes[1].value in (1, 2) and so_far[1].value >= so_far[0].value - 1e-7
-    bests = [max(r.metrics["val_macro_f1"] for r in records if r.trial == row["trial"]) for row in rows]
-    assert any(math.isclose(so_far[0].value, b, abs_tol=1e-9) for b in bests), (so_far[0].value, bests)
+    soup_at_2 = {}
     for row in rows:
         mine = sorted((r for r in records if r.trial == row["trial"]), key=lambda r: r.epoch)
-        history = sorted(mlflow_client.get_metric_history(row["run_id"], "val_soup_macro_f1"), key=lambda m: m.step)
-        assert [m.step for m in history] == [r.epoch for r in mine] and len(mine) == row["epochs"] >= 1
+        history = _history(mlflow_client, row["run_id"], "val_soup_macro_f1")
+        assert [m.step for m in history] == [r.epoch for r in mine] and len(mine) == row["epochs"] >= 2
+        soup_at_2[row["trial"]] = history[1].value
         # epoch 1: the soup of one checkpoint is that checkpoint
         assert history[0].value == pytest.approx(mine[0].metrics["val_macro_f1"], abs=1e-12)
         # every epoch: the soup equals a post-hoc uniform soup of the trial's checkpoints so far
@@ -108,3 +122,84 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
         for n, m in enumerate(history, start=1):
             score = ev.score(ev.logits(uniform_soup([w for w, _ in weights[:n]]), "val"), "val", "macro_f1")
             assert math.isclose(score, m.value, abs_tol=1e-9), (row["trial"], n, score, m.value)
+    # ASHA decided on the soup: at its rung (epoch 2, reduction 2, two trials) the second trial to arrive stops
+    # when its val_soup is below the first's; a stopped trial therefore has the lower soup at epoch 2.
+    for row in rows:
+        if row["status"] == "KILLED":
+            other = next(r for r in rows if r is not row)
+            assert row["epochs"] == 2 and soup_at_2[row["trial"]] < soup_at_2[other["trial"]], (soup_at_2, rows)
+
+    # The soup so far (item 1): one step per trial done, never worse, the first is one trial's best checkpoint.
+    parent = summary["parent_run_id"]
+    so_far = _history(mlflow_client, parent, "soup_so_far_val_macro_f1")
+    sizes = _history(mlflow_client, parent, "soup_so_far_size")
+    assert [m.step for m in so_far] == [1, 2] and [m.step for m in sizes] == [1, 2]
+    assert sizes[0].value == 1 and sizes[1].value in (1, 2) and so_far[1].value >= so_far[0].value - 1e-7
+    bests = [max(r.metrics["val_macro_f1"] for r in records if r.trial == row["trial"]) for row in rows]
+    assert any(math.isclose(so_far[0].value, b, abs_tol=1e-9) for b in bests), (so_far[0].value, bests)
+    state = _artifact_json(mlflow_client, parent, "soup_so_far.json", tmp_path / "state")
+    assert len(state["accepted"]) == sizes[1].value and len(state["offered"]) == 2
+    assert state["val_macro_f1"] == so_far[1].value and sorted(state["trial_steps"].values()) == [1, 2]
+
+    # Within soups built during the sweep (Ray tasks) equal the post-hoc ones: ingredients, val, weights bitwise.
+    posthoc = {s["name"]: s for s in summary["soups"]["soups"]}
+    for recipe in ("uniform", "greedy"):
+        steps = [m.step for m in _history(mlflow_client, parent, f"within_{recipe}_val_macro_f1")]
+        assert sorted(steps) == [1, 2], (recipe, steps)
+    for row in rows:
+        during = _artifact_json(mlflow_client, parent, f"soups_so_far/within-{row['trial']}.json", tmp_path / "w")
+        assert during["step"] == state["trial_steps"][row["trial"]]
+        assert [s["name"] for s in during["soups"]] == [f"within-{row['trial']}-{r}" for r in ("uniform", "greedy")]
+        for s in during["soups"]:
+            p = posthoc[s["name"]]
+            assert [(i["model_id"], i["accepted"]) for i in s["ingredients"]] == \
+                [(i["model_id"], i["accepted"]) for i in p["ingredients"]], s["name"]
+            assert s["val"] == p["val"] and s["bn_mode"] == p["bn_mode"], s["name"]
+            record = registry.get_model_record(mlflow_client, p["model_id"])
+            weights, _ = load_checkpoint(registry.download_checkpoint(mlflow_client, record, tmp_path / "posthoc"),
+                                         expected_sha256=record.sha256)
+            assert state_dict_sha256(weights) == s["weights_sha256"], s["name"]
+
+    # The soup so far beside the post-hoc across-best greedy soup: both figures, the ingredients that differ.
+    vs = _artifact_json(mlflow_client, parent, "soup_so_far_vs_posthoc.json", tmp_path / "vs")
+    across = posthoc["across-best-greedy"]
+    theirs = [i["model_id"] for i in across["ingredients"] if i["accepted"]]
+    assert vs["so_far"]["ingredients"] == state["accepted"] and vs["posthoc"]["ingredients"] == theirs
+    assert vs["so_far"]["val"] == so_far[1].value and vs["posthoc"]["val"] == across["val"]["macro_f1"]
+    assert set(vs["only_so_far"]) == set(state["accepted"]) - set(theirs)
+    assert set(vs["only_posthoc"]) == set(theirs) - set(state["accepted"])
+    assert len(vs["within"]) == 4 and all(w["same_ingredients"] for w in vs["within"])
+    tag = mlflow_client.get_run(parent).data.tags[TAG_VS_POSTHOC]
+    assert tag == ("same ingredients" if vs["same_ingredients"] else
+                   f"differ: {len(vs['only_so_far'])} only so far, {len(vs['only_posthoc'])} only post hoc")
+
+    # Resume: the callback's state (plain data) restores the soup so far without double counting; the running sum
+    # rebuilt from its ingredients' checkpoints scores exactly the figure recorded before.
+    cb = SoupSoFar(tracking_uri=mlflow_client.tracking_uri, experiment_id=exp, sweep="soup-objective",
+                   parent_run_id=parent, data=str(digits_dataset), within=False)
+    cb.set_state({"version": 1, "done": 2, "seen": state["trial_steps"], "best": state["val_macro_f1"],
+                  "accepted": state["accepted"], "offered": state["offered"], "within": {rows[0]["trial"]: {}}})
+    assert cb._resubmit == [rows[1]["trial"]]  # its within task was in flight: built again after the resume
+    cb.on_trial_complete(0, [], type("T", (), {"trial_id": rows[0]["trial"]})())
+    assert cb.done == 2 and cb.offered == state["offered"]  # a trial seen before is not offered twice
+    cb._restore_sum(MlflowClient(mlflow_client.tracking_uri))
+    ev = Evaluator(load_dataset(digits_dataset), EvalSpec.of(cb._ref[1]), device="cpu")
+    assert cb.sum.count == len(state["accepted"])
+    assert ev.score(ev.logits(cb.sum.mean(), "val"), "val", "macro_f1") == state["val_macro_f1"]
+    assert pickle.loads(pickle.dumps(cb)).get_state()["accepted"] == state["accepted"]
+
+
+def test_soup_so_far_diff_is_pure():
+    so_far = {"metric": "accuracy", "val_accuracy": 0.9, "accepted": ["a", "b"], "offered": ["a", "b", "c"]}
+    post = [{"name": "across-best-greedy", "scope": "across", "recipe": "greedy", "bn_mode": "average",
+             "val": {"accuracy": 0.91}, "ingredients": [{"model_id": m, "accepted": m != "a"} for m in "bca"]},
+            {"name": "within-t-uniform", "scope": "within", "recipe": "uniform", "bn_mode": "average",
+             "val": {"accuracy": 0.8}, "ingredients": [{"model_id": "x", "accepted": True}]}]
+    within = {"t": {"soups": [{"name": "within-t-uniform", "val": {"accuracy": 0.8}, "weights_sha256": "00",
+                               "ingredients": [{"model_id": "x", "accepted": True}]}]}}
+    d = diff_with_posthoc(so_far, post, within)
+    assert d["posthoc"]["ingredients"] == ["b", "c"] and d["only_so_far"] == ["a"] and d["only_posthoc"] == ["c"]
+    assert d["same_ingredients"] is False and d["within"][0]["same_ingredients"] is True
+    assert summary_line(d) == ("soup so far vs post-hoc across-best-greedy: val accuracy 0.9000 (2 ingr., average BN) "
+                               "vs 0.9100 (2 ingr., average BN); ingredients differ (1 only so far, 1 only post hoc)")
+    assert diff_with_posthoc(so_far, [])["posthoc"] is None
