@@ -24,17 +24,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ich.errors import IchError
 from ich.preprocess import Preprocess, PreprocessError, legacy_dict
 
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# Fields that must agree for two checkpoints to be averaged (design decision 7).
+# Fields that must agree for two checkpoints to be averaged (docs/design.md#7).
 COMPAT_FIELDS = ("architecture", "img_size", "num_classes", "class_names", "dataset_fingerprint", "init_fingerprint")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IchError):
     """A checkpoint that cannot be used; the message names the checkpoint and the problem in one line."""
 
 

@@ -57,6 +57,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from ich.errors import IchError
+
 FORMAT_VERSION = 1
 IMAGE_FORMAT = "rgb8"
 SPLITS = ("train", "val", "test")
@@ -80,7 +82,7 @@ SCHEMA = pa.schema([
 ROW_GROUP = 128  # rows buffered per Parquet row group: bounds memory at 128 * size^2 * 3 bytes
 
 
-class IngestError(ValueError):
+class IngestError(IchError):
     """The dataset cannot be ingested or loaded; the message names the item and the problem in one line."""
 
 

@@ -18,6 +18,7 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ich.checkpoint import WEIGHTS, CheckpointError, first_nonfinite, load_weights, read_meta, sha256_file
+from ich.errors import IchError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ BASELINES = ("resnet50", "densenet121", "vit_base_patch16_224", "vit_small_patch
 _FIXED_SIZE = ("coatnet", "vit_")
 
 
-class ModelError(ValueError):
+class ModelError(IchError):
     """Unknown architecture or unusable initial weights; one line naming the model/file and the problem."""
 
 

@@ -1,4 +1,4 @@
-"""One preprocessing contract (design decision 9): how a stored image becomes a network input.
+"""One preprocessing contract (docs/design.md#9): how a stored image becomes a network input.
 
 The values travel with the weights: they come from the init weights' timm pretrained config when there is
 one (`coatnet_0_rw_224.sw_in1k`: mean = std = 0.5, crop 0.95, bicubic), else the dataset's defaults
@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ich.errors import IchError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -40,7 +42,7 @@ DATASET_DEFAULT = "dataset default"
 OVERRIDABLE = ("mean", "std", "crop_pct", "interpolation")
 
 
-class PreprocessError(ValueError):
+class PreprocessError(IchError):
     """Preprocessing values that cannot be used; one line naming where they came from and what is wrong."""
 
 

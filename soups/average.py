@@ -1,6 +1,6 @@
 """Weight averaging: uniform and greedy soups over streams of state dicts.
 
-Memory stays flat in the number of ingredients (design decision 6): a float64 running sum, one candidate,
+Memory stays flat in the number of ingredients (docs/design.md#6): a float64 running sum, one candidate,
 the ingredient in hand and at most `prefetch_depth` loaded ahead. Loading the next checkpoint runs in a
 thread while the current candidate is evaluated.
 

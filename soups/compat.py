@@ -1,4 +1,4 @@
-"""Compatibility checks: soups refuse to mix checkpoints that cannot be averaged (design decision 7).
+"""Compatibility checks: soups refuse to mix checkpoints that cannot be averaged (docs/design.md#7).
 
 Two checkpoints average only when they share architecture, image size, class map, dataset and
 initialization (COMPAT_FIELDS), their preprocessing (ich/preprocess.py; where it came from may differ),

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ich.checkpoint import META
+from ich.errors import IchError
 from soups import registry
 
 TAG_GC = "ich.gc"
@@ -43,7 +43,7 @@ TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered model versions (soups/orch
 CHAMPION = "champion"
 
 
-class GcError(ValueError):
+class GcError(IchError):
     """gc cannot decide safely (unknown experiment, unreadable soup, bad option); one line, nothing deleted."""
 
 
@@ -366,11 +366,8 @@ def add_gc_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_gc(args: argparse.Namespace) -> None:
     """`ich gc`: bad input exits 2 with one line."""
-    from soups.tracking_server import MlflowServerError
-    try:
+    from ich.errors import exit_on_user_error
+    with exit_on_user_error("ich gc"):
         run_gc(GcOptions(experiment=args.experiment, apply=args.apply, keep_top_k=args.keep_top_k,
                          keep_last_k=args.keep_last_k, from_config=getattr(args, "from_config", None), metric=args.metric,
                          json_path=args.json_path, verbose=args.verbose))
-    except (GcError, registry.RegistryError, MlflowServerError) as e:
-        print(f"ich gc: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

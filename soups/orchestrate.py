@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from ich.data import ICHDataset, load_dataset
+from ich.errors import IchError
 from soups import provenance, registry
 from soups.logit_store import LogitStore, soft_vote_stream
 from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
@@ -82,7 +83,7 @@ TAG_DECISION_REASON = "ich.champion_reason"
 NO_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
-class SoupError(ValueError):
+class SoupError(IchError):
     """Soups cannot be built: unknown experiment, no checkpoints, bad option; one line naming it."""
 
 
@@ -858,11 +859,8 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
-    """`ich soup`: bad input exits 2 with one line (sweeps.cli's USER_ERRORS lack the soup and registry errors)."""
-    from soups.tracking_server import MlflowServerError
+    """`ich soup`: bad input exits 2 with one line."""
+    from ich.errors import exit_on_user_error
     names = {f.name for f in dataclasses.fields(SoupOptions)}
-    try:
+    with exit_on_user_error("ich soup"):
         run_soups(SoupOptions(**{k: v for k, v in vars(args).items() if k in names}))
-    except (SoupError, registry.RegistryError, MlflowServerError) as e:
-        print(f"ich soup: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

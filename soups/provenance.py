@@ -1,4 +1,4 @@
-"""Provenance: which code and which packages made a run (design decision 4 for code: every record traceable).
+"""Provenance: which code and which packages made a run (docs/design.md#4 for code: every record traceable).
 
 Every sweep, trial and soup run carries these tags:
 
@@ -110,11 +110,8 @@ def package_versions() -> dict[str, str]:
             env[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             env[name] = "missing"
-    try:
-        import torch  # every caller has it loaded already; the wheel's CUDA version is not in its metadata
-        env["torch.cuda"] = torch.version.cuda or "none"
-    except ImportError:
-        env["torch.cuda"] = "missing"
+    import torch  # a dependency every caller has loaded already; the wheel's CUDA version is not in its metadata
+    env["torch.cuda"] = torch.version.cuda or "none"
     return env
 
 

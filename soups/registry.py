@@ -2,7 +2,7 @@
 
 Every checkpoint is one LoggedModel whose source run is the trial's run: its artifacts are the checkpoint
 folder (model.safetensors + checkpoint.json), its val metrics are linked to it at step = epoch, and
-these tags identify it (design decisions 4 and 5):
+these tags identify it (docs/design.md#4 and #5):
 
     ich.kind                  "checkpoint" | "soup" | "init"
     ich.sweep                 sweep name
@@ -39,6 +39,7 @@ from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, M
 from mlflow.exceptions import MlflowException, RestException
 
 from ich.checkpoint import META, WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, sha256_file
+from ich.errors import IchError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 T = TypeVar("T")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(IchError):
     """An MLflow call that kept failing, or a registry record that cannot be used; one line, naming it."""
 
 

@@ -1,4 +1,4 @@
-"""The local MLflow server behind the embedded default (design decision 1).
+"""The local MLflow server behind the embedded default (docs/design.md#1).
 
 With no MLFLOW_TRACKING_URI the project starts, or reuses, one `mlflow server` per data folder:
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ich.errors import IchError
 from ich.home import ich_home
 
 DEFAULT_PORT = 5000
@@ -40,7 +41,7 @@ TELEMETRY_OFF_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 SERVER_ENV = {**TELEMETRY_OFF_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-class MlflowServerError(RuntimeError):
+class MlflowServerError(IchError):
     """The local MLflow server could not be started, found or stopped; the message says why in one line."""
 
 
@@ -286,7 +287,7 @@ def stop_local_server(data_dir: str | os.PathLike | None = None) -> bool:
 
 
 # ------------------------------------------------------------------- tracking on more than one machine
-# Design decision 10: on more than one machine the tracking URI is a routable address; loopback is for
+# docs/design.md#10: on more than one machine the tracking URI is a routable address; loopback is for
 # one machine only. The decision is pure (URI and node addresses in, decision out) so it is unit tested;
 # the sweep gathers the addresses from Ray and acts on it.
 

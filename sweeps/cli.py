@@ -301,15 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ich.errors import USER_ERRORS
+    from ich.errors import run_cli
     try:
-        args.func(args)
-    except USER_ERRORS as e:  # bad input: one clear line, no traceback
-        print(f"ich {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return run_cli(f"ich {args.command}", lambda: args.func(args))  # bad input: one line, exit 2
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

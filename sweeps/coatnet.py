@@ -48,16 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ich.home import ich_home
-    from ich.errors import USER_ERRORS
-    from soups.registry import RegistryError
-    from soups.tracking_server import MlflowServerError
-    from soups.orchestrate import SoupError  # part of the project: failing to import it is an error, not a notice
-    try:
-        run_sweep(args, ich_home())
-    except USER_ERRORS + (RegistryError, MlflowServerError, SoupError) as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from ich.errors import run_cli
+    return run_cli("sweep", lambda: run_sweep(args, ich_home()))  # bad input: one line, exit 2
 
 
 def demo_dataset(home: Path) -> Path:
@@ -284,7 +276,7 @@ def ray_started_here() -> bool:
 
 
 def check_tracking_reaches_nodes(user_uri: str | None, effective_uri: str) -> None:
-    """Refuse (one line) a tracking URI some of Ray's nodes cannot reach (design decision 10). user_uri:
+    """Refuse (one line) a tracking URI some of Ray's nodes cannot reach (docs/design.md#10). user_uri:
     MLFLOW_TRACKING_URI as set (None: unset); effective_uri: what trials would use (the project's server)."""
     import ray
     from ich.errors import ConfigError

@@ -27,7 +27,7 @@ class AshaConfig:
 
 @dataclass
 class InitConfig:
-    """Where every trial's initial weights come from (design decision 2)."""
+    """Where every trial's initial weights come from (docs/design.md#2)."""
     weights: str | None = None  # local .safetensors / checkpoint folder, MLflow model URI, or hub:<timm tag>
     warm_start: dict = field(default_factory=dict)  # TrainConfig overrides for the offline warm-start base model
     # mean / std / crop_pct / interpolation overriding the init weights' own (ich/preprocess.py)
@@ -57,7 +57,7 @@ class SweepConfig:
     experiment: str = "ich-sweep"
     sweep: str | None = None  # sweep name inside the experiment (default: the experiment name); baselines use their own
     data: str | None = None
-    metric: str = "val_macro_f1"  # drives ASHA and Optuna (val only: design decision 3)
+    metric: str = "val_macro_f1"  # drives ASHA and Optuna (val only: docs/design.md#3)
     mode: str = "max"
     # single: a trial is judged by its checkpoint's metric; trajectory_soup: by the uniform soup of its
     # checkpoints so far, reported as val_soup_<metric> (sweeps/soup_objective.py)

@@ -1,4 +1,4 @@
-"""The shared initialization of a sweep (design decision 2): every trial starts from the same weights.
+"""The shared initialization of a sweep (docs/design.md#2): every trial starts from the same weights.
 
 Sources, per model architecture of the sweep:
   - `init.weights`: a local .safetensors file / checkpoint folder, or an MLflow model URI;
@@ -6,7 +6,7 @@ Sources, per model architecture of the sweep:
   - nothing given (offline default): a warm-start base model trained once on the train split to convergence
     (cosine to zero), recorded in MLflow as a LoggedModel (ich.kind=init) and reused by every trial, by a
     resumed sweep and by later scheduled runs of the same sweep.
-The init source also decides the evaluation preprocessing (design decision 9, ich/preprocess.py): a hub tag's
+The init source also decides the evaluation preprocessing (docs/design.md#9, ich/preprocess.py): a hub tag's
 timm pretrained config, a checkpoint folder's metadata, a JSON sidecar beside a local file; else the dataset's
 defaults. `init.preprocess` in the sweep config overrides any of mean / std / crop_pct / interpolation.
 """

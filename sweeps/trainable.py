@@ -2,7 +2,7 @@
 
 Per epoch: write the checkpoint (safetensors + metadata + optimizer state), log it to MLflow as a
 LoggedModel of the trial's run, and only then report to Tune (ASHA may stop the trial at the report,
-design decision 5). The upload runs in a helper process (sweeps/uploader.py) while the next epoch trains;
+docs/design.md#5). The upload runs in a helper process (sweeps/uploader.py) while the next epoch trains;
 the report follows as soon as the upload is done, at the next optimizer step.
 
 Every (re)start of a trial logs where it began: the metric `resumed_from_epoch` (the epoch of the checkpoint

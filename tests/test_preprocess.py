@@ -1,4 +1,4 @@
-"""One preprocessing contract (design decision 9).
+"""One preprocessing contract (docs/design.md#9).
 
 Mean, std, crop fraction, interpolation and image size come from the init weights' config (a timm hub tag's
 pretrained config, a JSON sidecar beside a local file, a checkpoint's metadata), else the dataset's defaults;

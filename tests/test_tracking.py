@@ -1,4 +1,4 @@
-"""Tracking that reaches every node (design decision 10).
+"""Tracking that reaches every node (docs/design.md#10).
 
 Unit tests of the pure decision (tracking URI + node addresses in, use or refuse out); the sweep's wiring on
 a local Ray; and, in network namespaces, that a worker machine cannot reach the head's loopback, so the
