@@ -395,7 +395,7 @@ class Predictions:
         if todo and self.load is None:
             raise ReportError(f"model {todo[0].model_id}: no logits in the cache and no way to pull its weights")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for record in tqdm(todo, desc="report predictions", unit="model", file=sys.stderr):
+        for record in tqdm(todo, desc="report predictions", unit="model", file=sys.stderr, disable=not todo or None):
             state_dict, meta = self.load(record, self.tmp)  # sha256 verified
             if list(meta.class_names) != self.dataset.classes:
                 raise ReportError(f"model {record.model_id}: its class map differs from the dataset's")
@@ -629,6 +629,7 @@ def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: in
                                                             f"{where})", "soft_vote",
                                   _vote_logits(preds, members, split), y, k, n_resamples=n_resamples,
                                   reference=reference, scope=scope, recipe=recipe, n_ingredients=n, val_score=None,
+                                  trial=soup.record.trial if scope == "within" else None,
                                   ingredients=[c.id for c in members], architecture=soup.record.architecture,
                                   family="coatnet"))
     return rows
@@ -642,10 +643,18 @@ def results_section(rows: list[dict], split: str, metric: str, out: Path) -> Sec
     return Section(f"Results on {split}", tables=[Table(header, lines)], files=["results.md", "results.json"])
 
 
+def _forest_label(row: dict) -> str:
+    """Short enough for a figure's axis: what it is and where (the table's label says the rest)."""
+    where = f"within trial {row['trial']}" if row.get("scope") == "within" and row.get("trial") else row.get("scope", "")
+    if row["kind"] == "soft_vote":
+        return f"soft voting, {row.get('recipe')} soup's ingredients ({where})"
+    return f"{row.get('recipe')} soup ({where})" if row["kind"] == "soup" else row["label"]
+
+
 def forest_rows(rows: list[dict]) -> list[dict]:
     """Every row compared with the best single (soups, soft voting): Δ accuracy and its paired 95% interval,
     the very numbers of the table."""
-    return [{"key": r["key"], "label": r["label"], "kind": r["kind"], "delta": r["vs_best_single"]["acc_diff"],
+    return [{"key": r["key"], "label": _forest_label(r), "kind": r["kind"], "delta": r["vs_best_single"]["acc_diff"],
              "lo": r["vs_best_single"]["acc_diff_low"], "hi": r["vs_best_single"]["acc_diff_high"]}
             for r in rows if r.get("vs_best_single")]
 
@@ -681,7 +690,7 @@ def val_test_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dic
                        **dict(zip(("val", "test"), acc(lambda s, soup=soup: preds.logits(soup.id, s))))})
         members = sel.ingredients.get(soup.id)
         if members:
-            marked.append({"label": f"{scope} {recipe} soft voting", "kind": "soft_vote",
+            marked.append({"label": f"{scope} {recipe} soup's ingredients", "kind": "soft_vote",
                            **dict(zip(("val", "test"), acc(lambda s, m=members: _vote_logits(preds, m, s))))})
     result = {"metric": "accuracy", "checkpoints": points, "marked": marked}
     if not plot_val_test(out / "val_test.png", [(p["val"], p["test"]) for p in points], marked, metric="accuracy",

@@ -17,7 +17,9 @@ from tests.fixtures_sweep import sweep_args
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "report-sweep"  # the tiny sweep's checkpoints, the baselines and the soups, all in one experiment
-PNGS = ("mds.png", "bias_variance.png", "champion.png")
+REGISTERED = "report-sweep-champions"
+PNGS = ("forest.png", "val_test.png", "learning_curves.png", "optuna_history.png", "optuna_importances.png", "mds.png",
+        "bias_variance.png", "champion.png")
 
 
 # ---------------------------------------------------------------------------------------------- unit checks
@@ -47,9 +49,9 @@ def test_baseline_configs_load_and_their_seeds_give_every_family_a_trial():
 
 
 def test_selection_rows_and_tables_without_mlflow(tmp_path):
+    from soups.plots import plot_bias_variance, plot_champion, plot_mds
     from soups.registry import CheckpointRecord
-    from soups.report import (Candidate, _best, md_table, plot_bias_variance, plot_champion, plot_mds, table_lines,
-                              table_row)
+    from soups.report import Candidate, _best, md_table, table_lines, table_row
 
     def cand(trial, epoch, score):
         return Candidate(CheckpointRecord(f"m-{trial}{epoch}", "r", "1", "n", "s", trial, epoch, "sha", "d", "i",
@@ -90,7 +92,13 @@ def test_selection_rows_and_tables_without_mlflow(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
-    """The tiny sweep's checkpoints logged again (same weights, sha256, val metrics) under EXPERIMENT."""
+    """The tiny sweep's checkpoints logged again (same weights, sha256, val metrics) under EXPERIMENT, its trial
+    runs' final status (stopped by ASHA or not), and its Optuna study copied to a study named after EXPERIMENT.
+    The sweep run also gets a soup-so-far series as a `soup_so_far: true` sweep records it (input of the report:
+    the running best of the trials' best val, step = trials done)."""
+    import optuna
+    from mlflow.entities import Metric
+
     from soups import registry
 
     records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
@@ -109,8 +117,22 @@ def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
                                 metrics={k: v for k, v in r.metrics.items() if k.startswith("val_")},
                                 dataset_fingerprint=r.dataset_fingerprint, init_fingerprint=r.init_fingerprint,
                                 architecture=r.architecture)
+    status = {t["trial"]: t["status"] for t in tiny_sweep["trials"] if t["trial"] in runs}
+    for trial, run_id in runs.items():
+        client.set_tag(run_id, "ich.status", "stopped by ASHA" if status[trial] == "KILLED" else status[trial].lower())
+        client.set_terminated(run_id, status[trial])
+    best = {}
+    for r in records:
+        best[r.trial] = max(best.get(r.trial, 0.0), r.metrics["val_macro_f1"])
+    so_far = np.maximum.accumulate(list(best.values()))
+    client.log_batch(sweep_run.info.run_id, metrics=[Metric("soup_so_far_val_macro_f1", float(v), 0, i + 1)
+                                                     for i, v in enumerate(so_far)])
     client.set_terminated(sweep_run.info.run_id, "FINISHED")
-    return {"experiment_id": experiment_id, "sweep_run_id": sweep_run.info.run_id, "records": records}
+    storage = f"sqlite:///{tiny_sweep['home'] / 'optuna.db'}"
+    optuna.copy_study(from_study_name=tiny_sweep["experiment"], from_storage=storage, to_storage=storage,
+                      to_study_name=EXPERIMENT)
+    return {"experiment_id": experiment_id, "sweep_run_id": sweep_run.info.run_id, "records": records,
+            "status": status, "so_far": so_far.tolist(), "optuna_storage": storage}
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +154,9 @@ def report_setup(tiny_sweep, ray_local, mlflow_server, digits_dataset, ich_home,
     config.write_text(yaml.safe_dump(cfg))
     baselines = run_sweep(sweep_args(config, digits_dataset, "--experiment", EXPERIMENT), ich_home)
 
+    # Registered under a name of its own: the report must find the champion there, not under "<experiment>-soup".
     soups = run_soups(SoupOptions(experiment=EXPERIMENT, sweep=EXPERIMENT, tracking_uri=mlflow_server,
-                                  n_resamples=200))
+                                  n_resamples=200, registered_model=REGISTERED))
     return {**copied, "baselines": baselines, "soups": soups, "client": client, "tmp": tmp}
 
 
@@ -143,7 +166,8 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     from soups.report import build_report
 
     out = tmp_path / "report"
-    summary = build_report(EXPERIMENT, str(out), tracking_uri=mlflow_server, n_resamples=200)
+    summary = build_report(EXPERIMENT, str(out), tracking_uri=mlflow_server, n_resamples=200,
+                           optuna_storage=report_setup["optuna_storage"])
     client = report_setup["client"]
 
     # The table: best of each baseline family, best single CoAtNet, soups and soft voting of their ingredients.
@@ -187,6 +211,7 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
 
     # Every figure exists, is named by report.md and report.html, and the report run holds everything.
     pngs = {p for p in PNGS if p != "bias_variance.png" or summary["bias_variance"]}  # see the end
+    assert len(pngs) >= len(PNGS) - 1 and "forest.png" in pngs
     assert all((out / png).read_bytes()[:4] == b"\x89PNG" for png in pngs)
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert set(re.findall(r"[\w.-]+\.png", md)) == pngs == {p.name for p in out.glob("*.png")}
@@ -207,28 +232,69 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     assert np.allclose(D, D.T) and np.all(np.diag(D) == 0) and np.all(D[~np.eye(len(D), dtype=bool)] > 0)
     assert all(0 <= p["val_accuracy"] <= 1 and len(p["mds"]) == 2 for p in mds["points"])
 
-    # The champion: the alias set by the orchestrator on "<experiment>-soup".
+    # The forest plot's numbers are the table's: every soup and soft-voting row, Δ accuracy and its paired CI.
+    compared = [r for r in summary["table"] if r["vs_best_single"]]
+    assert [f["key"] for f in summary["forest"]] == [r["key"] for r in compared] and len(compared) == 8
+    for f in summary["forest"]:
+        vs = rows[f["key"]]["vs_best_single"]
+        assert (f["delta"], f["lo"], f["hi"]) == (vs["acc_diff"], vs["acc_diff_low"], vs["acc_diff_high"])
+        assert f"{100 * f['delta']:+.2f} [{100 * f['lo']:+.2f}, {100 * f['hi']:+.2f}]" in md
+
+    # Val vs test: every checkpoint of the sweep (all are coatnet_tiny_ich), test accuracy as the table computes it.
+    vt = summary["val_test"]
+    assert len(vt["checkpoints"]) == len(report_setup["records"])
+    marked = {m["label"]: m for m in vt["marked"]}
+    assert marked["best single"]["test"] == pytest.approx(rows["best_single"]["accuracy"])
+    assert marked["within greedy soup"]["test"] == pytest.approx(rows["within_greedy_soup"]["accuracy"])
+
+    # Learning curves: one per trial run of the sweep run, its val curve as recorded, ASHA stops as Tune decided;
+    # the soup-so-far history as the sweep run holds it.
+    lc = summary["learning_curves"]
+    status = report_setup["status"]
+    assert {t["trial"] for t in lc["trials"]} == set(status) and lc["key"] == "val_macro_f1"
+    for t in lc["trials"]:
+        mine = sorted((r.epoch, r.metrics["val_macro_f1"]) for r in report_setup["records"] if r.trial == t["trial"])
+        assert [tuple(h) for h in t["history"]] == [(e, pytest.approx(v)) for e, v in mine]
+        assert (t["status"] == "stopped by ASHA") == (status[t["trial"]] == "KILLED")
+    assert [v for _, v in lc["soup_so_far"]] == pytest.approx(report_setup["so_far"])
+    assert len({t["label"] for t in lc["trials"]}) == len(status)  # labels unique
+
+    # Optuna: the sweep's study (copied under this sweep's name) read from the database the test names.
+    assert summary["optuna"]["study"] == EXPERIMENT and summary["optuna"]["trials"] >= len(status)
+    assert summary["optuna"]["figures"] == ["optuna_history.png", "optuna_importances.png"]
+
+    # The champion: the alias set by the orchestrator on the registered model it was given (found from the soup
+    # run's ich.registered_model tag; nobody told the report the name).
     champion = summary["champion"]
-    version = client.get_model_version_by_alias(f"{EXPERIMENT}-soup", "champion")
-    assert champion["model_id"] == version.tags["ich.soup_model_id"]
-    assert "alias champion" in champion["source"]
+    version = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert champion["model_id"] == version.tags["ich.soup_model_id"] and summary["registered_model"] == REGISTERED
+    assert f"alias champion of {REGISTERED}" in champion["source"]
     cm = np.array(champion["confusion_matrix"])
     assert cm.sum() == n_test and len(champion["per_class"]) == digits_data.num_classes
     assert champion["metrics"]["accuracy"] == pytest.approx(np.trace(cm) / n_test)
 
     # A second report runs no model again (predictions cached per model id and split) and agrees.
+    # Without the Optuna storage it has no Optuna figures and says why.
     again = build_report(EXPERIMENT, str(tmp_path / "again"), tracking_uri=mlflow_server, n_resamples=200)
+    assert again["optuna"] is None and not (tmp_path / "again" / "optuna_history.png").exists()
+    assert any(n.startswith("no Optuna figures: the study's storage is unknown") for n in again["notes"])
     assert again["counts"]["computed"] == 0 and again["counts"]["from_cache"] == summary["counts"]["computed"] + \
         summary["counts"]["from_cache"]
     assert [r["accuracy"] for r in again["table"]] == [r["accuracy"] for r in summary["table"]]
     assert again["run_id"] != summary["run_id"]
 
     # Bias-variance across trials: singles vs trajectory soups; CE terms add up (Yang et al.).
+    # Which trials have within soups is ASHA's decision (the trials with 2+ epochs); with fewer than two the report
+    # says exactly that, and tests/test_report_snapshot.py checks the study itself on a snapshot that has two.
     souped_trials = {s["trial"] for s in soups.values() if s["scope"] == "within"}
+    epochs = Counter(r.trial for r in report_setup["records"])
+    assert souped_trials == {t for t, n in epochs.items() if n >= 2}
     bv = summary["bias_variance"]
-    if len(souped_trials) < 2:  # ASHA let only one trial past epoch 1: nothing to spread; the report says so
-        assert bv is None and any("no bias-variance study" in n for n in summary["notes"])
-        pytest.skip("the tiny sweep left one trial with several epochs; bias-variance needs two")
+    if len(souped_trials) < 2:
+        assert bv is None and "bias_variance.png" not in summary["files"]
+        assert f"no bias-variance study: {len(souped_trials)} trial(s) have within-trajectory soups (needs at least 2)" \
+            in summary["notes"]
+        return
     assert sorted(bv["trials"]) == sorted(souped_trials)
     assert [g["key"] for g in bv["groups"]] == ["single", "uniform", "greedy"]
     for g in bv["groups"]:
