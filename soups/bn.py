@@ -12,9 +12,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-BN_MODES = ("average", "recalibrate", "auto")
-
-
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     """BN layers that keep running statistics (timm's BatchNormAct2d subclasses BatchNorm2d)."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

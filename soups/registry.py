@@ -52,7 +52,8 @@ TAG_DATASET = "ich.dataset_fingerprint"
 TAG_INIT = "ich.init_fingerprint"
 TAG_ARCHITECTURE = "ich.architecture"
 TAG_SUPERSEDED_BY = "ich.superseded_by"
-TAG_RECIPE = "ich.recipe"  # on init models: hash of the warm-start training recipe
+TAG_WARM_START_RECIPE = "ich.warm_start_recipe"  # on init models: hash of the warm-start training recipe
+TAG_SOUP_RECIPE = "ich.recipe"  # on soups: uniform | greedy
 
 KIND_CHECKPOINT = "checkpoint"
 KIND_SOUP = "soup"
@@ -359,7 +360,7 @@ def log_init_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
     sha256 = _check_weights(ckpt_dir, None)
     tags = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_TRIAL: "init", TAG_EPOCH: str(int(epoch)),
             TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint, TAG_INIT: "warm-start",
-            TAG_RECIPE: recipe, TAG_SHA256: sha256}
+            TAG_WARM_START_RECIPE: recipe, TAG_SHA256: sha256}
     model_id, _ = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir,
                               name=_model_name(f"init-{architecture}"), kind=KIND_INIT, tags=tags, metrics=metrics,
                               step=int(epoch), retry=retry)
@@ -370,7 +371,7 @@ def search_init_models(client: MlflowClient, experiment_ids: list[str], *, sweep
                        dataset_fingerprint: str, recipe: str, retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
     """READY warm-start models of a sweep for one architecture, dataset and recipe; newest first."""
     key = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint,
-           TAG_RECIPE: recipe}
+           TAG_WARM_START_RECIPE: recipe}
     models = [m for m in _search_models(client, [str(e) for e in experiment_ids], _tag_filter(key), retry) if _is_ready(m)]
     models.sort(key=lambda m: (m.creation_timestamp or 0, m.model_id), reverse=True)
     return [r for m in models if (r := _record(m)) is not None]

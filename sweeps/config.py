@@ -13,6 +13,7 @@ import yaml
 
 from ich.errors import ConfigError
 from ich.train import TrainConfig
+from soups.options import option_problem, sweep_option_fields
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cpu.yaml"
@@ -34,15 +35,9 @@ class InitConfig:
     preprocess: dict = field(default_factory=dict)
 
 
-@dataclass
-class SoupConfig:
-    scope: str = "all"  # within | across | all
-    recipe: str = "all"  # uniform | greedy | all
-    metric: str = "macro_f1"  # macro_f1 | accuracy | loss
-    tie_rule: str = "accept"  # accept (the paper's code) | strict (the model-soups reference)
-    bn: str = "auto"  # average | recalibrate | auto
-    registered_model: str | None = None  # default: "<experiment>-soup"
-    parallel: int = 1  # soup families built at once as Ray tasks at the end of the sweep (1: one after another)
+# The `soups:` block: the options of soups.options.SoupOptions marked sweep=True, with their defaults (one source).
+SoupConfig = dataclasses.make_dataclass("SoupConfig", sweep_option_fields())
+SoupConfig.__module__ = __name__  # pickled by name (Ray); make_dataclass takes module= only from Python 3.12
 
 
 @dataclass
@@ -172,16 +167,9 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: cpus_per_trial must be > 0 and gpus_per_trial >= 0")
     if cfg.gpus_per_trial > 1 and cfg.gpus_per_trial != int(cfg.gpus_per_trial):
         raise ConfigError(f"{where}: gpus_per_trial above 1 must be a whole number, not {cfg.gpus_per_trial}")
-    s = cfg.soups
-    for name, value, allowed in (("scope", s.scope, ("within", "across", "all")),
-                                 ("recipe", s.recipe, ("uniform", "greedy", "all")),
-                                 ("metric", s.metric, ("macro_f1", "accuracy", "loss")),
-                                 ("tie_rule", s.tie_rule, ("accept", "strict")),
-                                 ("bn", s.bn, ("average", "recalibrate", "auto"))):
-        if value not in allowed:
-            raise ConfigError(f"{where}: soups.{name} must be one of {', '.join(allowed)}, not {value!r}")
-    if not isinstance(s.parallel, int) or s.parallel < 1:
-        raise ConfigError(f"{where}: soups.parallel must be a whole number >= 1, not {s.parallel!r}")
+    for name, value in vars(cfg.soups).items():
+        if problem := option_problem(name, value):
+            raise ConfigError(f"{where}: soups.{name} {problem}, not {value!r}")
     if cfg.gc.keep_top_k < 0 or cfg.gc.keep_last_k < 0:
         raise ConfigError(f"{where}: gc.keep_top_k and gc.keep_last_k must be >= 0")
     import timm  # unknown models fail here, not in a worker

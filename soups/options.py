@@ -1,0 +1,130 @@
+"""Soup options: one dataclass is the source of every default, choice and help text.
+
+`ich soup`'s flags (add_soup_args), the `soups:` block of a sweep config (sweeps/config.SoupConfig, the fields
+marked sweep=True) and both validations (SoupOptions.validate, sweeps/config.validate via option_problem) are
+derived from SoupOptions' fields. No MLflow, no torch: `ich --help` imports this.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from ich.errors import IchError
+
+SCOPES = ("within", "across", "all")
+RECIPE_NAMES = ("uniform", "greedy")  # soups/build.py's RECIPE_BUILDERS has one entry per name
+RECIPES = (*RECIPE_NAMES, "all")
+SCOPE_NAMES = ("within", "across")
+METRICS = ("macro_f1", "accuracy", "loss")
+TIE_RULES = ("accept", "strict")
+BN_OPTIONS = ("average", "recalibrate", "auto")
+CHAMPION_RULES = ("better", "significant")
+MIN_RESAMPLES = 100
+
+
+class SoupError(IchError):
+    """Soups cannot be built: unknown experiment, no checkpoints, bad option; one line naming it."""
+
+
+def _option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, flag: str | None = None,
+            sweep: bool = False, check=None, metavar: str | None = None):
+    """A SoupOptions field. flag: its `ich soup` flag ("" = none; default --<name with dashes>); sweep: a sweep
+    config's `soups:` block may set it; check(value) -> problem text or None, besides `choices`."""
+    meta = {"help": help, "choices": choices, "flag": flag, "sweep": sweep, "check": check, "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+def _nonempty(value) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _probability(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+    return None if ok else "must lie between 0 and 1"
+
+
+def _resamples(value) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= MIN_RESAMPLES
+    return None if ok else f"must be a whole number >= {MIN_RESAMPLES}"
+
+
+def _positive_int(value) -> str | None:
+    return None if isinstance(value, int) and value >= 1 else "must be a whole number >= 1"
+
+
+@dataclass
+class SoupOptions:
+    experiment: str = _option(help="MLflow experiment of the sweep", check=_nonempty)
+    sweep: str | None = _option(None, "sweep name (default: that of the experiment's latest sweep run)")
+    tracking_uri: str | None = _option(None, "default: MLFLOW_TRACKING_URI, or the project's local server", flag="")
+    scope: str = _option("all", "within each trial, across trials, or all", choices=SCOPES, sweep=True)
+    recipe: str = _option("all", "uniform soups, greedy soups, or all", choices=RECIPES, sweep=True)
+    metric: str = _option("macro_f1", "val metric that ranks and selects (ingredients, greedy, champion)",
+                          choices=METRICS, sweep=True)
+    tie_rule: str = _option("accept", "greedy: accept ties (the paper's code) or strict improvement "
+                            "(model-soups reference)", choices=TIE_RULES, sweep=True)
+    bn: str = _option("auto", "BatchNorm statistics of the soups", choices=BN_OPTIONS, sweep=True)
+    registered_model: str | None = _option(None, "registered model name (default: <experiment>-soup)", sweep=True)
+    json_path: str | None = _option(None, "write the summary here", flag="--json")
+    data: str | None = _option(None, "dataset folder (default: the sweep run's ich.data tag)")
+    device: str = _option("auto", "torch device of the evaluations (auto: cuda when available)")
+    n_resamples: int = _option(1000, "bootstrap resamples", flag="--resamples", sweep=True, check=_resamples)
+    champion_rule: str = _option("better", "move alias champion when val is better, or only when significantly "
+                                 "better (McNemar)", choices=CHAMPION_RULES, sweep=True)
+    alpha: float = _option(0.05, "significance level of --champion-rule significant", sweep=True, check=_probability)
+    parallel: int = _option(1, "build up to N soup families at once as Ray tasks (default 1: one after another)",
+                            sweep=True, check=_positive_int, metavar="N")
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            problem = option_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise SoupError(f"soup option {f.name}={getattr(self, f.name)!r}: {problem}")
+
+    @property
+    def recipes(self) -> list[str]:
+        return list(RECIPE_NAMES) if self.recipe == "all" else [self.recipe]
+
+    @property
+    def scopes(self) -> list[str]:
+        return list(SCOPE_NAMES) if self.scope == "all" else [self.scope]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(SoupOptions)}
+
+
+def option_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for option `name` ("must be one of ..."), or None when it is fine."""
+    meta = FIELDS[name].metadata
+    if meta["choices"] and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}"
+    return meta["check"](value) if meta["check"] else None
+
+
+def sweep_option_fields() -> list[tuple]:
+    """(name, type, field) of the options a sweep config's `soups:` block may set, with SoupOptions' defaults:
+    for dataclasses.make_dataclass (sweeps/config.SoupConfig)."""
+    return [(f.name, f.type, field(default=f.default)) for f in FIELDS.values() if f.metadata["sweep"]]
+
+
+def add_soup_args(p: argparse.ArgumentParser) -> None:
+    """Options of `ich soup`, one per SoupOptions field (but tracking_uri). Wired into sweeps/cli.py with:
+    s = sub.add_parser("soup", help=...); add_soup_args(s); s.set_defaults(func=cmd_soup)"""
+    for f in FIELDS.values():
+        meta = f.metadata
+        flag = meta["flag"] if meta["flag"] is not None else "--" + f.name.replace("_", "-")
+        if not flag:
+            continue
+        kw = {"dest": f.name, "help": meta["help"]}
+        if f.default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+            if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                kw["type"] = type(f.default)
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        p.add_argument(flag, **kw)
