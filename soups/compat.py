@@ -6,15 +6,12 @@ and their state dicts have the same keys and shapes.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from ich.checkpoint import COMPAT_FIELDS, CheckpointError, CheckpointMeta
 from ich.preprocess import Preprocess
-
-# What must agree for an across-run soup; num_classes is implied by class_names.
-GROUP_FIELDS = ("architecture", "img_size", "init_fingerprint", "dataset_fingerprint", "class_names")
 
 
 class IncompatibleCheckpoint(CheckpointError):
@@ -62,16 +59,12 @@ def check_compatible(metas: Sequence[tuple[str, CheckpointMeta]]) -> None:
 
 
 def group_key(meta: CheckpointMeta) -> tuple:
-    return tuple(tuple(getattr(meta, f)) if f == "class_names" else getattr(meta, f) for f in GROUP_FIELDS)
-
-
-def group_compatible(items: Iterable[tuple[str, CheckpointMeta]]) -> dict[Hashable, list[tuple[str, CheckpointMeta]]]:
-    """Group (name, meta) pairs that may share a soup, keyed by (architecture, img_size, init_fingerprint,
-    dataset_fingerprint, class_names). A sweep that mixes model variants yields one group per variant."""
-    groups: dict[Hashable, list[tuple[str, CheckpointMeta]]] = {}
-    for name, meta in items:
-        groups.setdefault(group_key(meta), []).append((name, meta))
-    return groups
+    """What checkpoints averaged together share: architecture, init, dataset, img size, class map and the
+    evaluation spec (architecture + preprocessing, soups/evaluate.EvalSpec.key). The orchestrator groups across-run
+    soups by it (a sweep that mixes model variants yields one group per variant) and names groups by its hash."""
+    from soups.evaluate import EvalSpec  # builds networks: only needed here
+    return (meta.architecture, meta.init_fingerprint, meta.dataset_fingerprint, meta.img_size,
+            tuple(meta.class_names), EvalSpec.of(meta).key())
 
 
 def check_state_dicts_match(ref: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], name: str,

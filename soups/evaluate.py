@@ -15,8 +15,7 @@ from ich.metrics import classification_metrics, log_loss
 from ich.models import create_model
 from ich.preprocess import Preprocess, transform
 from soups.bn import has_batchnorm, recalibrate_bn
-
-METRICS = ("macro_f1", "accuracy", "loss")
+from soups.options import METRICS  # noqa: F401  (the metrics a soup can rank by: one source)
 
 
 def higher_is_better(metric: str) -> bool:

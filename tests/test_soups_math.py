@@ -11,7 +11,7 @@ from ich.checkpoint import CheckpointError, CheckpointMeta
 from soups.average import (Ingredient, RunningSum, greedy_soup, improves, prefetch, uniform_soup,
                            uniform_soup_result)
 from soups.bn import choose_bn_mode, has_batchnorm, recalibrate_bn
-from soups.compat import IncompatibleCheckpoint, check_compatible, check_state_dicts_match, group_compatible
+from soups.compat import IncompatibleCheckpoint, check_compatible, check_state_dicts_match, group_key
 
 
 def random_state_dict(seed: int) -> dict:
@@ -275,11 +275,15 @@ def test_incompatible_checkpoints_refused_naming_field():
     assert issubclass(IncompatibleCheckpoint, CheckpointError)
 
 
-def test_group_compatible_splits_variants():
-    items = [("a", meta()), ("b", meta(architecture="coatnet_0")), ("c", meta(epoch=5)),
-             ("d", meta(img_size=64))]
-    groups = group_compatible(items)
-    assert sorted(sorted(n for n, _ in g) for g in groups.values()) == [["a", "c"], ["b"], ["d"]]
+def test_group_key_splits_variants_and_preprocessing():
+    """The key the orchestrator groups across-run soups by (soups/pull.Pulled.group_key): epochs share a group,
+    another architecture, img size or preprocessing does not."""
+    items = [("a", meta()), ("b", meta(architecture="coatnet_0")), ("c", meta(epoch=5)), ("d", meta(img_size=64)),
+             ("e", meta(preprocess={**meta().preprocess, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}))]
+    groups: dict[tuple, list[str]] = {}
+    for name, m in items:
+        groups.setdefault(group_key(m), []).append(name)
+    assert sorted(groups.values()) == [["a", "c"], ["b"], ["d"], ["e"]]
 
 
 def test_check_state_dicts_match_int_vs_float():

@@ -1,0 +1,143 @@
+"""Build: a family's soups from its pulled members, one recipe at a time. No MLflow here.
+
+within: uniform and greedy over each trial's epochs (the paper). across: uniform and greedy over each trial's
+best checkpoint (Wortsman), plus a greedy over every checkpoint of the group. Greedy ranks ingredients by their
+recorded val metric and selects on val; test is only reported. BatchNorm statistics are recalibrated on train
+when asked ('auto' keeps what is better on val), once per finished soup: greedy's tries use the averaged
+statistics (a train pass per try would cost more than the whole selection).
+
+cook_family is shared by the serial path (soups/orchestrate.py records each soup before the next is built)
+and the Ray tasks of soups/parallel.py.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from ich.checkpoint import CheckpointError
+from ich.data import ICHDataset
+from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
+from soups.bn import choose_bn_mode
+from soups.evaluate import Evaluator, higher_is_better
+from soups.logit_store import LogitStore
+from soups.options import RECIPE_NAMES, SoupError, SoupOptions
+from soups.pull import Family, Pulled, short_reason
+
+
+@dataclass
+class Built:
+    """One soup's weights and predictions, before it is reported."""
+    state_dict: dict
+    bn_mode: str
+    logits: dict[str, np.ndarray]  # split -> (N, C)
+
+
+@dataclass
+class SoupBuilder:
+    opts: SoupOptions
+    dataset: ICHDataset
+    pool: object  # has skip(record, reason): soups/pull.CheckpointPool, or a Ray task's collector
+    evaluators: dict = field(default_factory=dict)
+    # model_id -> split -> (N, C), kept for soft voting: in memory up to ICH_SOUP_LOGITS_MB (64), then on disk
+    logits: LogitStore = field(default_factory=LogitStore)
+
+    def evaluator(self, p: Pulled) -> Evaluator:
+        key = p.spec.key()
+        if key not in self.evaluators:
+            self.evaluators[key] = Evaluator(self.dataset, p.spec, device=self.opts.device)
+        return self.evaluators[key]
+
+    def score(self, ev: Evaluator, logits: np.ndarray, split: str = "val") -> float:
+        return ev.score(logits, split, self.opts.metric)
+
+    def _stream(self, members: list[Pulled]):
+        """(member, state dict) pairs; meant to run inside prefetch's thread, so loading overlaps evaluation."""
+        for p in members:
+            try:
+                yield p, p.load()
+            except CheckpointError as e:  # verified on pull; only a cache file changed since could land here
+                self.pool.skip(p.record, short_reason(e, str(p.folder)))
+
+    def uniform(self, members: list[Pulled], ev: Evaluator, desc: str) -> tuple[dict, list[Pulled]]:
+        """Uniform soup of the members, computing each member's val/test logits on the way (one pass)."""
+        total, used = RunningSum(), []
+        for p, sd in tqdm(prefetch(self._stream(members), 1), total=len(members), desc=desc, unit="ckpt",
+                          file=sys.stderr, disable=None, leave=False):
+            total.add(sd, p.label)
+            if p.record.model_id not in self.logits:
+                self.logits[p.record.model_id] = {s: ev.logits(sd, s) for s in ("val", "test")}
+            used.append(p)
+            del sd
+        if not used:
+            raise SoupError(f"{desc}: no usable ingredients")
+        return total.mean(), used
+
+    def greedy(self, members: list[Pulled], ev: Evaluator, desc: str):
+        bar = tqdm(total=len(members), desc=desc, unit="try", file=sys.stderr, disable=None, leave=False)
+
+        def evaluate(sd: dict) -> float:
+            bar.update(1)
+            return self.score(ev, ev.logits(sd, "val"))
+
+        by_id = {p.record.model_id: p for p in members}
+        ingredients = (Ingredient(p.record.model_id, p.score, sd) for p, sd in self._stream(members))
+        try:
+            result = greedy_soup(ingredients, evaluate, higher_is_better=higher_is_better(self.opts.metric),
+                                 tie_rule=self.opts.tie_rule, prefetch_depth=1,
+                                 on_skip=lambda s: self.pool.skip(by_id[s.name].record, s.reason))
+        finally:
+            bar.close()
+        return result
+
+    def finish(self, state_dict: dict, ev: Evaluator) -> Built:
+        """Apply the BN option (decided on val) and compute the soup's val and test logits."""
+        val = ev.logits(state_dict, "val")
+        mode = "none" if not ev.has_bn else "average"
+        if ev.has_bn and self.opts.bn != "average":
+            recal = ev.recalibrated(state_dict)
+            recal_val = ev.logits(recal, "val")
+            if self.opts.bn == "recalibrate":
+                mode = "recalibrate"
+            else:
+                mode = choose_bn_mode(self.score(ev, val), self.score(ev, recal_val),
+                                      higher_is_better(self.opts.metric))
+            if mode == "recalibrate":
+                state_dict, val = recal, recal_val
+        return Built(state_dict, mode, {"val": val, "test": ev.logits(state_dict, "test")})
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+# Each recipe: (builder, family, evaluator, the family's uniform soup) -> (soup, accepted model ids, greedy's
+# candidate val score per tried model id).
+
+def _uniform(builder: SoupBuilder, family: Family, ev: Evaluator, uniform: Built):
+    return uniform, {p.record.model_id for p in family.members}, {}
+
+
+def _greedy(builder: SoupBuilder, family: Family, ev: Evaluator, uniform: Built):
+    result = builder.greedy(family.members, ev, f"{family.name} greedy")
+    soup = builder.finish(result.state_dict, ev)
+    return soup, set(result.accepted), {s.name: s.candidate_score for s in result.steps}
+
+
+RECIPE_BUILDERS = {"uniform": _uniform, "greedy": _greedy}
+assert tuple(RECIPE_BUILDERS) == RECIPE_NAMES, "soups/options.RECIPE_NAMES lists the recipes built here"
+
+
+def cook_family(builder: SoupBuilder, family: Family):
+    """Build a family's soups, one recipe at a time: yields (recipe, soup, uniform, accepted, tries). No MLflow:
+    the serial path records each soup before the next is built, a Ray task (soups/parallel.py) returns them.
+    The uniform pass comes first for every family: it computes each member's logits (soft voting, best single)."""
+    ev = builder.evaluator(family.members[0])
+    uniform_sd, members = builder.uniform(family.members, ev, f"{family.name} uniform")
+    family.members = members
+    uniform = builder.finish(uniform_sd, ev)
+    del uniform_sd
+    if "uniform" not in family.recipes:
+        uniform.state_dict = {}  # only its predictions are reported: keep memory flat during greedy
+    for recipe in family.recipes:
+        soup, accepted, tries = RECIPE_BUILDERS[recipe](builder, family, ev, uniform)
+        yield recipe, soup, uniform, accepted, tries

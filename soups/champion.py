@@ -1,0 +1,152 @@
+"""Champion: the best soup (val) becomes a version of the registered model; alias `champion` moves to it only
+when it beats the current champion (rule 'better': its val metric; rule 'significant': McNemar's exact test on
+val, p < alpha, with higher val accuracy).
+
+registered_model_name and current_champion are the lookups the report uses too.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+
+from soups import registry
+from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
+from soups.soup_record import REPORTED, TAG_METRIC, Context, SoupEntry
+from soups.stats import mcnemar_exact
+
+ALIAS = "champion"
+TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it
+TAG_DECISION = "ich.champion_decision"
+TAG_DECISION_REASON = "ich.champion_reason"
+
+
+def registered_model_name(experiment: str, registered_model: str | None = None) -> str:
+    """The registered model a sweep's soups go to: the one given, else "<experiment>-soup"."""
+    return registered_model or f"{experiment}-soup"
+
+
+def current_champion(client: MlflowClient, name: str):
+    """The model version alias `champion` of `name` points at, or None (no model, no alias, or its version was
+    deleted). A transient server error is raised, not taken for "no champion"."""
+    try:
+        return client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException as e:
+        if registry.is_transient(e):
+            raise
+        return None
+
+
+def ensure_registered_model(client: MlflowClient, name: str, experiment: str) -> None:
+    try:
+        registry.call_with_retry(f"get registered model {name!r}", client.get_registered_model, name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            registry.call_with_retry(f"create registered model {name!r}", client.create_registered_model, name,
+                                     tags={"ich.experiment": experiment})
+        except MlflowException as e2:
+            if e2.error_code != "RESOURCE_ALREADY_EXISTS":  # created by another call meanwhile
+                raise
+
+
+def _better(new: float, old: float, metric: str) -> bool:
+    return new > old if higher_is_better(metric) else new < old
+
+
+def _champion_val_logits(ctx: Context, version) -> tuple[np.ndarray | None, str]:
+    """The champion's val logits from its own weights (sha256 verified), or None and why not."""
+    model_id = (version.tags or {}).get(TAG_SOUP_MODEL)
+    if not model_id:
+        return None, f"champion v{version.version} has no {TAG_SOUP_MODEL} tag"
+    record = registry.get_model_record(ctx.client, model_id)
+    state_dict, meta = registry.load_record(ctx.client, record, ctx.tmp / "champion")
+    if list(meta.class_names) != ctx.dataset.classes or meta.dataset_fingerprint != ctx.dataset.fingerprint:
+        return None, f"champion v{version.version} was built on another dataset"
+    return Evaluator(ctx.dataset, EvalSpec.of(meta), device=ctx.opts.device).logits(state_dict, "val"), ""
+
+
+def decide_champion(ctx: Context, best: SoupEntry, best_val_logits: np.ndarray, current) -> dict:
+    """Whether alias `champion` moves to the new best soup; the figures behind the decision."""
+    opts, metric = ctx.opts, ctx.opts.metric
+    new_val = best.val[metric]
+    out = {"rule": opts.champion_rule, "metric": metric, "new_val": new_val, "champion_val": None,
+           "previous_version": None, "p_value": None}
+    if current is None:
+        return {**out, "moved": True, "reason": "no champion yet"}
+    out["previous_version"] = current.version
+    tags = current.tags or {}
+    if tags.get(registry.TAG_DATASET) and tags[registry.TAG_DATASET] != ctx.dataset.fingerprint:
+        return {**out, "moved": False, "reason": f"champion v{current.version} is on another dataset; not comparable"}
+    champ_val = tags.get(f"ich.val_{metric}")
+    champ_logits = None
+    if champ_val is None and current.run_id:  # older versions: the run's metric
+        champ_val = registry.call_with_retry("get champion run", ctx.client.get_run, current.run_id).data.metrics.get(
+            f"val_{metric}")
+    if champ_val is None or opts.champion_rule == "significant":
+        champ_logits, why = _champion_val_logits(ctx, current)
+        if champ_logits is None:
+            return {**out, "moved": False, "reason": why}
+        champ_val = metric_value(champ_logits, ctx.dataset.splits["val"].labels, ctx.dataset.num_classes, metric)
+    out["champion_val"] = champ_val = float(champ_val)
+    if opts.champion_rule == "better":
+        moved = _better(new_val, champ_val, metric)
+        verb = "beats" if moved else "does not beat"
+        return {**out, "moved": moved,
+                "reason": f"val {metric} {new_val:.4f} {verb} champion v{current.version}'s {champ_val:.4f}"}
+    y = ctx.dataset.splits["val"].labels
+    new_pred, champ_pred = best_val_logits.argmax(1), champ_logits.argmax(1)
+    test = mcnemar_exact(y, new_pred, champ_pred)
+    new_acc, champ_acc = float((new_pred == y).mean()), float((champ_pred == y).mean())
+    moved = test.p_value < opts.alpha and new_acc > champ_acc
+    out.update(p_value=test.p_value, mcnemar_b=test.b, mcnemar_c=test.c, new_val_accuracy=new_acc,
+               champion_val_accuracy=champ_acc)
+    return {**out, "moved": moved,
+            "reason": f"val accuracy {new_acc:.4f} vs champion v{current.version}'s {champ_acc:.4f}, McNemar exact "
+                      f"p={test.p_value:.3g} ({'<' if test.p_value < opts.alpha else '>='} alpha {opts.alpha})"}
+
+
+def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np.ndarray]) -> dict:
+    """Log the best soup (val) as a pyfunc model, register it, and move `champion` only if it wins."""
+    import mlflow
+
+    from soups.pyfunc import log_pyfunc
+
+    client, opts, metric = ctx.client, ctx.opts, ctx.opts.metric
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    best = max(soups, key=lambda e: sign * e.val[metric])  # max() keeps the first of equals
+    name = registered_model_name(opts.experiment, opts.registered_model)
+    ensure_registered_model(client, name, opts.experiment)
+    current = current_champion(client, name)
+    decision = decide_champion(ctx, best, val_logits[best.name], current)
+
+    # The fluent API logs the pyfunc; point it at this experiment (an experiment set earlier in the process
+    # makes start_run refuse a run of another one).
+    mlflow.set_experiment(experiment_id=ctx.experiment_id)
+    with mlflow.start_run(run_id=best.run_id):
+        info = log_pyfunc(best.ckpt, name="pyfunc", example_pixels=ctx.dataset.splits["val"].images[0],
+                          tags={registry.TAG_KIND: "soup-pyfunc", registry.TAG_SWEEP: ctx.sweep,
+                                TAG_SOUP_MODEL: best.model_id})
+    version_tags = {"ich.soup": best.name, TAG_SOUP_MODEL: best.model_id, "ich.pyfunc_model_id": info.model_id,
+                    registry.TAG_SWEEP: ctx.sweep, "ich.experiment": opts.experiment, TAG_METRIC: metric,
+                    registry.TAG_DATASET: ctx.dataset.fingerprint,
+                    TAG_DECISION: "moved" if decision["moved"] else "kept",
+                    TAG_DECISION_REASON: decision["reason"][:5000],
+                    **{f"ich.val_{k}": repr(best.val[k]) for k in REPORTED},
+                    **{f"ich.champion_{k}": repr(decision[k]) for k in ("champion_val", "p_value")
+                       if decision[k] is not None}}
+    version = registry.call_with_retry(
+        f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{info.model_id}",
+        run_id=best.run_id, tags=version_tags, model_id=info.model_id)
+    if decision["moved"]:
+        registry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
+    run_tags = {k: v for k, v in version_tags.items() if k.startswith("ich.champion")}
+    run_tags.update({"ich.registered_model": name, "ich.registered_version": str(version.version)})
+    registry.call_with_retry("tag champion decision", client.log_batch, best.run_id,
+                             tags=[RunTag(k, v) for k, v in run_tags.items()])
+    alias_version = version.version if decision["moved"] else (current.version if current else None)
+    return {"registered_model": name, "version": str(version.version), "soup": best.name,
+            "run_id": best.run_id, "model_id": best.model_id, "pyfunc_model_id": info.model_id,
+            "alias": ALIAS, "alias_version": None if alias_version is None else str(alias_version), **decision}

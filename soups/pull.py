@@ -1,0 +1,259 @@
+"""Pull and group: the sweep's record read once, its checkpoints downloaded and verified once, then families.
+
+read_sweep reads what the soups need from MLflow in one go (experiment, sweep run, checkpoint records) into a
+SweepSnapshot; usable_records decides from it, without the network, which checkpoints may be souped.
+CheckpointPool downloads and verifies each checkpoint once (sha256 while downloading, then safetensors and
+finite weights), in background threads while soups are being built; later loads of a verified file skip the
+hash. families() groups the pulled checkpoints into the sets each soup is built from.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import warnings
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from tqdm import tqdm
+
+from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, load_weights
+from soups import registry
+from soups.common import best_first, find_experiment
+from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
+from soups.evaluate import EvalSpec
+from soups.options import SoupError, SoupOptions
+
+TAG_DATA = "ich.data"  # on sweep runs: the dataset folder
+
+
+# ---------------------------------------------------------------------------------------------- the record
+
+@dataclass
+class SweepSnapshot:
+    """What the soups need of a sweep's MLflow record, read once."""
+    uri: str
+    experiment_id: str
+    sweep: str
+    sweep_run_id: str | None  # parent of the soup runs
+    data: str | None  # the sweep run's ich.data tag
+    records: list[registry.CheckpointRecord]  # every checkpoint record of the sweep
+
+
+def read_sweep(client, opts: SoupOptions, uri: str) -> SweepSnapshot:
+    """The experiment, its latest sweep run (of opts.sweep when given) and the sweep's checkpoint records."""
+    experiment_id = find_experiment(client, opts.experiment, uri).experiment_id
+    sweep_tags = {registry.TAG_KIND: "sweep", **({registry.TAG_SWEEP: opts.sweep} if opts.sweep else {})}
+    sweep_run = registry.latest_run_by_tags(client, experiment_id, sweep_tags)
+    sweep = opts.sweep or (sweep_run.data.tags.get(registry.TAG_SWEEP) if sweep_run else None)
+    records = registry.search_checkpoints(client, [experiment_id], sweep=sweep)
+    if not records:
+        raise SoupError(f"experiment {opts.experiment!r}: no checkpoints" + (f" of sweep {sweep!r}" if sweep else ""))
+    sweeps = sorted({r.sweep for r in records})
+    if sweep is None and len(sweeps) > 1:
+        raise SoupError(f"experiment {opts.experiment!r} holds sweeps {', '.join(sweeps)}: pick one with --sweep")
+    return SweepSnapshot(uri=uri, experiment_id=experiment_id, sweep=sweep or sweeps[0],
+                         sweep_run_id=sweep_run.info.run_id if sweep_run else None,
+                         data=sweep_run.data.tags.get(TAG_DATA) if sweep_run else None, records=records)
+
+
+def skip_entry(record: registry.CheckpointRecord, reason: str) -> dict:
+    return {"trial": record.trial, "epoch": record.epoch, "model_id": record.model_id, "reason": reason}
+
+
+@dataclass
+class Usable:
+    """usable_records' verdict: the records to pull with their val score, the skipped ones, the collected ones."""
+    records: list[tuple[registry.CheckpointRecord, float]] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    collected: list[registry.CheckpointRecord] = field(default_factory=list)  # weights deleted by `ich gc`
+
+
+def usable_records(records: list[registry.CheckpointRecord], metric: str, dataset_fingerprint: str,
+                   data: str, warn: bool = True) -> Usable:
+    """Checks that need no download: a finite val figure to rank by, and the dataset we evaluate on.
+    Records whose weights `ich gc` deleted are kept apart (no warning each)."""
+    out = Usable()
+    key = f"val_{metric}"
+    for r in records:
+        if r.tags.get("ich.gc") == "deleted":
+            out.collected.append(r)
+            continue
+        score = r.metrics.get(key)
+        reason = (f"no {key} recorded" if score is None else f"{key} is {score}" if not math.isfinite(score)
+                  else f"dataset fingerprint {r.dataset_fingerprint[:12]} is not the one of {data} "
+                       f"({dataset_fingerprint[:12]})" if r.dataset_fingerprint != dataset_fingerprint else None)
+        if reason:
+            if warn:
+                warnings.warn(f"skipping checkpoint {r.label()}: {reason}", RuntimeWarning, stacklevel=2)
+            out.skipped.append(skip_entry(r, reason))
+        else:
+            out.records.append((r, float(score)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pull
+
+def _file_id(path: Path) -> tuple:
+    """What identifies a file's content as verified: path, size, inode and modification time."""
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_ino, st.st_mtime_ns
+
+
+@dataclass
+class Pulled:
+    """A checkpoint downloaded and verified into the local cache (weights stay on disk until used)."""
+    record: registry.CheckpointRecord
+    folder: Path
+    meta: CheckpointMeta
+    score: float  # its val metric as recorded in MLflow: ranks ingredients
+    spec: EvalSpec  # architecture + preprocessing (checkpoint.json)
+    verified: tuple | None = None  # _file_id of the weights when they were verified (sha256, safetensors, finite)
+
+    @property
+    def label(self) -> str:
+        return self.record.label()
+
+    def load(self) -> dict:
+        """The weights; a file verified on pull and unchanged since is read without hashing it again (a new
+        copy, e.g. fetched on another node, is verified in full)."""
+        weights = self.folder / WEIGHTS
+        if self.verified is not None and weights.is_file() and _file_id(weights) == self.verified:
+            return load_weights(weights)
+        state_dict, _ = load_checkpoint(self.folder, expected_sha256=self.record.sha256)
+        return state_dict
+
+    def group_key(self) -> tuple:
+        return group_key(self.meta)
+
+
+def short_reason(error: BaseException, *prefixes: str) -> str:
+    """First line of an error without the checkpoint's name or folder in front (the label says that)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    for prefix in prefixes:
+        if text.startswith(prefix):
+            rest = text[len(prefix):]
+            cut = rest.find(": ")  # the folder may go on (…/artifacts) before its colon
+            return rest[cut + 2:] if cut >= 0 else rest.lstrip(" :")
+    return text
+
+
+class CheckpointPool:
+    """Downloads and verifies checkpoints in background threads, in the order given, into a disk cache.
+
+    get(record) waits for that one; while soups of the first trials are evaluated, the checkpoints of
+    the next ones are downloading. A failure is recorded in `skipped` and warned about once.
+    """
+
+    def __init__(self, client, pulls: list[tuple[registry.CheckpointRecord, float]], folder: Path, workers: int = 2):
+        self.client, self.folder = client, folder
+        self.skipped: list[dict] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soups-pull")
+        self._futures: dict[str, Future] = {r.model_id: self._executor.submit(self._pull, r, s) for r, s in pulls}
+        self._done: dict[str, Pulled | None] = {}
+        self._bar = tqdm(total=len(pulls), desc="pull checkpoints", unit="ckpt", file=sys.stderr, disable=None)
+
+    def _pull(self, record: registry.CheckpointRecord, score: float) -> Pulled:
+        folder = registry.download_checkpoint(self.client, record, self.folder)  # sha256 verified on the way
+        state_dict, meta = load_checkpoint(folder)  # safetensors, finite weights (no second hash)
+        del state_dict
+        for name in ("architecture", "dataset_fingerprint", "init_fingerprint"):
+            tagged, stored = getattr(record, name), getattr(meta, name)
+            if tagged and tagged != stored:
+                raise CheckpointError(f"{name} is {stored!r} in checkpoint.json but {tagged!r} in the registry")
+        return Pulled(record, folder, meta, score, EvalSpec.of(meta), verified=_file_id(folder / WEIGHTS))
+
+    def get(self, record: registry.CheckpointRecord) -> Pulled | None:
+        if record.model_id not in self._done:
+            try:
+                self._done[record.model_id] = self._futures[record.model_id].result()
+            except (CheckpointError, MlflowException, OSError) as e:
+                self._done[record.model_id] = None
+                reason = short_reason(e, f"checkpoint {record.label()}", str(self.folder / record.model_id))
+                self.skip(record, reason)
+            self._bar.update(1)
+        return self._done[record.model_id]
+
+    def skip(self, record: registry.CheckpointRecord, reason: str) -> None:
+        if any(s["model_id"] == record.model_id for s in self.skipped):
+            return
+        warnings.warn(f"skipping checkpoint {record.label()}: {reason}", RuntimeWarning, stacklevel=2)
+        self.skipped.append(skip_entry(record, reason))
+
+    def close(self) -> None:
+        self._bar.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+@dataclass
+class Family:
+    """Ingredients offered to one set of soups, best val first."""
+    scope: str
+    name: str  # e.g. "within-<trial>", "across-best", "across-all"
+    group: str
+    members: list[Pulled]
+    recipes: list[str]
+    trial: str | None = None
+
+
+def group_id(key: tuple) -> str:
+    """Short, stable name of a compatibility group: architecture plus a hash of the rest."""
+    return f"{key[0]}-{hashlib.sha256(repr(key[1:]).encode()).hexdigest()[:8]}"
+
+
+def pulled_best_first(members: list[Pulled], metric: str) -> list[Pulled]:
+    return best_first(members, metric, score=lambda p: p.score, tiebreak=lambda p: (p.record.trial, p.record.epoch))
+
+
+def compatible(members: list[Pulled], pool) -> list[Pulled]:
+    """Members whose metadata agrees with the first one's; the others are refused, naming the field."""
+    if not members:
+        return []
+    ref, kept = members[0], [members[0]]
+    for p in members[1:]:
+        try:
+            check_compatible([(ref.label, ref.meta), (p.label, p.meta)])  # preprocessing too
+        except IncompatibleCheckpoint as e:
+            pool.skip(p.record, str(e))
+            continue
+        kept.append(p)
+    return kept
+
+
+def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, float]], pool: CheckpointPool,
+             notes: list[str]):
+    """Yield the families to soup, within first (so later trials keep downloading meanwhile), then across."""
+    trials: OrderedDict[str, list[registry.CheckpointRecord]] = OrderedDict()
+    for record, _ in records:
+        trials.setdefault(record.trial, []).append(record)
+    if "within" in opts.scopes:
+        for trial, trial_records in trials.items():
+            pulled = [p for r in trial_records if (p := pool.get(r)) is not None]
+            members = compatible(pulled_best_first(pulled, opts.metric), pool)
+            if len(members) < 2:
+                notes.append(f"trial {trial}: {len(members)} usable checkpoint(s), no within-trial soup")
+                continue
+            yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, opts.recipes, trial)
+    if "across" in opts.scopes:
+        groups: OrderedDict[tuple, list[Pulled]] = OrderedDict()
+        for record, _ in records:
+            if (p := pool.get(record)) is not None:
+                groups.setdefault(p.group_key(), []).append(p)
+        for key, group_members in groups.items():
+            group = group_id(key)
+            suffix = f"-{group}" if len(groups) > 1 else ""
+            members = compatible(pulled_best_first(group_members, opts.metric), pool)
+            best_per_trial = list({p.record.trial: p for p in reversed(members)}.values())  # each trial's first
+            best_per_trial = pulled_best_first(best_per_trial, opts.metric)
+            if len(best_per_trial) < 2:
+                notes.append(f"group {group}: checkpoints of {len(best_per_trial)} trial(s), no across-run soup")
+                continue
+            yield Family("across", f"across-best{suffix}", group, best_per_trial, opts.recipes)
+            if "greedy" in opts.recipes:
+                yield Family("across", f"across-all{suffix}", group, members, ["greedy"])

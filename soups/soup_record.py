@@ -1,0 +1,208 @@
+"""Record: one built soup's figures (SoupEntry), its artifacts, and its run + LoggedModel in MLflow.
+
+Each soup is a run under the sweep run: val/test metrics of the soup, the best single ingredient, the uniform
+soup and soft voting of the same ingredients, bootstrap intervals and paired tests on test, the ingredients
+table, a curve plot, and the weights as a LoggedModel.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from ich.checkpoint import CheckpointMeta, save_checkpoint
+from ich.data import ICHDataset
+from soups import provenance, registry
+from soups.build import Built, SoupBuilder
+from soups.common import json_safe, soft_vote_logits
+from soups.evaluate import Evaluator
+from soups.options import SoupOptions
+from soups.pull import Family, Pulled
+from soups.stats import bootstrap_ci, paired_comparison
+
+CI_ALPHA = 0.05  # the reported intervals are 95%; opts.alpha is the champion test's level
+SEED = 0  # bootstrap resamples: the same images for every model of a call
+REPORTED = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
+
+TAG_SCOPE = "ich.scope"
+TAG_SOUP_RECIPE = registry.TAG_SOUP_RECIPE  # uniform | greedy
+TAG_METRIC = "ich.metric"
+TAG_TIE_RULE = "ich.tie_rule"
+TAG_BN_MODE = "ich.bn_mode"
+TAG_GROUP = "ich.group"
+
+
+@dataclass
+class SoupEntry:
+    """One soup's summary; to_dict() is its row of the JSON summary (ckpt, a local folder, is not part of it)."""
+    name: str
+    scope: str
+    recipe: str
+    group: str
+    trial: str | None
+    ingredients: list[dict]  # trial, epoch, model_id, run_id, sha256, val_score, candidate_val, accepted
+    bn_mode: str
+    val: dict[str, float]
+    test: dict  # REPORTED figures plus accuracy_ci / macro_f1_ci as [low, high]
+    best_single: dict
+    uniform: dict
+    soft_vote: dict
+    vs_best_single: dict[str, float]
+    soft_vote_vs_best_single: dict[str, float]
+    run_id: str | None = None
+    model_id: str | None = None
+    ckpt: str | None = None  # local folder of the weights, for the pyfunc model
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "ckpt"}
+
+
+def _metrics(ev: Evaluator, logits: np.ndarray, split: str) -> dict[str, float]:
+    m = ev.metrics(logits, split)
+    return {k: float(m[k]) for k in REPORTED}
+
+
+def _paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, opts: SoupOptions, k: int) -> dict[str, float]:
+    return paired_comparison(y, a, b, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED, num_classes=k)
+
+
+def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members: list[Pulled], ev: Evaluator,
+                builder: SoupBuilder, uniform: Built, accepted: set[str], tries: dict[str, float]) -> SoupEntry:
+    """The soup's summary entry: figures of the soup, best single, uniform and soft voting on val and test."""
+    opts, k = builder.opts, builder.dataset.num_classes
+    best = members[0]
+    best_logits = builder.logits[best.record.model_id]
+    soft = {s: soft_vote_logits(builder.logits[p.record.model_id][s] for p in members) for s in ("val", "test")}
+    y = ev.labels("test")
+    soup_pred, best_pred, soft_pred = (soup.logits["test"].argmax(1), best_logits["test"].argmax(1),
+                                       soft["test"].argmax(1))
+    test = _metrics(ev, soup.logits["test"], "test")
+    for metric in ("accuracy", "macro_f1"):
+        ci = bootstrap_ci(y, soup_pred, metric, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED,
+                          num_classes=k)
+        test[f"{metric}_ci"] = [ci.low, ci.high]
+    return SoupEntry(
+        name=name, scope=family.scope, recipe=recipe, group=family.group, trial=family.trial,
+        ingredients=[{"trial": p.record.trial, "epoch": p.record.epoch, "model_id": p.record.model_id,
+                      "run_id": p.record.run_id,
+                      "sha256": p.record.sha256, "val_score": p.score,
+                      "candidate_val": tries.get(p.record.model_id),
+                      "accepted": p.record.model_id in accepted} for p in members],
+        bn_mode=soup.bn_mode,
+        val=_metrics(ev, soup.logits["val"], "val"),
+        test=test,
+        best_single={"trial": best.record.trial, "epoch": best.record.epoch, "model_id": best.record.model_id,
+                     "val": _metrics(ev, best_logits["val"], "val"),
+                     "test": _metrics(ev, best_logits["test"], "test")},
+        uniform={"bn_mode": uniform.bn_mode, "val": _metrics(ev, uniform.logits["val"], "val"),
+                 "test": _metrics(ev, uniform.logits["test"], "test")},
+        soft_vote={"val": _metrics(ev, soft["val"], "val"), "test": _metrics(ev, soft["test"], "test")},
+        vs_best_single=_paired(y, soup_pred, best_pred, opts, k),
+        soft_vote_vs_best_single=_paired(y, soft_pred, best_pred, opts, k),
+    )
+
+
+def flat_metrics(entry: SoupEntry) -> dict[str, float]:
+    """The entry's figures as flat MLflow metric names (val_accuracy, test_accuracy_low, vs_best_acc_diff...)."""
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        for k in REPORTED:
+            out[f"{split}_{k}"] = getattr(entry, split)[k]
+    for metric in ("accuracy", "macro_f1"):
+        out[f"test_{metric}_low"], out[f"test_{metric}_high"] = entry.test[f"{metric}_ci"]
+    for prefix in ("best_single", "uniform", "soft_vote"):
+        for split in ("val", "test"):
+            for k in REPORTED:
+                out[f"{prefix}_{split}_{k}"] = getattr(entry, prefix)[split][k]
+    for prefix, key in (("vs_best", "vs_best_single"), ("soft_vote_vs_best", "soft_vote_vs_best_single")):
+        for k, v in getattr(entry, key).items():
+            out[f"{prefix}_{k}"] = v
+    out["n_ingredients"] = float(len(entry.ingredients))
+    out["n_accepted"] = float(sum(i["accepted"] for i in entry.ingredients))
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+
+def write_artifacts(folder: Path, entry: SoupEntry, metric: str) -> None:
+    from soups.plots import ingredient_curve
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = entry.ingredients
+    columns = ["trial", "epoch", "model_id", "sha256", "val_score", "candidate_val", "accepted"]
+    with open(folder / "ingredients.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: r[c] for c in columns} for r in rows)
+    (folder / "ingredients.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (folder / "soup.json").write_text(json.dumps(json_safe(entry.to_dict()), indent=2, ensure_ascii=False),
+                                      encoding="utf-8")
+    ingredient_curve(folder / "ingredient_curve.png", rows, metric=metric,
+                     title=f"{entry.name} ({entry.bn_mode} BN)", soup_val=entry.val[metric],
+                     uniform_val=entry.uniform["val"][metric] if entry.recipe != "uniform" else None)
+
+
+@dataclass
+class Context:
+    """Where a call's soups are recorded: its client and options, the sweep, the dataset, a scratch folder."""
+    client: MlflowClient
+    opts: SoupOptions
+    experiment_id: str
+    sweep: str
+    sweep_run_id: str | None
+    dataset: ICHDataset
+    tmp: Path
+
+
+def log_soup(ctx: Context, entry: SoupEntry, soup: Built, ref: Pulled) -> None:
+    """The soup's run (child of the sweep run) with metrics, artifacts and its weights as a LoggedModel."""
+    client, opts = ctx.client, ctx.opts
+    tags = {registry.TAG_KIND: registry.KIND_SOUP, registry.TAG_SWEEP: ctx.sweep, TAG_SOUP_RECIPE: entry.recipe,
+            TAG_SCOPE: entry.scope, TAG_METRIC: opts.metric, TAG_TIE_RULE: opts.tie_rule,
+            TAG_BN_MODE: entry.bn_mode, TAG_GROUP: entry.group}
+    if entry.trial:
+        tags[registry.TAG_TRIAL] = entry.trial
+    if ctx.sweep_run_id:
+        tags["mlflow.parentRunId"] = ctx.sweep_run_id
+    # Traceable: this code and environment, and the distinct code versions that trained the ingredients.
+    ingredient_runs = {i["run_id"] for i in entry.ingredients if i["accepted"]}
+    run_tags = {**tags, **provenance.run_tags("soups/orchestrate.py"),
+                **provenance.ingredient_tags(client, ctx.experiment_id, ingredient_runs)}
+    run = registry.call_with_retry("create soup run", client.create_run, ctx.experiment_id, run_name=entry.name,
+                                   tags=run_tags)
+    run_id = run.info.run_id
+    metrics = flat_metrics(entry)
+    now = int(time.time() * 1000)
+    registry.call_with_retry("log soup metrics", client.log_batch, run_id,
+                             metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    folder = ctx.tmp / "runs" / entry.name
+    write_artifacts(folder, entry, opts.metric)
+    registry.call_with_retry("log soup artifacts", client.log_artifacts, run_id, str(folder))
+
+    meta = ref.meta
+    soup_meta = CheckpointMeta(
+        architecture=meta.architecture, img_size=meta.img_size, num_classes=meta.num_classes,
+        class_names=list(meta.class_names), dataset_fingerprint=meta.dataset_fingerprint,
+        init_fingerprint=meta.init_fingerprint, epoch=0,
+        metrics={f"val_{k}": entry.val[k] for k in REPORTED} | {f"test_{k}": entry.test[k] for k in REPORTED},
+        extra={"soup": entry.name, "sweep": ctx.sweep, "scope": entry.scope, "recipe": entry.recipe,
+               "bn_mode": entry.bn_mode, "metric": opts.metric, "tie_rule": opts.tie_rule,
+               "ingredients": [i["model_id"] for i in entry.ingredients if i["accepted"]],
+               "image_size": ctx.dataset.image_size},
+        preprocess=ref.spec.preprocess)  # the ingredients' (compatible by construction)
+    ckpt = ctx.tmp / "soups" / entry.name
+    save_checkpoint(ckpt, soup.state_dict, soup_meta)
+    model_tags = {**tags, registry.TAG_EPOCH: "0", registry.TAG_TRIAL: entry.trial or "soup",
+                  registry.TAG_DATASET: meta.dataset_fingerprint, registry.TAG_INIT: meta.init_fingerprint,
+                  registry.TAG_ARCHITECTURE: meta.architecture}
+    model_tags.pop("mlflow.parentRunId", None)
+    entry.model_id = registry.log_soup_model(
+        client, experiment_id=ctx.experiment_id, run_id=run_id, ckpt_dir=ckpt, name=entry.name, tags=model_tags,
+        metrics={f"val_{k}": entry.val[k] for k in REPORTED})
+    registry.call_with_retry("finish soup run", client.set_terminated, run_id, "FINISHED")
+    entry.run_id = run_id
+    entry.ckpt = str(ckpt)
