@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 # The main job on the embedded default: digits -> ingest -> the paper's baselines (tiny CPU versions) and the
-# CoAtNet sweep on local Ray + a local MLflow server -> soups -> report.
+# CoAtNet sweep on local Ray + a local MLflow server -> soups -> report. `ich sweep` = `python sweeps/coatnet.py`
+# (same options); add --verbose for Ray Tune's own tables.
 demo: $(STAMP)
-	$(BIN)/python sweeps/coatnet.py --demo --config sweeps/configs/baselines-cpu.yaml --experiment ich-demo --no-soups
-	$(BIN)/python sweeps/coatnet.py --demo --experiment ich-demo
+	$(BIN)/ich sweep --demo --config sweeps/configs/baselines-cpu.yaml --experiment ich-demo --no-soups
+	$(BIN)/ich sweep --demo --experiment ich-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

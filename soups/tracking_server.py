@@ -413,15 +413,14 @@ def main_ui(argv: list[str] | None = None) -> int:
         print("MLflow server stopped" if stopped else "no local MLflow server was running")
         return 0
     if os.environ.get("MLFLOW_TRACKING_URI"):
+        if refusal := password_in_uri(os.environ["MLFLOW_TRACKING_URI"]):  # refused as by the sweep, not printed
+            raise MlflowServerError(refusal)
         print(f"MLflow UI: {os.environ['MLFLOW_TRACKING_URI']} (from MLFLOW_TRACKING_URI)")
         return 0
-    try:
-        ensure_tracking_uri(args.data_dir)
-    except MlflowServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ensure_tracking_uri(args.data_dir)  # MlflowServerError: one line and exit 2 from the caller's handler, as the sweep
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main_ui())
+    from ich.errors import run_cli
+    sys.exit(run_cli("ich ui", main_ui))

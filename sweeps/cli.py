@@ -202,6 +202,12 @@ def cmd_ui(a) -> None:
         raise SystemExit(rc)
 
 
+def cmd_sweep(a) -> None:
+    """`ich sweep`: the main job, the same run as `python sweeps/coatnet.py` with the same options."""
+    from sweeps.coatnet import run_sweep
+    run_sweep(a, ich_home())
+
+
 def cmd_gc(a) -> None:
     """`ich gc`: the sweep config (a sweeps/ file) is read here; soups/gc.py gets its values."""
     from soups.gc import cmd_gc as run_cmd_gc
@@ -218,25 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo-data", help="write scikit-learn's digits as an ImageFolder (offline demo data)")
-    s.add_argument("out")
+    s.add_argument("out", help="folder to write (one sub-folder of PNG files per digit)")
     s.set_defaults(func=cmd_demo_data)
 
     s = sub.add_parser("ingest", help="ImageFolder -> validated, split, fingerprinted Parquet dataset")
-    s.add_argument("src")
-    s.add_argument("out")
+    s.add_argument("src", help="ImageFolder: one sub-folder of images per class")
+    s.add_argument("out", help="dataset folder to write (Parquet shards + manifest.json)")
     s.add_argument("--size", type=int, default=256, help="stored image size (shorter side resized, center crop)")
-    s.add_argument("--val-frac", type=float, default=0.1)
-    s.add_argument("--test-frac", type=float, default=0.1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--val-frac", type=float, default=0.1, help="share of each class in the val split (default 0.1)")
+    s.add_argument("--test-frac", type=float, default=0.1, help="share of each class in the test split (default 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                   help="decoding processes (default: this machine's CPUs)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a dataset (kept if this fails)")
     s.add_argument("--strict", action="store_true", help="fail (exit 2) on any file that would be skipped")
     s.add_argument("--max-file-mb", type=float, default=50, help="skip (unread) source files larger than this")
     s.add_argument("--max-aspect", type=float, default=10, help="skip images whose long side exceeds this many "
                                                                 "times the short side (0: no limit)")
     s.add_argument("--decode-timeout", type=float, default=300, help="seconds one file may take to decode before "
                                                                      "the ingest fails naming it")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ingest)
 
     from ich.train import TrainConfig
@@ -250,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        help=f"default {f.default}")
     s.set_defaults(func=cmd_train)
+
+    from sweeps.coatnet import add_sweep_args  # argparse only: `ich --help` imports no Ray or MLflow
+    s = sub.add_parser("sweep", help="the main job: a Ray Tune sweep, every checkpoint in MLflow, then soups and "
+                                     "the report (the same options as python sweeps/coatnet.py)")
+    add_sweep_args(s)
+    s.set_defaults(func=cmd_sweep)
 
     from soups.orchestrate import add_soup_args, cmd_soup
     s = sub.add_parser("soup", help="uniform and greedy soups from a sweep's checkpoints in MLflow")
@@ -270,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="class names and probabilities of images from a model (URI or folder)")
     s.add_argument("--model", required=True,
                    help="e.g. models:/ich17-soup@champion, a local pyfunc folder, or a checkpoint folder")
-    s.add_argument("images", nargs="+")
+    s.add_argument("images", nargs="+", help="image files to classify")
     s.add_argument("--top", type=int, default=3, help="probabilities shown per image")
     s.add_argument("--json", action="store_true", help="one JSON object per image: class, probabilities, logits")
     s.set_defaults(func=cmd_predict)
@@ -278,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="verify a registered soup, then serve it over HTTP (mlflow models serve)")
     s.add_argument("--model", required=True, help="e.g. models:/ich17-soup@champion, or a local pyfunc folder")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    s.add_argument("--port", type=int, default=5001)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--port", type=int, default=5001, help="port to listen on (default 5001)")
+    s.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     s.add_argument("--path-root", default=None,
                    help="allow the 'path' input column, for regular files under this folder only "
                         "(default: $ICH_SERVE_PATH_ROOT, else the column is refused)")

@@ -2,6 +2,7 @@
 """The main job: a Ray Tune sweep of CoAtNet fine-tuning variants, every checkpoint in MLflow, then soups.
 
     python sweeps/coatnet.py --demo                          # embedded default: digits, local Ray + MLflow
+    ich sweep --demo --set train.lr=3e-4                     # the same job and options through `ich`
     python sweeps/coatnet.py --config sweeps/configs/gpu.yaml --data /data/ich17-ds --experiment ich17
     ray submit cluster.yaml sweeps/coatnet.py -- --config sweeps/configs/gpu.yaml --data ...
 
@@ -13,6 +14,7 @@ store, or unset without --mlflow-host).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -22,15 +24,19 @@ if __package__ in (None, ""):  # run as a script (`python sweeps/coatnet.py`, `r
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """The sweep's options, one list for `python sweeps/coatnet.py` (and `ray submit`) and `ich sweep`."""
     p.add_argument("--config", help="sweep YAML (default: sweeps/configs/cpu.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted for sections, value read as YAML; repeatable: "
+                        "--set train.lr=3e-4 --set soups.metric=accuracy --set asha.grace_period=1 "
+                        "--set search.cutmix=null (null drops a training or search key)")
     p.add_argument("--data", help="ingested dataset folder (ich ingest SRC OUT)")
     p.add_argument("--experiment", help="MLflow experiment (and sweep name unless the config sets `sweep:`)")
     p.add_argument("--num-samples", type=int, help="number of trials")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU, e.g. 0.5")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial reserves")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves; fractions share a GPU, e.g. 0.5")
     p.add_argument("--storage", help="Ray Tune storage: a path, s3://bucket/prefix, gs://... (default $ICH_STORAGE "
                                      "or $ICH_HOME/ray_results)")
     p.add_argument("--seed", type=int, help="Optuna TPE sampler seed")
@@ -39,9 +45,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "127.0.0.1 ('auto': this machine's outward address) so that every Ray node reaches it; "
                         "it has no authentication: a private network only")
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
-    p.add_argument("--no-soups", action="store_true", help="skip the soups (and report) after the sweep")
+    p.add_argument("--no-soups", action="store_true", help="skip the soups (and the report) after the sweep")
+    p.add_argument("--no-report", action="store_true", help="skip the report after the soups")
+    p.add_argument("--report", action="store_true",
+                   help="accepted for compatibility: the report is built after the soups unless --no-report")
     p.add_argument("--demo", action="store_true", help="write and ingest the digits demo data if --data is not given")
-    p.add_argument("--report", action="store_true", help="build the report after the soups (always with --demo)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's status tables and trial boxes, Ray's and Optuna's info logs, a line per "
+                        "warm-start epoch (default: a progress bar on a terminal and one line per finished trial)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_args(p)
     return p.parse_args(argv)
 
 
@@ -85,7 +101,8 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     t_start = time.time()
     cfg = load_config(args.config, {"data": args.data, "experiment": args.experiment, "num_samples": args.num_samples,
                                     "max_concurrent": args.max_concurrent, "cpus_per_trial": args.cpus_per_trial,
-                                    "gpus_per_trial": args.gpus_per_trial, "storage": args.storage, "seed": args.seed})
+                                    "gpus_per_trial": args.gpus_per_trial, "storage": args.storage, "seed": args.seed},
+                      sets=args.set)
     if cfg.data is None and args.demo:
         cfg.data = str(demo_dataset(home))
     if cfg.data is None:
@@ -100,8 +117,11 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
 
     # The job's runtime_env is shown by the dashboard: MLflow knobs only. The tracking URI reaches trials in
     # the sweep context (object store); credentials come from each node's own environment.
+    quiet_driver(args.verbose)
+
     def start_ray():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True,
+                 logging_level=logging.INFO if args.verbose else logging.WARNING,
                  runtime_env={"env_vars": dict(WORKER_ENV)})
 
     joining = bool(os.environ.get("RAY_ADDRESS"))
@@ -144,13 +164,15 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
             Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
                                                   ("objective", cfg.objective),
                                                   ("num_samples", cfg.num_samples), ("train", cfg.train),
-                                                  ("search", cfg.search), ("asha", cfg.asha), ("init", cfg.init)]])
+                                                  ("search", cfg.search), ("asha", cfg.asha), ("init", cfg.init)]
+                                                 + ([("set", " ".join(args.set))] if args.set else [])])
     parent_run_id = parent.info.run_id
     print(f"sweep {sweep}: run {parent_run_id}, Ray Tune state at {tune_path}", flush=True)
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     models = sorted(set(cfg.search["model"]["choice"])) if "model" in cfg.search else [cfg.train.get("model", "coatnet_tiny_ich")]
-    inits = shared_inits(cfg, models, dataset, client, experiment_id, parent_run_id, sweep, resources)
+    inits = shared_inits(cfg, models, dataset, client, experiment_id, parent_run_id, sweep, resources,
+                         verbose=args.verbose)
     registry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
         RunTag(f"ich.init.{m}", i.fingerprint) for m, i in inits.items()])
 
@@ -176,14 +198,16 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
                                         scheduler=scheduler, num_samples=cfg.num_samples, reuse_actors=True),
             run_config=tune.RunConfig(name=Path(tune_path).name, storage_path=str(Path(tune_path).parent) if "://" not in tune_path else tune_path.rsplit("/", 1)[0],
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
-                                      callbacks=soup_callbacks(cfg, tracking_uri, experiment_id, sweep,
-                                                               parent_run_id)))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      verbose=1 if args.verbose else 0,
+                                      callbacks=progress_callbacks(cfg, args.verbose) + soup_callbacks(
+                                          cfg, tracking_uri, experiment_id, sweep, parent_run_id)))
     results = tuner.fit()
 
     summary = finish_trials(client, experiment_id, sweep, results, cfg)
     registry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
-    print_summary(summary, cfg)
+    if args.verbose:  # by default the progress callback printed a line per trial as it ended
+        print_summary(summary, cfg)
     print(f"sweep {sweep} took {time.time() - t_start:.0f} s; MLflow UI: {tracking_uri}/#/experiments/{experiment_id}",
           flush=True)
     soups = None
@@ -192,13 +216,37 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         if cfg.soup_so_far:  # the soup built while the sweep ran beside the post-hoc one (sweeps/soup_callback.py)
             from sweeps.soup_callback import compare_with_posthoc
             compare_with_posthoc(tracking_uri, parent_run_id, soups)
-        if args.report or args.demo:
+        if not args.no_report:  # every sweep ends with its report (--report is accepted, a no-op)
             from soups.report import build_report
             out = home / "reports" / cfg.experiment
             build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data)
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path,
             "soups": soups}
+
+
+def progress_callbacks(cfg, verbose: bool) -> list:
+    """Default output: a bar and a line per finished trial (sweeps/progress.py); --verbose: Tune's own tables."""
+    if verbose:
+        return []
+    from sweeps.progress import SweepProgress
+    return [SweepProgress(total=cfg.num_samples, metric=cfg.tune_metric, mode=cfg.mode,
+                          planned_epochs=int(cfg.train.get("epochs", cfg.max_epochs)),
+                          params=[k for k in cfg.search if k != "seed"])]
+
+
+def quiet_driver(verbose: bool) -> None:
+    """Default output: the driver's Ray, Tune, Optuna and MLflow chatter off (their records are untouched).
+    --verbose keeps all of it."""
+    if verbose:
+        return
+    import optuna
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per finished run
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # a tiny sweep's pace
+    # Said once per `ray.init` that starts a local Ray: a setting of Ray's, not a problem of this sweep.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Validating input example ...", "Waiting up to 300 s ..."
 
 
 def soup_callbacks(cfg, tracking_uri: str, experiment_id: str, sweep: str, parent_run_id: str) -> list:
@@ -263,8 +311,11 @@ def under_storage_root(path: str, root: str) -> bool:
     return len(segs) > len(root_segs) and segs[:len(root_segs)] == root_segs
 
 
+# Quiet workers: Ray's info logs ("Checkpoint successfully created" per epoch) and MLflow's "View run" lines off;
+# warnings, errors and every MLflow record stay.
 WORKER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+              "RAY_LOGGER_LEVEL": "warning"}
 
 
 def ray_started_here() -> bool:

@@ -6,6 +6,7 @@ exclusive), `{quniform: [lo, hi, q]}` or `{choice: [a, b, ...]}`; every key must
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def _build(cls, d: dict, where: str):
     return cls(**kw)
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> SweepConfig:
+def load_config(path: str | Path | None = None, overrides: dict | None = None, sets=()) -> SweepConfig:
+    """The YAML at `path` (default cpu.yaml), then `sets` ("a.b=value", `--set`), then `overrides` (the named
+    command-line options, None = not given). Everything is validated here, once, before anything starts."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file() and not path.is_absolute():
         # `ray submit` runs the script from the home folder: look in the installed project too.
@@ -116,12 +119,123 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    cfg = _build(SweepConfig, raw, str(path))
+    where = f"{path} with --set" if sets else str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    for text in sets:
+        apply_set(raw, *parse_set(text), raw_text=text.partition("=")[2])
+    cfg = _build(SweepConfig, raw, where)
     for k, v in (overrides or {}).items():
         if v is not None:
             setattr(cfg, k, v)
-    validate(cfg, str(path))
+    validate(cfg, where)
     return cfg
+
+
+# --- `--set a.b=value`: dotted overrides of any config key --------------------------------------------------
+# YAML 1.1 reads 3e-4 as a string (it wants 3.0e-4); on a command line it is a number.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# Sections whose keys are training options (TrainConfig fields); below them (a search distribution,
+# init.preprocess) keys are free and `validate` judges them.
+_TRAIN_KEYED = {("train",), ("search",), ("init", "warm_start")}
+
+
+def parse_set(text: str) -> tuple[str, object]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is read as YAML: numbers, true/false, null, lists
+    `[a, b]`, mappings `{loguniform: [1e-4, 1e-3]}`; anything else is a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key, _numbers(value)
+
+
+def _numbers(value):
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def _fields_at(path: tuple) -> dict | None:
+    """name -> dataclass Field of the keys allowed at `path` in a sweep config; None: any key."""
+    sections = {"asha": AshaConfig, "init": InitConfig, "soups": SoupConfig, "gc": GcConfig}
+    if path == ():
+        return {f.name: f for f in dataclasses.fields(SweepConfig)}
+    if len(path) == 1 and path[0] in sections:
+        return {f.name: f for f in dataclasses.fields(sections[path[0]])}
+    if path in _TRAIN_KEYED:
+        return {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return None
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    """A field that holds keys of its own (a mapping or a sub-config), as opposed to a single value."""
+    return f.default_factory is not dataclasses.MISSING
+
+
+def _checked_value(key: str, f: dataclasses.Field, value, raw_text: str):
+    """The --set value for a single-valued field, converted to its type or refused in one line."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = kind.replace("Optional[", "").rstrip("]")
+    optional = "None" in kind
+    base = kind.split("|")[0].strip()
+    if value is None and optional:
+        return None
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base == "str":
+        return value if isinstance(value, str) else raw_text.strip()
+    if base not in ("bool", "int", "float"):
+        return value  # anything else: validate judges it
+    expected = {"bool": "true or false", "int": "a whole number", "float": "a number"}[base]
+    raise ConfigError(f"--set {key}: expected {expected}, got {raw_text.strip()!r}")
+
+
+def apply_set(raw: dict, key: str, value, raw_text: str | None = None) -> None:
+    """Put `value` at dotted `key` into the raw YAML mapping, refusing unknown keys and values of the wrong type
+    in one line. In a mapping of training options (train, search, init.warm_start) `null` removes the key."""
+    parts = key.split(".")
+    raw_text = raw_text if raw_text is not None else str(value)
+    node, path = raw, ()
+    for i, part in enumerate(parts):
+        known = _fields_at(path)
+        if known is not None and part not in known:
+            where = ".".join(path) or "the top level"
+            raise ConfigError(f"--set {key}: unknown key {part!r} in {where} (known: {', '.join(known)})")
+        last = i == len(parts) - 1
+        # a search entry is a distribution mapping, not a value of the training option's type
+        f = known.get(part) if known is not None and path != ("search",) else None
+        if f is not None and not _is_section(f) and not last:
+            raise ConfigError(f"--set {key}: {'.'.join(path + (part,))} is a single value, not a section")
+        if last:
+            if value is None and path in _TRAIN_KEYED:
+                node.pop(part, None)
+            elif f is not None and not _is_section(f):
+                node[part] = _checked_value(key, f, value, raw_text)
+            else:
+                node[part] = value
+            return
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(path + (part,))} is not a mapping in the config")
+        node, path = child, path + (part,)
+
 
 
 def validate(cfg: SweepConfig, where: str = "config") -> None:

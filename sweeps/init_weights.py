@@ -82,18 +82,21 @@ def _recipe_key(tc: TrainConfig) -> str:
 
 
 @ray.remote(max_retries=1)
-def _train_warm_start(tc: TrainConfig, dataset: ICHDataset, preprocess: dict | None = None) -> tuple[dict, dict, dict]:
+def _train_warm_start(tc: TrainConfig, dataset: ICHDataset, preprocess: dict | None = None,
+                      verbose: bool = True) -> tuple[dict, dict, dict]:
     trainer = Trainer(tc, dataset, init_preprocess=preprocess)
     metrics = {}
     for result in trainer.fit():
         metrics = result.metrics
-        print(f"warm start {tc.model} epoch {result.epoch}/{tc.epochs}: val_accuracy {metrics['val_accuracy']:.4f}",
-              flush=True)
+        if verbose:  # a line per epoch behind the sweep's --verbose (the final metrics go with the model)
+            print(f"warm start {tc.model} epoch {result.epoch}/{tc.epochs}: val_accuracy {metrics['val_accuracy']:.4f}",
+                  flush=True)
     return trainer.weights(), {k: float(v) for k, v in metrics.items()}, trainer.preprocess.to_dict()
 
 
 def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, client: MlflowClient,
-                 experiment_id: str, parent_run_id: str, sweep: str, resources: dict) -> dict[str, Init]:
+                 experiment_id: str, parent_run_id: str, sweep: str, resources: dict,
+                 verbose: bool = True) -> dict[str, Init]:
     inits, to_train = {}, {}
     for model in models:
         source = _source_for(cfg, model)
@@ -109,7 +112,7 @@ def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, clien
     for model, tc in to_train.items():
         print(f"training the warm-start base model for {model} ({tc.epochs} epochs, lr {tc.lr}, {tc.schedule})",
               flush=True)
-        futures[model] = task.remote(tc, dataset, _with_overrides(None, cfg))
+        futures[model] = task.remote(tc, dataset, _with_overrides(None, cfg), verbose)
     for model, future in futures.items():
         sd, metrics, pre = ray.get(future)
         inits[model] = record_warm_start(to_train[model], sd, metrics, dataset, client, experiment_id,

@@ -1,0 +1,158 @@
+"""What a person sees while a sweep runs: one progress bar and one line per finished trial.
+
+Ray Tune's own status tables and config boxes stay behind `--verbose`. The bar (trials done / total, best
+val so far, ETA) is drawn only when stdout is a terminal; in a log (cron, `ray job logs`, a pipe) only the
+per-trial lines appear, one each, never a redrawn bar. The formatting is plain functions (tested alone);
+the Tune callback only feeds them."""
+from __future__ import annotations
+
+import sys
+import time
+
+# Tune's reporter base (ray.tune.experimental.output: the default output engine of Ray 2.x)
+from ray.tune.experimental.output import AirVerbosity
+from ray.tune.experimental.output import ProgressReporter as AirProgressReporter
+
+
+def fmt_value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def better(a: float | None, b: float | None, mode: str) -> bool:
+    """a beats b under `mode` (max | min); anything beats None."""
+    if a is None:
+        return False
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+def trial_line(done: int, total: int, trial_id: str, status: str, epochs: int, metric: str, value: float | None,
+               best: float | None, params: dict) -> str:
+    """`trial 3/8 853f3a74 finished  6 ep  val_macro_f1 0.9833 (best 0.9833)  lr=0.000715 ...`"""
+    shown = "-" if value is None else f"{value:.4f}"
+    best_shown = "" if best is None else f" (sweep best {best:.4f})"
+    width = len(str(total))
+    params_shown = " ".join(f"{k}={fmt_value(v)}" for k, v in params.items())
+    return (f"trial {done:>{width}}/{total} {trial_id:<8} {status:<15} {epochs:>3} ep  {metric} {shown}{best_shown}"
+            + (f"  {params_shown}" if params_shown else ""))
+
+
+def trial_status(result: dict | None, config: dict, planned_epochs: int, error: bool) -> tuple[str, int]:
+    """(status word, epochs trained) of a trial that has ended."""
+    epochs = int((result or {}).get("epoch", 0))
+    if error:
+        return "failed", epochs
+    planned = int(config.get("epochs", planned_epochs))
+    return ("finished" if epochs >= planned else "stopped by ASHA"), epochs
+
+
+def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
+    """Time left at the pace so far (trials run side by side, so a rough figure); None before the first."""
+    if done <= 0 or done >= total:
+        return None if done <= 0 else 0.0
+    return elapsed / done * (total - done)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def bar_line(done: int, total: int, metric: str, best: float | None, elapsed: float, width: int = 24) -> str:
+    """`sweep [#########---------------] 3/8 trials  best val_macro_f1 0.9833  1:02 elapsed, ETA 1:43`"""
+    filled = int(width * done / total) if total else width
+    best_shown = "-" if best is None else f"{best:.4f}"
+    return (f"sweep [{'#' * filled}{'-' * (width - filled)}] {done}/{total} trials  best {metric} {best_shown}  "
+            f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta_seconds(elapsed, done, total))}")
+
+
+class SweepProgress(AirProgressReporter):
+    """The sweep's reporter on the driver: the bar (terminal only) and one line per trial that ends.
+
+    A subclass of Tune's own reporter so that Tune hands it the experiment's start (where its default prints a
+    configuration box even at verbose=0) and the heartbeat; Tune's default reporter stays silent at verbose=0.
+    `params`: the searched keys shown on each trial's line. `planned_epochs`: a trial's epochs when its config
+    does not say (tells "finished" from "stopped by ASHA"). `tty`: None = ask stdout."""
+
+    def __init__(self, total: int, metric: str, mode: str, planned_epochs: int, params: list[str],
+                 tty: bool | None = None):
+        super().__init__(AirVerbosity.SILENT)
+        self.total, self.metric, self.mode, self.planned_epochs = total, metric, mode, planned_epochs
+        self.params, self.tty = list(params), tty
+        self.done, self.best, self.last = 0, None, {}
+        self._clock, self._drawn = None, 0.0
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume): no clock
+        state = dict(self.__dict__)
+        state["_clock"], state["_drawn"] = None, 0.0
+        return state
+
+    def _terminal(self) -> bool:
+        return self.tty if self.tty is not None else sys.stdout.isatty()
+
+    def _elapsed(self) -> float:
+        if self._clock is None:
+            self._clock = time.monotonic()
+        return time.monotonic() - self._clock
+
+    def _draw(self, end: str = "") -> None:
+        if self._terminal():
+            sys.stdout.write("\r\x1b[2K" + bar_line(self.done, self.total, self.metric, self.best, self._elapsed()) + end)
+            sys.stdout.flush()
+            self._drawn = time.monotonic()
+
+    def _say(self, line: str) -> None:
+        if self._terminal():
+            sys.stdout.write("\r\x1b[2K")  # the trial's line takes the bar's place; the bar is drawn below it
+        print(line, flush=True)
+        self._draw()
+
+    # Tune's reporter interface (tune.py calls these on the first reporter among the callbacks)
+    def setup(self, start_time=None, total_samples=None, **kwargs):
+        if isinstance(total_samples, int) and 0 < total_samples < sys.maxsize:
+            self.total = total_samples
+
+    def experiment_started(self, *args, **kwargs):
+        self._elapsed()
+        self._draw()
+
+    def print_heartbeat(self, trials, *args, force: bool = False):
+        if self._terminal() and time.monotonic() - self._drawn >= 1.0:  # the clock ticks once a second
+            self._draw()
+
+    # Callback hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        pass
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        pass
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        pass
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last[trial.trial_id] = result
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and better(float(value), self.best, self.mode):
+            self.best = float(value)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, error=True)
+
+    def on_experiment_end(self, trials, **info):
+        self._draw(end="\n")
+
+    def _finish(self, trial, error: bool) -> None:
+        self.done += 1
+        result = self.last.get(trial.trial_id) or trial.last_result or {}
+        config = trial.config or {}
+        status, epochs = trial_status(result, config, self.planned_epochs, error)
+        value = result.get(self.metric)
+        params = {k: config[k] for k in self.params if k in config}
+        self._say(trial_line(self.done, self.total, trial.trial_id, status, epochs, self.metric,
+                             float(value) if isinstance(value, (int, float)) else None, self.best, params))
