@@ -8,6 +8,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,20 @@ def test_the_check_sees_an_import_fallback(tmp_path):
                        "try:\n    import x\nexcept (OSError, ModuleNotFoundError):\n    pass\n"
                        "try:\n    import y\nexcept ValueError:\n    pass\n")
     assert import_fallbacks(planted) == [3, 7]
+
+
+# ------------------------------------------------------------------------------ design references
+
+def test_design_references_point_at_the_note():
+    """Code cites the design as `docs/design.md#N`; every N is a decision of docs/design.md, and no bare
+    "design decision N" (which pointed at nothing in the repository) is left."""
+    anchors = set(re.findall(r'<a id="(\d+)"></a>', (ROOT / "docs" / "design.md").read_text()))
+    cited, bare = set(), []
+    for package in PACKAGES + ("tests", "bench"):
+        for p in sorted((ROOT / package).rglob("*.py")):
+            text = p.read_text()
+            for m in re.finditer(r"docs/design\.md#(\d+)((?: and #\d+)*)", text):
+                cited |= {m.group(1), *re.findall(r"#(\d+)", m.group(2))}
+            bare += [f"{p.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(r"[Dd]esign decisions? \d+", text)]
+    assert len(cited) >= 8 and cited <= anchors, sorted(cited - anchors)
+    assert bare == []
