@@ -65,9 +65,11 @@ from ich.errors import IchError
 from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
 from ich.models import family
 from soups import registry
-from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, soft_vote, softmax
-from soups.evaluate import EvalSpec, Evaluator, higher_is_better
-from soups.orchestrate import json_safe
+from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, softmax
+from soups.champion import ALIAS, TAG_SOUP_MODEL, current_champion, registered_model_name
+from soups.common import best_first, find_experiment, json_safe, soft_vote_logits
+from soups.evaluate import EvalSpec, Evaluator
+from soups.options import SoupError
 from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_learning_curves, plot_mds,
                          plot_optuna_history, plot_param_importances, plot_val_test, trial_labels)
 from soups.stats import bootstrap_ci, paired_comparison
@@ -78,8 +80,6 @@ TABLE_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
 MDS_CAP = 12  # trajectory points in the MDS figure (the paper shows 8)
 SEED = 0  # bootstrap resamples: the same images for every row
-ALIAS = "champion"
-TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it (orchestrate.py)
 TAG_REGISTERED_MODEL = "ich.registered_model"  # on the registered soup's run (orchestrate.register_best)
 TAG_OPTUNA_STORAGE = "ich.optuna_storage"  # on the sweep run, when the sweep records it
 TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
@@ -116,8 +116,8 @@ class Candidate:
 
 def _best(candidates: list[Candidate], metric: str) -> Candidate | None:
     """Best recorded val score; ties go to the earlier trial/epoch, so the pick is stable."""
-    sign = -1.0 if higher_is_better(metric) else 1.0
-    ranked = sorted(candidates, key=lambda c: (sign * c.score, c.record.trial, c.record.epoch, c.id))
+    ranked = best_first(candidates, metric, score=lambda c: c.score,
+                        tiebreak=lambda c: (c.record.trial, c.record.epoch, c.id))
     return ranked[0] if ranked else None
 
 
@@ -194,9 +194,10 @@ def _open(experiment: str, tracking_uri: str | None):
         from soups.tracking_server import ensure_tracking_uri
         tracking_uri = ensure_tracking_uri()
     client = MlflowClient(tracking_uri)
-    found = registry.call_with_retry(f"get experiment {experiment!r}", client.get_experiment_by_name, experiment)
-    if found is None or found.lifecycle_stage == "deleted":
-        raise ReportError(f"experiment {experiment!r}: not found on the MLflow server at {tracking_uri}")
+    try:
+        found = find_experiment(client, experiment, tracking_uri)
+    except SoupError as e:
+        raise ReportError(str(e)) from None
     return client, found.experiment_id, tracking_uri
 
 
@@ -256,15 +257,12 @@ def _registered_model(client, experiment_id: str, experiment: str, sweep: str | 
             max_results=1, order_by=["attributes.start_time DESC"])
         if runs:
             return runs[0].data.tags[TAG_REGISTERED_MODEL]
-    return f"{experiment}-soup"
+    return registered_model_name(experiment)
 
 
 def _read_champion(client, name: str, soup_ids: set[str], notes: list[str]) -> ChampionRef | None:
-    try:
-        version = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException as e:
-        if registry.is_transient(e):
-            raise
+    version = current_champion(client, name)
+    if version is None:
         return None  # no registered model or no alias yet
     model_id = (version.tags or {}).get(TAG_SOUP_MODEL)
     ref = ChampionRef(name, str(version.version), model_id)
@@ -552,7 +550,7 @@ def _signed(x: float | None) -> str:
 
 def _vote_logits(preds: Predictions, members: list[Candidate], split: str) -> np.ndarray:
     """Soft voting as log-probabilities (mean of logits, softmax), so argmax and metrics read it like logits."""
-    return np.log(np.clip(soft_vote([preds.logits(c.id, split) for c in members]), 1e-300, None))
+    return soft_vote_logits(preds.logits(c.id, split) for c in members)
 
 
 def table_row(key: str, label: str, kind: str, logits: np.ndarray, y: np.ndarray, k: int, *, n_resamples: int,
