@@ -219,7 +219,9 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         if not args.no_report:  # every sweep ends with its report (--report is accepted, a no-op)
             from soups.report import build_report
             out = home / "reports" / cfg.experiment
-            build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data)
+            build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data,
+                         registered_model=cfg.soups.registered_model,  # where the champion alias lives
+                         optuna_storage=cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}")  # the study's figures
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path,
             "soups": soups}
