@@ -124,6 +124,24 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + stream) % (2 ** 63)
 
 
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: np.ndarray, preprocess: Preprocess, device: torch.device,
+                   batch_size: int, *, num_classes: int, amp_dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> np.ndarray:
+    """Logits (N, C) float32 of `model` in eval mode on uint8 images (N, H, W, 3), batch by batch with the
+    evaluation preprocessing: the one loop of Trainer.predict and the soups' Evaluator (soups/evaluate.py)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size].copy()).to(device)  # object-store arrays are read-only
+        x = transform(x, preprocess)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, num_classes), np.float32)
+
+
 class Trainer:
     """`init_preprocess`: the init's preprocessing fields (ich.preprocess.init_preprocess), given with
     `init_state`; read from `init_weights` otherwise. Without any, the dataset's defaults apply."""
@@ -234,22 +252,13 @@ class Trainer:
                 "epoch_time_s": elapsed}
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def predict(self, split: str | None = None, images: np.ndarray | None = None,
                 model: torch.nn.Module | None = None) -> np.ndarray:
         """Logits (N, C) as float32 numpy for a split of the dataset or an array of uint8 images."""
-        model = model or self.forward
         images = self.data.splits[split].images if images is None else images
-        model.eval()
-        out = []
-        for i in range(0, len(images), self.cfg.eval_batch_size):
-            x = torch.from_numpy(images[i:i + self.cfg.eval_batch_size].copy()).to(self.device)  # object-store arrays are read-only
-            x = transform(x, self.preprocess)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                out.append(model(x).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.data.num_classes), np.float32)
+        return predict_logits(model or self.forward, images, self.preprocess, self.device, self.cfg.eval_batch_size,
+                              num_classes=self.data.num_classes, amp_dtype=self.amp_dtype,
+                              channels_last=self.channels_last)
 
     def evaluate(self, split: str = "val", model: torch.nn.Module | None = None) -> dict[str, float]:
         logits = self.predict(split, model=model)

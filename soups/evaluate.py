@@ -14,6 +14,7 @@ from ich.data import ICHDataset
 from ich.metrics import classification_metrics, log_loss
 from ich.models import create_model
 from ich.preprocess import Preprocess, transform
+from ich.train import predict_logits
 from soups.bn import has_batchnorm, recalibrate_bn
 from soups.options import METRICS  # noqa: F401  (the metrics a soup can rank by: one source)
 
@@ -62,17 +63,12 @@ class Evaluator:
         for i in range(0, len(images), self.batch_size):
             yield transform(torch.from_numpy(images[i:i + self.batch_size].copy()).to(self.device), self.spec.preprocess)
 
-    @torch.no_grad()
     def logits(self, state_dict: dict[str, torch.Tensor] | None, split: str) -> np.ndarray:
-        """Logits (N, C) float32 of `state_dict` (or the weights already loaded) on a split."""
+        """Logits (N, C) float32 of `state_dict` (or the weights already loaded) on a split: Trainer.predict's loop."""
         if state_dict is not None:
             self.load(state_dict)
-        self.model.eval()
-        out = []
-        for x in self._batches(self.data.splits[split].images):
-            with torch.autocast(self.device.type, dtype=self.amp) if self.amp else _null():
-                out.append(self.model(x).float().cpu())
-        return torch.cat(out).numpy()
+        return predict_logits(self.model, self.data.splits[split].images, self.spec.preprocess, self.device,
+                              self.batch_size, num_classes=self.data.num_classes, amp_dtype=self.amp)
 
     def labels(self, split: str) -> np.ndarray:
         return self.data.splits[split].labels
@@ -91,10 +87,3 @@ class Evaluator:
         recalibrate_bn(self.model, self._batches(self.data.splits["train"].images), self.device)
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
