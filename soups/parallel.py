@@ -6,6 +6,8 @@ order, so parallel and serial give the same soups, weights bitwise equal (the fl
 depend on where or on how many threads it runs). The driver pulls and verifies the checkpoints as before,
 keeps at most N tasks in flight, and records the results (reports, MLflow runs, champion) in family order.
 A task on a node without the driver's checkpoint cache downloads (and verifies) its members itself.
+
+`cook_within`: one trial's within soups as a task started by the sweep's SoupSoFar callback (sweeps/soup_callback.py).
 """
 from __future__ import annotations
 
@@ -120,29 +122,28 @@ def state_dict_sha256(state_dict: dict) -> str:
 def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, tracking_uri: str, threads: int) -> dict:
     """One trial's within-trajectory soups, inside a Ray task started while the sweep runs (sweeps/soup_callback.py).
 
-    The trial's READY checkpoint records are searched here (not on the driver). The same code as `ich soup`: they go
-    through the orchestrator's filter, pull (CheckpointPool: download,
-    sha256, finite weights), family (_families, scope within) and build (cook_family), with the driver's torch
-    threads; so the soups equal the post-hoc ones, weights bitwise. Returns plain data: per recipe the val figures,
+    The trial's READY checkpoint records are searched here (not on the driver), then go through `ich soup`'s own
+    code: filter (pull.usable_records), pull (CheckpointPool: download, sha256, finite weights), family
+    (pull.families, scope within) and build (build.cook_family), with the driver's torch threads; so the soups
+    equal the post-hoc ones, weights bitwise. Returns plain data: per recipe the val figures,
     BN mode, ingredients (accepted or not) and the weights' sha256; or a note why there is no soup."""
     import dataclasses
-    import math
 
     import torch
     from mlflow import MlflowClient
 
     from soups import registry
-    from soups.orchestrate import REPORTED, CheckpointPool, SoupBuilder, _families, cook_family
+    from soups.build import SoupBuilder, cook_family
+    from soups.pull import CheckpointPool, families, usable_records
+    from soups.soup_record import REPORTED
 
     torch.set_num_threads(threads)
     client = MlflowClient(tracking_uri)
     records = registry.search_checkpoints(client, [experiment_id], sweep=sweep, trial=trial)
     opts = dataclasses.replace(opts, scope="within", parallel=1)
-    key = f"val_{opts.metric}"
-    usable = [(r, float(r.metrics[key])) for r in records
-              if r.tags.get("ich.gc") != "deleted" and r.metrics.get(key) is not None
-              and math.isfinite(r.metrics[key]) and r.dataset_fingerprint == dataset.fingerprint]
-    out = {"trial": trial, "soups": [], "notes": [], "skipped": [], "pid": os.getpid()}
+    usable = usable_records(records, opts.metric, dataset.fingerprint, "the sweep's dataset", warn=False)
+    out = {"trial": trial, "soups": [], "notes": [], "skipped": list(usable.skipped), "pid": os.getpid()}
+    usable = usable.records
     if not usable:
         out["notes"].append(f"trial {trial}: no usable checkpoint")
         return out
@@ -150,7 +151,7 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     pool = CheckpointPool(client, usable, tmp / "pulled")
     try:
         builder = SoupBuilder(opts, dataset, pool)
-        for family in _families(opts, usable, pool, out["notes"]):
+        for family in families(opts, usable, pool, out["notes"]):
             ev = builder.evaluator(family.members[0])
             for recipe, soup, _uniform, accepted, tries in cook_family(builder, family):
                 out["soups"].append({
@@ -162,6 +163,6 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
                     "weights_sha256": state_dict_sha256(soup.state_dict)})
     finally:
         pool.close()
-        out["skipped"] = pool.skipped
+        out["skipped"] += pool.skipped
         shutil.rmtree(tmp, ignore_errors=True)
     return out

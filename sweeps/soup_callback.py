@@ -134,7 +134,7 @@ class SoupSoFar(tune.Callback):
     # ------------------------------------------------------------------ within soups, as Ray tasks
 
     def _options(self):
-        from soups.orchestrate import SoupOptions
+        from soups.options import SoupOptions
         names = {f.name for f in dataclasses.fields(SoupOptions)}
         extra = {k: v for k, v in self.soups.items() if k in names and k not in ("experiment", "sweep", "tracking_uri")}
         extra.setdefault("metric", self.metric)

@@ -93,9 +93,8 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
         "mode: max\n": "mode: max\nobjective: trajectory_soup\nsoup_so_far: true\n", "num_samples: 4": "num_samples: 2",
         "grace_period: 1": "grace_period: 2",  # ASHA's rung at epoch 2: there the soup of 2 differs from epoch 2 alone
         "warm_start: {epochs: 4": "warm_start: {epochs: 2"})
-    args = parse_args(["--config", str(config), "--data", str(digits_dataset)])  # soups after the sweep, too
-    if hasattr(args, "no_report"):
-        args.no_report = True  # the report has tests of its own
+    # soups after the sweep too (the post-hoc `ich soup` compared below); the report has tests of its own
+    args = parse_args(["--config", str(config), "--data", str(digits_dataset), "--no-report"])
     summary = run_sweep(args, ich_home)
     rows = summary["trials"]
     assert len(rows) == 2 and all(r["status"] in ("FINISHED", "KILLED") for r in rows)
