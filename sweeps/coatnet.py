@@ -14,6 +14,7 @@ store, or unset without --mlflow-host).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -202,7 +203,8 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
                                       verbose=1 if args.verbose else 0,
                                       callbacks=progress_callbacks(cfg, args.verbose) + soup_callbacks(
                                           cfg, tracking_uri, experiment_id, sweep, parent_run_id)))
-    results = tuner.fit()
+    with tune_output(args.verbose):
+        results = tuner.fit()
 
     summary = finish_trials(client, experiment_id, sweep, results, cfg)
     registry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
@@ -235,6 +237,25 @@ def progress_callbacks(cfg, verbose: bool) -> list:
     return [SweepProgress(total=cfg.num_samples, metric=cfg.tune_metric, mode=cfg.mode,
                           planned_epochs=int(cfg.train.get("epochs", cfg.max_epochs)),
                           params=[k for k in cfg.search if k != "seed"])]
+
+
+@contextlib.contextmanager
+def tune_output(verbose: bool):
+    """Tune's default output engine prints a configuration box and result paths even at verbose=0, and takes no
+    reporter of ours. Its legacy engine (RAY_AIR_NEW_OUTPUT=0, as under Ray Client) prints nothing at verbose=0,
+    so SweepProgress says what matters. The variable is read when the run starts; restored afterwards."""
+    if verbose:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def quiet_driver(verbose: bool) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-# Tune's reporter base (ray.tune.experimental.output: the default output engine of Ray 2.x)
-from ray.tune.experimental.output import AirVerbosity
-from ray.tune.experimental.output import ProgressReporter as AirProgressReporter
+from ray.tune import Callback
 
 
 def fmt_value(v) -> str:
@@ -68,17 +66,14 @@ def bar_line(done: int, total: int, metric: str, best: float | None, elapsed: fl
             f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta_seconds(elapsed, done, total))}")
 
 
-class SweepProgress(AirProgressReporter):
-    """The sweep's reporter on the driver: the bar (terminal only) and one line per trial that ends.
-
-    A subclass of Tune's own reporter so that Tune hands it the experiment's start (where its default prints a
-    configuration box even at verbose=0) and the heartbeat; Tune's default reporter stays silent at verbose=0.
-    `params`: the searched keys shown on each trial's line. `planned_epochs`: a trial's epochs when its config
-    does not say (tells "finished" from "stopped by ASHA"). `tty`: None = ask stdout."""
+class SweepProgress(Callback):
+    """A Tune callback on the driver: the bar (terminal only) and one line per trial that ends. Tune's own
+    output is off meanwhile (coatnet.tune_output). `params`: the searched keys shown on each trial's line.
+    `planned_epochs`: a trial's epochs when its config does not say (tells "finished" from "stopped by ASHA").
+    `tty`: None = ask stdout."""
 
     def __init__(self, total: int, metric: str, mode: str, planned_epochs: int, params: list[str],
                  tty: bool | None = None):
-        super().__init__(AirVerbosity.SILENT)
         self.total, self.metric, self.mode, self.planned_epochs = total, metric, mode, planned_epochs
         self.params, self.tty = list(params), tty
         self.done, self.best, self.last = 0, None, {}
@@ -109,28 +104,9 @@ class SweepProgress(AirProgressReporter):
         print(line, flush=True)
         self._draw()
 
-    # Tune's reporter interface (tune.py calls these on the first reporter among the callbacks)
-    def setup(self, start_time=None, total_samples=None, **kwargs):
-        if isinstance(total_samples, int) and 0 < total_samples < sys.maxsize:
-            self.total = total_samples
-
-    def experiment_started(self, *args, **kwargs):
-        self._elapsed()
-        self._draw()
-
-    def print_heartbeat(self, trials, *args, force: bool = False):
+    def on_step_end(self, iteration, trials, **info):
         if self._terminal() and time.monotonic() - self._drawn >= 1.0:  # the clock ticks once a second
             self._draw()
-
-    # Callback hooks
-    def on_trial_start(self, iteration, trials, trial, **info):
-        pass
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        pass
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        pass
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result

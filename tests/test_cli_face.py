@@ -199,8 +199,9 @@ def _trial(trial_id, config, last):
 def test_progress_reporter_prints_one_line_per_trial_and_a_bar_only_on_a_terminal(tty, capsys):
     from sweeps.progress import SweepProgress
     p = SweepProgress(total=2, metric="val_macro_f1", mode="max", planned_epochs=3, params=["lr"], tty=tty)
-    p.experiment_started("exp", "/tmp/x", "S", "A", 2)
     a, b = _trial("aaaa0001", {"lr": 1e-3}, {}), _trial("bbbb0002", {"lr": 2e-3, "epochs": 3}, {})
+    p.on_step_end(0, [a, b])
+    p.on_trial_recover(0, [a, b], b)  # a retry says nothing: the trial has not ended
     for epoch, value in ((1, 0.5), (2, 0.7)):
         p.on_trial_result(0, [a, b], a, {"epoch": epoch, "val_macro_f1": value})
     p.on_trial_complete(0, [a, b], a)  # after 2 of 3 epochs: ASHA stopped it
