@@ -34,7 +34,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from ray import tune
 
-from ich.checkpoint import CheckpointMeta, load_checkpoint
+from ich.checkpoint import load_checkpoint
 from ich.data import load_dataset
 from soups import registry
 from soups.average import RunningSum, improves

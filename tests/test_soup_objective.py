@@ -202,3 +202,16 @@ def test_soup_so_far_diff_is_pure():
     assert summary_line(d) == ("soup so far vs post-hoc across-best-greedy: val accuracy 0.9000 (2 ingr., average BN) "
                                "vs 0.9100 (2 ingr., average BN); ingredients differ (1 only so far, 1 only post hoc)")
     assert diff_with_posthoc(so_far, [])["posthoc"] is None
+
+
+def test_soup_so_far_state_is_plain_data_and_failures_are_one_line(capsys):
+    cb = SoupSoFar(tracking_uri="http://127.0.0.1:9", experiment_id="1", sweep="s", parent_run_id="r", data="d")
+    cb.set_state({"version": 99})  # a state this code did not write: start from empty, say so
+    assert cb.done == 0 and cb.accepted == [] and "another version" in capsys.readouterr().err
+    state = {"version": 1, "done": 3, "seen": {"a": 1, "b": 2, "c": 3}, "best": 0.5, "accepted": ["m1"],
+             "offered": ["m1", "m2"], "within": {"a": {"soups": []}}}
+    cb.set_state(state)
+    assert cb.get_state() == state and json.loads(json.dumps(cb.get_state())) == state  # JSON-able: data only
+    assert cb._resubmit == ["b", "c"] and cb._rebuild == ["m1"]
+    cb._guard("trial x", lambda: 1 / 0)
+    assert capsys.readouterr().err == "soup so far: trial x: ZeroDivisionError: division by zero\n"
