@@ -1,0 +1,293 @@
+"""The report's read (phase 1 of soups/report.py): every MLflow and Optuna read, once, into a `Snapshot`.
+
+Files: soups/report_snapshot.py reads (Snapshot and its parts, read_snapshot, ReportError, Candidate);
+soups/report.py computes, renders and writes (compute_report, sections, renderers, build_report, `ich report`)
+and re-exports the names here, so `from soups.report import Snapshot, read_snapshot, ...` keeps working.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+
+from ich.checkpoint import META
+from ich.errors import IchError
+from ich.models import family
+from soups import registry
+from soups.champion import ALIAS, TAG_SOUP_MODEL, current_champion, registered_model_name
+from soups.common import best_first, find_experiment
+from soups.options import SoupError
+
+TAG_REGISTERED_MODEL = "ich.registered_model"  # on the registered soup's run (orchestrate.register_best)
+TAG_OPTUNA_STORAGE = "ich.optuna_storage"  # on the sweep run, when the sweep records it
+TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
+RUNS_PAGE = 5000
+
+
+class ReportError(IchError):
+    """The report cannot be built: unknown experiment, no checkpoints, bad option; one line naming it."""
+
+
+@dataclass
+class Candidate:
+    """A checkpoint or soup of the experiment as MLflow records it; `score` (its val metric) is all selection sees."""
+    record: registry.CheckpointRecord
+    kind: str  # checkpoint | soup
+    score: float
+
+    @property
+    def id(self) -> str:
+        return self.record.model_id
+
+    @property
+    def family(self) -> str:
+        return family(self.record.architecture)
+
+    @property
+    def scope(self) -> str:
+        return self.record.tags.get("ich.scope", "")
+
+    @property
+    def recipe(self) -> str:
+        return self.record.tags.get("ich.recipe", "")
+
+
+def _best(candidates: list[Candidate], metric: str) -> Candidate | None:
+    """Best recorded val score; ties go to the earlier trial/epoch, so the pick is stable."""
+    ranked = best_first(candidates, metric, score=lambda c: c.score,
+                        tiebreak=lambda c: (c.record.trial, c.record.epoch, c.id))
+    return ranked[0] if ranked else None
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+
+@dataclass
+class TrialRun:
+    """One trial run of the sweep run: its curve (val metric per epoch) and how it ended."""
+    trial: str
+    run_id: str
+    status: str  # finished | stopped by ASHA | failed | running
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, value), one per epoch
+
+    @property
+    def stopped(self) -> bool:
+        return self.status == "stopped by ASHA"
+
+
+@dataclass
+class ChampionRef:
+    """The version the `champion` alias points at, and the soup LoggedModel behind it."""
+    registered_model: str
+    version: str
+    model_id: str | None
+    record: registry.CheckpointRecord | None = None  # read only when it is not one of the experiment's soups
+
+
+@dataclass
+class OptunaRecord:
+    """The sweep's Optuna study, copied out of its database (FrozenTrials are plain data)."""
+    study_name: str
+    storage: str  # shown with any password masked
+    direction: str  # maximize | minimize
+    trials: list = field(default_factory=list)
+
+    def study(self):
+        """An in-memory study holding the same trials (for optuna's own importance evaluators)."""
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name=self.study_name, direction=self.direction)
+        study.add_trials(self.trials)
+        return study
+
+
+@dataclass
+class Snapshot:
+    """Everything the report reads from MLflow (and the Optuna database), read once; the rest is computation."""
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    checkpoints: list[registry.CheckpointRecord]
+    soups: list[registry.CheckpointRecord] = field(default_factory=list)
+    ingredients: dict[str, list[str] | None] = field(default_factory=dict)  # soup model id -> accepted ingredients
+    sweep: str | None = None
+    sweep_run_id: str | None = None
+    sweep_tags: dict[str, str] = field(default_factory=dict)
+    curve_key: str = ""  # the trial metric in the curves: val_<metric>, or val_soup_<metric> under trajectory_soup
+    trials: list[TrialRun] = field(default_factory=list)
+    soup_so_far_key: str | None = None
+    soup_so_far: list[tuple[int, float]] = field(default_factory=list)  # (trials done, value)
+    registered_model: str = ""
+    champion: ChampionRef | None = None
+    optuna: OptunaRecord | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be read, said once
+
+    @property
+    def data(self) -> str | None:
+        return self.sweep_tags.get("ich.data")
+
+
+def _open(experiment: str, tracking_uri: str | None):
+    from mlflow import MlflowClient
+    if tracking_uri is None:
+        from soups.tracking_server import ensure_tracking_uri
+        tracking_uri = ensure_tracking_uri()
+    client = MlflowClient(tracking_uri)
+    try:
+        found = find_experiment(client, experiment, tracking_uri)
+    except SoupError as e:
+        raise ReportError(str(e)) from None
+    return client, found.experiment_id, tracking_uri
+
+
+def _sweep_run(client, experiment_id: str, sweep: str | None):
+    """The latest sweep run (of `sweep` if that has one): the report's parent and the default dataset."""
+    for tags in ([{registry.TAG_KIND: "sweep", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "sweep"}]:
+        if (run := registry.latest_run_by_tags(client, experiment_id, tags)) is not None:
+            return run
+    return None
+
+
+def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> list[str] | None:
+    """Model ids the soup averaged (accepted ingredients), from its checkpoint.json (a small download)."""
+    dst = tmp / "soup-meta" / soup.model_id
+    dst.mkdir(parents=True, exist_ok=True)
+    uri = f"{soup.artifact_uri.rstrip('/')}/{META}"
+    try:
+        path = registry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
+                                        artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri)
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (MlflowException, registry.RegistryError, OSError, ValueError):
+        return None  # selection notes the soup without a soft-voting row
+    return list((meta.get("extra") or {}).get("ingredients") or [])
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """A metric's history by step; a step logged twice (a retried epoch) keeps its latest value."""
+    rows = registry.call_with_retry(f"metric history {key} of run {run_id}", client.get_metric_history, run_id, key)
+    by_step = {}
+    for m in sorted(rows, key=lambda m: m.timestamp):
+        by_step[int(m.step)] = float(m.value)
+    return sorted(by_step.items())
+
+
+def _trial_runs(client, experiment_id: str, sweep_run_id: str, key: str) -> list[TrialRun]:
+    runs = registry.call_with_retry(
+        "search trial runs", client.search_runs, [experiment_id],
+        filter_string=f"tags.`{registry.TAG_KIND}` = 'trial' AND tags.`mlflow.parentRunId` = '{sweep_run_id}'",
+        max_results=RUNS_PAGE)
+    trials = []
+    for run in runs:
+        tags = run.data.tags
+        status = tags.get("ich.status") or TRIAL_STATUS.get(run.info.status, run.info.status.lower())
+        history = _history(client, run.info.run_id, key) if key in run.data.metrics else []
+        trials.append(TrialRun(tags.get(registry.TAG_TRIAL, run.info.run_name or run.info.run_id), run.info.run_id,
+                               status, history))
+    return sorted(trials, key=lambda t: t.trial)
+
+
+def _registered_model(client, experiment_id: str, experiment: str, sweep: str | None) -> str:
+    """The name the soups were registered under: the newest soup run's ich.registered_model tag
+    (of this sweep first), else the orchestrator's default "<experiment>-soup"."""
+    for tags in ([{registry.TAG_KIND: "soup", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "soup"}]:
+        runs = registry.call_with_retry(
+            "search registered soup runs", client.search_runs, [experiment_id],
+            filter_string=registry._tag_filter(tags) + f" AND tags.`{TAG_REGISTERED_MODEL}` LIKE '%'",
+            max_results=1, order_by=["attributes.start_time DESC"])
+        if runs:
+            return runs[0].data.tags[TAG_REGISTERED_MODEL]
+    return registered_model_name(experiment)
+
+
+def _read_champion(client, name: str, soup_ids: set[str], notes: list[str]) -> ChampionRef | None:
+    version = current_champion(client, name)
+    if version is None:
+        return None  # no registered model or no alias yet
+    model_id = (version.tags or {}).get(TAG_SOUP_MODEL)
+    ref = ChampionRef(name, str(version.version), model_id)
+    if model_id and model_id not in soup_ids:
+        try:
+            ref.record = registry.get_model_record(client, model_id)
+        except (MlflowException, registry.RegistryError) as e:
+            if isinstance(e, MlflowException) and registry.is_transient(e):
+                raise
+            notes.append(f"alias {ALIAS} of {name} (v{version.version}): model {model_id} cannot be read ({e})")
+    return ref
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def _read_optuna(storage: str | None, study_name: str | None, notes: list[str]) -> OptunaRecord | None:
+    """The study's trials, or a note saying why there are none; never creates a database."""
+    if not storage:
+        notes.append("no Optuna figures: the study's storage is unknown (pass --optuna-storage, e.g. "
+                     "sqlite:///$ICH_HOME/optuna.db)")
+        return None
+    if not study_name:
+        notes.append("no Optuna figures: no sweep run names the study")
+        return None
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        notes.append(f"no Optuna figures: {_masked(storage)} does not exist")
+        return None
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        direction = study.direction.name.lower()
+        trials = study.get_trials(deepcopy=True)
+    except KeyError:
+        notes.append(f"no Optuna figures: no study {study_name!r} in {_masked(storage)}")
+        return None
+    except Exception as e:  # a database that cannot be read is a note, not a failed report
+        notes.append(f"no Optuna figures: study {study_name!r} in {_masked(storage)} cannot be read "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
+    return OptunaRecord(study_name, _masked(storage), direction, trials)
+
+
+def read_snapshot(experiment: str, *, tracking_uri: str | None = None, metric: str = "macro_f1",
+                  registered_model: str | None = None, optuna_storage: str | None = None,
+                  tmp: Path | None = None) -> tuple[object, Snapshot]:
+    """Read the experiment's record once; returns the client (to pull weights later) and the snapshot."""
+    client, experiment_id, uri = _open(experiment, tracking_uri)
+    records = registry.search_checkpoints(client, [experiment_id])
+    if not records:
+        raise ReportError(f"experiment {experiment!r}: no checkpoints")
+    key = f"val_{metric}"
+    scored = [r for r in records if math.isfinite(r.metrics.get(key, float("nan")))]
+    top = _best([Candidate(r, "checkpoint", r.metrics[key]) for r in scored if family(r.architecture) == "coatnet"],
+                metric)
+    snap = Snapshot(experiment, experiment_id, uri, records)
+    snap.soups = registry.search_soup_models(client, [experiment_id])
+    own_tmp = tmp is None
+    tmp = Path(tempfile.mkdtemp(prefix="ich-report-")) if own_tmp else tmp
+    try:
+        snap.ingredients = {s.model_id: _soup_ingredients(client, s, tmp) for s in snap.soups
+                            if family(s.architecture) == "coatnet" and s.tags.get("ich.gc") != "deleted"}
+    finally:
+        shutil.rmtree(tmp if own_tmp else tmp / "soup-meta", ignore_errors=True)
+
+    sweep_run = _sweep_run(client, experiment_id, top.record.sweep if top else None)
+    if sweep_run is not None:
+        snap.sweep_run_id, snap.sweep_tags = sweep_run.info.run_id, dict(sweep_run.data.tags)
+        snap.sweep = snap.sweep_tags.get(registry.TAG_SWEEP)
+        soup_objective = sweep_run.data.params.get("objective") == "trajectory_soup"
+        snap.curve_key = f"val_soup_{metric}" if soup_objective else key  # what ASHA decided on
+        snap.trials = _trial_runs(client, experiment_id, snap.sweep_run_id, snap.curve_key)
+        so_far = sorted(k for k in sweep_run.data.metrics if k.startswith("soup_so_far_val_"))
+        if so_far:
+            snap.soup_so_far_key = f"soup_so_far_{key}" if f"soup_so_far_{key}" in so_far else so_far[0]
+            snap.soup_so_far = _history(client, snap.sweep_run_id, snap.soup_so_far_key)
+    snap.registered_model = registered_model or _registered_model(client, experiment_id, experiment, snap.sweep)
+    snap.champion = _read_champion(client, snap.registered_model, {s.model_id for s in snap.soups}, snap.notes)
+    storage = optuna_storage or snap.sweep_tags.get(TAG_OPTUNA_STORAGE)
+    snap.optuna = _read_optuna(storage, snap.sweep, snap.notes)
+    return client, snap
