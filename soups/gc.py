@@ -352,18 +352,6 @@ def print_summary(s: dict, verbose: bool = False) -> None:
         print("  nothing deleted: run again with --apply")
 
 
-def add_gc_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
-    p.add_argument("--apply", action="store_true", help="delete (default: a dry run that only reports)")
-    p.add_argument("--config", help="sweep config: its gc.keep_top_k / gc.keep_last_k, metric and mode")
-    p.add_argument("--keep-top-k", type=int, help="per trial, keep the k best checkpoints by the val metric "
-                                                   "(default: the config's, else 2)")
-    p.add_argument("--keep-last-k", type=int, help="per trial, keep the k latest epochs (default: the config's, else 1)")
-    p.add_argument("--metric", help="val metric that ranks (default: the config's or the sweep run's)")
-    p.add_argument("--json", dest="json_path", help="write the summary here")
-    p.add_argument("--verbose", action="store_true", help="list every record that goes, and the bytes that stay")
-
-
 def cmd_gc(args: argparse.Namespace) -> None:
     """`ich gc`: bad input exits 2 with one line."""
     from ich.errors import exit_on_user_error

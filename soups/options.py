@@ -2,7 +2,8 @@
 
 `ich soup`'s flags (add_soup_args), the `soups:` block of a sweep config (sweeps/config.SoupConfig, the fields
 marked sweep=True) and both validations (SoupOptions.validate, sweeps/config.validate via option_problem) are
-derived from SoupOptions' fields. No MLflow, no torch: `ich --help` imports this.
+derived from SoupOptions' fields. The flags of `ich report` and `ich gc` live here too. No MLflow, no torch:
+`ich --help` imports this.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ RECIPE_NAMES = ("uniform", "greedy")  # soups/build.py's RECIPE_BUILDERS has one
 RECIPES = (*RECIPE_NAMES, "all")
 SCOPE_NAMES = ("within", "across")
 METRICS = ("macro_f1", "accuracy", "loss")
+SPLITS = ("val", "test")
 TIE_RULES = ("accept", "strict")
 BN_OPTIONS = ("average", "recalibrate", "auto")
 CHAMPION_RULES = ("better", "significant")
@@ -128,3 +130,32 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         p.add_argument(flag, **kw)
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    """Options of `ich report` (wire with: s = sub.add_parser("report"); add_report_args(s); s.set_defaults(func=cmd_report))."""
+    p.add_argument("--experiment", required=True, help="MLflow experiment (CoAtNet sweep, baselines and soups)")
+    p.add_argument("--out", help="write the report here (default: $ICH_HOME/reports/<experiment>)")
+    p.add_argument("--data", help="dataset folder (default: the latest sweep run's ich.data tag)")
+    p.add_argument("--split", dest="split_for_table", choices=SPLITS, default="test", help="split of the table")
+    p.add_argument("--metric", choices=METRICS, default="macro_f1", help="val metric that selects every model")
+    p.add_argument("--resamples", dest="n_resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--device", default="auto", help="device for models not in the prediction cache (auto, cpu, cuda)")
+    p.add_argument("--registered-model", dest="registered_model",
+                   help="registered model holding the champion alias (default: the one the soups were registered "
+                        "under, from their ich.registered_model tag, else <experiment>-soup)")
+    p.add_argument("--optuna-storage", dest="optuna_storage",
+                   help="the sweep's Optuna database URL for the study figures (default: the sweep run's "
+                        "ich.optuna_storage tag; e.g. sqlite:///$ICH_HOME/optuna.db)")
+
+
+def add_gc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    p.add_argument("--apply", action="store_true", help="delete (default: a dry run that only reports)")
+    p.add_argument("--config", help="sweep config: its gc.keep_top_k / gc.keep_last_k, metric and mode")
+    p.add_argument("--keep-top-k", type=int, help="per trial, keep the k best checkpoints by the val metric "
+                                                   "(default: the config's, else 2)")
+    p.add_argument("--keep-last-k", type=int, help="per trial, keep the k latest epochs (default: the config's, else 1)")
+    p.add_argument("--metric", help="val metric that ranks (default: the config's or the sweep run's)")
+    p.add_argument("--json", dest="json_path", help="write the summary here")
+    p.add_argument("--verbose", action="store_true", help="list every record that goes, and the bytes that stay")

@@ -74,8 +74,7 @@ from soups.report_snapshot import (RUNS_PAGE, TAG_OPTUNA_STORAGE, TAG_REGISTERED
                                     TrialRun, _best, _read_optuna, read_snapshot)
 from soups.stats import bootstrap_ci, paired_comparison
 
-SPLITS = ("val", "test")
-METRICS = ("macro_f1", "accuracy", "loss")
+from soups.options import METRICS, SPLITS, add_report_args  # noqa: F401  (flags live with the other options: `ich --help` imports no MLflow)
 TABLE_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
 MDS_CAP = 12  # trajectory points in the MDS figure (the paper shows 8)
@@ -818,23 +817,6 @@ def print_summary(summary: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-def add_report_args(p: argparse.ArgumentParser) -> None:
-    """Options of `ich report` (wire with: s = sub.add_parser("report"); add_report_args(s); s.set_defaults(func=cmd_report))."""
-    p.add_argument("--experiment", required=True, help="MLflow experiment (CoAtNet sweep, baselines and soups)")
-    p.add_argument("--out", help="write the report here (default: $ICH_HOME/reports/<experiment>)")
-    p.add_argument("--data", help="dataset folder (default: the latest sweep run's ich.data tag)")
-    p.add_argument("--split", dest="split_for_table", choices=SPLITS, default="test", help="split of the table")
-    p.add_argument("--metric", choices=METRICS, default="macro_f1", help="val metric that selects every model")
-    p.add_argument("--resamples", dest="n_resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--device", default="auto", help="device for models not in the prediction cache (auto, cpu, cuda)")
-    p.add_argument("--registered-model", dest="registered_model",
-                   help="registered model holding the champion alias (default: the one the soups were registered "
-                        "under, from their ich.registered_model tag, else <experiment>-soup)")
-    p.add_argument("--optuna-storage", dest="optuna_storage",
-                   help="the sweep's Optuna database URL for the study figures (default: the sweep run's "
-                        "ich.optuna_storage tag; e.g. sqlite:///$ICH_HOME/optuna.db)")
-
 
 def cmd_report(args: argparse.Namespace) -> None:
     """`ich report`: bad input exits 2 with one line."""

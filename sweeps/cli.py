@@ -208,6 +208,16 @@ def cmd_sweep(a) -> None:
     run_sweep(a, ich_home())
 
 
+def cmd_soup(a) -> None:
+    from soups.orchestrate import cmd_soup as run_cmd_soup
+    run_cmd_soup(a)
+
+
+def cmd_report(a) -> None:
+    from soups.report import cmd_report as run_cmd_report
+    run_cmd_report(a)
+
+
 def cmd_gc(a) -> None:
     """`ich gc`: the sweep config (a sweeps/ file) is read here; soups/gc.py gets its values."""
     from soups.gc import cmd_gc as run_cmd_gc
@@ -264,17 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_args(s)
     s.set_defaults(func=cmd_sweep)
 
-    from soups.orchestrate import add_soup_args, cmd_soup
+    # Flags from soups/options.py (argparse only); each command imports its MLflow side when it runs.
+    from soups.options import add_gc_args, add_report_args, add_soup_args
     s = sub.add_parser("soup", help="uniform and greedy soups from a sweep's checkpoints in MLflow")
     add_soup_args(s)
     s.set_defaults(func=cmd_soup)
 
-    from soups.report import add_report_args, cmd_report
     s = sub.add_parser("report", help="the paper's tables and figures from one sweep's MLflow records")
     add_report_args(s)
     s.set_defaults(func=cmd_report)
 
-    from soups.gc import add_gc_args
     s = sub.add_parser("gc", help="delete the weights of checkpoints no soup uses beyond each trial's top-k/last-k "
                                   "(dry run unless --apply)")
     add_gc_args(s)

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,8 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         parent = registry.call_with_retry(
             "create sweep run", client.create_run, experiment_id, run_name=name,
             tags={"ich.kind": "sweep", "ich.sweep": sweep, "ich.tune_path": tune_path, "ich.data": cfg.data,
-                  "ich.dataset_fingerprint": dataset.fingerprint, **provenance.run_tags("sweeps/coatnet.py")})
+                  "ich.dataset_fingerprint": dataset.fingerprint, **optuna_storage_tag(cfg, home),
+                  **provenance.run_tags("sweeps/coatnet.py")})
         registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
             Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
                                                   ("objective", cfg.objective),
@@ -223,7 +225,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
             out = home / "reports" / cfg.experiment
             build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data,
                          registered_model=cfg.soups.registered_model,  # where the champion alias lives
-                         optuna_storage=cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}")  # the study's figures
+                         optuna_storage=optuna_storage_url(cfg, home))  # the study's figures
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path,
             "soups": soups}
@@ -375,11 +377,21 @@ def cluster_can_grow(alive: int) -> bool:
     return any(c < 0 for c in counts) or sum(counts) > alive
 
 
+def optuna_storage_url(cfg, home: Path) -> str:
+    return cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}"
+
+
+def optuna_storage_tag(cfg, home: Path) -> dict:
+    """`ich report` finds the study through this tag; a URL holding a password is not written to MLflow."""
+    url = optuna_storage_url(cfg, home)
+    return {} if re.search(r"//[^/@]*:[^/@]*@", url) else {"ich.optuna_storage": url}
+
+
 def optuna_study_storage(cfg, home: Path):
     """The sweep's Optuna study lives in a database, so every later run of the sweep (a scheduled one, say)
     continues it: TPE sees all earlier trials."""
     import optuna
-    url = cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}"
+    url = optuna_storage_url(cfg, home)
     home.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {})
 

@@ -266,3 +266,15 @@ def test_tiny_sweep_prints_a_line_per_trial_then_soups_and_report(tmp_path, mlfl
         trial_id = r.data.tags["ich.trial"]
         said = next(line for line in trials if f" {trial_id} " in line)
         assert len(history) == int(re.search(r" (\d+) ep ", said).group(1)), (said, history)
+
+
+def test_sweep_run_names_its_optuna_study_without_a_password(tmp_path):
+    """`ich report` finds the study through the sweep run's ich.optuna_storage tag; a password never lands in MLflow."""
+    from types import SimpleNamespace
+
+    from sweeps.coatnet import optuna_storage_tag
+    assert optuna_storage_tag(SimpleNamespace(optuna_storage=None), tmp_path) == {
+        "ich.optuna_storage": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    assert optuna_storage_tag(SimpleNamespace(optuna_storage="postgresql://ich@db:5432/optuna"), tmp_path) == {
+        "ich.optuna_storage": "postgresql://ich@db:5432/optuna"}
+    assert optuna_storage_tag(SimpleNamespace(optuna_storage="postgresql://ich:s3cret@db:5432/optuna"), tmp_path) == {}

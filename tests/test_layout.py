@@ -3,6 +3,8 @@ import sweeps/. Read from every module's own imports (top level and inside funct
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,15 @@ def test_the_check_sees_an_upward_import(tmp_path):
     planted = tmp_path / "m.py"
     planted.write_text("def f():\n    from sweeps.mlflow_server import x\n    import mlflow\n")
     assert imported_roots(planted) == [(2, "sweeps"), (3, "mlflow")]
+
+
+def test_ich_help_imports_no_mlflow_or_ray():
+    """`ich --help` (and each command's --help) builds its parser from argparse-only modules."""
+    code = ("import sys\nfrom sweeps.cli import build_parser\np = build_parser()\n"
+            "for argv in (['--help'], ['soup', '--help'], ['report', '--help'], ['gc', '--help'], ['sweep', '--help'],"
+            " ['schedule', '--help']):\n"
+            "    try:\n        p.parse_args(argv)\n    except SystemExit:\n        pass\n"
+            "print('LOADED', sorted(m for m in ('mlflow', 'ray') if m in sys.modules), file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stderr, out.stderr[-2000:]
