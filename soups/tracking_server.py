@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -189,6 +190,13 @@ def start_server(data_dir: str | os.PathLike, port: int | None = None, backend_s
     data_dir = Path(data_dir).resolve()
     mlflow_dir = _mlflow_dir(data_dir)
     (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    with _port_lock():  # held until our server answers: a concurrent start sees the port taken, not free
+        return _start_on_port(data_dir, port, backend_store_uri, timeout, host)
+
+
+def _start_on_port(data_dir: Path, port: int | None, backend_store_uri: str | None, timeout: float,
+                   host: str) -> ServerHandle:
+    mlflow_dir = _mlflow_dir(data_dir)
     if port is None:
         port = DEFAULT_PORT if _port_free(DEFAULT_PORT, host) else free_port()
     elif not _port_free(port, host):
@@ -220,6 +228,18 @@ def start_server(data_dir: str | os.PathLike, port: int | None = None, backend_s
     record = {"pid": process.pid, "port": port, "uri": uri, "data_dir": str(data_dir)}
     _record_path(data_dir).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return handle
+
+
+@contextmanager
+def _port_lock():
+    """Machine-wide: two commands with different data folders starting at once both saw port 5000 free, and the
+    second then trusted the first one's /health, writing into the other store. One start at a time picks a port."""
+    fd = os.open(os.path.join(tempfile.gettempdir(), "ich-mlflow-port.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextmanager

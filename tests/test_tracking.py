@@ -152,3 +152,38 @@ def test_local_resource_check_only_for_a_ray_started_here(ray_local, tmp_path):
              "print('joined', ray_started_here())")
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "joined False" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_two_data_folders_starting_at_once_get_two_servers(tmp_path, monkeypatch):
+    """Both starts see the default port free; the second must not trust the first one's /health and write
+    into its store (found running two demos with different ICH_HOME at once)."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from soups import tracking_server
+    monkeypatch.setattr(tracking_server, "DEFAULT_PORT", tracking_server.free_port())
+    handles, errors = {}, []
+
+    def start(name: str) -> None:
+        try:
+            handles[name] = tracking_server.start_server(tmp_path / name)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in ("a", "b")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        a, b = handles["a"], handles["b"]
+        assert a.port != b.port and tracking_server.DEFAULT_PORT in (a.port, b.port)
+        MlflowClient(a.uri).create_experiment("only-in-a")
+        assert MlflowClient(b.uri).get_experiment_by_name("only-in-a") is None
+        assert MlflowClient(a.uri).get_experiment_by_name("only-in-a") is not None
+    finally:
+        for h in handles.values():
+            h.stop()
