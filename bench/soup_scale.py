@@ -105,7 +105,7 @@ def pulled_uniform(client, records, dst: Path, workers: int, depth: int) -> dict
     CheckpointPool downloads and verifies on `workers` threads while uniform_soup loads (prefetched) and
     accumulates the current one. `depth` is unused here: the pool starts every download at once."""
     from soups.average import Ingredient, uniform_soup
-    from soups.orchestrate import CheckpointPool
+    from soups.pull import CheckpointPool
     pool = CheckpointPool(client, [(r, 0.0) for r in records], dst, workers=workers)
     try:
         pulled = (pool.get(r) for r in records)

@@ -19,7 +19,7 @@ Memory stays flat in the number of ingredients: a running sum, one candidate and
 ahead; only the ingredients' logits (N x C each) are kept, for soft voting (soups/logit_store.py: in memory up
 to ICH_SOUP_LOGITS_MB, 64 MB by default, spilled to disk past it).
 
-The names of the phase modules stay importable from here (soups/parallel.py, sweeps/, bench/ use them).
+Each phase lives in its own module (pull, build, soup_record, champion); callers import from there.
 """
 from __future__ import annotations
 
@@ -35,20 +35,12 @@ import numpy as np
 from mlflow import MlflowClient
 
 from ich.data import load_dataset
-from soups.build import RECIPE_BUILDERS, Built, SoupBuilder, cook_family  # noqa: F401
-from soups.champion import (ALIAS, TAG_DECISION, TAG_DECISION_REASON, TAG_SOUP_MODEL,  # noqa: F401
-                            current_champion, decide_champion, ensure_registered_model, register_best,
-                            registered_model_name)
-from soups.common import NO_URLS, best_first, json_safe, quiet_run_urls, soft_vote_logits  # noqa: F401
-from soups.options import (BN_OPTIONS, CHAMPION_RULES, METRICS, RECIPES, SCOPES, TIE_RULES,  # noqa: F401
-                           SoupError, SoupOptions, add_soup_args)
-from soups.pull import (CheckpointPool, Family, Pulled, SweepSnapshot, families, read_sweep,  # noqa: F401
-                        usable_records)
-from soups.soup_record import (CI_ALPHA, REPORTED, SEED, TAG_BN_MODE, TAG_GROUP, TAG_METRIC,  # noqa: F401
-                               TAG_SCOPE, TAG_SOUP_RECIPE, TAG_TIE_RULE, Context, SoupEntry, flat_metrics,
-                               log_soup, report_soup, write_artifacts)
-
-_families = families  # the name soups/parallel.cook_within imports
+from soups.build import Built, SoupBuilder, cook_family
+from soups.champion import register_best
+from soups.common import json_safe, quiet_run_urls
+from soups.options import SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
+from soups.pull import CheckpointPool, Family, families, read_sweep, usable_records
+from soups.soup_record import Context, SoupEntry, log_soup, report_soup
 
 
 def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str, soup: Built, uniform: Built,

@@ -1,7 +1,7 @@
 """Soup families built at once as Ray tasks: `ich soup --parallel N`, or `soups.parallel: N` in a sweep config.
 
 Families are independent (each trial's within soups, each compatible group's across soups). A Ray task builds
-one family's soups with the serial path's own code (orchestrate.cook_family) on the same members in the same
+one family's soups with the serial path's own code (build.cook_family) on the same members in the same
 order, so parallel and serial give the same soups, weights bitwise equal (the float64 running sum does not
 depend on where or on how many threads it runs). The driver pulls and verifies the checkpoints as before,
 keeps at most N tasks in flight, and records the results (reports, MLflow runs, champion) in family order.
@@ -36,7 +36,7 @@ def _cook(opts, dataset, family, tracking_uri: str, threads: int):
     from mlflow import MlflowClient
 
     from soups import registry
-    from soups.orchestrate import SoupBuilder, cook_family
+    from soups.build import SoupBuilder, cook_family
     # The driver's intra-op threads: CPU kernels (and BN recalibration's running statistics) then add in the
     # same order as on the serial path, so logits, greedy's choices and weights come out the same bits.
     torch.set_num_threads(threads)
