@@ -37,6 +37,8 @@ def _cook(opts, dataset, family, tracking_uri: str, threads: int):
 
     from soups import registry
     from soups.build import SoupBuilder, cook_family
+    from soups.worker_exit import quiet_sigterm_exit
+    quiet_sigterm_exit()
     # The driver's intra-op threads: CPU kernels (and BN recalibration's running statistics) then add in the
     # same order as on the serial path, so logits, greedy's choices and weights come out the same bits.
     torch.set_num_threads(threads)
@@ -136,7 +138,9 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     from soups.build import SoupBuilder, cook_family
     from soups.pull import CheckpointPool, families, usable_records
     from soups.soup_record import REPORTED
+    from soups.worker_exit import quiet_sigterm_exit
 
+    quiet_sigterm_exit()
     torch.set_num_threads(threads)
     client = MlflowClient(tracking_uri)
     records = registry.search_checkpoints(client, [experiment_id], sweep=sweep, trial=trial)

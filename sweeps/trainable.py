@@ -30,6 +30,7 @@ from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
 from soups import provenance, registry
+from soups.worker_exit import quiet_sigterm_exit
 from sweeps.soup_objective import TrajectorySoup
 from sweeps.uploader import Upload, UploadProcess
 
@@ -145,6 +146,7 @@ def record_start(client: MlflowClient, run_id: str, epoch: int) -> int:
 
 def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ctx: SweepContext) -> None:
     """The Tune function trainable."""
+    quiet_sigterm_exit()
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     cfg = TrainConfig.from_dict({**ctx.train, **config})

@@ -96,3 +96,41 @@ def test_missing_service_fails_under_ci_and_skips_elsewhere(tmp_path):
     assert code == 1 and "1 failed" in said and "required service missing under CI=true: PostgreSQL" in said, said
     code, said = results[""]
     assert code == 0 and "1 skipped" in said and "PostgreSQL is not installed" in said, said
+
+
+# A Ray worker as far as SIGTERM goes: Ray's own handler (the SystemExit it raises carries `ray_terminate_msg`),
+# and the signal arriving while garbage collection runs a weakref callback, as CI saw in a train_trial worker.
+_SIGTERM_IN_CALLBACK = textwrap.dedent("""
+    import gc, os, signal, sys, time, weakref
+    import ray._raylet
+    if sys.argv[1] == "hook":
+        from soups.worker_exit import quiet_sigterm_exit
+        quiet_sigterm_exit()
+    signal.signal(signal.SIGTERM, lambda *_: ray._raylet.raise_sys_exit_with_custom_error_message(
+        "The process receives a SIGTERM.", exit_code=1))
+
+    class Thing: pass
+
+    def on_collect(_ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, inside the callback
+            pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, on_collect)
+    del thing
+    gc.collect()
+    time.sleep(5)  # the signal sent again by the hook ends the process here
+    print("still running after SIGTERM")
+""")
+
+
+@pytest.mark.parametrize("hook", ["hook", "none"])
+def test_sigterm_inside_a_gc_callback_exits_without_a_traceback(hook):
+    out = subprocess.run([sys.executable, "-c", _SIGTERM_IN_CALLBACK, hook], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if hook == "none":  # the bug as CI saw it: a printed traceback and the exit lost
+        assert TRACEBACK in out.stderr and "still running" in out.stdout, (out.stdout, out.stderr)
+    else:
+        assert out.returncode == 1 and TRACEBACK not in out.stderr and "still running" not in out.stdout, \
+            (out.returncode, out.stdout, out.stderr)
