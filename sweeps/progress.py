@@ -43,11 +43,14 @@ def trial_status(result: dict | None, config: dict, planned_epochs: int, error: 
     return ("finished" if epochs >= planned else "stopped by ASHA"), epochs
 
 
-def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
-    """Time left at the pace so far (trials run side by side, so a rough figure); None before the first."""
-    if done <= 0 or done >= total:
-        return None if done <= 0 else 0.0
-    return elapsed / done * (total - done)
+def eta_seconds(elapsed: float, done: int, total: int, done_before: int = 0) -> float | None:
+    """Time left at the pace so far (trials run side by side, so a rough figure); None before the first.
+    `done_before`: trials that ended before `elapsed` began (an earlier driver, before --resume)."""
+    if done >= total:
+        return 0.0
+    if done - done_before <= 0:
+        return None
+    return elapsed / (done - done_before) * (total - done)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -58,12 +61,13 @@ def fmt_duration(seconds: float | None) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def bar_line(done: int, total: int, metric: str, best: float | None, elapsed: float, width: int = 24) -> str:
+def bar_line(done: int, total: int, metric: str, best: float | None, elapsed: float, width: int = 24,
+             done_before: int = 0) -> str:
     """`sweep [#########---------------] 3/8 trials  best val_macro_f1 0.9833  1:02 elapsed, ETA 1:43`"""
     filled = int(width * done / total) if total else width
     best_shown = "-" if best is None else f"{best:.4f}"
     return (f"sweep [{'#' * filled}{'-' * (width - filled)}] {done}/{total} trials  best {metric} {best_shown}  "
-            f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta_seconds(elapsed, done, total))}")
+            f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta_seconds(elapsed, done, total, done_before))}")
 
 
 class SweepProgress(Callback):
@@ -76,8 +80,22 @@ class SweepProgress(Callback):
                  tty: bool | None = None):
         self.total, self.metric, self.mode, self.planned_epochs = total, metric, mode, planned_epochs
         self.params, self.tty = list(params), tty
-        self.done, self.best, self.last = 0, None, {}
+        self.finished: set[str] = set()  # trial ids that ended, across --resume (get_state/set_state)
+        self.best, self.last, self.done_before = None, {}, 0
         self._clock, self._drawn = None, 0.0
+
+    @property
+    def done(self) -> int:
+        return len(self.finished)
+
+    def get_state(self) -> dict:
+        """Plain data, saved by Tune with the experiment state, so that --resume counts on instead of from 0."""
+        return {"kind": "sweep_progress", "finished": sorted(self.finished), "best": self.best}
+
+    def set_state(self, state: dict) -> None:
+        if isinstance(state, dict) and state.get("kind") == "sweep_progress":  # Tune keys states by list position
+            self.finished, self.best = set(state["finished"]), state["best"]
+            self.done_before = self.done
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume): no clock
         state = dict(self.__dict__)
@@ -94,7 +112,8 @@ class SweepProgress(Callback):
 
     def _draw(self, end: str = "") -> None:
         if self._terminal():
-            sys.stdout.write("\r\x1b[2K" + bar_line(self.done, self.total, self.metric, self.best, self._elapsed()) + end)
+            bar = bar_line(self.done, self.total, self.metric, self.best, self._elapsed(), done_before=self.done_before)
+            sys.stdout.write("\r\x1b[2K" + bar + end)
             sys.stdout.flush()
             self._drawn = time.monotonic()
 
@@ -124,7 +143,7 @@ class SweepProgress(Callback):
         self._draw(end="\n")
 
     def _finish(self, trial, error: bool) -> None:
-        self.done += 1
+        self.finished.add(trial.trial_id)  # a trial that failed before --resume and runs again counts once
         result = self.last.get(trial.trial_id) or trial.last_result or {}
         config = trial.config or {}
         status, epochs = trial_status(result, config, self.planned_epochs, error)

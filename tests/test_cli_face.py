@@ -187,6 +187,8 @@ def test_progress_lines_and_bar_are_pure_text():
     assert trial_status({"epoch": 3}, {}, 3, error=False) == ("finished", 3)
     assert trial_status({"epoch": 1}, {}, 3, error=True) == ("failed", 1)
     assert eta_seconds(60.0, 0, 8) is None and eta_seconds(60.0, 2, 8) == 180.0 and eta_seconds(9.0, 8, 8) == 0.0
+    # after --resume the pace counts only the trials this driver saw end
+    assert eta_seconds(60.0, 5, 8, done_before=4) == 180.0 and eta_seconds(60.0, 4, 8, done_before=4) is None
     bar = bar_line(2, 8, "val_macro_f1", 0.9833, 60.0)
     assert bar == "sweep [######------------------] 2/8 trials  best val_macro_f1 0.9833  1:00 elapsed, ETA 3:00"
 
@@ -218,6 +220,35 @@ def test_progress_reporter_prints_one_line_per_trial_and_a_bar_only_on_a_termina
         assert lines[-1].startswith("sweep [########################] 2/2 trials  best val_macro_f1 0.7000")
     else:
         assert lines == trials
+
+
+def test_progress_counts_on_after_resume(capsys):
+    """Tune saves callback states with the experiment and hands them back on --resume: the count goes on from
+    the trials that ended before; a trial that failed then and runs again counts once."""
+    import json
+
+    from sweeps.progress import SweepProgress
+    args = dict(total=3, metric="val_macro_f1", mode="max", planned_epochs=2, params=[], tty=False)
+    a, b = _trial("aaaa0001", {}, {}), _trial("bbbb0002", {}, {})
+    first = SweepProgress(**args)
+    first.on_trial_result(0, [a, b], a, {"epoch": 2, "val_macro_f1": 0.8})
+    first.on_trial_complete(0, [a, b], a)
+    first.on_trial_result(0, [a, b], b, {"epoch": 1, "val_macro_f1": 0.5})
+    first.on_trial_error(0, [a, b], b)
+    state = json.loads(json.dumps(first.get_state()))  # plain data
+
+    again = SweepProgress(**args)
+    again.set_state({"version": 1, "done": 7})  # another callback's state (Tune keys them by position): ignored
+    assert again.done == 0
+    again.set_state(state)
+    assert (again.done, again.done_before, again.best) == (2, 2, 0.8)
+    c = _trial("cccc0003", {}, {})
+    for t, value in ((b, 0.6), (c, 0.9)):
+        again.on_trial_result(0, [a, b, c], t, {"epoch": 2, "val_macro_f1": value})
+        again.on_trial_complete(0, [a, b, c], t)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "2/3", "3/3"]
+    assert lines[-1].endswith("val_macro_f1 0.9000 (sweep best 0.9000)")
 
 
 # ------------------------------------------------------------------------------------------ a real sweep's output
