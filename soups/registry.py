@@ -53,6 +53,7 @@ TAG_INIT = "ich.init_fingerprint"
 TAG_ARCHITECTURE = "ich.architecture"
 TAG_SUPERSEDED_BY = "ich.superseded_by"
 TAG_WARM_START_RECIPE = "ich.warm_start_recipe"  # on init models: hash of the warm-start training recipe
+LEGACY_TAG_WARM_START_RECIPE = "ich.recipe"  # the same hash on init models logged before the rename
 TAG_SOUP_RECIPE = "ich.recipe"  # on soups: uniform | greedy
 
 KIND_CHECKPOINT = "checkpoint"
@@ -369,10 +370,15 @@ def log_init_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
 
 def search_init_models(client: MlflowClient, experiment_ids: list[str], *, sweep: str, architecture: str,
                        dataset_fingerprint: str, recipe: str, retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
-    """READY warm-start models of a sweep for one architecture, dataset and recipe; newest first."""
-    key = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint,
-           TAG_WARM_START_RECIPE: recipe}
-    models = [m for m in _search_models(client, [str(e) for e in experiment_ids], _tag_filter(key), retry) if _is_ready(m)]
+    """READY warm-start models of a sweep for one architecture, dataset and recipe; newest first. Models logged
+    before the recipe tag's rename are found under its old name, so an upgrade does not train the warm start again."""
+    key = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint}
+    models = []
+    for recipe_tag in (TAG_WARM_START_RECIPE, LEGACY_TAG_WARM_START_RECIPE):
+        found = _search_models(client, [str(e) for e in experiment_ids], _tag_filter({**key, recipe_tag: recipe}), retry)
+        models = [m for m in found if _is_ready(m)]
+        if models:
+            break
     models.sort(key=lambda m: (m.creation_timestamp or 0, m.model_id), reverse=True)
     return [r for m in models if (r := _record(m)) is not None]
 

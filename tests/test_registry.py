@@ -253,3 +253,28 @@ def test_ensure_tracking_uri_starts_then_reuses_the_local_server(tmp_path, monke
         assert mlflow_server.stop_local_server(data_dir)
     assert not mlflow_server.health_ok(uri)
     assert not (data_dir / "mlflow" / "server.json").exists()
+
+
+@pytest.mark.integration
+def test_init_model_is_found_under_the_new_recipe_tag_and_the_old_one(mlflow_client, experiment, tmp_path):
+    """Init models logged before `ich.recipe` became `ich.warm_start_recipe` are still found (else an upgrade
+    trains the sweep's warm start again); a model with another recipe under either name is not."""
+    run_id = mlflow_client.create_run(experiment).info.run_id
+    found = {}
+    for name, recipe in (("new", "r-new"), ("old", "r-old"), ("other", "r-other")):
+        ckpt_dir, _, _ = make_checkpoint(tmp_path, f"init-{name}", 0, seed=7)
+        model_id = registry.log_init_model(mlflow_client, experiment_id=experiment, run_id=run_id, ckpt_dir=ckpt_dir,
+                                           sweep="sweep-a", architecture="tiny_coatnet", dataset_fingerprint="ds-1",
+                                           recipe=recipe, epoch=0, metrics={})
+        if name != "new":  # as an older version tagged it
+            mlflow_client.delete_logged_model_tag(model_id, registry.TAG_WARM_START_RECIPE)
+            mlflow_client.set_logged_model_tags(model_id, {registry.LEGACY_TAG_WARM_START_RECIPE: recipe})
+        found[name] = model_id
+
+    def search(recipe):
+        return [r.model_id for r in registry.search_init_models(
+            mlflow_client, [experiment], sweep="sweep-a", architecture="tiny_coatnet", dataset_fingerprint="ds-1",
+            recipe=recipe)]
+    assert search("r-new") == [found["new"]]
+    assert search("r-old") == [found["old"]]
+    assert search("r-missing") == []
