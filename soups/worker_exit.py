@@ -21,7 +21,9 @@ def _is_ray_sigterm_exit(exc: BaseException | None) -> bool:
 
 def _hook(unraisable) -> None:
     if _is_ray_sigterm_exit(unraisable.exc_value):
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        again.daemon = True  # never holds up an exit that is already under way
+        again.start()
         return
     sys.__unraisablehook__(unraisable)
 

@@ -3,8 +3,8 @@
 When a trial finishes or ASHA stops it:
 - its within-trajectory soups (uniform and greedy over its own checkpoints) are built as a Ray task
   (soups/parallel.py: cook_within, the orchestrator's own pull/family/build code, with a GPU fraction when the
-  cluster has GPUs). The task is submitted here and collected on later callbacks, so the driver's loop never waits
-  for it. Each result goes on the sweep run: `within_<recipe>_val_<metric>` with step = the trial's place in the
+  cluster has GPUs, and no CPU reserved so that it runs beside the trials). The task is submitted here and
+  collected on later callbacks, so the driver's loop never waits for it. Each result goes on the sweep run: `within_<recipe>_val_<metric>` with step = the trial's place in the
   order trials ended, and `soups_so_far/within-<trial>.json` (val figures, ingredients, weights sha256).
 - its best checkpoint (by the recorded val metric) is pulled from MLflow (sha256 verified) and offered to the
   across-run greedy soup, accepted when the soup with it scores at least as well on val under the tie rule in
@@ -47,6 +47,14 @@ TAG_VS_POSTHOC = "ich.soup_so_far_vs_posthoc"
 
 def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def within_task_resources(cluster_gpus: float, parallel: int) -> dict:
+    """Ray options of one trial's within-soup task. No CPU reserved: trials usually hold every CPU (and Tune
+    reuses their actors for the next trials), so a task that waited for one ran only after the sweep (measured:
+    every within soup of a 4-trial sweep on 2 CPUs came after the last trial). The task is a few val passes, small
+    beside a trial's epochs. On GPUs it asks a fraction, which does wait while trials hold every GPU."""
+    return {"num_cpus": 0, "num_gpus": 1 / max(2, parallel) if cluster_gpus else 0, "max_retries": 1}
 
 
 class SoupSoFar(tune.Callback):
@@ -160,7 +168,7 @@ class SoupSoFar(tune.Callback):
         if self._dataset_ref is None:  # once in the object store, mapped by every task on a node
             self._dataset_ref = ray.put(self._load_dataset())
         gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
-        task = ray.remote(num_cpus=1, num_gpus=1 / max(2, opts.parallel) if gpus else 0, max_retries=1)(cook_within)
+        task = ray.remote(**within_task_resources(gpus, opts.parallel))(cook_within)
         # the driver's intra-op threads: the post-hoc `ich soup` on this machine adds in the same order
         self._refs[trial_id] = task.remote(opts, self._dataset_ref, self.experiment_id, self.sweep, trial_id, self.uri,
                                            torch.get_num_threads())

@@ -219,3 +219,33 @@ def test_soup_so_far_state_is_plain_data_and_failures_are_one_line(capsys):
     assert cb._resubmit == ["b", "c"] and cb._rebuild == ["m1"]
     cb._guard("trial x", lambda: 1 / 0)
     assert capsys.readouterr().err == "soup so far: trial x: ZeroDivisionError: division by zero\n"
+
+
+@pytest.mark.integration
+def test_within_soups_are_built_while_trials_hold_every_cpu(tiny_sweep, mlflow_client, mlflow_server):
+    """Trials usually hold every CPU of the cluster (and Tune reuses their actors), so a within-soup task that
+    reserved a CPU ran only after the sweep. Here an actor holds both CPUs of the session's Ray, as trials would,
+    and the callback's task for one trial of the session sweep still comes back, with that trial's soups."""
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Trials:
+        def ready(self) -> bool:
+            return True
+
+    holder = Trials.remote()
+    try:
+        assert ray.get(holder.ready.remote(), timeout=120)
+        assert ray.available_resources().get("CPU", 0) == 0
+        exp = mlflow_client.get_experiment_by_name(tiny_sweep["experiment"]).experiment_id
+        records = registry.search_checkpoints(mlflow_client, [exp], sweep=tiny_sweep["experiment"])
+        trial = max({r.trial for r in records}, key=lambda t: sum(r.trial == t for r in records))  # most epochs
+        cb = SoupSoFar(tracking_uri=mlflow_server, experiment_id=exp, sweep=tiny_sweep["experiment"],
+                       parent_run_id="unused", data=str(tiny_sweep["data"]))
+        cb._submit_within(trial)
+        done, _ = ray.wait([cb._refs[trial]], timeout=180)
+        assert done, "the within-soup task waited for a CPU that the trials hold"
+        result = ray.get(done[0])
+        assert result["trial"] == trial and {s["recipe"] for s in result["soups"]} == {"uniform", "greedy"}, result
+    finally:
+        ray.kill(holder)
