@@ -4,8 +4,9 @@ When a trial finishes or ASHA stops it:
 - its within-trajectory soups (uniform and greedy over its own checkpoints) are built as a Ray task
   (soups/parallel.py: cook_within, the orchestrator's own pull/family/build code, with a GPU fraction when the
   cluster has GPUs, and no CPU reserved so that it runs beside the trials). The task is submitted here and
-  collected on later callbacks, so the driver's loop never waits for it. Each result goes on the sweep run: `within_<recipe>_val_<metric>` with step = the trial's place in the
-  order trials ended, and `soups_so_far/within-<trial>.json` (val figures, ingredients, weights sha256).
+  collected on later callbacks, so the driver's loop never waits for it. Each result goes on the sweep run:
+  `within_<recipe>_val_<metric>` with step = the trial's place in the order trials ended, and
+  `soups_so_far/within-<trial>.json` (val figures, ingredients, weights sha256).
 - its best checkpoint (by the recorded val metric) is pulled from MLflow (sha256 verified) and offered to the
   across-run greedy soup, accepted when the soup with it scores at least as well on val under the tie rule in
   force (soups/average.py's `improves`). The sweep run gets `soup_so_far_val_<metric>` and `soup_so_far_size`
@@ -52,7 +53,7 @@ def _first_line(e: BaseException) -> str:
 def within_task_resources(cluster_gpus: float, parallel: int) -> dict:
     """Ray options of one trial's within-soup task. No CPU reserved: trials usually hold every CPU (and Tune
     reuses their actors for the next trials), so a task that waited for one ran only after the sweep (measured:
-    every within soup of a 4-trial sweep on 2 CPUs came after the last trial). The task is a few val passes, small
+    every within-soup task of a 6-trial sweep on 2 CPUs started after the last trial). The task is a few val passes, small
     beside a trial's epochs. On GPUs it asks a fraction, which does wait while trials hold every GPU."""
     return {"num_cpus": 0, "num_gpus": 1 / max(2, parallel) if cluster_gpus else 0, "max_retries": 1}
 
