@@ -11,6 +11,7 @@ the trainer loaded, 0 from the shared init; step = how many starts came before),
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -180,12 +181,17 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         t0 = time.perf_counter()
         upload, folder, metrics, soup_metrics = pending
         pending = None
-        model_id = upload.result()  # an upload that failed for good fails the trial (Tune retries it)
-        _maybe_fail(ctx, trial_id, "before_report", int(metrics["epoch"]), model_id=model_id)
-        tune.report({**metrics, **soup_metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id, METRIC_RETRIES: retries(),
-                     "sweep_report_s": overhead["report_s"], "sweep_write_s": overhead["write_s"]},
-                    checkpoint=tune.Checkpoint.from_directory(str(folder)))
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            model_id = upload.result()  # an upload that failed for good fails the trial (Tune retries it)
+            _maybe_fail(ctx, trial_id, "before_report", int(metrics["epoch"]), model_id=model_id)
+            tune.report({**metrics, **soup_metrics, "mlflow_model_id": model_id, "mlflow_run_id": run_id,
+                         METRIC_RETRIES: retries(), "sweep_report_s": overhead["report_s"],
+                         "sweep_write_s": overhead["write_s"]},
+                        checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        finally:
+            # Also when the report ends the trial: once Tune has stored the checkpoint, a trial that is stopped
+            # (ASHA, or the last epoch) leaves tune.report by SystemExit. A retry starts from Tune's copy.
+            _remove_folder(folder)
         overhead["report_s"] = time.perf_counter() - t0
 
     def on_step() -> None:
@@ -199,7 +205,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             report_pending(True)  # reports stay in epoch order
             t0 = time.perf_counter()
             metrics = {k: float(v) for k, v in result.metrics.items()}
-            folder = Path(tempfile.mkdtemp(prefix=f"ich-{trial_id}-e{result.epoch:03d}-"))
+            folder = _new_folder(f"ich-{trial_id}-e{result.epoch:03d}-")
             meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=dataset.num_classes,
                                   class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
                                   init_fingerprint=trainer.init_fingerprint, epoch=result.epoch, metrics=metrics,
@@ -230,12 +236,35 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     finally:
         if pending is not None:  # a failing trial still lets its last upload finish (it may be reported on retry)
             pending[0].wait()
+            _remove_folder(pending[1])
         # Also (above all) when this start failed: an outage that outlasted the retries shows here.
         row = Metric(METRIC_RETRIES, float(retries()), int(time.time() * 1000), start)
         try:
             registry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
         except registry.RegistryError as e:  # never hide why the trial failed
             print(f"trial {trial_id}: {e}", file=sys.stderr, flush=True)
+
+
+# Checkpoint folders of this process not yet removed. Every path out of train_trial removes its own; the exit
+# handler catches what a trial thread left when the process ended under it (Ray's SIGTERM runs atexit).
+_FOLDERS: set[Path] = set()
+
+
+def _new_folder(prefix: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    _FOLDERS.add(folder)
+    return folder
+
+
+def _remove_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    _FOLDERS.discard(folder)
+
+
+@atexit.register
+def _remove_folders_at_exit() -> None:
+    for folder in list(_FOLDERS):
+        _remove_folder(folder)
 
 
 _UPLOADER: UploadProcess | None = None

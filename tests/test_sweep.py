@@ -82,6 +82,22 @@ def test_every_checkpoint_recorded_once_with_metrics_and_sha(tiny_sweep, mlflow_
         assert sha256_file(folder / "model.safetensors") == r.sha256 == r.tags["ich.sha256"]
 
 
+def test_trials_leave_no_checkpoint_folders(tiny_sweep):
+    """Each epoch's checkpoint is written to a temporary folder, uploaded and reported to Tune, then removed; also
+    when the report ends the trial (ASHA's stop, the last epoch), where Tune leaves tune.report by SystemExit.
+    Before that was handled, every trial of every sweep left its last checkpoint in /tmp (681 folders here)."""
+    import tempfile
+    trials = [t["trial"] for t in tiny_sweep["trials"]]
+    assert len(trials) == 4
+
+    def left() -> list[Path]:
+        return sorted(p for t in trials for p in Path(tempfile.gettempdir()).glob(f"ich-{t}-e*"))
+    deadline = time.monotonic() + 60  # a stopped trial's thread finishes after Tune has moved on
+    while left() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left() == []
+
+
 def test_trials_are_children_with_statuses(tiny_sweep, mlflow_client):
     exp, sweep = tiny_sweep["experiment_id"], tiny_sweep["experiment"]
     runs = _trial_runs(mlflow_client, exp, sweep)
