@@ -185,7 +185,7 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
     ev = Evaluator(load_dataset(digits_dataset), EvalSpec.of(cb._ref[1]), device="cpu")
     assert cb.sum.count == len(state["accepted"])
     assert ev.score(ev.logits(cb.sum.mean(), "val"), "val", "macro_f1") == state["val_macro_f1"]
-    assert len(pickle.dumps(cb)) > 0  # Tune pickles its callbacks (nothing here is unpickled: tests/test_security.py)
+    pickle.dumps(cb)  # Tune pickles its callbacks: must not raise (nothing is unpickled here: tests/test_security.py)
     again = SoupSoFar(tracking_uri=mlflow_client.tracking_uri, experiment_id=exp, sweep="soup-objective",
                       parent_run_id=parent, data=str(digits_dataset), within=False)
     again.set_state(json.loads(json.dumps(cb.get_state())))  # plain data: a JSON round trip loses nothing
