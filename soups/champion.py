@@ -96,16 +96,29 @@ def decide_champion(ctx: Context, best: SoupEntry, best_val_logits: np.ndarray, 
         verb = "beats" if moved else "does not beat"
         return {**out, "moved": moved,
                 "reason": f"val {metric} {new_val:.4f} {verb} champion v{current.version}'s {champ_val:.4f}"}
-    y = ctx.dataset.splits["val"].labels
-    new_pred, champ_pred = best_val_logits.argmax(1), champ_logits.argmax(1)
-    test = mcnemar_exact(y, new_pred, champ_pred)
-    new_acc, champ_acc = float((new_pred == y).mean()), float((champ_pred == y).mean())
-    moved = test.p_value < opts.alpha and new_acc > champ_acc
-    out.update(p_value=test.p_value, mcnemar_b=test.b, mcnemar_c=test.c, new_val_accuracy=new_acc,
-               champion_val_accuracy=champ_acc)
+    sig = significant_decision(ctx.dataset.splits["val"].labels, best_val_logits.argmax(1), champ_logits.argmax(1),
+                               opts.alpha)
+    moved = sig.pop("moved")
+    out.update(sig)
+    new_acc, champ_acc, p = sig["new_val_accuracy"], sig["champion_val_accuracy"], sig["p_value"]
     return {**out, "moved": moved,
             "reason": f"val accuracy {new_acc:.4f} vs champion v{current.version}'s {champ_acc:.4f}, McNemar exact "
-                      f"p={test.p_value:.3g} ({'<' if test.p_value < opts.alpha else '>='} alpha {opts.alpha})"}
+                      f"p={p:.3g} ({'<' if p < opts.alpha else '>='} alpha {opts.alpha})"}
+
+
+def significant_decision(y_val: np.ndarray, new_pred: np.ndarray, champ_pred: np.ndarray, alpha: float) -> dict:
+    """Rule 'significant', on val predictions only: move when McNemar's exact test says the two differ
+    (p < alpha) and the new one is the more accurate."""
+    test = mcnemar_exact(y_val, new_pred, champ_pred)
+    new_acc, champ_acc = float((new_pred == y_val).mean()), float((champ_pred == y_val).mean())
+    return {"moved": test.p_value < alpha and new_acc > champ_acc, "p_value": test.p_value, "mcnemar_b": test.b,
+            "mcnemar_c": test.c, "new_val_accuracy": new_acc, "champion_val_accuracy": champ_acc}
+
+
+def best_soup(soups: list[SoupEntry], metric: str) -> SoupEntry:
+    """The soup registered as a candidate champion: best val `metric` (the first of equals); test never chooses."""
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    return max(soups, key=lambda e: sign * e.val[metric])  # max() keeps the first of equals
 
 
 def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np.ndarray]) -> dict:
@@ -115,8 +128,7 @@ def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np
     from soups.pyfunc import log_pyfunc
 
     client, opts, metric = ctx.client, ctx.opts, ctx.opts.metric
-    sign = 1.0 if higher_is_better(metric) else -1.0
-    best = max(soups, key=lambda e: sign * e.val[metric])  # max() keeps the first of equals
+    best = best_soup(soups, metric)
     name = registered_model_name(opts.experiment, opts.registered_model)
     ensure_registered_model(client, name, opts.experiment)
     current = current_champion(client, name)
