@@ -89,7 +89,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     from optuna.samplers import TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from ich.data import load_dataset
@@ -161,20 +161,20 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         parent = registry.call_with_retry(
             "create sweep run", client.create_run, experiment_id, run_name=name,
             tags={"ich.kind": "sweep", "ich.sweep": sweep, "ich.tune_path": tune_path, "ich.data": cfg.data,
-                  "ich.dataset_fingerprint": dataset.fingerprint, **optuna_storage_tag(cfg, home),
+                  "ich.dataset_fingerprint": dataset.fingerprint, **({} if cfg.grid else optuna_storage_tag(cfg, home)),
                   **provenance.run_tags("sweeps/coatnet.py")})
         registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
             Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
                                                   ("objective", cfg.objective),
                                                   ("num_samples", cfg.num_samples), ("train", cfg.train),
-                                                  ("search", cfg.search), ("asha", cfg.asha), ("init", cfg.init)]
+                                                  ("search", cfg.search), ("grid", cfg.grid), ("asha", cfg.asha),
+                                                  ("init", cfg.init)]
                                                  + ([("set", " ".join(args.set))] if args.set else [])])
     parent_run_id = parent.info.run_id
     print(f"sweep {sweep}: run {parent_run_id}, Ray Tune state at {tune_path}", flush=True)
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    models = sorted(set(cfg.search["model"]["choice"])) if "model" in cfg.search else [cfg.train.get("model", "coatnet_tiny_ich")]
-    inits = shared_inits(cfg, models, dataset, client, experiment_id, parent_run_id, sweep, resources,
+    inits = shared_inits(cfg, cfg.models, dataset, client, experiment_id, parent_run_id, sweep, resources,
                          verbose=args.verbose)
     registry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
         RunTag(f"ich.init.{m}", i.fingerprint) for m, i in inits.items()])
@@ -189,15 +189,19 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     if args.resume:
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        searcher = OptunaSearch(metric=cfg.tune_metric, mode=cfg.mode, study_name=sweep,
-                                storage=optuna_study_storage(cfg, home),
-                                sampler=TPESampler(seed=cfg.seed + study_size(cfg, home, sweep)))
+        if cfg.grid:  # every combination once (Optuna takes no grid_search; config.validate refuses grid + search)
+            search_alg = BasicVariantGenerator(max_concurrent=cfg.max_concurrent)
+        else:
+            searcher = OptunaSearch(metric=cfg.tune_metric, mode=cfg.mode, study_name=sweep,
+                                    storage=optuna_study_storage(cfg, home),
+                                    sampler=TPESampler(seed=cfg.seed + study_size(cfg, home, sweep)))
+            search_alg = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.tune_metric, mode=cfg.mode,
                                   max_t=cfg.max_epochs, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=tune_space(cfg),
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
+            tune_config=tune.TuneConfig(search_alg=search_alg,
                                         scheduler=scheduler, num_samples=cfg.num_samples, reuse_actors=True),
             run_config=tune.RunConfig(name=Path(tune_path).name, storage_path=str(Path(tune_path).parent) if "://" not in tune_path else tune_path.rsplit("/", 1)[0],
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
@@ -236,9 +240,9 @@ def progress_callbacks(cfg, verbose: bool) -> list:
     if verbose:
         return []
     from sweeps.progress import SweepProgress
-    return [SweepProgress(total=cfg.num_samples, metric=cfg.tune_metric, mode=cfg.mode,
+    return [SweepProgress(total=cfg.num_trials, metric=cfg.tune_metric, mode=cfg.mode,
                           planned_epochs=int(cfg.train.get("epochs", cfg.max_epochs)),
-                          params=[k for k in cfg.search if k != "seed"])]
+                          params=[k for k in cfg.search if k != "seed"] + list(cfg.grid))]
 
 
 @contextlib.contextmanager
@@ -432,7 +436,7 @@ def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[
 
 
 def print_summary(rows: list[dict], cfg) -> None:
-    keys = [k for k in cfg.search if k not in ("model", "seed")]
+    keys = [k for k in cfg.search if k not in ("model", "seed")] + list(cfg.grid)
     print(f"\n{'trial':<16} {'status':<9} {'ep':>3} {cfg.metric:>13}  " + "  ".join(f"{k:>10}" for k in keys))
     for r in sorted(rows, key=lambda r: -(r[cfg.metric] or 0) if cfg.mode == "max" else (r[cfg.metric] or 0)):
         vals = "  ".join(f"{_fmt((r['config'] or {}).get(k)):>10}" for k in keys)

@@ -2,10 +2,13 @@
 
 A search-space entry is `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi
 exclusive), `{quniform: [lo, hi, q]}` or `{choice: [a, b, ...]}`; every key must be a TrainConfig field.
+A grid entry is a list of values: every combination of the grid's lists is one trial (Tune's grid_search;
+num_samples repeats the whole grid). A grid runs without Optuna, so `grid` and `search` do not mix.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +72,7 @@ class SweepConfig:
     storage: str | None = None  # Ray Tune storage: local path, s3://..., gs://... (default $ICH_HOME/ray_results)
     train: dict = field(default_factory=dict)  # fixed TrainConfig fields
     search: dict = field(default_factory=dict)  # TrainConfig field -> distribution
+    grid: dict = field(default_factory=dict)  # TrainConfig field -> list of values; every combination is a trial
     asha: AshaConfig = field(default_factory=AshaConfig)
     init: InitConfig = field(default_factory=InitConfig)
     soups: SoupConfig = field(default_factory=SoupConfig)
@@ -81,7 +85,23 @@ class SweepConfig:
         return objective_metric(self.metric, self.objective)
 
     @property
+    def models(self) -> list[str]:
+        """The architectures the sweep trains; each gets its own shared init."""
+        if "model" in self.grid:
+            return sorted(set(self.grid["model"]))
+        if "model" in self.search:
+            return sorted(set(self.search["model"].get("choice", [])))
+        return [self.train.get("model", TrainConfig.model)]
+
+    @property
+    def num_trials(self) -> int:
+        """Trials the sweep runs: num_samples times the number of grid combinations."""
+        return self.num_samples * math.prod(len(v) for v in self.grid.values())
+
+    @property
     def max_epochs(self) -> int:
+        if "epochs" in self.grid:
+            return int(max(self.grid["epochs"]))
         spec = self.search.get("epochs")
         if spec:
             kind, args = next(iter(spec.items()))
@@ -137,7 +157,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # Sections whose keys are training options (TrainConfig fields); below them (a search distribution,
 # init.preprocess) keys are free and `validate` judges them.
-_TRAIN_KEYED = {("train",), ("search",), ("init", "warm_start")}
+_TRAIN_KEYED = {("train",), ("search",), ("grid",), ("init", "warm_start")}
 
 
 def parse_set(text: str) -> tuple[str, object]:
@@ -217,8 +237,8 @@ def apply_set(raw: dict, key: str, value, raw_text: str | None = None) -> None:
             where = ".".join(path) or "the top level"
             raise ConfigError(f"--set {key}: unknown key {part!r} in {where} (known: {', '.join(known)})")
         last = i == len(parts) - 1
-        # a search entry is a distribution mapping, not a value of the training option's type
-        f = known.get(part) if known is not None and path != ("search",) else None
+        # a search entry is a distribution mapping, a grid entry a list, not a value of the training option's type
+        f = known.get(part) if known is not None and path not in (("search",), ("grid",)) else None
         if f is not None and not _is_section(f) and not last:
             raise ConfigError(f"--set {key}: {'.'.join(path + (part,))} is a single value, not a section")
         if last:
@@ -259,6 +279,23 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
             lo, hi = args[0], args[1]
             if not lo < hi or (kind == "loguniform" and lo <= 0):
                 raise ConfigError(f"{where}: search.{k} {kind} range [{lo}, {hi}] holds no valid point")
+    for k, values in cfg.grid.items():
+        if k not in train_fields:
+            raise ConfigError(f"{where}: grid.{k} is not a training option")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid.{k} must be a non-empty list of values, not {values!r}")
+        typed = []  # each value as its option's type: YAML 1.1 reads 3e-4 as a string
+        for v in values:
+            try:
+                typed.append(getattr(TrainConfig.from_dict({k: v}), k))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: grid.{k} value {v!r} is not valid ({e})") from None
+        if len(set(map(repr, typed))) != len(typed):
+            raise ConfigError(f"{where}: grid.{k} lists a value twice ({values!r}): each value is one trial")
+        cfg.grid[k] = typed
+    if cfg.grid and cfg.search:
+        raise ConfigError(f"{where}: grid ({', '.join(cfg.grid)}) and search ({', '.join(cfg.search)}) cannot be "
+                          f"combined: a grid runs without Optuna, so fix the searched keys in train or list them in grid")
     from ich.preprocess import PreprocessError, check_overrides
     try:
         check_overrides(cfg.init.preprocess or {}, f"{where}: init.preprocess")
@@ -287,18 +324,16 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
     if cfg.gc.keep_top_k < 0 or cfg.gc.keep_last_k < 0:
         raise ConfigError(f"{where}: gc.keep_top_k and gc.keep_last_k must be >= 0")
     import timm  # unknown models fail here, not in a worker
-    models = set([cfg.train.get("model", TrainConfig.model)])
-    if "model" in cfg.search:
-        models = set(cfg.search["model"].get("choice", []))
-    for m in models:
+    for m in cfg.models:
         if not timm.is_model(m):
             raise ConfigError(f"{where}: unknown model {m!r} (not a timm architecture)")
 
 
 def tune_space(cfg: SweepConfig) -> dict:
-    """The search space as Ray Tune domains (OptunaSearch converts them to Optuna distributions)."""
+    """The search space as Ray Tune domains (OptunaSearch converts them to Optuna distributions), or the grid as
+    grid_search entries (Tune's variant generator runs every combination)."""
     from ray import tune
-    space = {}
+    space = {k: tune.grid_search(list(values)) for k, values in cfg.grid.items()}
     for k, spec in cfg.search.items():
         kind, args = next(iter(spec.items()))
         if kind == "loguniform":
