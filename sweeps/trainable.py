@@ -12,6 +12,7 @@ the trainer loaded, 0 from the shared init; step = how many starts came before),
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ class Fault:
     """
     point: str
     epoch: int
-    action: str = "raise"  # "raise" | "kill"
+    action: str = "raise"  # "raise" | "kill" | "fail": one trial of the sweep raises at every attempt (fails for good)
 
 
 def faults_from_env(environ=os.environ) -> list[Fault]:
@@ -65,8 +66,8 @@ def faults_from_env(environ=os.environ) -> list[Fault]:
         faults.append(Fault("epoch_start", int(environ["ICH_FAULT_ONCE_AT_EPOCH"])))
     for spec in filter(None, (s.strip() for s in environ.get("ICH_FAULTS", "").split(","))):
         point, epoch, action = (spec.split(":") + ["raise"])[:3]
-        if point not in FAULT_POINTS or action not in ("raise", "kill") or not epoch.isdigit():
-            raise ValueError(f"ICH_FAULTS: {spec!r} is not POINT:EPOCH[:raise|kill] with POINT in {FAULT_POINTS}")
+        if point not in FAULT_POINTS or action not in ("raise", "kill", "fail") or not epoch.isdigit():
+            raise ValueError(f"ICH_FAULTS: {spec!r} is not POINT:EPOCH[:raise|kill|fail] with POINT in {FAULT_POINTS}")
         faults.append(Fault(point, int(epoch), action))
     return faults
 
@@ -126,6 +127,15 @@ def _maybe_fail(ctx: SweepContext, trial_id: str, point: str, epoch: int, **note
     """Fire the fault configured for (point, epoch), once per trial: its marker file `<point>-<trial>` records
     the process and what the test needs to check (e.g. the model id READY in MLflow when it fired)."""
     for fault in ctx.faults:
+        if fault.action == "fail" and (fault.point, fault.epoch) == (point, epoch):
+            # The first trial here claims the fault (O_EXCL: exactly one); it raises again on every retry.
+            claim = Path(ctx.fault_marker_dir) / f"{point}-failing-trial"
+            claim.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError), open(claim, "x") as f:
+                f.write(trial_id)
+            if claim.read_text() == trial_id:
+                raise RuntimeError(f"injected fault: trial {trial_id} fails at {point} of epoch {epoch}, every attempt")
+            continue
         marker = Path(ctx.fault_marker_dir) / f"{point}-{trial_id}"
         if (fault.point, fault.epoch) != (point, epoch) or marker.exists():
             continue
