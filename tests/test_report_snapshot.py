@@ -101,7 +101,7 @@ def test_report_from_a_hand_built_snapshot(snapshot_and_preds, tmp_path):
     assert set(rows) == {"baseline_resnet", "best_single"} | {
         f"{scope}_{recipe}_{what}" for scope in ("within", "across") for recipe in ("uniform", "greedy")
         for what in ("soup", "vote")}
-    assert rows["best_single"]["model_id"] == "m-1-3"  # best recorded val, not test
+    assert rows["best_single"]["model_id"] == "m-1-3"  # best recorded val (test_best_single_is_chosen_on_val_not_test)
 
     # The forest plot draws the table's numbers: one row per compared row, the same Δ and interval, and the
     # rendered table prints exactly those (in percentage points).
@@ -153,6 +153,38 @@ def test_report_from_a_hand_built_snapshot(snapshot_and_preds, tmp_path):
     assert [t.replace("&#x27;", "'") for t in re.findall(r"<h2>(.+?)</h2>", page)] == titles
     assert md.count("\n| ") == page.count("<tr>")  # every table row once on each page (header rows included)
     assert all((out / name).is_file() for name in report.files())
+
+
+def test_best_single_is_chosen_on_val_not_test(snapshot_and_preds, tmp_path):
+    """A planted checkpoint, worst CoAtNet on val and best on test (in its record and its logits), is not the
+    best single; the best on val (m-1-3, made worst on test) is. Control: the records' val and test figures
+    swapped, the plant is picked, so the planted case tells a val selection from a test one."""
+    from soups.report import compute_report
+
+    snap, preds = snapshot_and_preds
+    y_test = preds.dataset.splits["test"].labels
+    preds.mem[("m-0-1", "test")] = np.eye(K)[y_test] * 5.0  # every test image right
+    preds.mem[("m-1-3", "test")] = np.eye(K)[(y_test + 1) % K] * 5.0  # every test image wrong
+    test_acc = {"m-0-1": 1.0, "m-1-3": 0.0}
+    for r in snap.checkpoints:
+        acc = test_acc.get(r.model_id, 0.5)
+        r.metrics.update(test_accuracy=acc, test_macro_f1=acc)
+    assert min((r for r in snap.checkpoints if r.architecture == ARCH), key=lambda r: r.metrics["val_macro_f1"]
+               ).model_id == "m-0-1"
+
+    def best_single(name: str) -> dict:
+        out = tmp_path / name
+        out.mkdir()
+        table = compute_report(snap, preds, out, split="test", n_resamples=50).summary["table"]
+        return next(r for r in table if r["key"] == "best_single")
+
+    row = best_single("planted")
+    assert row["model_id"] == "m-1-3"
+    for r in snap.checkpoints:  # control: what test says, val now says
+        m = r.metrics
+        m["val_accuracy"], m["test_accuracy"] = m["test_accuracy"], m["val_accuracy"]
+        m["val_macro_f1"], m["test_macro_f1"] = m["test_macro_f1"], m["val_macro_f1"]
+    assert best_single("swapped")["model_id"] == "m-0-1"
 
 
 def test_without_a_study_or_curves_the_report_says_so(snapshot_and_preds, tmp_path):
