@@ -10,7 +10,9 @@
    init and dataset, img size, class map and preprocessing; a member that differs from its group's first is
    refused.
 3. Build (soups/build.py). within: uniform and greedy over each trial's epochs (the paper). across: uniform and
-   greedy over each trial's best checkpoint (Wortsman), plus a greedy over every checkpoint of the group.
+   greedy over each trial's best checkpoint (Wortsman), plus a greedy over every checkpoint of the group. The
+   ingredient pool (--ingredients all | top_k | cycle_end, soups/pool.py) chooses which checkpoints each family
+   offers; the rule and the pool's size go on every soup and in the table.
 4. Record (soups/soup_record.py). Each soup is a run under the sweep run with its figures, artifacts and weights.
 5. Register (soups/champion.py). The best soup (val) becomes a version of the registered model; alias `champion`
    moves to it only when it beats the current champion.
@@ -39,8 +41,9 @@ from soups.build import Built, SoupBuilder, cook_family
 from soups.champion import register_best
 from soups.common import json_safe, quiet_run_urls
 from soups.options import SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
+from soups.pool import label as pool_label
 from soups.pull import CheckpointPool, Family, families, read_sweep, usable_records
-from soups.soup_record import Context, SoupEntry, log_soup, report_soup
+from soups.soup_record import Context, SoupEntry, log_soup, pool_text, report_soup
 
 
 def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str, soup: Built, uniform: Built,
@@ -96,7 +99,8 @@ def run_soups(opts: SoupOptions) -> dict:
         raise SoupError(f"experiment {opts.experiment!r}: none of its {len(snap.records)} checkpoints is usable "
                         f"(first: {first})")
     print(f"soups of sweep {snap.sweep}: {len(records)} checkpoints of {len({r.trial for r, _ in records})} trials, "
-          f"scope {opts.scope}, recipe {opts.recipe}, metric val_{opts.metric}, BN {opts.bn}", flush=True)
+          f"scope {opts.scope}, recipe {opts.recipe}, metric val_{opts.metric}, BN {opts.bn}, "
+          f"ingredients {pool_label(opts.ingredients, opts.k)}", flush=True)
 
     soups: list[SoupEntry] = []
     notes: list[str] = []
@@ -125,7 +129,8 @@ def run_soups(opts: SoupOptions) -> dict:
     summary = json_safe({
         "experiment": opts.experiment, "sweep": snap.sweep, "sweep_run_id": snap.sweep_run_id, "tracking_uri": uri,
         "data": str(data), "metric": opts.metric, "tie_rule": opts.tie_rule, "bn": opts.bn, "scope": opts.scope,
-        "recipe": opts.recipe, "champion_rule": opts.champion_rule, "soups": [e.to_dict() for e in soups],
+        "recipe": opts.recipe, "ingredients": pool_label(opts.ingredients, opts.k), "champion_rule": opts.champion_rule,
+        "soups": [e.to_dict() for e in soups],
         "skipped": skipped + pool.skipped, "notes": notes, "champion": champion,
         "seconds": round(time.time() - started, 1)})
     if opts.json_path:
@@ -142,7 +147,7 @@ def _pct(x: float | None) -> str:
 def print_table(summary: dict) -> None:
     metric = summary["metric"]
     print(f"\n{'soup':<32} {'n':>5} {'val ' + metric:>12} {'test acc [95% CI]':>24} {'test F1':>7} "
-          f"{'best':>6} {'vote':>6} {'Δacc vs best (p)':>18}  BN")
+          f"{'best':>6} {'vote':>6} {'Δacc vs best (p)':>18}  {'BN':<11}  pool")
     for s in summary["soups"]:
         n = f"{sum(i['accepted'] for i in s['ingredients'])}/{len(s['ingredients'])}"
         lo, hi = s["test"]["accuracy_ci"]
@@ -150,7 +155,7 @@ def print_table(summary: dict) -> None:
         print(f"{s['name'][:32]:<32} {n:>5} {s['val'][metric]:>12.4f} {_pct(s['test']['accuracy'])} "
               f"[{_pct(lo)},{_pct(hi)}] {_pct(s['test']['macro_f1'])} {_pct(s['best_single']['test']['accuracy'])} "
               f"{_pct(s['soft_vote']['test']['accuracy'])} {100 * vs['acc_diff']:+7.2f} (p={vs['mcnemar_p']:.2f})"
-              f"  {s['bn_mode']}")
+              f"  {s['bn_mode']:<11}  {pool_text(s.get('pool'))}")
     for s in summary["skipped"]:
         print(f"skipped trial {s['trial']} epoch {s['epoch']} ({s['model_id']}): {s['reason']}")
     for note in summary["notes"]:

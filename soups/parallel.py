@@ -127,8 +127,9 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     The trial's READY checkpoint records are searched here (not on the driver), then go through `ich soup`'s own
     code: filter (pull.usable_records), pull (CheckpointPool: download, sha256, finite weights), family
     (pull.families, scope within) and build (build.cook_family), with the driver's torch threads; so the soups
-    equal the post-hoc ones, weights bitwise. Returns plain data: per recipe the val figures,
-    BN mode, ingredients (accepted or not) and the weights' sha256; or a note why there is no soup."""
+    equal the post-hoc ones, weights bitwise, under the same ingredient pool (opts.ingredients, opts.k). Returns plain
+    data: per recipe the val figures, BN mode, ingredients (accepted or not), the pool (soup_record.pool_entry) and
+    the weights' sha256; or a note why there is no soup."""
     import dataclasses
 
     import torch
@@ -137,7 +138,7 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     from soups import registry
     from soups.build import SoupBuilder, cook_family
     from soups.pull import CheckpointPool, families, usable_records
-    from soups.soup_record import REPORTED
+    from soups.soup_record import REPORTED, pool_entry
     from soups.worker_exit import quiet_sigterm_exit
 
     quiet_sigterm_exit()
@@ -164,7 +165,7 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
                     "ingredients": [{"epoch": p.record.epoch, "model_id": p.record.model_id,
                                      "accepted": p.record.model_id in accepted,
                                      "candidate_val": tries.get(p.record.model_id)} for p in family.members],
-                    "weights_sha256": state_dict_sha256(soup.state_dict)})
+                    "pool": pool_entry(family), "weights_sha256": state_dict_sha256(soup.state_dict)})
     finally:
         pool.close()
         out["skipped"] += pool.skipped

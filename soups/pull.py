@@ -22,11 +22,13 @@ from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
 from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, load_weights
+from soups import pool as ingredient_pool
 from soups import registry
 from soups.common import best_first, find_experiment
 from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
+from soups.pool import Schedule
 
 TAG_DATA = "ich.data"  # on sweep runs: the dataset folder
 
@@ -200,6 +202,8 @@ class Family:
     members: list[Pulled]
     recipes: list[str]
     trial: str | None = None
+    pool: str = "all"  # the ingredient pool's rule (soups/pool.label): "all", "top_k:8", "cycle_end"
+    family_size: int | None = None  # checkpoints (across-best: trials) the rule chose from; None: len(members)
 
 
 def group_id(key: tuple) -> str:
@@ -226,20 +230,37 @@ def compatible(members: list[Pulled], pool) -> list[Pulled]:
     return kept
 
 
+def schedule_of(p: Pulled) -> Schedule | None:
+    """The learning-rate schedule the checkpoint was trained with (checkpoint.json's training config)."""
+    return Schedule.of(p.meta.extra.get("config"))
+
+
 def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, float]], pool: CheckpointPool,
              notes: list[str]):
-    """Yield the families to soup, within first (so later trials keep downloading meanwhile), then across."""
+    """Yield the families to soup, within first (so later trials keep downloading meanwhile), then across.
+    The ingredient pool (opts.ingredients, soups/pool.py) chooses each family's members among the usable ones."""
+    rule = ingredient_pool.label(opts.ingredients, opts.k)
     trials: OrderedDict[str, list[registry.CheckpointRecord]] = OrderedDict()
     for record, _ in records:
         trials.setdefault(record.trial, []).append(record)
     if "within" in opts.scopes:
         for trial, trial_records in trials.items():
             pulled = [p for r in trial_records if (p := pool.get(r)) is not None]
-            members = compatible(pulled_best_first(pulled, opts.metric), pool)
-            if len(members) < 2:
-                notes.append(f"trial {trial}: {len(members)} usable checkpoint(s), no within-trial soup")
+            usable = compatible(pulled_best_first(pulled, opts.metric), pool)
+            try:
+                members = ingredient_pool.within(usable, opts.ingredients, opts.k, opts.metric, score=lambda p: p.score,
+                                                 epoch=lambda p: p.record.epoch,
+                                                 schedule=schedule_of(usable[0]) if usable else None)
+            except ingredient_pool.PoolRefused as e:
+                notes.append(f"trial {trial}: {e}, no {rule} within-trial soup")
                 continue
-            yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, opts.recipes, trial)
+            if len(members) < 2:
+                held = "" if rule == "all" else (f" in pool {rule} (of {len(usable)}: epoch "
+                                                 f"{', '.join(str(p.record.epoch) for p in members) or 'none'})")
+                notes.append(f"trial {trial}: {len(members)} usable checkpoint(s){held}, no within-trial soup")
+                continue
+            yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, opts.recipes, trial,
+                         pool=rule, family_size=len(usable))
     if "across" in opts.scopes:
         groups: OrderedDict[tuple, list[Pulled]] = OrderedDict()
         for record, _ in records:
@@ -249,11 +270,19 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
             group = group_id(key)
             suffix = f"-{group}" if len(groups) > 1 else ""
             members = compatible(pulled_best_first(group_members, opts.metric), pool)
-            best_per_trial = list({p.record.trial: p for p in reversed(members)}.values())  # each trial's first
-            best_per_trial = pulled_best_first(best_per_trial, opts.metric)
+            chosen = ingredient_pool.across(members, opts.ingredients, opts.k, opts.metric, score=lambda p: p.score,
+                                            epoch=lambda p: p.record.epoch, trial=lambda p: p.record.trial,
+                                            schedules={p.record.trial: schedule_of(p) for p in reversed(members)})
+            notes.extend(chosen.notes)
+            best_per_trial = pulled_best_first(chosen.best_per_trial, opts.metric)
+            n_trials = len({p.record.trial for p in members})
             if len(best_per_trial) < 2:
-                notes.append(f"group {group}: checkpoints of {len(best_per_trial)} trial(s), no across-run soup")
+                notes.append(f"group {group}: checkpoints of {len(best_per_trial)} trial(s)"
+                             f"{'' if rule == 'all' else f' in pool {rule}'}, no across-run soup")
                 continue
-            yield Family("across", f"across-best{suffix}", group, best_per_trial, opts.recipes)
+            yield Family("across", f"across-best{suffix}", group, best_per_trial, opts.recipes, pool=rule,
+                         family_size=n_trials)
             if "greedy" in opts.recipes:
-                yield Family("across", f"across-all{suffix}", group, members, ["greedy"])
+                every = pulled_best_first(chosen.every, opts.metric)
+                yield Family("across", f"across-all{suffix}", group, every, ["greedy"], pool=rule,
+                             family_size=len(members))

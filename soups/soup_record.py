@@ -37,6 +37,8 @@ TAG_METRIC = "ich.metric"
 TAG_TIE_RULE = "ich.tie_rule"
 TAG_BN_MODE = "ich.bn_mode"
 TAG_GROUP = "ich.group"
+TAG_INGREDIENTS = "ich.ingredients"  # the ingredient pool's rule (soups/pool.py): all | top_k:<k> | cycle_end
+TAG_POOL = "ich.pool"  # "<checkpoints in the pool>/<family size>", e.g. 2/3
 
 
 @dataclass
@@ -59,6 +61,7 @@ class SoupEntry:
     run_id: str | None = None
     model_id: str | None = None
     ckpt: str | None = None  # local folder of the weights, for the pyfunc model
+    pool: dict | None = None  # rule ("top_k:8"), size (its ingredients), family_size (what the rule chose from)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "ckpt"}
@@ -106,7 +109,20 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members:
         soft_vote={"val": _metrics(ev, soft["val"], "val"), "test": _metrics(ev, soft["test"], "test")},
         vs_best_single=_paired(y, soup_pred, best_pred, opts, k),
         soft_vote_vs_best_single=_paired(y, soft_pred, best_pred, opts, k),
+        pool=pool_entry(family),
     )
+
+
+def pool_entry(family: Family) -> dict:
+    """The family's ingredient pool as recorded on its soups (after build: members are the ones used)."""
+    size = len(family.members)
+    return {"rule": family.pool, "size": size,
+            "family_size": family.family_size if family.family_size is not None else size}
+
+
+def pool_text(pool: dict | None) -> str:
+    """"top_k:2 2/3" (rule, checkpoints in the pool / family size), for tables; "" for summaries before pools."""
+    return f"{pool['rule']} {pool['size']}/{pool['family_size']}" if pool else ""
 
 
 def flat_metrics(entry: SoupEntry) -> dict[str, float]:
@@ -126,6 +142,8 @@ def flat_metrics(entry: SoupEntry) -> dict[str, float]:
             out[f"{prefix}_{k}"] = v
     out["n_ingredients"] = float(len(entry.ingredients))
     out["n_accepted"] = float(sum(i["accepted"] for i in entry.ingredients))
+    if entry.pool:
+        out["family_size"] = float(entry.pool["family_size"])
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
@@ -163,7 +181,8 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Built, ref: Pulled) -> None:
     client, opts = ctx.client, ctx.opts
     tags = {registry.TAG_KIND: registry.KIND_SOUP, registry.TAG_SWEEP: ctx.sweep, TAG_SOUP_RECIPE: entry.recipe,
             TAG_SCOPE: entry.scope, TAG_METRIC: opts.metric, TAG_TIE_RULE: opts.tie_rule,
-            TAG_BN_MODE: entry.bn_mode, TAG_GROUP: entry.group}
+            TAG_BN_MODE: entry.bn_mode, TAG_GROUP: entry.group, TAG_INGREDIENTS: entry.pool["rule"],
+            TAG_POOL: f"{entry.pool['size']}/{entry.pool['family_size']}"}
     if entry.trial:
         tags[registry.TAG_TRIAL] = entry.trial
     if ctx.sweep_run_id:
@@ -190,7 +209,7 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Built, ref: Pulled) -> None:
         init_fingerprint=meta.init_fingerprint, epoch=0,
         metrics={f"val_{k}": entry.val[k] for k in REPORTED} | {f"test_{k}": entry.test[k] for k in REPORTED},
         extra={"soup": entry.name, "sweep": ctx.sweep, "scope": entry.scope, "recipe": entry.recipe,
-               "bn_mode": entry.bn_mode, "metric": opts.metric, "tie_rule": opts.tie_rule,
+               "bn_mode": entry.bn_mode, "metric": opts.metric, "tie_rule": opts.tie_rule, "pool": entry.pool,
                "ingredients": [i["model_id"] for i in entry.ingredients if i["accepted"]],
                "image_size": ctx.dataset.image_size},
         preprocess=ref.spec.preprocess)  # the ingredients' (compatible by construction)

@@ -41,6 +41,8 @@ def test_cli_flags_and_defaults_come_from_the_dataclass():
                               "--parallel", "3", "--bn", "recalibrate"])
     assert (args.n_resamples, args.alpha, args.json_path, args.parallel, args.bn) == (300, 0.01, "x.json", 3,
                                                                                      "recalibrate")
+    args = parser.parse_args(["--experiment", "e", "--ingredients", "top_k", "--k", "2"])
+    assert (args.ingredients, args.k) == ("top_k", 2)
     with pytest.raises(SystemExit):
         parser.parse_args(["--experiment", "e", "--metric", "top5"])
     with pytest.raises(SystemExit):
@@ -54,6 +56,8 @@ def test_cli_flags_and_defaults_come_from_the_dataclass():
     ("alpha", 1.5, "must lie between 0 and 1"),
     ("n_resamples", 10, "must be a whole number >= 100"),
     ("parallel", 0, "must be a whole number >= 1"),
+    ("ingredients", "best", "must be one of all, top_k, cycle_end"),
+    ("k", 0, "must be a whole number >= 1"),
     ("experiment", "", "must not be empty"),
 ])
 def test_each_bad_option_is_named_in_one_line(name, value, problem):
@@ -67,7 +71,7 @@ def test_sweep_config_soups_block_is_derived_from_the_options(tmp_path):
     from sweeps.config import DEFAULT_CONFIG, SoupConfig, load_config
     sweep_fields = {f.name for f in dataclasses.fields(SoupConfig)}
     assert {"scope", "recipe", "metric", "tie_rule", "bn", "registered_model", "parallel", "champion_rule", "alpha",
-            "n_resamples"} == sweep_fields
+            "n_resamples", "ingredients", "k"} == sweep_fields
     for f in dataclasses.fields(SoupConfig):
         assert f.default == SoupOptions.__dataclass_fields__[f.name].default, f.name
     text = DEFAULT_CONFIG.read_text()
@@ -128,7 +132,7 @@ def test_soup_entry_json_row_keeps_the_old_keys_without_the_local_folder():
                       soft_vote_vs_best_single={}, ckpt="/tmp/x")
     assert list(entry.to_dict()) == ["name", "scope", "recipe", "group", "trial", "ingredients", "bn_mode", "val",
                                      "test", "best_single", "uniform", "soft_vote", "vs_best_single",
-                                     "soft_vote_vs_best_single", "run_id", "model_id"]
+                                     "soft_vote_vs_best_single", "run_id", "model_id", "pool"]
 
 
 # ---------------------------------------------------------------------------------------------- read once
