@@ -12,12 +12,11 @@ import re
 import tomllib
 from pathlib import Path
 
+import jsonschema
 import pytest
+import ray
 import yaml
-
-jsonschema = pytest.importorskip("jsonschema")
-ray = pytest.importorskip("ray")
-from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
