@@ -76,10 +76,10 @@ class SoupOptions:
     champion_rule: str = _option("better", "move alias champion when val is better, or only when significantly "
                                  "better (McNemar)", choices=CHAMPION_RULES, sweep=True)
     alpha: float = _option(0.05, "significance level of --champion-rule significant", sweep=True, check=_probability)
-    ingredients: str = _option("all", "which checkpoints a soup may use: all; top_k (the k best by the val metric, ties "
-                               "to the later epoch; across runs, the k best trials' best checkpoints); cycle_end "
-                               "(epochs at the learning-rate minima of cosine_restarts; across runs, each trial's "
-                               "best such epoch; other schedules are left out with a note)",
+    ingredients: str = _option("all", "which checkpoints a soup may use: all; top_k (the k best by the val "
+                               "metric, ties to the later epoch; across runs, the k best trials' best checkpoints); "
+                               "cycle_end (epochs at the learning-rate minima of cosine_restarts; across runs, each "
+                               "trial's best such epoch; other schedules are left out with a note)",
                                choices=INGREDIENT_POOLS, sweep=True)
     k: int = _option(8, "pool size of --ingredients top_k (the paper's 8)", sweep=True, check=_positive_int)
     parallel: int = _option(1, "build up to N soup families at once as Ray tasks (default 1: one after another)",

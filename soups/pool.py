@@ -130,7 +130,8 @@ def across(items: list[T], rule: str, k: int, metric: str, *, score: Callable[[T
                 notes.append(f"trial {t}: {problem}, left out of the cycle_end across-run soups")
         items = [it for it in items if not problems[trial(it)] and is_cycle_end(epoch(it), schedules[trial(it)])]
         left = {t for t, problem in problems.items() if not problem} - {trial(it) for it in items}
-        notes += [f"trial {t}: no cycle-end epoch yet, left out of the cycle_end across-run soups" for t in sorted(left)]
+        notes += [f"trial {t}: no cycle-end epoch yet, left out of the cycle_end across-run soups"
+                  for t in sorted(left)]
     if rule != "all":  # the pool's own tie rule; all keeps the caller's ranking, so its soups stay bit for bit
         items = best_first(items, metric, score, _later_first(epoch, trial))
     best_per_trial, seen = [], set()

@@ -255,9 +255,12 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
                 notes.append(f"trial {trial}: {e}, no {rule} within-trial soup")
                 continue
             if len(members) < 2:
-                held = "" if rule == "all" else (f" in pool {rule} (of {len(usable)}: epoch "
-                                                 f"{', '.join(str(p.record.epoch) for p in members) or 'none'})")
-                notes.append(f"trial {trial}: {len(members)} usable checkpoint(s){held}, no within-trial soup")
+                epochs = f" (epoch {members[0].record.epoch})" if members else ""
+                if rule == "all":
+                    notes.append(f"trial {trial}: {len(members)} usable checkpoint(s), no within-trial soup")
+                else:
+                    notes.append(f"trial {trial}: pool {rule} holds {len(members)} of its {len(usable)} usable "
+                                 f"checkpoint(s){epochs}, no within-trial soup")
                 continue
             yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, opts.recipes, trial,
                          pool=rule, family_size=len(usable))

@@ -74,7 +74,8 @@ def test_cycle_end_of_the_tiny_sweep_keeps_epoch_2_only():
     (Schedule("cosine"), "schedule cosine, not cosine_restarts"),
     (Schedule("constant"), "schedule constant, not cosine_restarts"),
     (None, "no training schedule recorded"),
-    (Schedule("cosine_restarts", 3, warmup_epochs=0.5), "warmup of 0.5 epochs puts its learning-rate minima between epochs"),
+    (Schedule("cosine_restarts", 3, warmup_epochs=0.5),
+     "warmup of 0.5 epochs puts its learning-rate minima between epochs"),
 ])
 def test_cycle_end_refuses_a_schedule_without_minima_at_epoch_ends(schedule, reason):
     with pytest.raises(PoolRefused, match=f"^{reason}$"):
