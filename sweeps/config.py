@@ -288,7 +288,7 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
         for v in values:
             try:
                 typed.append(getattr(TrainConfig.from_dict({k: v}), k))
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, ConfigError) as e:  # the option's own checks
                 raise ConfigError(f"{where}: grid.{k} value {v!r} is not valid ({e})") from None
         if len(set(map(repr, typed))) != len(typed):
             raise ConfigError(f"{where}: grid.{k} lists a value twice ({values!r}): each value is one trial")
