@@ -55,10 +55,20 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="Ray Tune's status tables and trial boxes, Ray's and Optuna's info logs, a line per "
                         "warm-start epoch (default: a progress bar on a terminal and one line per finished trial)")
+    p.add_argument("--allow-failed-trials", type=int, metavar="N",
+                   help=f"exit 0 when at most N trials failed after their retries (default 0, config key "
+                        f"allow_failed_trials); more: soups and report of the others, then exit {EXIT_TRIALS_FAILED}")
+
+
+# Exit status is the truth (docs/design.md#17): what cron, `ray job submit` and a RayJob see.
+EXIT_TRIALS_FAILED = 3  # 2 is bad input (ich/errors.py)
+EXIT_CODES = (f"exit status: 0 ok; 2 bad input (one line on stderr); {EXIT_TRIALS_FAILED} trials failed after their "
+              "retries (soups and report of the others were built; one summary line on stderr)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
     return p.parse_args(argv)
 
@@ -67,7 +77,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ich.home import ich_home
     from ich.errors import run_cli
-    return run_cli("sweep", lambda: run_sweep(args, ich_home()))  # bad input: one line, exit 2
+    summary = {}
+    code = run_cli("sweep", lambda: summary.update(run_sweep(args, ich_home())))  # bad input: one line, exit 2
+    return code or summary["exit_code"]
 
 
 def demo_dataset(home: Path) -> Path:
@@ -103,7 +115,8 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     t_start = time.time()
     cfg = load_config(args.config, {"data": args.data, "experiment": args.experiment, "num_samples": args.num_samples,
                                     "max_concurrent": args.max_concurrent, "cpus_per_trial": args.cpus_per_trial,
-                                    "gpus_per_trial": args.gpus_per_trial, "storage": args.storage, "seed": args.seed},
+                                    "gpus_per_trial": args.gpus_per_trial, "storage": args.storage, "seed": args.seed,
+                                    "allow_failed_trials": args.allow_failed_trials},
                       sets=args.set)
     if cfg.data is None and args.demo:
         cfg.data = str(demo_dataset(home))
@@ -213,6 +226,10 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
         results = tuner.fit()
 
     summary = finish_trials(client, experiment_id, sweep, results, cfg)
+    failed = [r for r in summary if r["status"] == "FAILED"]
+    if failed:  # on the sweep run too: what the MLflow UI shows of an unattended run
+        registry.call_with_retry("tag failed trials", client.set_tag, parent_run_id, "ich.failed_trials",
+                                 " ".join(r["trial"] for r in failed))
     registry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
     if args.verbose:  # by default the progress callback printed a line per trial as it ended
         print_summary(summary, cfg)
@@ -231,8 +248,15 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
                          registered_model=cfg.soups.registered_model,  # where the champion alias lives
                          optuna_storage=optuna_storage_url(cfg, home))  # the study's figures
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
+    exit_code = 0
+    if failed:  # last, after what could be built: the line an unattended run's log ends with
+        exit_code = EXIT_TRIALS_FAILED if len(failed) > cfg.allow_failed_trials else 0
+        print(failed_trials_line(f"sweep {sweep}", summary, cfg, built="no soups (--no-soups)" if args.no_soups else
+                                 "soups" + ("" if args.no_report else " and report") + f" built from the "
+                                 f"{len(summary) - len(failed)} others", exit_code=exit_code),
+              file=sys.stderr, flush=True)
     return {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "trials": summary, "tune_path": tune_path,
-            "soups": soups}
+            "soups": soups, "failed_trials": [r["trial"] for r in failed], "exit_code": exit_code}
 
 
 def progress_callbacks(cfg, verbose: bool) -> list:
@@ -421,18 +445,40 @@ def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[
         done = int((r.metrics or {}).get("training_iteration", 0))
         last_epoch = int((r.metrics or {}).get("epoch", 0))
         status = "FAILED" if r.error else ("FINISHED" if last_epoch >= epochs_planned else "KILLED")
+        error = error_summary(r.error) if r.error else None
         run = registry.find_run_by_tags(client, experiment_id, {"ich.kind": "trial", "ich.sweep": sweep,
                                                                 "ich.trial": trial_id})
         if run is not None:
             registry.call_with_retry("set trial status", client.set_terminated, run.info.run_id, status)
             registry.call_with_retry("tag trial status", client.set_tag, run.info.run_id, "ich.status",
                                      "stopped by ASHA" if status == "KILLED" else status.lower())
-        rows.append({"trial": trial_id, "status": status, "epochs": last_epoch, "iterations": done,
+        rows.append({"trial": trial_id, "status": status, "error": error, "epochs": last_epoch, "iterations": done,
                      "run_id": run.info.run_id if run else None,
                      cfg.metric: (r.metrics or {}).get(cfg.metric), "config": r.config,
                      **({cfg.tune_metric: (r.metrics or {}).get(cfg.tune_metric)} if cfg.tune_metric != cfg.metric
                         else {})})
     return rows
+
+
+def error_summary(error, limit: int = 160) -> str:
+    """A trial's error in a few words: the exception Ray wrapped (its type and first line), not the traceback."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:  # Tune's text trace (an error it could not pickle): its last line names the exception
+        text = next((line for line in reversed(str(cause).splitlines()) if line.strip()), "unknown error")
+    text = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def failed_trials_line(prog: str, rows: list[dict], cfg, built: str, exit_code: int) -> str:
+    """The one summary line of a sweep whose trials failed after their retries (stderr, the job log's last line)."""
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    names = ", ".join(f"{r['trial']} ({r['error']})" for r in failed)
+    verdict = (f"exit {exit_code} (--allow-failed-trials {len(failed)} to accept)" if exit_code else
+               f"accepted by --allow-failed-trials {cfg.allow_failed_trials}, exit 0")
+    return (f"{prog}: {len(failed)} of {len(rows)} trials failed after {cfg.max_failures} retries: {names}; "
+            f"{built}; {verdict}")
 
 
 def print_summary(rows: list[dict], cfg) -> None:

@@ -67,6 +67,7 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_failures: int = 2
+    allow_failed_trials: int = 0  # trials that may fail after their retries while the sweep still exits 0
     seed: int = 0  # Optuna's TPE sampler seed
     optuna_storage: str | None = None  # Optuna study DB (default sqlite:///$ICH_HOME/optuna.db): later runs continue it
     storage: str | None = None  # Ray Tune storage: local path, s3://..., gs://... (default $ICH_HOME/ray_results)
@@ -311,6 +312,8 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: metric {cfg.metric!r} must be a val_ metric (test never selects)")
     if cfg.num_samples < 1 or cfg.max_concurrent < 1:
         raise ConfigError(f"{where}: num_samples and max_concurrent must be at least 1")
+    if not isinstance(cfg.allow_failed_trials, int) or cfg.allow_failed_trials < 0:
+        raise ConfigError(f"{where}: allow_failed_trials must be a whole number >= 0, not {cfg.allow_failed_trials!r}")
     if not 1 <= cfg.asha.grace_period <= cfg.max_epochs:
         raise ConfigError(f"{where}: asha.grace_period={cfg.asha.grace_period} must be between 1 and the most "
                           f"epochs a trial trains ({cfg.max_epochs})")
