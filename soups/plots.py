@@ -136,10 +136,11 @@ def plot_mds(path: Path, coords: np.ndarray, points: list[dict], title: str) -> 
         idx = [i for i, p in enumerate(points) if p["kind"] == kind]
         if idx:
             ax.scatter(coords[idx, 0], coords[idx, 1], marker=marker, c=color, s=140 if marker == "*" else 60,
-                       label={"ingredient": "ingredients (epochs)", "soft_vote": "soft voting"}.get(kind, f"{kind} soup"),
+                       label={"ingredient": "ingredients", "soft_vote": "soft voting"}.get(kind, f"{kind} soup"),
                        edgecolors="black", linewidths=0.5, zorder=3)
     for (x, y), p in zip(coords, points):
-        text = f"{100 * p['val_accuracy']:.2f}" + (f" (e{p['epoch']})" if p["kind"] == "ingredient" else "")
+        tag = p.get("tag") or (f"e{p['epoch']}" if p.get("epoch") is not None else "")  # which ingredient
+        text = f"{100 * p['val_accuracy']:.2f}" + (f" ({tag})" if p["kind"] == "ingredient" and tag else "")
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("MDS 1")

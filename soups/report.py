@@ -20,24 +20,29 @@ Three phases, so the math is testable without a server:
      models not cached yet), every section as data: title, text, tables, figures, files.
   3. render: one Markdown and one HTML renderer over the same sections; then the report run in MLflow.
 What it writes (to DIR, and as artifacts of a report run: ich.kind=report, child of the latest sweep run):
-  results.md/.json        the table: best of each baseline family, best single CoAtNet, uniform and greedy soups
-                          (within the best trial's trajectory, across runs), soft voting of each soup's ingredients;
-                          accuracy, macro P/R/F1, 95% bootstrap intervals, paired difference vs the best single
-                          CoAtNet and McNemar's exact p
-  forest.png              every soup's and soft voting's Δ accuracy vs the best single, paired 95% interval
-  val_test.png            val vs test accuracy of every checkpoint of the soups' architecture (grey), best single,
+  results.md/.json        the paper's table: the best of each baseline family first, then one block per CoAtNet
+                          architecture (by name): its best single checkpoint, its best uniform and best greedy soup
+                          (the best single's trial's within-trajectory soups and the across-run soups compete, by
+                          val; the label says which, and the soup's ingredient pool when it records one), soft voting
+                          of each soup's ingredients; accuracy, macro P/R/F1, 95% bootstrap intervals, paired
+                          difference vs the block's best single and McNemar's exact p
+  forest.png              every soup's and soft voting's Δ accuracy vs its block's best single, paired 95% interval
+  val_test.png            val vs test accuracy of every checkpoint of the focus architecture (grey), its best single,
                           soups and soft voting marked (the model-soups paper's Fig. 1)
   learning_curves.png     val metric per epoch of every trial of the sweep run (ASHA stops marked) and the soup
                           so far after each finished trial
   optuna_history.png, optuna_importances.png   the sweep's Optuna study (when its storage is reachable)
-  ce_distance.json/.csv   pairwise cross-entropy distances on val (trajectory, greedy, uniform, soft voting)
+  ce_distance.json/.csv   pairwise cross-entropy distances on val: the best soup's recorded ingredients, the greedy
+                          and uniform soups of its block, soft voting of those ingredients (the paper's figure)
   mds.png                 their metric-MDS embedding, each point labelled with its val accuracy
-  bias_variance.md/.json/.png   CE (Yang et al.) and 0-1 (Domingos) decompositions across trials: best singles
-                          vs trajectory soups
+  bias_variance.md/.json/.png   CE (Yang et al.) and 0-1 (Domingos) decompositions: within one trajectory (the
+                          checkpoints the soup trial's uniform soup averaged, beside its soups) and, with 2 or more
+                          souped trials, across trials (best singles vs trajectory soups)
   champion.json/.png      confusion matrix and per-class F1 of the champion
   report.md, report.html  everything on one page; report.json the whole summary
-Selection looks at recorded val metrics only; test is only reported (docs: split discipline). The soups and the
-bias-variance study use the architecture of the best single CoAtNet (a CoAtNet-0 soup is compared with a CoAtNet-0).
+Selection looks at recorded val metrics only; test is only reported (docs: split discipline). A soup is compared
+with the best single of its own architecture (a CoAtNet-0 soup with a CoAtNet-0). The focus architecture of the
+figures is that of the best soup by val (of the best single CoAtNet when there are no soups).
 Logits are cached per model id and split in $ICH_HOME/cache/predictions/<dataset fingerprint>/: a model runs once.
 """
 from __future__ import annotations
@@ -77,7 +82,6 @@ from soups.stats import bootstrap_ci, paired_comparison
 from soups.options import METRICS, SPLITS, add_report_args  # noqa: F401  (flags live with the other options: `ich --help` imports no MLflow)
 TABLE_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
-MDS_CAP = 12  # trajectory points in the MDS figure (the paper shows 8)
 SEED = 0  # bootstrap resamples: the same images for every row
 
 
@@ -167,17 +171,63 @@ def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) ->
     return out
 
 
+def arch_name(architecture: str) -> str:
+    """The paper's name of a CoAtNet: coatnet_0_rw_224 -> CoAtNet-0, coatnet_tiny_ich -> CoAtNet-tiny."""
+    parts = architecture.split("_")
+    if parts[0] != "coatnet":
+        return architecture
+    size = [p for p in parts[1:] if p not in ("rw", "ich") and not (p.isdigit() and int(p) >= 32)]  # 224: img size
+    return "-".join(["CoAtNet", *size])
+
+
+@dataclass
+class Block:
+    """One CoAtNet architecture's rows of the table, as the paper has them: its best single checkpoint, then its
+    best uniform and best greedy soup (the soup trial's within-trajectory soups and the across-run soups compete,
+    by val), then soft voting of each soup's ingredients."""
+    architecture: str
+    best: Candidate
+    soups: dict[str, Candidate]  # recipe -> the best soup of that recipe, by val
+    soup_trial: str | None  # the trial whose within-trajectory soups compete: the best single's, else the best souped
+    within: dict[str, Candidate] = field(default_factory=dict)  # recipe -> that trial's within soup (its trajectory)
+    pool: list[Candidate] = field(default_factory=list)  # every checkpoint of this architecture (val vs test)
+
+
 @dataclass
 class Selection:
     """What the report shows, chosen by val: every field names models by their registry records."""
-    best: Candidate  # best single CoAtNet
+    best: Candidate  # best single CoAtNet of any architecture
     baselines: dict[str, Candidate]  # family -> best checkpoint of that family
-    soups: dict[tuple[str, str], Candidate]  # (scope, recipe) -> best soup of that kind
-    ingredients: dict[str, list[Candidate]]  # soup model id -> its ingredients (for soft voting)
-    trajectory: list[Candidate]  # epochs of the soup trial, for the MDS figure
-    soup_trial: str | None
-    bias_variance: list[dict]  # per trial: {"trial", "single", "uniform", "greedy"}
-    pool: list[Candidate] = field(default_factory=list)  # every checkpoint of the soups' architecture (val vs test)
+    blocks: list[Block]  # one per CoAtNet architecture, by architecture name
+    ingredients: dict[str, list[Candidate]]  # soup model id -> its recorded ingredients (soft voting, MDS)
+    focus: Block  # the block of the best soup by val (else of the best single): val vs test, MDS, bias-variance
+    mds_soup: Candidate | None  # the best soup by val with usable ingredients: the MDS shows its ingredients
+    bias_variance: list[dict]  # focus architecture, per souped trial: {"trial", "single", "uniform", "greedy"}
+
+
+def _block(arch: str, checkpoints: list[Candidate], soups: list[Candidate], metric: str, notes: list[str]) -> Block:
+    pool = [c for c in checkpoints if c.record.architecture == arch]
+    best = _best(pool, metric)
+    soups = [s for s in soups if s.record.architecture == arch]
+    # Within-trajectory soups of the best trial; if it has none (stopped after one epoch), the best trial that has.
+    within = [s for s in soups if s.scope == "within"]
+    soup_trial = best.record.trial
+    if within and not any(s.record.trial == soup_trial for s in within):
+        soup_trial = _best(within, metric).record.trial
+        notes.append(f"{arch}: trial {best.record.trial} of its best single has no within-trajectory soup; its "
+                     f"within soups are those of trial {soup_trial}, the best trial that has one")
+    mine = [s for s in within if s.record.trial == soup_trial]
+    block = Block(arch, best, {}, soup_trial if mine else None, pool=pool)
+    for recipe in ("uniform", "greedy"):
+        if (w := _best([s for s in mine if s.recipe == recipe], metric)) is not None:
+            block.within[recipe] = w
+        competing = [s for s in mine if s.recipe == recipe] + [s for s in soups if s.scope == "across"
+                                                                 and s.recipe == recipe]
+        if competing:
+            block.soups[recipe] = _best(competing, metric)
+        else:
+            notes.append(f"no {recipe} soup of {arch} in MLflow (run `ich soup` first)")
+    return block
 
 
 def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, ingredients_of, notes: list[str]) -> Selection:
@@ -186,28 +236,11 @@ def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, in
     baselines = {}
     for fam in sorted({c.family for c in checkpoints} - {"coatnet"}):
         baselines[fam] = _best([c for c in checkpoints if c.family == fam], metric)
-    arch = best.record.architecture
-    soups = [s for s in soups if s.record.architecture == arch]
+    blocks = [_block(arch, coatnets, soups, metric, notes) for arch in sorted({c.record.architecture for c in coatnets})]
     by_id = {c.id: c for c in checkpoints}
 
-    # Within-trajectory soups of the best trial; if it has none (stopped after one epoch), the best trial that has.
-    within = [s for s in soups if s.scope == "within"]
-    soup_trial = best.record.trial
-    if within and not any(s.record.trial == soup_trial for s in within):
-        soup_trial = _best(within, metric).record.trial
-        notes.append(f"trial {best.record.trial} of the best single CoAtNet has no within-trajectory soup; "
-                     f"the within rows use trial {soup_trial}, the best trial that has one")
-    chosen: dict[tuple[str, str], Candidate] = {}
-    for scope in ("within", "across"):
-        for recipe in ("uniform", "greedy"):
-            pool = [s for s in soups if s.scope == scope and s.recipe == recipe
-                    and (scope != "within" or s.record.trial == soup_trial)]
-            if pool:
-                chosen[(scope, recipe)] = _best(pool, metric)
-            else:
-                notes.append(f"no {scope} {recipe} soup of {arch} in MLflow (run `ich soup` first)")
     ingredients: dict[str, list[Candidate]] = {}
-    for soup in chosen.values():
+    for soup in {s.id: s for b in blocks for s in (*b.soups.values(), *b.within.values())}.values():
         ids = ingredients_of(soup) or []
         missing = [i for i in ids if i not in by_id]
         if not ids or missing:
@@ -216,21 +249,20 @@ def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, in
             continue
         ingredients[soup.id] = [by_id[i] for i in ids]
 
-    same_arch = [c for c in coatnets if c.record.architecture == arch]
-    trial_ckpts = sorted([c for c in same_arch if c.record.trial == (soup_trial or best.record.trial)],
-                         key=lambda c: c.record.epoch)
-    if len(trial_ckpts) > MDS_CAP:  # evenly spaced epochs, first and last kept
-        keep = np.unique(np.linspace(0, len(trial_ckpts) - 1, MDS_CAP).round().astype(int))
-        trial_ckpts = [trial_ckpts[i] for i in keep]
+    # The soup analyses follow the best soup by val (the paper's figure shows its ingredients).
+    mds_soup = _best([s for b in blocks for s in b.soups.values() if s.id in ingredients], metric)
+    arch = mds_soup.record.architecture if mds_soup else best.record.architecture
+    focus = next(b for b in blocks if b.architecture == arch)
 
     spread = []
+    within = [s for s in soups if s.scope == "within" and s.record.architecture == arch]
     for trial in sorted({s.record.trial for s in within}):
         mine = [s for s in within if s.record.trial == trial]
         uniform, greedy = (_best([s for s in mine if s.recipe == r], metric) for r in ("uniform", "greedy"))
-        single = _best([c for c in same_arch if c.record.trial == trial], metric)
+        single = _best([c for c in focus.pool if c.record.trial == trial], metric)
         if uniform and greedy and single:
             spread.append({"trial": trial, "single": single, "uniform": uniform, "greedy": greedy})
-    return Selection(best, baselines, chosen, ingredients, trial_ckpts, soup_trial, spread, same_arch)
+    return Selection(best, baselines, blocks, ingredients, focus, mds_soup, spread)
 
 
 def _champion(snap: Snapshot, sel: Selection, soups: list[Candidate], metric: str, fingerprint: str,
@@ -330,10 +362,18 @@ def html_table(header: list[str], lines: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _where(soup: Candidate) -> str:
+    """Which soup of the block this is: its scope (and trial or name), and its ingredient pool when recorded."""
+    where = f"within trial {soup.record.trial}" if soup.scope == "within" else f"across runs: {soup.record.name}"
+    pool = soup.record.tags.get("ich.ingredients")  # the pool rule (soups/pool.py), on soups that record one
+    return f"{where}, pool {pool}" if pool else where
+
+
 def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: int) -> list[dict]:
+    """The paper's layout: the baselines, then one block per CoAtNet architecture (best single, uniform soup,
+    greedy soup, soft voting of each soup's ingredients); every block row is compared with its block's best single."""
     data = preds.dataset
     y, k = data.splits[split].labels, data.num_classes
-    reference = preds.logits(sel.best.id, split)
 
     def info(c: Candidate, **more) -> dict:
         return {"model_id": c.id, "architecture": c.record.architecture, "family": c.family, "sweep": c.record.sweep,
@@ -344,25 +384,30 @@ def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: in
     for fam, c in sel.baselines.items():
         rows.append(table_row(f"baseline_{fam}", f"{FAMILY_NAMES.get(fam, fam)} ({c.record.architecture})", "baseline",
                               preds.logits(c.id, split), y, k, n_resamples=n_resamples, **info(c)))
-    b = sel.best
-    rows.append(table_row("best_single", f"CoAtNet ({b.record.architecture}), best single: trial {b.record.trial} "
-                                         f"epoch {b.record.epoch}", "single", reference, y, k,
-                          n_resamples=n_resamples, **info(b)))
-    for (scope, recipe), soup in sel.soups.items():
-        where = f"within trial {soup.record.trial}" if scope == "within" else f"across runs: {soup.record.name}"
-        members = sel.ingredients.get(soup.id)
-        n = len(members) if members else None
-        rows.append(table_row(f"{scope}_{recipe}_soup", f"CoAtNet + {recipe} soup ({where})", "soup",
-                              preds.logits(soup.id, split), y, k, n_resamples=n_resamples, reference=reference,
-                              **info(soup, scope=scope, recipe=recipe, name=soup.record.name, n_ingredients=n)))
-        if members:
-            rows.append(table_row(f"{scope}_{recipe}_vote", f"CoAtNet soft voting (the {recipe} soup's ingredients, "
-                                                            f"{where})", "soft_vote",
-                                  _vote_logits(preds, members, split), y, k, n_resamples=n_resamples,
-                                  reference=reference, scope=scope, recipe=recipe, n_ingredients=n, val_score=None,
-                                  trial=soup.record.trial if scope == "within" else None,
-                                  ingredients=[c.id for c in members], architecture=soup.record.architecture,
-                                  family="coatnet"))
+    for block in sel.blocks:
+        arch, b = block.architecture, block.best
+        name = arch_name(arch)
+        reference = preds.logits(b.id, split)
+        rows.append(table_row(f"{arch}_single", f"{name} ({arch}), best single: trial {b.record.trial} epoch "
+                                                f"{b.record.epoch}", "single", reference, y, k,
+                              n_resamples=n_resamples, **info(b, block=arch)))
+        votes = []
+        for recipe, soup in block.soups.items():
+            members = sel.ingredients.get(soup.id)
+            n = len(members) if members else None
+            rows.append(table_row(f"{arch}_{recipe}_soup", f"{name} + {recipe} soup ({_where(soup)})", "soup",
+                                  preds.logits(soup.id, split), y, k, n_resamples=n_resamples, reference=reference,
+                                  **info(soup, block=arch, scope=soup.scope, recipe=recipe, name=soup.record.name,
+                                         n_ingredients=n)))
+            if members:
+                votes.append(table_row(f"{arch}_{recipe}_vote", f"{name} soft voting (the {recipe} soup's "
+                                                                f"ingredients, {_where(soup)})", "soft_vote",
+                                       _vote_logits(preds, members, split), y, k, n_resamples=n_resamples,
+                                       reference=reference, block=arch, scope=soup.scope, recipe=recipe,
+                                       n_ingredients=n, val_score=None,
+                                       trial=soup.record.trial if soup.scope == "within" else None,
+                                       ingredients=[c.id for c in members], architecture=arch, family="coatnet"))
+        rows += votes  # the paper's rows first (single, uniform, greedy), then soft voting
     return rows
 
 
@@ -375,11 +420,12 @@ def results_section(rows: list[dict], split: str, metric: str, out: Path) -> Sec
 
 
 def _forest_label(row: dict) -> str:
-    """Short enough for a figure's axis: what it is and where (the table's label says the rest)."""
+    """Short enough for a figure's axis: which block, what it is and where (the table's label says the rest)."""
     where = f"within trial {row['trial']}" if row.get("scope") == "within" and row.get("trial") else row.get("scope", "")
+    name = arch_name(row.get("block") or row.get("architecture", ""))
     if row["kind"] == "soft_vote":
-        return f"soft voting, {row.get('recipe')} soup's ingredients ({where})"
-    return f"{row.get('recipe')} soup ({where})" if row["kind"] == "soup" else row["label"]
+        return f"{name} soft voting, {row.get('recipe')} soup's ingredients ({where})"
+    return f"{name} {row.get('recipe')} soup ({where})" if row["kind"] == "soup" else row["label"]
 
 
 def forest_rows(rows: list[dict]) -> list[dict]:
@@ -393,42 +439,44 @@ def forest_rows(rows: list[dict]) -> list[dict]:
 def forest_section(rows: list[dict], split: str, out: Path) -> tuple[list[dict], Section | None]:
     forest = forest_rows(rows)
     if not plot_forest(out / "forest.png", forest, metric="accuracy",
-                       title=f"soups and soft voting vs the best single CoAtNet ({split})"):
+                       title=f"soups and soft voting vs the best single of their architecture ({split})"):
         return forest, None
-    text = (f"Δ accuracy on {split} of every soup and soft voting row vs the best single CoAtNet, in percentage "
-            "points, with the paired bootstrap 95% interval of the table; the line at 0 is the best single. "
+    text = (f"Δ accuracy on {split} of every soup and soft voting row vs the best single checkpoint of its "
+            "architecture, in percentage points, with the paired bootstrap 95% interval of the table; the line at 0 "
+            "is that best single. "
             "A filled marker: the interval excludes 0.")
     return forest, Section(f"Δ vs the best single (forest plot, {split})", text,
                            figures=[("forest.png", "Forest plot of Δ accuracy vs the best single")])
 
 
 def val_test_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict, Section | None]:
-    """Val vs test accuracy of every checkpoint of the soups' architecture, with the table's models marked."""
+    """Val vs test accuracy of every checkpoint of the focus architecture, with its block's models marked."""
     data = preds.dataset
+    block = sel.focus
 
     def acc(logits_of) -> tuple[float, float]:
         return tuple(classification_metrics(data.splits[s].labels, logits_of(s).argmax(1), data.num_classes)
                      ["accuracy"] for s in ("val", "test"))
 
     points = [{"model_id": c.id, "trial": c.record.trial, "epoch": c.record.epoch,
-               **dict(zip(("val", "test"), acc(lambda s, c=c: preds.logits(c.id, s))))} for c in sel.pool]
+               **dict(zip(("val", "test"), acc(lambda s, c=c: preds.logits(c.id, s))))} for c in block.pool]
     marked = []
-    b = sel.best
+    b = block.best
     marked.append({"label": "best single", "kind": "best_single", "model_id": b.id,
                    **dict(zip(("val", "test"), acc(lambda s: preds.logits(b.id, s))))})
-    for (scope, recipe), soup in sel.soups.items():
-        marked.append({"label": f"{scope} {recipe} soup", "kind": recipe, "model_id": soup.id,
+    for recipe, soup in block.soups.items():
+        marked.append({"label": f"{recipe} soup ({soup.scope})", "kind": recipe, "model_id": soup.id,
                        **dict(zip(("val", "test"), acc(lambda s, soup=soup: preds.logits(soup.id, s))))})
         members = sel.ingredients.get(soup.id)
         if members:
-            marked.append({"label": f"{scope} {recipe} soup's ingredients", "kind": "soft_vote",
+            marked.append({"label": f"{recipe} soup's ingredients ({soup.scope})", "kind": "soft_vote",
                            **dict(zip(("val", "test"), acc(lambda s, m=members: _vote_logits(preds, m, s))))})
-    result = {"metric": "accuracy", "checkpoints": points, "marked": marked}
+    result = {"metric": "accuracy", "architecture": block.architecture, "checkpoints": points, "marked": marked}
     if not plot_val_test(out / "val_test.png", [(p["val"], p["test"]) for p in points], marked, metric="accuracy",
-                         title=f"val vs test: {len(points)} checkpoints of {b.record.architecture}"):
+                         title=f"val vs test: {len(points)} checkpoints of {block.architecture}"):
         return result, None
-    text = (f"Val vs test accuracy of every checkpoint of {b.record.architecture} ({len(points)}, grey) with the "
-            "best single, the soups and soft voting marked (the model-soups paper's Fig. 1). Val selects; test is "
+    text = (f"Val vs test accuracy of every checkpoint of {block.architecture} ({len(points)}, grey) with its "
+            "best single, soups and soft voting marked (the model-soups paper's Fig. 1). Val selects; test is "
             "only read off.")
     (out / "val_test.json").write_text(json.dumps(json_safe(result), indent=2), encoding="utf-8")
     return result, Section("Val vs test", text, figures=[("val_test.png", "Val vs test of every checkpoint")],
@@ -486,7 +534,12 @@ def optuna_section(snap: Snapshot, out: Path, notes: list[str]) -> tuple[dict | 
 
 
 def mds_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict | None, Section | None]:
-    """CE distances on val between the trajectory's epochs, the within soups and soft voting; MDS; the figure."""
+    """The paper's figure: CE distances on val between the best soup's recorded ingredients, its block's greedy and
+    uniform soups and soft voting of those ingredients, embedded by metric MDS, each labelled with its val accuracy."""
+    soup = sel.mds_soup
+    if soup is None:
+        return None, None
+    members, block = sel.ingredients[soup.id], sel.focus
     points, probs = [], []
     y, k = preds.dataset.splits["val"].labels, preds.dataset.num_classes
 
@@ -495,19 +548,17 @@ def mds_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict | N
                        "val_accuracy": classification_metrics(y, logits.argmax(1), k)["accuracy"]})
         probs.append(softmax(logits))
 
-    for c in sel.trajectory:
-        add(f"epoch {c.record.epoch}", "ingredient", preds.logits(c.id, "val"), model_id=c.id, epoch=c.record.epoch)
+    one_trial = len({c.record.trial for c in members}) == 1
+    short = trial_labels(c.record.trial for c in members)
+    for c in members:
+        name = f"epoch {c.record.epoch}" if one_trial else f"trial {c.record.trial} epoch {c.record.epoch}"
+        tag = f"e{c.record.epoch}" if one_trial else f"{short[c.record.trial]} e{c.record.epoch}"
+        add(name, "ingredient", preds.logits(c.id, "val"), model_id=c.id, trial=c.record.trial, epoch=c.record.epoch,
+            tag=tag)
     for recipe in ("greedy", "uniform"):
-        soup = sel.soups.get(("within", recipe))
-        if soup is not None:
-            add(f"{recipe} soup", recipe, preds.logits(soup.id, "val"), model_id=soup.id)
-    uniform = sel.soups.get(("within", "uniform"))
-    members = sel.ingredients.get(uniform.id) if uniform else None
-    if members:
-        add("soft voting", "soft_vote", _vote_logits(preds, members, "val"),
-            ingredients=[c.id for c in members])
-    if len(points) < 2:
-        return None, None
+        if (s := block.soups.get(recipe)) is not None:
+            add(f"{recipe} soup", recipe, preds.logits(s.id, "val"), model_id=s.id, scope=s.scope, soup=s.record.name)
+    add("soft voting", "soft_vote", _vote_logits(preds, members, "val"), ingredients=[c.id for c in members])
     D = ce_distance_matrix(probs)
     coords = mds_embed(D)
     for p, (x1, x2) in zip(points, coords):
@@ -518,28 +569,57 @@ def mds_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict | N
         w.writerow([""] + names)
         for name, row in zip(names, D):
             w.writerow([name] + [f"{v:.6f}" for v in row])
-    result = {"split": "val", "trial": sel.soup_trial, "points": points, "matrix": D.tolist()}
+    what = f"{arch_name(soup.record.architecture)} {soup.recipe} soup ({_where(soup)})"
+    result = {"split": "val", "architecture": soup.record.architecture,
+              "soup": {"model_id": soup.id, "name": soup.record.name, "recipe": soup.recipe, "scope": soup.scope,
+                       "trial": soup.record.trial if soup.scope == "within" else None},
+              "ingredients": [c.id for c in members], "points": points, "matrix": D.tolist()}
     (out / "ce_distance.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    plot_mds(out / "mds.png", coords, points, f"CE distance, metric MDS (val), trial {sel.soup_trial}: "
+    plot_mds(out / "mds.png", coords, points, f"CE distance, metric MDS (val): the ingredients of the {what}; "
                                               "labels = val accuracy %")
-    text = (f"Pairwise cross-entropy distance on val between the epochs of trial {sel.soup_trial}'s trajectory, "
-            "its greedy and uniform soups and soft voting, embedded in 2-D by metric MDS; labels are val accuracy %.")
+    text = (f"Pairwise cross-entropy distance on val between the {len(members)} ingredients of the best soup by val, "
+            f"the {what}, the greedy and uniform soups of {block.architecture} in the table, and soft voting of those "
+            "ingredients, embedded in 2-D by metric MDS; labels are val accuracy % (the paper's figure).")
     return result, Section("Cross-entropy distance and MDS (val)", text, figures=[("mds.png", "MDS of CE distances")],
                            files=["ce_distance.csv", "ce_distance.json"])
 
 
-def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: Path) -> tuple[dict | None, Section | None]:
-    """Spread across trials of their best single checkpoints vs of their within-trajectory soups."""
-    if len(sel.bias_variance) < 2:
-        return None, None
+def _decomposition(key: str, label: str, scope: str, models: list[Candidate], preds: Predictions, split: str) -> dict:
     y, k = preds.dataset.splits[split].labels, preds.dataset.num_classes
-    groups = []
-    for key, label in (("single", "best single per trial"), ("uniform", "uniform soup per trial"),
-                       ("greedy", "greedy soup per trial")):
-        logits = np.stack([preds.logits(t[key].id, split) for t in sel.bias_variance])
-        groups.append({"key": key, "label": label, "models": [t[key].id for t in sel.bias_variance],
-                       "ce": bias_variance_ce(softmax(logits), y), "zero_one": bias_variance_01(logits.argmax(-1), y, k)})
-    result = {"split": split, "trials": [t["trial"] for t in sel.bias_variance], "groups": groups}
+    logits = np.stack([preds.logits(c.id, split) for c in models])
+    return {"key": key, "label": label, "scope": scope, "models": [c.id for c in models],
+            "ce": bias_variance_ce(softmax(logits), y), "zero_one": bias_variance_01(logits.argmax(-1), y, k)}
+
+
+def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: Path) -> tuple[dict | None, Section | None]:
+    """Two studies of the focus architecture. Across trials (at least 2 souped): their best single checkpoints vs
+    their within-trajectory soups. Within one trajectory (the paper's case): the checkpoints the soup trial's uniform
+    soup averaged, as the models, beside that trial's soups (one model each: no variance, its whole loss is bias)."""
+    groups, text = [], []
+    trials = [t["trial"] for t in sel.bias_variance]
+    if len(trials) >= 2:
+        for key, label in (("single", "best single per trial"), ("uniform", "uniform soup per trial"),
+                           ("greedy", "greedy soup per trial")):
+            groups.append(_decomposition(key, label, "across_trials", [t[key] for t in sel.bias_variance], preds, split))
+        text.append(f"Across {len(trials)} trials: their best single checkpoints vs their within-trajectory soups.")
+    block = sel.focus
+    uniform = block.within.get("uniform")
+    members = sel.ingredients.get(uniform.id) if uniform else None
+    trajectory = None
+    if members and len(members) >= 2:
+        trial = block.soup_trial
+        groups.append(_decomposition("trajectory", f"trial {trial}'s {len(members)} ingredients", "trajectory", members,
+                                     preds, split))
+        for recipe, soup in block.within.items():
+            groups.append(_decomposition(f"trajectory_{recipe}", f"trial {trial}'s {recipe} soup", "trajectory", [soup],
+                                         preds, split))
+        trajectory = {"trial": trial, "soup": uniform.id, "ingredients": [c.id for c in members]}
+        text.append(f"Within trial {trial}'s trajectory: the {len(members)} checkpoints its uniform soup averaged, "
+                    "beside its soups (one model each, so no variance).")
+    if not groups:
+        return None, None
+    result = {"split": split, "architecture": block.architecture, "trials": trials, "trajectory": trajectory,
+              "groups": groups}
     header = ["models", "M", "CE expected loss", "CE bias²", "CE variance", "0-1 expected loss", "0-1 bias",
               "0-1 variance", "0-1 net variance"]
     lines = [[g["label"], str(len(g["models"])), *(f"{g['ce'][t]:.4f}" for t in ("expected_loss", "bias2", "variance")),
@@ -550,9 +630,8 @@ def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: P
     (out / "bias_variance.md").write_text(f"# Bias-variance decomposition ({split})\n\n{md_table(header, lines)}\n",
                                           encoding="utf-8")
     plot_bias_variance(out / "bias_variance.png", groups)
-    text = (f"Across {len(result['trials'])} trials: their best single checkpoints vs their within-trajectory soups, "
-            f"on {split}. CE: Yang et al. (bias² + variance = expected loss); 0-1: Domingos.")
-    return result, Section("Bias-variance", text, tables=[Table(header, lines)],
+    text.append(f"{block.architecture}, on {split}. CE: Yang et al. (bias² + variance = expected loss); 0-1: Domingos.")
+    return result, Section("Bias-variance", " ".join(text), tables=[Table(header, lines)],
                            figures=[("bias_variance.png", "Bias-variance")],
                            files=["bias_variance.md", "bias_variance.json"])
 
@@ -591,7 +670,8 @@ class Report:
 
 def needed_models(sel: Selection, champ: Candidate) -> list[Candidate]:
     """Every model whose logits the sections read."""
-    return [sel.best, *sel.baselines.values(), *sel.soups.values(), *sel.trajectory, champ, *sel.pool,
+    return [*sel.baselines.values(), champ, *sel.focus.pool,
+            *(c for b in sel.blocks for c in (b.best, *b.soups.values(), *b.within.values())),
             *(c for members in sel.ingredients.values() for c in members),
             *(t[k] for t in sel.bias_variance for k in ("single", "uniform", "greedy"))]
 
@@ -633,13 +713,15 @@ def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str 
     if section:
         sections.append(section)
     else:
-        notes.append("no MDS figure: the soup trial has fewer than 2 models to compare")
+        notes.append("no MDS figure: no soup with usable recorded ingredients")
     bv, section = bias_variance_section(sel, preds, split, out)
-    if section:
-        sections.append(section)
-    else:
-        notes.append(f"no bias-variance study: {len(sel.bias_variance)} trial(s) have within-trajectory soups "
-                     "(needs at least 2)")
+    sections += [section] if section else []
+    if len(sel.bias_variance) < 2:
+        notes.append(f"no bias-variance study across trials: {len(sel.bias_variance)} trial(s) of "
+                     f"{sel.focus.architecture} have within-trajectory soups (needs at least 2)")
+    if not bv or not bv["trajectory"]:
+        notes.append(f"no bias-variance study within a trajectory: {sel.focus.architecture} has no within-trajectory "
+                     "uniform soup of 2 or more usable ingredients")
     champion, section = champion_section(champ, source, preds, split, out)
     sections.append(section)
 
@@ -651,8 +733,8 @@ def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str 
              f"(fingerprint {dataset.fingerprint[:16]}); {counts['coatnet_checkpoints']} CoAtNet and "
              f"{counts['baseline_checkpoints']} baseline checkpoints, {counts['soups']} CoAtNet soups. Models are "
              f"chosen by val {metric}; figures on {split}. Intervals: 95% stratified bootstrap ({n_resamples} "
-             "resamples); Δ = row − best single CoAtNet on the same images, McNemar's exact test on the images where "
-             "exactly one is right.")
+             "resamples); Δ = row − the best single checkpoint of the row's architecture (its block) on the same "
+             "images, McNemar's exact test on the images where exactly one is right.")
     sections.insert(0, Section("", intro))
     if notes:
         sections.append(Section("Notes", items=notes))
@@ -660,7 +742,9 @@ def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str 
         "experiment": snap.experiment, "experiment_id": snap.experiment_id, "tracking_uri": snap.tracking_uri,
         "data": str(data), "dataset_fingerprint": dataset.fingerprint, "split": split, "metric": metric,
         "n_resamples": n_resamples, "out_dir": str(out), "counts": counts, "registered_model": snap.registered_model,
-        "sweep_run_id": snap.sweep_run_id, "table": rows, "forest": forest, "val_test": val_test,
+        "sweep_run_id": snap.sweep_run_id, "best_single": f"{sel.best.record.architecture}_single",
+        "blocks": [{"architecture": b.architecture, "keys": [r["key"] for r in rows if r.get("block") == b.architecture]}
+                   for b in sel.blocks], "table": rows, "forest": forest, "val_test": val_test,
         "learning_curves": curves, "optuna": optuna, "mds": mds, "bias_variance": bv, "champion": champion,
         "notes": notes})
     return Report(f"Model soups report: {snap.experiment}", summary, sections)
@@ -762,7 +846,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
                                 data=str(data))
 
         parent = snap.sweep_run_id
-        best = next(r for r in report.summary["table"] if r["key"] == "best_single")
+        best = next(r for r in report.summary["table"] if r["key"] == report.summary["best_single"])
         tags = {registry.TAG_KIND: "report", "ich.experiment": experiment, "ich.split": split_for_table,
                 "ich.metric": metric, registry.TAG_SWEEP: best["sweep"],
                 **({"mlflow.parentRunId": parent} if parent else {})}
@@ -775,8 +859,9 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         summary["seconds"] = round(time.time() - started, 1)
         (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
         now = int(time.time() * 1000)
-        metrics = [Metric(f"{r['key']}_{split_for_table}_{m}", float(r[m]), now, 0)
-                   for r in report.summary["table"] for m in ("accuracy", "macro_f1")]
+        metrics = [Metric(f"{key}_{split_for_table}_{m}", float(r[m]), now, 0)
+                   for r in report.summary["table"] for m in ("accuracy", "macro_f1")
+                   for key in ([r["key"]] + (["best_single"] if r is best else []))]  # best_single: one name across runs
         registry.call_with_retry("log report metrics", client.log_batch, run_id, metrics=metrics)
         for name in files:
             registry.call_with_retry(f"log report artifact {name}", client.log_artifact, run_id, str(out / name))
