@@ -11,7 +11,12 @@ with token auth from `RAY_AUTH_TOKEN_PATH`. The script works in cron's bare envi
 SHELL`): it exports what it needs and calls `ray` by its absolute path.
 
 Nothing a user passes reaches a shell unquoted: names, schedules and addresses are validated (conservative
-character sets), and every value is shell-quoted (job script, cron line) or systemd-escaped (units).
+character sets), and every value is shell-quoted (job script, cron line) or systemd-escaped (units). A schedule
+must also mean something: cron expressions are parsed by croniter, OnCalendar ones by `systemd-analyze calendar`
+(where it exists), timezones by zoneinfo; a refusal is one line and comes before anything is written.
+
+The job script exits with the sweep's status (3: trials failed after their retries, sweeps/coatnet.py), so cron
+mail, `--run-now` and whoever reads the log see a failed run as one.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from ich.errors import ConfigError
 
@@ -39,6 +46,8 @@ CRON_KEYWORDS = {"@reboot", "@yearly", "@annually", "@monthly", "@weekly", "@dai
 ON_CALENDAR_RE = re.compile(r"[A-Za-z0-9 *:,./~+-]{1,128}")
 ADDRESS_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?")
 MARKER_RE = re.compile(r"#\s*ich-schedule\s+(\S+)\s*$")  # the tag at the end of an ich cron line
+TIMEZONE_RE = re.compile(r"[A-Za-z0-9_+/-]{1,64}")  # IANA names (Europe/Berlin, Etc/GMT+5, UTC)
+UNIT_DIR = Path("~/.config/systemd/user")  # systemd user units (expanded when used: tests move HOME)
 
 
 class ScheduleError(ConfigError):
@@ -63,14 +72,38 @@ def check_cron(schedule: str) -> str:
     if len(fields) != 5 or not all(CRON_FIELD_RE.fullmatch(f) for f in fields):
         raise ScheduleError(f"--every {schedule!r}: not a cron schedule (5 fields of digits, letters, '*', ',', "
                             f"'/', '-', or one of {', '.join(sorted(CRON_KEYWORDS))})")
+    from croniter import CroniterError, croniter
+    try:  # the character check keeps the shell safe; croniter says whether the fields mean a time
+        croniter(" ".join(fields))
+    except (CroniterError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ScheduleError(f"--every {schedule!r}: not a cron schedule ({reason})") from None
     return " ".join(fields)
 
 
-def check_on_calendar(spec: str) -> str:
+def check_on_calendar(spec: str, timezone: str | None = None) -> str:
+    """The OnCalendar value (with the timezone suffix), parsed by `systemd-analyze calendar` where it exists."""
     if not ON_CALENDAR_RE.fullmatch(spec) or not spec.strip():
         raise ScheduleError(f"--systemd {spec!r}: not a systemd OnCalendar expression (letters, digits, spaces and "
                             "'*:,./~+-' only, e.g. '*-*-* 03:00:00' or 'daily')")
-    return spec.strip()
+    value = spec.strip() + (f" {check_timezone(timezone)}" if timezone else "")
+    analyze = shutil.which("systemd-analyze")
+    if analyze:
+        out = subprocess.run([analyze, "calendar", value], capture_output=True, text=True)
+        if out.returncode:
+            reason = " ".join(out.stderr.split()) or f"exit {out.returncode}"
+            raise ScheduleError(f"--systemd {value!r}: not a systemd OnCalendar expression ({reason})")
+    return value
+
+
+def check_timezone(timezone: str) -> str:
+    try:
+        if TIMEZONE_RE.fullmatch(timezone) and ".." not in timezone:
+            ZoneInfo(timezone)
+            return timezone
+    except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError; a path outside TZPATH a ValueError
+        pass
+    raise ScheduleError(f"--timezone {timezone!r}: not a known timezone (an IANA name such as Europe/Berlin or UTC)")
 
 
 def check_address(address: str) -> str:
@@ -148,18 +181,30 @@ def job_script(spec: JobSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cron_line(schedule: str, script: Path, name: str) -> str:
+def cron_line(schedule: str, script: Path, name: str, timezone: str | None = None) -> str:
+    """The ich entry; with a timezone a tagged comment and a CRON_TZ line come first (cronie reads CRON_TZ; like
+    any crontab variable it holds for the lines below it too)."""
     path = str(script)
     if "%" in path or _control_chars(path):  # cron turns `%` into a newline, even inside quotes
         raise ScheduleError(f"{path}: a job script path with '%' or a control character cannot go in a cron line; "
                             "set ICH_HOME to a plainer folder")
-    return f"{check_cron(schedule)} {shlex.quote(path)}  # ich-schedule {check_name(name)}\n"
+    entry = f"{check_cron(schedule)} {shlex.quote(path)}  # ich-schedule {check_name(name)}\n"
+    if timezone:
+        return f"# ich-schedule {name}\nCRON_TZ={check_timezone(timezone)}\n{entry}"
+    return entry
+
+
+def _marks(line: str, name: str) -> bool:
+    return bool((m := MARKER_RE.search(line)) and m.group(1) == name)
 
 
 def crontab_without(crontab: str, name: str) -> str:
-    """The crontab text minus the ich entry of exactly `name` (scheduling `night` keeps `nightly`)."""
-    kept = [line for line in crontab.splitlines(keepends=True)
-            if not ((m := MARKER_RE.search(line)) and m.group(1) == name)]
+    """The crontab text minus the ich entry of exactly `name` (scheduling `night` keeps `nightly`), with its
+    tagged comment and the CRON_TZ line right under that comment."""
+    lines = crontab.splitlines(keepends=True)
+    kept = [line for i, line in enumerate(lines)
+            if not (_marks(line, name) or (line.startswith("CRON_TZ=") and i and _marks(lines[i - 1], name)
+                                          and lines[i - 1].lstrip().startswith("#")))]
     text = "".join(kept)
     return text if not text or text.endswith("\n") else text + "\n"
 
@@ -172,8 +217,8 @@ def systemd_quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def systemd_units(name: str, on_calendar: str, script: Path) -> dict[str, str]:
-    name, on_calendar = check_name(name), check_on_calendar(on_calendar)
+def systemd_units(name: str, on_calendar: str, script: Path, timezone: str | None = None) -> dict[str, str]:
+    name, on_calendar = check_name(name), check_on_calendar(on_calendar, timezone)
     return {
         f"ich-sweep-{name}.service": f"[Unit]\nDescription=ich-soups sweep {name}\n\n[Service]\nType=oneshot\n"
                                     f"ExecStart={systemd_quote(str(script))}\n",
@@ -183,19 +228,26 @@ def systemd_units(name: str, on_calendar: str, script: Path) -> dict[str, str]:
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help="sweep to extend on every run (MLflow experiment; letters, "
-                                                       "digits, '.', '_', '-')")
+    p.add_argument("--experiment", help="sweep to extend on every run (MLflow experiment; letters, digits, '.', '_', "
+                                        "'-'); required unless --list or --run-now")
     p.add_argument("--config", help="sweep YAML (default sweeps/configs/cpu.yaml); with --address a file inside the "
                                     "project is passed relative to it, any other path is a path on the cluster")
     p.add_argument("--data", help="dataset made by `ich ingest` (with --address: its absolute path on the cluster)")
     p.add_argument("--num-samples", type=int, default=8, help="new trials per run")
-    p.add_argument("--every", default="0 3 * * *", help="cron schedule (default daily 03:00)")
-    p.add_argument("--systemd", metavar="ON_CALENDAR", help="write a systemd user timer with this OnCalendar instead")
+    p.add_argument("--every", default="0 3 * * *", help="cron schedule, checked by croniter (default daily 03:00)")
+    p.add_argument("--systemd", metavar="ON_CALENDAR", help="write a systemd user timer with this OnCalendar instead "
+                                                            "(checked by `systemd-analyze calendar` where it exists)")
+    p.add_argument("--timezone", metavar="TZ", help="an IANA timezone for the schedule, e.g. Europe/Berlin (cron: a "
+                                                    "CRON_TZ line; systemd: the OnCalendar suffix); default: local time")
     p.add_argument("--address", help="Ray Jobs API of the cluster, e.g. http://127.0.0.1:8265 (default: run locally)")
     p.add_argument("--token-path", default=DEFAULT_TOKEN_PATH,
                    help=f"the cluster's Ray token file, for --address (default {DEFAULT_TOKEN_PATH})")
     p.add_argument("--install", action="store_true", help="install the cron entry / enable the timer too")
     p.add_argument("--remove", action="store_true", help="remove this experiment's cron entry / timer instead")
+    p.add_argument("--list", action="store_true", help="list the installed ich schedules: name, expression, "
+                                                       "timezone, next run")
+    p.add_argument("--run-now", metavar="NAME", help="run the job script of schedule NAME now, in the foreground; "
+                                                     "exits with its status (the sweep's: 3 = trials failed)")
 
 
 def build_spec(a, home: Path) -> JobSpec:
@@ -242,17 +294,27 @@ def build_spec(a, home: Path) -> JobSpec:
 def cmd_schedule(a) -> None:
     from ich.home import ich_home
     home = ich_home()
+    if a.list:
+        list_schedules()
+        return
+    if a.run_now:
+        run_now(check_name(a.run_now), home)
+        return
+    if not a.experiment:
+        raise ScheduleError("--experiment is required (or --list, --run-now NAME)")
     if a.remove:
         remove_schedule(check_name(a.experiment), home, systemd=bool(a.systemd))
         return
     spec = build_spec(a, home)
     name = spec.name
     folder = home / "schedules"
-    folder.mkdir(parents=True, exist_ok=True)
     script = folder / f"{name}.sh"
     # Validate everything that goes into the cron line / units before writing anything.
-    units = systemd_units(name, a.systemd, script) if a.systemd else None
-    line = None if units else cron_line(a.every, script, name)
+    if a.systemd and not shutil.which("systemd-analyze"):
+        print("systemd-analyze not found: OnCalendar checked for its characters only", file=sys.stderr)
+    units = systemd_units(name, a.systemd, script, a.timezone) if a.systemd else None
+    line = None if units else cron_line(a.every, script, name, a.timezone)
+    folder.mkdir(parents=True, exist_ok=True)
     script.write_text(job_script(spec))
     script.chmod(0o700)
     print(f"job script: {script}")
@@ -260,7 +322,7 @@ def cmd_schedule(a) -> None:
         print(f"submits: {' '.join(shlex.quote(c) for c in job_command(spec)[job_command(spec).index('--') + 1:])} "
               f"to {spec.address} (working dir {spec.root})")
     if units:
-        unit_dir = Path.home() / ".config" / "systemd" / "user"
+        unit_dir = UNIT_DIR.expanduser()
         for fname, text in units.items():
             (folder / fname).write_text(text)
             print(f"systemd unit: {folder / fname}")
@@ -268,32 +330,108 @@ def cmd_schedule(a) -> None:
                 unit_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(folder / fname, unit_dir / fname)
         if a.install:
-            subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
-            subprocess.run(["systemctl", "--user", "enable", "--now", f"ich-sweep-{name}.timer"], check=True)
+            _run(["systemctl", "--user", "daemon-reload"], "--install")
+            _run(["systemctl", "--user", "enable", "--now", f"ich-sweep-{name}.timer"], "--install")
             print(f"enabled ich-sweep-{name}.timer")
         return
     (folder / f"{name}.cron").write_text(line)
     print(f"cron entry: {line.strip()}")
     if a.install:
         current = _read_crontab()
-        subprocess.run(["crontab", "-"], input=crontab_without(current, name) + line, text=True, check=True)
+        _run(["crontab", "-"], "--install", input=crontab_without(current, name) + line)
         print("installed in the user's crontab")
+
+
+def _run(cmd: list[str], what: str, **kw) -> None:
+    """Run a system program (crontab, systemctl); its failure is one line naming it, not a traceback."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    except OSError as e:
+        raise ScheduleError(f"{what}: cannot run {cmd[0]} ({e.strerror or e})") from None
+    if out.returncode:
+        reason = " ".join((out.stderr or out.stdout).split())[:300] or "no message"
+        raise ScheduleError(f"{what}: `{' '.join(cmd)}` failed with exit {out.returncode}: {reason}")
 
 
 def _read_crontab() -> str:
     if not shutil.which("crontab"):
-        raise ConfigError("crontab is not installed here; use --systemd or install cron")
-    return subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
+        raise ScheduleError("crontab is not installed here; use --systemd or install cron")
+    return subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout  # exit 1: no crontab yet
+
+
+def installed_schedules(now: datetime | None = None) -> list[dict]:
+    """The ich schedules installed for this user: cron entries (tagged) and systemd timers (ich-sweep-*.timer),
+    each with its expression, timezone and next run (None where it cannot be told, e.g. @reboot)."""
+    from croniter import croniter
+    now = now or datetime.now().astimezone()
+    rows = []
+    if shutil.which("crontab"):
+        tz = None  # a CRON_TZ line holds for the entries below it
+        for line in _read_crontab().splitlines():
+            if line.startswith("CRON_TZ="):
+                tz = line.split("=", 1)[1].strip() or None
+            m = MARKER_RE.search(line)
+            if not m or line.lstrip().startswith("#"):
+                continue
+            fields = line.split()
+            expr = fields[0] if fields[0].startswith("@") else " ".join(fields[:5])
+            next_run = None
+            if expr != "@reboot":
+                zone = ZoneInfo(tz) if tz else now.tzinfo
+                next_run = croniter(expr, now.astimezone(zone)).get_next(datetime)
+            rows.append({"name": m.group(1), "kind": "cron", "expression": expr, "timezone": tz or "local",
+                         "next_run": next_run.isoformat() if next_run else None})
+    analyze = shutil.which("systemd-analyze")
+    for timer in sorted(UNIT_DIR.expanduser().glob("ich-sweep-*.timer")):
+        spec = next((line.split("=", 1)[1] for line in timer.read_text().splitlines()
+                     if line.startswith("OnCalendar=")), "")
+        last = spec.split()[-1] if spec.split() else ""
+        tz = last if "/" in last or last == "UTC" else "local"
+        next_run = None
+        if analyze:
+            out = subprocess.run([analyze, "calendar", spec], capture_output=True, text=True).stdout
+            next_run = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                             if line.strip().startswith("Next elapse:")), None)
+        rows.append({"name": timer.name[len("ich-sweep-"):-len(".timer")], "kind": "systemd", "expression": spec,
+                     "timezone": tz, "next_run": next_run})
+    return rows
+
+
+def list_schedules() -> None:
+    rows = installed_schedules()
+    if not rows:
+        print("no ich schedules installed (cron entries tagged '# ich-schedule', ich-sweep-*.timer units)")
+        return
+    print(f"{'name':<20} {'kind':<8} {'expression':<24} {'timezone':<16} next run")
+    for r in rows:
+        print(f"{r['name']:<20} {r['kind']:<8} {r['expression']:<24} {r['timezone']:<16} {r['next_run'] or '-'}")
+
+
+def run_now(name: str, home: Path) -> None:
+    """Run schedule `name`'s job script now, in the foreground; exit with its status (the sweep's)."""
+    script = home / "schedules" / f"{name}.sh"
+    if not script.is_file():
+        raise ScheduleError(f"--run-now {name}: no job script at {script} (write it with ich schedule --experiment "
+                            f"{name} ...)")
+    log = home / "schedules" / f"{name}.log"
+    start = log.stat().st_size if log.is_file() else 0
+    rc = subprocess.run(["bash", str(script)]).returncode
+    tail = log.read_text(errors="replace")[start:].splitlines()[-3:] if log.is_file() else []
+    for line in tail:  # how the run ended; the sweep's summary line is among them when trials failed
+        print(line)
+    print(f"sweep {name}: exit {rc} (log: {log})")
+    if rc:
+        raise SystemExit(rc)
 
 
 def remove_schedule(name: str, home: Path, systemd: bool) -> None:
     """Remove exactly this experiment's cron entry (or timer); its job script and log stay for the record."""
     if systemd:
         unit = f"ich-sweep-{name}.timer"
-        subprocess.run(["systemctl", "--user", "disable", "--now", unit], check=False)
+        subprocess.run(["systemctl", "--user", "disable", "--now", unit], check=False, capture_output=True)
         for fname in (unit, f"ich-sweep-{name}.service"):
-            (Path.home() / ".config" / "systemd" / "user" / fname).unlink(missing_ok=True)
-        subprocess.run(["systemctl", "--user", "daemon-reload"], check=False)
+            (UNIT_DIR.expanduser() / fname).unlink(missing_ok=True)
+        subprocess.run(["systemctl", "--user", "daemon-reload"], check=False, capture_output=True)
         print(f"removed {unit}")
         return
     current = _read_crontab()
@@ -301,5 +439,5 @@ def remove_schedule(name: str, home: Path, systemd: bool) -> None:
     if kept == current:
         print(f"no cron entry for sweep {name}")
         return
-    subprocess.run(["crontab", "-"], input=kept, text=True, check=True)
+    _run(["crontab", "-"], "--remove", input=kept)
     print(f"removed the cron entry of sweep {name}")
