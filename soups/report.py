@@ -596,8 +596,8 @@ def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: P
     their within-trajectory soups. Within one trajectory (the paper's case): the checkpoints the soup trial's uniform
     soup averaged, as the models, beside that trial's soups (one model each: no variance, its whole loss is bias)."""
     groups, text = [], []
-    trials = [t["trial"] for t in sel.bias_variance]
-    if len(trials) >= 2:
+    trials = [t["trial"] for t in sel.bias_variance] if len(sel.bias_variance) >= 2 else []  # those of the study
+    if trials:
         for key, label in (("single", "best single per trial"), ("uniform", "uniform soup per trial"),
                            ("greedy", "greedy soup per trial")):
             groups.append(_decomposition(key, label, "across_trials", [t[key] for t in sel.bias_variance], preds, split))
