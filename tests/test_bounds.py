@@ -6,9 +6,12 @@ above what the process held before the call (its own high-water mark, reset just
 decoder processes, forked from it); then the same for decoding the hostile file alone. Before the fix,
 the 370-byte 100000x1 PNG made the decoder ask for a ~24 GiB resize; a dead decoder hung the pool.
 
-The 1 s bound is on CPU time for the whole ingest and on wall time for the hostile file's decode: the
-test machine is shared (load average 20 on 2 cores seen), which stretches any wall time of a whole
-ingest (process start, Parquet) without any work done; a hang is caught by a wall-clock ceiling.
+The 1 s bound is on CPU time, for the whole ingest and for the hostile file's decode alone: the test
+machine is shared (load average 20 on 2 cores seen), which stretches any wall time without any work done;
+a hang is caught by a generous wall-clock ceiling (HANG_S), never by a tight one. A control plants a decode
+that costs more CPU than the bound and sees assert_bounded fail. Dying decoders run with a 5 s
+decode_timeout (wall clock per file, ich/ingest.py): a good 40 px image never takes that long even on a
+loaded machine, so the error cannot name the wrong file (with 0.5 s, a descheduled decoder could).
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from tests.imagegen import make_bomb, make_simple_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"a": 3, "b": 3}  # 6 good images beside the hostile one
-MAX_SECONDS = 1.0
+MAX_SECONDS = 1.0  # CPU seconds (time.process_time / getrusage), not wall: load cannot stretch it
 MAX_EXTRA_MB = 200
 HANG_S = 20.0  # wall-clock ceiling for a whole ingest: anything longer is a hang, not load
+DECODE_TIMEOUT_S = 5.0  # the dying-decoder cases' decode_timeout (see the docstring)
 
 # Runs in a fresh interpreter: measure one ingest call. Prints one JSON line.
 PROBE = r"""
@@ -67,9 +71,11 @@ if args.get("file"):  # the hostile file alone, decoded in this process as a dec
     opts = {k: v for k, v in args.get("options", {}).items() if k in ("max_aspect",)}
     before = rss_kb("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     d = _decode_file(args["file"], args.get("size", 32), **opts)
-    result.update(file_wall_s=time.perf_counter() - t0, file_reason=d.reason,
+    while time.process_time() - c0 < args.get("planted_cpu_s", 0):  # the control's slow decode
+        pass
+    result.update(file_wall_s=time.perf_counter() - t0, file_cpu_s=time.process_time() - c0, file_reason=d.reason,
                   file_extra_mb=(rss_kb("VmHWM") - before) / 1024)
 print(json.dumps(result))
 """
@@ -82,7 +88,7 @@ def probe(src: Path, out: Path, env_extra: dict | None = None, **args) -> dict:
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     print(f"ingest {r['wall_s']:.3f} s wall, {r['cpu_s']:.3f} s CPU, +{r['extra_mb']:.1f} MB"  # shown with -s
-          + (f"; the file alone {r['file_wall_s']:.3f} s, +{r['file_extra_mb']:.1f} MB" if "file_wall_s" in r else ""))
+          + (f"; the file alone {r['file_cpu_s']:.3f} s CPU, +{r['file_extra_mb']:.1f} MB" if "file_cpu_s" in r else ""))
     return r
 
 
@@ -90,8 +96,9 @@ def assert_bounded(r: dict) -> None:
     assert r["cpu_s"] < MAX_SECONDS, f"ingest took {r['cpu_s']:.2f} CPU s"
     assert r["wall_s"] < HANG_S, f"ingest took {r['wall_s']:.2f} s"
     assert r["extra_mb"] < MAX_EXTRA_MB, f"used {r['extra_mb']:.0f} MB above the {r['before_mb']:.0f} MB baseline"
-    if "file_wall_s" in r:
-        assert r["file_wall_s"] < MAX_SECONDS, f"decoding the file took {r['file_wall_s']:.2f} s"
+    if "file_cpu_s" in r:
+        assert r["file_cpu_s"] < MAX_SECONDS, f"decoding the file took {r['file_cpu_s']:.2f} CPU s"
+        assert r["file_wall_s"] < HANG_S, f"decoding the file took {r['file_wall_s']:.2f} s"
         assert r["file_extra_mb"] < MAX_EXTRA_MB, f"decoding the file used {r['file_extra_mb']:.0f} MB"
 
 
@@ -134,6 +141,15 @@ def test_thin_image_is_refused_from_its_header(tmp_path, good_src):
     assert r["ok"] and skipped_reason(r, "a/thin.png") == "extreme aspect ratio" == r["file_reason"]
     assert sum(r["num_images"].values()) == 6  # the rest is ingested
     assert_bounded(r)
+
+
+def test_cpu_bound_fails_on_a_planted_slow_decode(tmp_path, good_src):
+    """Control: the file's meter spans its decode: the same thin image plus 1.2 CPU s of work in that window
+    fails assert_bounded's CPU bound (and only it), so the bound above could fail."""
+    thin = strip_png(good_src / "a" / "thin.png", 100_000, 1)
+    r = probe(good_src, tmp_path / "out", file=str(thin), planted_cpu_s=1.2)
+    with pytest.raises(AssertionError, match="decoding the file took .* CPU s"):
+        assert_bounded(r)
 
 
 def test_tall_image_is_refused_from_its_header(tmp_path, good_src):
@@ -195,7 +211,7 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("sig, how", [("SIGSEGV", "killed by SIGSEGV"), ("SIGKILL", "killed by SIGKILL (out of memory?)"),
-                                      ("SIGSTOP", "took over 0.5 s")], ids=["segfault", "oom-kill", "hang"])
+                                      ("SIGSTOP", f"took over {DECODE_TIMEOUT_S:g} s")], ids=["segfault", "oom-kill", "hang"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_dying_decoder_fails_naming_the_file(tmp_path, good_src, sig, how, workers):
     """A decoder that crashes (or hangs past decode_timeout) on one file fails the ingest in one line naming
@@ -206,11 +222,11 @@ def test_dying_decoder_fails_naming_the_file(tmp_path, good_src, sig, how, worke
     before = snapshot(out)
     (good_src / "b" / "crash.png").write_bytes((good_src / "b" / "000.png").read_bytes()[:-20] + b"x" * 20)
     r = probe(good_src, out, {"ICH_FAULT_DECODER": f"{sig}:crash.png"}, workers=workers, overwrite=True,
-              options={"decode_timeout": 0.5})
+              options={"decode_timeout": DECODE_TIMEOUT_S})
     assert not r["ok"]
     assert "\n" not in r["error"] and r["error"].startswith(f"{good_src / 'b' / 'crash.png'}: "), r["error"]
     assert how in r["error"] and "nothing was written" in r["error"]
-    assert r["cpu_s"] < MAX_SECONDS and r["wall_s"] < HANG_S, (r["cpu_s"], r["wall_s"])
+    assert r["cpu_s"] < MAX_SECONDS and r["wall_s"] < DECODE_TIMEOUT_S + HANG_S, (r["cpu_s"], r["wall_s"])
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no .out.tmp-* left behind
 
