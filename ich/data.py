@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from ich.errors import ConfigError
 from ich.ingest import IngestError, load_manifest
 from ich.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, transform
 SPLITS = ("train", "val", "test")
@@ -99,19 +100,53 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    color_jitter: float = 0.4  # brightness / contrast / saturation strength
-    rand_augment_n: int = 2  # RandAugment(n, m); geometric ops are fused into the crop's affine warp
-    rand_augment_m: float = 9.0  # magnitude 0..10 (timm scale)
+    color_jitter: float = 0.4  # ColorJitter(b, c, s): brightness / contrast / saturation strength, [0, 1)
+    color_jitter_hue: float = 0.0  # ColorJitter's hue, [0, 0.5]
+    rand_augment_n: int = 2  # RandAugment ops per image; geometric ops are fused into the crop's affine warp
+    rand_augment_magnitude: float = 9.0  # torchvision's bin index 0..bins-1: strength = magnitude / (bins - 1)
+    rand_augment_bins: int = 31  # torchvision's num_magnitude_bins
     random_erasing: float = 0.2  # probability per sample
     eval_crop_pct: float = 0.875  # eval: center crop this fraction, then resize to img_size
     mean: tuple[float, float, float] = IMAGENET_MEAN  # train and eval normalization (the init weights')
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"  # eval resize
 
+    def __post_init__(self):
+        if problem := augment_problem(self.rand_augment_n, self.rand_augment_magnitude, self.rand_augment_bins,
+                                      self.color_jitter, self.color_jitter_hue):
+            raise ConfigError(problem)
 
-_GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-_COLOR_OPS = ("identity", "brightness", "contrast", "color", "sharpness", "solarize", "posterize", "autocontrast")
-RAND_AUGMENT_OPS = _GEOMETRIC_OPS + _COLOR_OPS
+
+def augment_problem(n, magnitude, bins, color_jitter, hue) -> str | None:
+    """What is wrong with these augmentation options, starting with the option's name; None when all are in scale.
+    Out-of-scale values are refused, never clamped: every factor they give stays >= 0."""
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
+        return f"rand_augment_bins must be a whole number >= 2 (torchvision's num_magnitude_bins), not {bins!r}"
+    if not 0 <= magnitude <= bins - 1:  # NaN fails too
+        return (f"rand_augment_magnitude must be within [0, {bins - 1}] (torchvision's RandAugment scale: bin 0.."
+                f"rand_augment_bins-1 with rand_augment_bins {bins}), not {magnitude!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return f"rand_augment_n must be a whole number >= 0 (ops per image), not {n!r}"
+    if not 0 <= color_jitter < 1:
+        return f"color_jitter must be within [0, 1) (factors 1 ± color_jitter stay >= 0), not {color_jitter!r}"
+    if not 0 <= hue <= 0.5:
+        return f"color_jitter_hue must be within [0, 0.5] (torchvision's ColorJitter hue), not {hue!r}"
+    return None
+
+
+# RandAugment on torchvision's scale (torchvision.transforms.RandAugment: op set, order and maxima): every op's
+# strength is magnitude / (bins - 1) of its maximum; signed ops take a random sign.
+RAND_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+                    "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+_GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+SHEAR_MAX = 0.3  # shear factor, about the top-left corner
+TRANSLATE_MAX = 150.0 / 331.0  # of the image size
+ROTATE_MAX = 30.0  # degrees
+ENHANCE_MAX = 0.9  # brightness / color / contrast / sharpness factor 1 ± 0.9
+
+
+def _op(name: str) -> int:
+    return RAND_AUGMENT_OPS.index(name)
 
 
 def _normalize(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -136,17 +171,174 @@ def eval_transform(images_u8: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # torchvision's rgb_to_grayscale
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """a*factor + b*(1-factor), per-sample factor, clamped to [0, 1] like PIL's ImageEnhance."""
+    """a*factor + b*(1-factor), per-sample factor, clamped to [0, 1] like torchvision and PIL's ImageEnhance."""
     f = factor.view(-1, 1, 1, 1)
     return (b + f * (a - b)).clamp_(0, 1)
 
 
+def _levels(x: torch.Tensor) -> torch.Tensor:
+    """The uint8 values (as int64) of a float image in [0, 1]: posterize and equalize work on these."""
+    return (x * 255).round_().clamp_(0, 255).long()
+
+
+def _sharpness_blur(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's smoothing kernel [[1,1,1],[1,5,1],[1,1,1]]/13 per channel; border pixels kept."""
+    k = torch.ones(3, 3, dtype=x.dtype, device=x.device)
+    k[1, 1] = 5.0
+    k = (k / k.sum()).expand(x.shape[1], 1, 3, 3)
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = F.conv2d(x, k, groups=x.shape[1])
+    return out
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's equalize on the uint8 values, one histogram per (sample, channel), batched with scatter_add."""
+    q = _levels(x)
+    flat = q.flatten(2).flatten(0, 1)  # (B*C, H*W)
+    hist = torch.zeros(flat.shape[0], 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    last = ((hist > 0) * torch.arange(256, device=x.device)).argmax(dim=1, keepdim=True)  # last non-empty bin
+    step = (flat.shape[1] - hist.gather(1, last)) // 255  # pixels outside the last non-empty bin, / 255
+    lut = (hist.cumsum(1) + step // 2) // step.clamp(min=1)
+    lut = F.pad(lut, (1, 0))[:, :-1].clamp(0, 255)
+    out = torch.where(step == 0, flat, lut.gather(1, flat))  # one level (step 0): unchanged
+    return out.view_as(q).float() / 255
+
+
+def rand_augment_warp(ops: torch.Tensor, signs: torch.Tensor, magnitude: float, bins: int) -> torch.Tensor:
+    """(B, 3, 3) sampling matrices of the geometric ops in slots ops (n, B) with signs (n, B) of ±1, in
+    affine_grid's [-1, 1] coordinates of a square image: output point -> input point, so slot 0's op acts first.
+    The matrices are the inverses torchvision's affine/rotate sample with (Rotate counter-clockwise about the
+    center, ShearX/Y about the top-left corner)."""
+    s = magnitude / (bins - 1)
+    n, b = ops.shape
+    warp = torch.eye(3, device=ops.device).repeat(b, 1, 1)
+    for k in range(n):
+        m = torch.eye(3, device=ops.device).repeat(b, 1, 1)
+        sign = signs[k].to(m.dtype)
+        shear = sign * SHEAR_MAX * s
+        sel = ops[k] == _op("shear_x")  # x_in = x + shear * (y + 1)
+        m[sel, 0, 1] = shear[sel]
+        m[sel, 0, 2] = shear[sel]
+        sel = ops[k] == _op("shear_y")  # y_in = y + shear * (x + 1)
+        m[sel, 1, 0] = shear[sel]
+        m[sel, 1, 2] = shear[sel]
+        shift = -sign * 2 * TRANSLATE_MAX * s  # a fraction of the size is twice that in [-1, 1] units
+        sel = ops[k] == _op("translate_x")
+        m[sel, 0, 2] = shift[sel]
+        sel = ops[k] == _op("translate_y")
+        m[sel, 1, 2] = shift[sel]
+        ang = sign * math.radians(ROTATE_MAX * s)
+        sel = ops[k] == _op("rotate")
+        m[sel, 0, 0] = torch.cos(ang[sel])
+        m[sel, 0, 1] = -torch.sin(ang[sel])
+        m[sel, 1, 0] = torch.sin(ang[sel])
+        m[sel, 1, 1] = torch.cos(ang[sel])
+        warp = warp @ m
+    return warp
+
+
+def rand_augment_colour(x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, magnitude: float,
+                        bins: int) -> torch.Tensor:
+    """The pixel ops in slots ops (n, B) with signs (n, B) on float images (B, 3, H, W) in [0, 1], slot by slot
+    (geometric slots are identity here: rand_augment_warp does them). Values stay in [0, 1]."""
+    s = magnitude / (bins - 1)
+    x = x.clone()
+    for k in range(ops.shape[0]):
+        factor = 1.0 + signs[k].to(x.dtype) * ENHANCE_MAX * s  # within [0.1, 1.9]: magnitude <= bins - 1
+        for name in ("brightness", "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast",
+                     "equalize"):
+            sel = ops[k] == _op(name)
+            if not bool(sel.any()):
+                continue
+            xs, f = x[sel], factor[sel]
+            if name == "brightness":
+                ys = _blend(xs, torch.zeros_like(xs), f)
+            elif name == "color":
+                ys = _blend(xs, _grey(xs).expand_as(xs), f)
+            elif name == "contrast":
+                ys = _blend(xs, _grey(xs).mean(dim=(1, 2, 3), keepdim=True).expand_as(xs), f)
+            elif name == "sharpness":
+                ys = _blend(xs, _sharpness_blur(xs), f) if min(xs.shape[-2:]) > 2 else xs
+            elif name == "posterize":
+                bits = 8 - round(s * 4)  # torchvision: 8 - round(magnitude / ((bins - 1) / 4)), half to even
+                ys = (_levels(xs) & -(2 ** (8 - bits))).float() / 255
+            elif name == "solarize":
+                ys = torch.where(xs >= 1.0 - s, 1.0 - xs, xs)  # threshold 255 -> 0 in uint8 terms
+            elif name == "autocontrast":
+                lo = xs.amin(dim=(2, 3), keepdim=True)
+                hi = xs.amax(dim=(2, 3), keepdim=True)
+                flat = hi == lo  # torchvision leaves a constant channel as it is
+                ys = ((xs - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, hi - lo)).clamp(0, 1)
+            else:
+                ys = _equalize(xs)
+            x[sel] = ys
+    return x
+
+
+def rand_augment(x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, magnitude: float,
+                 bins: int) -> torch.Tensor:
+    """RandAugment with the given ops (n, B) and signs (n, B) on float images (B, 3, S, S) in [0, 1]: what
+    train_transform does with random ones, with the geometry warped on its own instead of fused into the crop."""
+    grid = F.affine_grid(rand_augment_warp(ops, signs, magnitude, bins)[:, :2], list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return rand_augment_colour(x, ops, signs, magnitude, bins)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in [0, 1), saturation, value of (B, 3, H, W) RGB in [0, 1], each (B, H, W)."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)
+    sat = c / torch.where(v > 0, v, 1.0)
+    cd = torch.where(c > 0, c, 1.0)
+    h = torch.where(v == r, (g - b) / cd, torch.where(v == g, 2.0 + (b - r) / cd, 4.0 + (r - g) / cd))
+    h = torch.where(c > 0, h, 0.0)
+    return (h / 6.0) % 1.0, sat, v
+
+
+def _hsv_to_rgb(h: torch.Tensor, sat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # channel n (R=5, G=3, B=1): v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n + 6h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
+    k = (n + 6 * h.unsqueeze(1)) % 6
+    return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample's hue by shift (B,) turns, like torchvision's adjust_hue per image."""
+    h, sat, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + shift.view(-1, 1, 1)) % 1.0, sat, v)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter per sample: factors (B, 4) = brightness, contrast, saturation factors and the hue
+    shift; order (B, 4) a permutation of 0..3 per sample, the order the four ops run in (-1: an op left out)."""
+    x = x.clone()
+    for slot in range(4):
+        for op in range(4):
+            sel = order[:, slot] == op
+            if not bool(sel.any()):
+                continue
+            xs, f = x[sel], factors[sel, op]
+            if op == 0:
+                ys = _blend(xs, torch.zeros_like(xs), f)
+            elif op == 1:
+                ys = _blend(xs, _grey(xs).mean(dim=(1, 2, 3), keepdim=True).expand_as(xs), f)
+            elif op == 2:
+                ys = _blend(xs, _grey(xs).expand_as(xs), f)
+            else:
+                ys = adjust_hue(xs, f)
+            x[sel] = ys
+    return x
+
+
 def train_transform(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop + flip + RandAugment + ColorJitter + RandomErasing, batched, per-sample parameters.
+    """RandomResizedCrop + flip + ColorJitter + RandAugment + RandomErasing (the paper's order), batched, with
+    per-sample parameters; RandAugment's geometric ops are fused into the crop's warp (one resampling).
 
     All random numbers come from `gen` (a CPU generator) so a training run is reproducible from its seed."""
     device = images_u8.device
@@ -171,28 +363,13 @@ def train_transform(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Gene
     theta[:, 0, 2] = cx
     theta[:, 1, 2] = cy
 
-    # RandAugment: n ops per sample drawn uniformly; magnitude m/10 of timm's ranges, random sign.
-    mag = cfg.rand_augment_m / 10.0
-    ops = torch.randint(len(RAND_AUGMENT_OPS), (cfg.rand_augment_n, b), generator=gen).to(device) \
-        if cfg.rand_augment_n > 0 else None
-    if ops is not None:
-        sign = torch.where(rand(cfg.rand_augment_n, b) < 0.5, -1.0, 1.0)
-        geo = torch.eye(3, device=device).repeat(b, 1, 1)
-        for k in range(cfg.rand_augment_n):
-            m = torch.eye(3, device=device).repeat(b, 1, 1)
-            ang = sign[k] * math.radians(30.0) * mag
-            is_rot = ops[k] == 0
-            m[is_rot, 0, 0] = torch.cos(ang[is_rot])
-            m[is_rot, 0, 1] = -torch.sin(ang[is_rot])
-            m[is_rot, 1, 0] = torch.sin(ang[is_rot])
-            m[is_rot, 1, 1] = torch.cos(ang[is_rot])
-            m[ops[k] == 1, 0, 1] = (sign[k] * 0.3 * mag)[ops[k] == 1]
-            m[ops[k] == 2, 1, 0] = (sign[k] * 0.3 * mag)[ops[k] == 2]
-            m[ops[k] == 3, 0, 2] = (sign[k] * 0.9 * mag)[ops[k] == 3]  # 0.45 of width = 0.9 in [-1, 1] units
-            m[ops[k] == 4, 1, 2] = (sign[k] * 0.9 * mag)[ops[k] == 4]
-            geo = geo @ m
+    # RandAugment: n ops per sample drawn uniformly from torchvision's 14, a random sign each.
+    n, mag, bins = cfg.rand_augment_n, cfg.rand_augment_magnitude, cfg.rand_augment_bins
+    if n > 0:
+        ops = torch.randint(len(RAND_AUGMENT_OPS), (n, b), generator=gen).to(device)
+        signs = torch.where(rand(n, b) < 0.5, -1.0, 1.0)
         full = torch.cat([theta, torch.tensor([0.0, 0.0, 1.0], device=device).expand(b, 1, 3)], dim=1)
-        theta = (full @ geo)[:, :2]
+        theta = (full @ rand_augment_warp(ops, signs, mag, bins))[:, :2]
 
     grid = F.affine_grid(theta, [b, 3, cfg.img_size, cfg.img_size], align_corners=False)
     # Downscaling a large stored image by a lot aliases; pre-shrink once when the crop is much smaller.
@@ -200,45 +377,18 @@ def train_transform(images_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Gene
         x = F.interpolate(x, size=(2 * cfg.img_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    if ops is not None:
-        for k in range(cfg.rand_augment_n):
-            op = ops[k] - len(_GEOMETRIC_OPS)
-            factor = 1.0 + sign[k] * 0.9 * mag
-            for j, name in enumerate(_COLOR_OPS):
-                sel = op == j
-                if name == "identity" or not bool(sel.any()):
-                    continue
-                xs = x[sel]
-                if name == "brightness":
-                    ys = _blend(xs, torch.zeros_like(xs), factor[sel])
-                elif name == "contrast":
-                    mean = _grey(xs).mean(dim=(1, 2, 3), keepdim=True)
-                    ys = _blend(xs, mean.expand_as(xs), factor[sel])
-                elif name == "color":
-                    ys = _blend(xs, _grey(xs).expand_as(xs), factor[sel])
-                elif name == "sharpness":
-                    blurred = F.avg_pool2d(F.pad(xs, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-                    ys = _blend(xs, blurred, factor[sel])
-                elif name == "solarize":
-                    thresh = 1.0 - mag
-                    ys = torch.where(xs >= thresh, 1.0 - xs, xs)
-                elif name == "posterize":
-                    levels = 2 ** max(1, 8 - int(4 * mag))
-                    ys = torch.floor(xs * (levels - 1) + 0.5) / (levels - 1)
-                else:  # autocontrast
-                    lo = xs.amin(dim=(2, 3), keepdim=True)
-                    hi = xs.amax(dim=(2, 3), keepdim=True)
-                    ys = torch.where(hi > lo, (xs - lo) / (hi - lo).clamp(min=1e-6), xs)
-                x[sel] = ys
+    if cfg.color_jitter > 0 or cfg.color_jitter_hue > 0:
+        cj, hue = cfg.color_jitter, cfg.color_jitter_hue
+        factors = torch.cat([1 + cj * (2 * rand(b, 3) - 1), hue * (2 * rand(b, 1) - 1)], dim=1)
+        order = torch.argsort(rand(b, 4), dim=1)  # torchvision draws a random order per call
+        if cj == 0:  # ops of strength 0 are left out, like torchvision's None factors
+            order = torch.where(order < 3, -1, order)
+        if hue == 0:
+            order = torch.where(order == 3, -1, order)
+        x = color_jitter(x, factors, order)
 
-    if cfg.color_jitter > 0:
-        cj = cfg.color_jitter
-        bri = 1 + cj * (2 * rand(b) - 1)
-        con = 1 + cj * (2 * rand(b) - 1)
-        sat = 1 + cj * (2 * rand(b) - 1)
-        x = _blend(x, torch.zeros_like(x), bri)
-        x = _blend(x, _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), con)
-        x = _blend(x, _grey(x).expand_as(x), sat)
+    if n > 0:
+        x = rand_augment_colour(x, ops, signs, mag, bins)
 
     x = _normalize(x, cfg)
 

@@ -36,9 +36,10 @@ def cmd_train(a) -> None:
     """One trial's loop on one machine, no Ray, no MLflow: per-epoch val metrics, a checkpoint per epoch."""
     from ich.checkpoint import CheckpointMeta, save_checkpoint
     from ich.data import load_dataset
-    from ich.train import TrainConfig, Trainer
+    from ich.train import RETIRED_OPTIONS, TrainConfig, Trainer
 
-    overrides = {k: v for k, v in vars(a).items() if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | set(RETIRED_OPTIONS)  # a retired one: from_dict says how
+    overrides = {k: v for k, v in vars(a).items() if k in names and v is not None}
     cfg = TrainConfig.from_dict(overrides)
     data = load_dataset(a.data)
     from sweeps.init_weights import resolve_init_source
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}[f.type]
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        help=f"default {f.default}")
+    from ich.train import RETIRED_OPTIONS
+    for name in RETIRED_OPTIONS:  # accepted only to be refused with how to convert (cmd_train), not as unknown
+        s.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_train)
 
     from sweeps.coatnet import EXIT_CODES, add_sweep_args  # argparse only: `ich --help` imports no Ray or MLflow

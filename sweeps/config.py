@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ich.errors import ConfigError
-from ich.train import TrainConfig
+from ich.train import RETIRED_OPTIONS, TrainConfig
 from soups.options import option_problem, sweep_option_fields
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -234,6 +234,8 @@ def apply_set(raw: dict, key: str, value, raw_text: str | None = None) -> None:
     node, path = raw, ()
     for i, part in enumerate(parts):
         known = _fields_at(path)
+        if path in _TRAIN_KEYED and part in RETIRED_OPTIONS:
+            raise ConfigError(f"--set {key}: {part} {RETIRED_OPTIONS[part]}")
         if known is not None and part not in known:
             where = ".".join(path) or "the top level"
             raise ConfigError(f"--set {key}: unknown key {part!r} in {where} (known: {', '.join(known)})")
@@ -262,9 +264,15 @@ def apply_set(raw: dict, key: str, value, raw_text: str | None = None) -> None:
 def validate(cfg: SweepConfig, where: str = "config") -> None:
     """Refuse what cannot run before anything starts: unknown fields, empty ranges, impossible resources."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for section, keys in (("train", cfg.train), ("search", cfg.search), ("init.warm_start", cfg.init.warm_start or {})):
+        for k in keys:
+            if k in RETIRED_OPTIONS:
+                raise ConfigError(f"{where}: {section}.{k} {RETIRED_OPTIONS[k]}")
     for k in cfg.train:
         if k not in train_fields:
             raise ConfigError(f"{where}: train.{k} is not a training option")
+    _check_scale(cfg.train, "train", where)
+    _check_scale({**cfg.train, **(cfg.init.warm_start or {})}, "init.warm_start", where)
     for k, spec in cfg.search.items():
         if k not in train_fields:
             raise ConfigError(f"{where}: search.{k} is not a training option")
@@ -280,6 +288,11 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
             lo, hi = args[0], args[1]
             if not lo < hi or (kind == "loguniform" and lo <= 0):
                 raise ConfigError(f"{where}: search.{k} {kind} range [{lo}, {hi}] holds no valid point")
+        # every end of the range must be a valid value (e.g. a magnitude within torchvision's bins), never clamped
+        ends = args if kind == "choice" else [args[0], args[1] - 1 if kind == "randint" else args[1]]
+        for v in ends:
+            if problem := _scale_problem({**cfg.train, k: v}):
+                raise ConfigError(f"{where}: search.{k} {kind} {args} leaves the allowed range: {problem}")
     for k, values in cfg.grid.items():
         if k not in train_fields:
             raise ConfigError(f"{where}: grid.{k} is not a training option")
@@ -330,6 +343,20 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
     for m in cfg.models:
         if not timm.is_model(m):
             raise ConfigError(f"{where}: unknown model {m!r} (not a timm architecture)")
+
+
+def _scale_problem(train: dict) -> str | None:
+    """Why these training options cannot make a TrainConfig (an out-of-scale value, a bad type), None if they can."""
+    try:
+        TrainConfig.from_dict(train)
+    except (ConfigError, ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _check_scale(train: dict, section: str, where: str) -> None:
+    if problem := _scale_problem(train):
+        raise ConfigError(f"{where}: {section}: {problem}")
 
 
 def tune_space(cfg: SweepConfig) -> dict:

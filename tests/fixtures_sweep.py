@@ -37,7 +37,7 @@ search:
   weight_decay: {{loguniform: [1.0e-3, 5.0e-2]}}
   label_smoothing: {{uniform: [0.0, 0.1]}}
   mixup: {{uniform: [0.0, 0.2]}}
-  rand_augment_m: {{uniform: [2.0, 9.0]}}
+  rand_augment_magnitude: {{uniform: [6.0, 27.0]}}  # torchvision's bins 0..30: timm's old m 2-9
   seed: {{randint: [0, 100000]}}
 asha:
   grace_period: 1
