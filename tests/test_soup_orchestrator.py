@@ -291,3 +291,69 @@ def test_soup_classifier_predicts_from_paths_and_base64_and_names_bad_rows(tmp_p
         served.predict(None, pd.DataFrame({"path": [str(tmp_path / "missing.png")]}))
     with pytest.raises(ValueError, match="'path' or an 'image' column"):
         served.predict(None, pd.DataFrame({"file": ["x"]}))
+
+
+# ---------------------------------------------------------------------------------------------- ingredient pools
+
+POOL_MODEL = "tiny-sweep-pool-test"  # its own registered model: the champion tests above keep theirs
+
+
+@pytest.mark.integration
+def test_top_k_pool_soups_each_trials_best_epochs_and_records_the_pool(tiny_sweep, mlflow_server, mlflow_client,
+                                                                        capsys):
+    trials = _checkpoints_per_trial(mlflow_client, tiny_sweep)
+    # expected by hand from MLflow's recorded val figures: the 2 best epochs (ties to the later epoch)
+    expected = {t: {r.epoch for r in sorted(records, key=lambda r: (-r.metrics["val_macro_f1"], -r.epoch))[:2]}
+                for t, records in trials.items() if len(records) >= 2}
+    full = [t for t, records in trials.items() if len(records) == 3]
+    assert full, "the tiny sweep should leave a trial with all 3 epochs"
+    common = dict(experiment=tiny_sweep["experiment"], tracking_uri=mlflow_server, registered_model=POOL_MODEL,
+                  scope="within", n_resamples=200, bn="average")
+    capsys.readouterr()
+    summary = run_soups(SoupOptions(**common, ingredients="top_k", k=2))
+    table = capsys.readouterr().out
+    assert summary["ingredients"] == "top_k:2"
+    built = {s["trial"] for s in summary["soups"]}
+    assert built == set(expected)
+    for soup in summary["soups"]:
+        assert {i["epoch"] for i in soup["ingredients"]} == expected[soup["trial"]], soup["name"]
+        size = len(trials[soup["trial"]])
+        assert soup["pool"] == {"rule": "top_k:2", "size": 2, "family_size": size}
+        row = next(line for line in table.splitlines() if line.startswith(soup["name"]))
+        assert row.endswith(f"top_k:2 2/{size}"), row
+        run = mlflow_client.get_run(soup["run_id"])
+        assert (run.data.tags["ich.ingredients"], run.data.tags["ich.pool"]) == ("top_k:2", f"2/{size}")
+        assert run.data.metrics["n_ingredients"] == 2 and run.data.metrics["family_size"] == size
+        model = mlflow_client.get_logged_model(soup["model_id"])
+        assert (model.tags["ich.ingredients"], model.tags["ich.pool"]) == ("top_k:2", f"2/{size}")
+
+    # control: the default pool offers a 3-epoch trial's every epoch
+    summary = run_soups(SoupOptions(**common, recipe="uniform"))
+    table = capsys.readouterr().out
+    soup = next(s for s in summary["soups"] if s["trial"] == full[0])
+    assert {i["epoch"] for i in soup["ingredients"]} == {1, 2, 3}
+    assert soup["pool"] == {"rule": "all", "size": 3, "family_size": 3}
+    assert next(line for line in table.splitlines() if line.startswith(soup["name"])).endswith("all 3/3")
+    assert mlflow_client.get_run(soup["run_id"]).data.tags["ich.ingredients"] == "all"
+
+
+@pytest.mark.integration
+def test_cycle_end_pool_keeps_epoch_2_of_the_tiny_sweep(tiny_sweep, mlflow_server, mlflow_client):
+    trials = _checkpoints_per_trial(mlflow_client, tiny_sweep)  # restart_period 2, 3 epochs: epoch 2 only
+    at_2 = {t: next(r.model_id for r in records if r.epoch == 2) for t, records in trials.items()
+            if any(r.epoch == 2 for r in records)}
+    summary = run_soups(SoupOptions(experiment=tiny_sweep["experiment"], tracking_uri=mlflow_server,
+                                    registered_model=POOL_MODEL, recipe="uniform", n_resamples=200, bn="average",
+                                    ingredients="cycle_end"))
+    assert [s for s in summary["soups"] if s["scope"] == "within"] == []  # one cycle end each: nothing to average
+    for t in at_2:
+        assert f"trial {t}: pool cycle_end holds 1 of its {len(trials[t])} usable checkpoint(s) (epoch 2), " \
+               "no within-trial soup" in summary["notes"]
+    across = [s for s in summary["soups"] if s["name"] == "across-best-uniform"]
+    if len(at_2) >= 2:  # each trial's candidate is its epoch 2, not its best epoch
+        assert {i["model_id"] for i in across[0]["ingredients"]} == set(at_2.values())
+        assert across[0]["pool"] == {"rule": "cycle_end", "size": len(at_2), "family_size": len(trials)}
+    else:
+        assert across == []
+    for t in set(trials) - set(at_2):
+        assert f"trial {t}: no cycle-end epoch yet, left out of the cycle_end across-run soups" in summary["notes"]
