@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from argparse import Namespace
 from pathlib import Path
@@ -274,3 +275,176 @@ def test_two_scheduled_runs_extend_one_sweep(ray_local, mlflow_server, mlflow_cl
     table = mlflow_client.download_artifacts(latest_across.info.run_id, "", str(tmp_path / "a"))
     text = "".join(p.read_text() for p in Path(table).rglob("*.csv"))
     assert sum(t in text for t in seen_trials[1]) == 4, "the across soup of run 2 did not see all four trials"
+
+
+# ----------------------------------------------------- schedules that mean something, installs that fail (issue 25)
+
+
+def _program(folder: Path, name: str, body: str) -> Path:
+    """A stand-in for a system program (crontab, systemctl) first on PATH: this machine's real crontab and user
+    units are never touched, and a failing one can be planted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _crontab(bin_dir: Path, table: Path) -> None:
+    """A working crontab whose user table is the file `table`."""
+    t = shlex.quote(str(table))
+    _program(bin_dir, "crontab", f'case "$1" in\n  -l) [ -f {t} ] && exec cat {t}; echo "no crontab for $USER" >&2; '
+                                 f'exit 1 ;;\n  -) exec cat > {t} ;;\nesac\nexit 2\n')
+
+
+@pytest.fixture
+def sched_home(tmp_path, monkeypatch):
+    """ICH_HOME and HOME in tmp_path, stand-in programs in tmp_path/bin first on PATH."""
+    monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("every", ["99 99 99 99 99", "every tuesday please", "0 3 31 2 * *", "61 * * * *"])
+def test_meaningless_cron_schedules_refused_in_one_line_before_anything_is_written(sched_home, capsys, every):
+    data = _fake_dataset(sched_home / "ds")
+    assert ich_main(["schedule", "--experiment", "nightly", "--data", str(data), "--every", every]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ich schedule: error: --every {every!r}: not a cron schedule"), err
+    assert not (sched_home / "home" / "schedules").exists()
+    # Control: a valid expression is accepted and written.
+    assert ich_main(["schedule", "--experiment", "nightly", "--data", str(data), "--every", "0 3 * * 1-5"]) == 0
+    assert (sched_home / "home" / "schedules" / "nightly.cron").read_text().startswith("0 3 * * 1-5 ")
+
+
+def test_out_of_range_fields_pass_the_character_check_and_fail_the_parser():
+    """Why croniter is there: '99 99 99 99 99' is made of allowed characters (shell-safe) yet means no time."""
+    assert all(schedule.CRON_FIELD_RE.fullmatch(f) for f in "99 99 99 99 99".split())
+    with pytest.raises(ScheduleError, match=r"out of range"):
+        schedule.check_cron("99 99 99 99 99")
+
+
+def test_meaningless_on_calendar_refused_by_systemd_analyze(sched_home, capsys):
+    if not shutil.which("systemd-analyze"):
+        from tests.conftest import require_service
+        require_service("systemd-analyze (systemd) is not installed")
+    data = _fake_dataset(sched_home / "ds")
+    # Letters and spaces only: the character check lets it through, systemd's own parser refuses it.
+    assert schedule.ON_CALENDAR_RE.fullmatch("every tuesday please")
+    assert ich_main(["schedule", "--experiment", "nightly", "--data", str(data),
+                     "--systemd", "every tuesday please"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--systemd 'every tuesday please': not a systemd OnCalendar expression" in err
+    assert not (sched_home / "home" / "schedules").exists()
+    assert ich_main(["schedule", "--experiment", "nightly", "--data", str(data), "--systemd", "Tue 03:00"]) == 0
+
+
+def test_timezone(sched_home, capsys):
+    data = _fake_dataset(sched_home / "ds")
+    base = ["schedule", "--experiment", "nightly", "--data", str(data)]
+    for bad in ["Mars/Olympus", "../../etc/passwd", "UTC; touch /tmp/x"]:
+        assert ich_main(base + ["--timezone", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--timezone {bad!r}: not a known timezone" in err, err
+    assert not (sched_home / "home" / "schedules").exists()
+    assert ich_main(base + ["--timezone", "Europe/Berlin"]) == 0  # control
+    cron = (sched_home / "home" / "schedules" / "nightly.cron").read_text()
+    assert cron.splitlines()[:2] == ["# ich-schedule nightly", "CRON_TZ=Europe/Berlin"], cron
+    assert ich_main(base + ["--timezone", "America/New_York", "--systemd", "*-*-* 03:00:00"]) == 0
+    timer = (sched_home / "home" / "schedules" / "ich-sweep-nightly.timer").read_text()
+    assert "OnCalendar=*-*-* 03:00:00 America/New_York\n" in timer
+
+
+def test_install_failures_are_one_line(sched_home, capsys):
+    data = _fake_dataset(sched_home / "ds")
+    base = ["schedule", "--experiment", "nightly", "--data", str(data), "--install"]
+    _program(sched_home / "bin", "crontab", 'echo "crontab: cannot write the crontab: permission denied" >&2\nexit 1\n')
+    assert ich_main(base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ich schedule: error: --install: `crontab -` failed with exit 1: "
+                                                   "crontab: cannot write the crontab: permission denied"), err
+    _program(sched_home / "bin", "systemctl", 'echo "Failed to connect to bus: No medium found" >&2\nexit 1\n')
+    assert ich_main(base + ["--systemd", "daily"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`systemctl --user daemon-reload` failed with exit 1: Failed to connect to bus" in err
+    # Controls: the same installs with programs that work.
+    _crontab(sched_home / "bin", sched_home / "table")
+    assert ich_main(base) == 0
+    assert (sched_home / "table").read_text().endswith("  # ich-schedule nightly\n")
+    _program(sched_home / "bin", "systemctl", "exit 0\n")
+    assert ich_main(base + ["--systemd", "daily"]) == 0
+    assert (sched_home / "user" / ".config" / "systemd" / "user" / "ich-sweep-nightly.timer").is_file()
+
+
+def test_list_shows_installed_schedules_with_their_next_run(sched_home, capsys):
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+    data = _fake_dataset(sched_home / "ds")
+    table = sched_home / "table"
+    table.write_text("MAILTO=me\n0 6 * * * /usr/bin/backup\n")  # the user's own lines stay
+    _crontab(sched_home / "bin", table)
+    _program(sched_home / "bin", "systemctl", "exit 0\n")
+    for name, extra in [("plain", ["--every", "15 4 * * *"]), ("berlin", ["--every", "0 3 * * *", "--timezone",
+                                                                           "Europe/Berlin"]),
+                        ("timer", ["--systemd", "*-*-* 02:30:00"])]:
+        assert ich_main(["schedule", "--experiment", name, "--data", str(data), "--install", *extra]) == 0
+    capsys.readouterr()
+    assert ich_main(["schedule", "--list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"plain", "berlin", "timer"}, out
+
+    def next_at(hour, minute, zone):  # the reference, by hand: the next hh:mm wall-clock time in that zone
+        now = datetime.now(zone)
+        at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return (at if at > now else at + timedelta(days=1)).isoformat()
+    berlin = ZoneInfo("Europe/Berlin")
+    assert rows["berlin"].split()[1:] == ["cron", "0", "3", "*", "*", "*", "Europe/Berlin", next_at(3, 0, berlin)]
+    local = datetime.now().astimezone().tzinfo
+    assert rows["plain"].split()[1:] == ["cron", "15", "4", "*", "*", "*", "local", next_at(4, 15, local)]
+    assert rows["timer"].split()[1:5] == ["systemd", "*-*-*", "02:30:00", "local"]
+    # Removing the zoned entry takes its CRON_TZ line along; the user's lines and the other entry stay.
+    assert ich_main(["schedule", "--experiment", "berlin", "--remove"]) == 0
+    assert table.read_text() == ("MAILTO=me\n0 6 * * * /usr/bin/backup\n"
+                                 + schedule.cron_line("15 4 * * *", sched_home / "home" / "schedules" / "plain.sh",
+                                                      "plain"))
+
+
+def test_run_now_needs_a_written_schedule(sched_home, capsys):
+    assert ich_main(["schedule", "--run-now", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--run-now nope: no job script at " in err
+    assert ich_main(["schedule", "--data", "x"]) == 2
+    assert "--experiment is required" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_scheduled_sweep_with_a_failed_trial_exits_3_and_logs_why(ray_local, mlflow_server, digits_dataset,
+                                                                 tmp_path):
+    """The issue's acceptance test: a scheduled sweep with a planted failing trial (the trainer's test hook:
+    exactly one trial fails at every attempt), run now through `ich schedule --run-now` as a user would; the
+    job's log holds the sweep's summary line and the exit status, and the status reaches the caller."""
+    import ray
+    home = tmp_path / "home"
+    config = write_sweep_config(tmp_path, "sched-fail", **{
+        "epochs: 3": "epochs: 2", "grace_period: 1": "grace_period: 2", "max_failures: 2": "max_failures: 1",
+        "{epochs: 4,": "{epochs: 1,"})
+    env = {**os.environ, "ICH_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server,
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "ICH_FAULTS": "mid_epoch:1:fail"}
+    ich = str(Path(os.sys.executable).with_name("ich"))
+    subprocess.run([ich, "schedule", "--experiment", "sched-fail", "--config", str(config), "--data",
+                    str(digits_dataset), "--num-samples", "2"], env=env, check=True, capture_output=True)
+    out = subprocess.run([ich, "schedule", "--run-now", "sched-fail"], env=env, capture_output=True, text=True,
+                         timeout=900)
+    log = (home / "schedules" / "sched-fail.log").read_text()
+    failed = (home / "faults" / "sched-fail" / "mid_epoch-failing-trial").read_text()
+    assert out.returncode == 3, (out.stdout[-2000:], out.stderr[-2000:], log[-4000:])
+    lines = [line for line in log.splitlines() if line.startswith("sweep sched-fail: ") and "trials failed" in line]
+    assert len(lines) == 1, log[-4000:]
+    assert lines[0].startswith(f"sweep sched-fail: 1 of 2 trials failed after 1 retries: {failed} (RuntimeError: "
+                               "injected fault"), lines[0]
+    assert lines[0].endswith("; soups and report built from the 1 others; exit 3 (--allow-failed-trials 1 to accept)")
+    assert log.rstrip().endswith("sweep sched-fail: done (exit 3)"), log[-2000:]
+    assert lines[0] in out.stdout and "sweep sched-fail: exit 3" in out.stdout  # --run-now shows how it ended
