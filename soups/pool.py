@@ -53,12 +53,6 @@ class Schedule:
         return cls(str(config["schedule"]), int(float(config.get("restart_period", 0) or 0)),
                    float(config.get("warmup_epochs", 0) or 0))
 
-    def __str__(self) -> str:
-        if self.name != "cosine_restarts":
-            return self.name
-        return f"cosine_restarts every {self.restart_period}" + (f", warmup {self.warmup_epochs:g}"
-                                                                 if self.warmup_epochs else "")
-
 
 def label(rule: str, k: int) -> str:
     """The rule as recorded on a soup (tag ich.ingredients): "all", "top_k:8", "cycle_end"."""
@@ -92,6 +86,8 @@ def within(items: list[T], rule: str, k: int, metric: str, *, score: Callable[[T
            epoch: Callable[[T], int], schedule: Schedule | None = None) -> list[T]:
     """The pool of one trial's checkpoints, in the order given. Raises PoolRefused for cycle_end on a schedule
     without learning-rate minima at epoch ends."""
+    if rule not in INGREDIENT_POOLS:
+        raise ValueError(f"unknown ingredient pool {rule!r}")
     if rule == "all" or not items:
         return list(items)
     if rule == "top_k":
@@ -101,8 +97,6 @@ def within(items: list[T], rule: str, k: int, metric: str, *, score: Callable[[T
         if problem:
             raise PoolRefused(problem)
         keep = {id(it) for it in items if is_cycle_end(epoch(it), schedule)}
-    else:
-        raise ValueError(f"unknown ingredient pool {rule!r}")
     return [it for it in items if id(it) in keep]
 
 

@@ -357,3 +357,26 @@ def test_cycle_end_pool_keeps_epoch_2_of_the_tiny_sweep(tiny_sweep, mlflow_serve
         assert across == []
     for t in set(trials) - set(at_2):
         assert f"trial {t}: no cycle-end epoch yet, left out of the cycle_end across-run soups" in summary["notes"]
+
+
+@pytest.mark.integration
+def test_within_soups_built_while_the_sweep_runs_use_the_sweeps_pool(tiny_sweep, mlflow_client, mlflow_server):
+    """The sweep's `soups: {ingredients: top_k, k: 2}` reaches the within-soup task (SoupSoFar -> cook_within)."""
+    import ray
+
+    from sweeps.soup_callback import SoupSoFar
+    trials = _checkpoints_per_trial(mlflow_client, tiny_sweep)
+    trial, records = next((t, r) for t, r in trials.items() if len(r) == 3)
+    best_2 = {r.epoch for r in sorted(records, key=lambda r: (-r.metrics["val_macro_f1"], -r.epoch))[:2]}
+    results = {}
+    for name, soups in (("top_k", {"ingredients": "top_k", "k": 2, "recipe": "uniform"}),
+                        ("control", {"recipe": "uniform"})):
+        cb = SoupSoFar(tracking_uri=mlflow_server, experiment_id=tiny_sweep["experiment_id"],
+                       sweep=tiny_sweep["experiment"], parent_run_id="unused", data=str(tiny_sweep["data"]),
+                       soups=soups)
+        cb._submit_within(trial)
+        (results[name],) = ray.get(cb._refs[trial], timeout=600)["soups"]
+    assert {i["epoch"] for i in results["top_k"]["ingredients"]} == best_2
+    assert results["top_k"]["pool"] == {"rule": "top_k:2", "size": 2, "family_size": 3}
+    assert {i["epoch"] for i in results["control"]["ingredients"]} == {1, 2, 3}
+    assert results["control"]["pool"] == {"rule": "all", "size": 3, "family_size": 3}
