@@ -7,7 +7,6 @@ import math
 import pickle
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -83,33 +82,61 @@ def _artifact_json(client, run_id: str, path: str, folder) -> dict:
     return json.loads(Path(client.download_artifacts(run_id, path, str(folder))).read_text())
 
 
+# The planted trials of the sweep below, run one at a time in this order (a grid runs its list in order).
+GOOD_LR, LOSER_LR = 1.5e-3, 0.0
+
+
+def _planted_stop(rows: list[dict], soup_at_2: dict) -> None:
+    """ASHA stopped the planted loser at its rung (epoch 2) with the lower soup; the winner trained to the end."""
+    loser = next(r for r in rows if r["config"]["lr"] == LOSER_LR)
+    winner = next(r for r in rows if r["config"]["lr"] == GOOD_LR)
+    assert (loser["status"], loser["epochs"]) == ("KILLED", 2), rows
+    assert (winner["status"], winner["epochs"]) == ("FINISHED", 3), rows
+    assert soup_at_2[loser["trial"]] < soup_at_2[winner["trial"]], soup_at_2
+
+
 def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow_client, digits_dataset, ich_home,
                                                                 tmp_path):
-    """Issue 14 items 1 and 2 on real Ray + MLflow: the trials report val_soup_macro_f1 each epoch and ASHA and
-    Optuna rank by it; while the sweep runs the soup so far grows one step per trial and each trial's within soups
-    are built as Ray tasks; they equal the post-hoc `ich soup`'s (ingredients, figures, weights bitwise)."""
+    """Issue 14 items 1 and 2 on real Ray + MLflow: the trials report val_soup_macro_f1 each epoch and ASHA ranks by
+    it; while the sweep runs the soup so far grows one step per trial and each trial's within soups are built as Ray
+    tasks; they equal the post-hoc `ich soup`'s (ingredients, figures, weights bitwise).
+
+    ASHA's stop is planted, not hoped for. Ray's ASHA (one bracket; rung at epoch 2, reduction 2) lets the first
+    trial to reach a rung continue and stops a later one whose value is below the rung's cutoff (with one earlier
+    value: that value). So the two trials are a `grid:` over lr run one at a time (max_concurrent 1; Tune's grid
+    runs its list in order): first a trial that learns (GOOD_LR), then one with lr 0, whose weights never move
+    (AdamW's step and decay both scale with lr; only BatchNorm's running statistics follow the data), so its soup
+    at epoch 2 stays at the warm start's score. The warm start trains only 2 epochs, far from its plateau, so the
+    learning trial's soup of epochs 1-2 sits well above it (measured here: val macro F1 0.81 against 0.45).
+    A grid runs without Optuna, so this sweep has no study: the check that Optuna's values are the trials' last
+    val_soup is gone (with a search, which trial comes second is up to the sampler). Optuna is handed the same
+    `tune_metric` as ASHA (sweeps/coatnet.py), and test_objective_config checks its value for this objective."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
     from sweeps.coatnet import parse_args, run_sweep
+    from tests.fixtures_sweep import TINY_SWEEP_YAML
+    tiny = TINY_SWEEP_YAML.format(experiment="soup-objective")
+    search = tiny[tiny.index("search:"):tiny.index("asha:")]
     config = write_sweep_config(ich_home, "soup-objective", **{
-        "mode: max\n": "mode: max\nobjective: trajectory_soup\nsoup_so_far: true\n", "num_samples: 4": "num_samples: 2",
+        "mode: max\n": "mode: max\nobjective: trajectory_soup\nsoup_so_far: true\n",
+        "num_samples: 4": "num_samples: 1", "max_concurrent: 2": "max_concurrent: 1",
+        search: f"grid:\n  lr: [{GOOD_LR}, {LOSER_LR}]\n",
         "grace_period: 1": "grace_period: 2",  # ASHA's rung at epoch 2: there the soup of 2 differs from epoch 2 alone
         "warm_start: {epochs: 4": "warm_start: {epochs: 2"})
+    assert "grid:" in config.read_text() and "search:" not in config.read_text()
     # soups after the sweep too (the post-hoc `ich soup` compared below); the report has tests of its own
     args = parse_args(["--config", str(config), "--data", str(digits_dataset), "--no-report"])
     summary = run_sweep(args, ich_home)
     rows = summary["trials"]
     assert len(rows) == 2 and all(r["status"] in ("FINISHED", "KILLED") for r in rows)
 
-    # Optuna ranked the trials by the soup: each trial's value is its last val_soup_macro_f1.
-    study = optuna.load_study(study_name="soup-objective", storage=f"sqlite:///{ich_home / 'optuna.db'}")
-    values = sorted(t.value for t in study.trials if t.value is not None)
-    assert values == pytest.approx(sorted(r["val_soup_macro_f1"] for r in rows), abs=1e-12)
-
     exp = mlflow_client.get_experiment_by_name("soup-objective").experiment_id
     records = registry.search_checkpoints(mlflow_client, [exp], sweep="soup-objective")
-    soup_at_2 = {}
+    soup_at_2, histories, weights_of = {}, {}, {}
     for row in rows:
         mine = sorted((r for r in records if r.trial == row["trial"]), key=lambda r: r.epoch)
-        history = _history(mlflow_client, row["run_id"], "val_soup_macro_f1")
+        history = histories[row["trial"]] = _history(mlflow_client, row["run_id"], "val_soup_macro_f1")
         assert [m.step for m in history] == [r.epoch for r in mine] and len(mine) == row["epochs"] >= 2
         soup_at_2[row["trial"]] = history[1].value
         # epoch 1: the soup of one checkpoint is that checkpoint
@@ -117,16 +144,37 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
         # every epoch: the soup equals a post-hoc uniform soup of the trial's checkpoints so far
         folders = [registry.download_checkpoint(mlflow_client, r, tmp_path / row["trial"]) for r in mine]
         weights = [load_checkpoint(f, expected_sha256=r.sha256) for f, r in zip(folders, mine)]
+        weights_of[row["trial"]] = [w for w, _ in weights]
         ev = Evaluator(load_dataset(digits_dataset), EvalSpec.of(weights[0][1]), device="cpu")
         for n, m in enumerate(history, start=1):
             score = ev.score(ev.logits(uniform_soup([w for w, _ in weights[:n]]), "val"), "val", "macro_f1")
             assert math.isclose(score, m.value, abs_tol=1e-9), (row["trial"], n, score, m.value)
-    # ASHA decided on the soup: at its rung (epoch 2, reduction 2, two trials) the second trial to arrive stops
-    # when its val_soup is below the first's; a stopped trial therefore has the lower soup at epoch 2.
-    for row in rows:
-        if row["status"] == "KILLED":
-            other = next(r for r in rows if r is not row)
-            assert row["epochs"] == 2 and soup_at_2[row["trial"]] < soup_at_2[other["trial"]], (soup_at_2, rows)
+
+    # The plant held: the trials ran in the grid's order, one after the other (every report of the winner came
+    # before the loser's first), and the loser's weights did not move (only BatchNorm's running statistics).
+    loser = next(r for r in rows if r["config"]["lr"] == LOSER_LR)
+    winner = next(r for r in rows if r is not loser)
+    assert max(m.timestamp for m in histories[winner["trial"]]) <= min(m.timestamp for m in histories[loser["trial"]])
+    first, second = weights_of[loser["trial"]][:2]
+    moving = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(first[k], second[k]) for k in first if not k.endswith(moving))
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith("running_mean"))
+    # ASHA decided on the soup, unconditionally: the loser (second at the rung) stopped at epoch 2 with the lower
+    # soup, the winner finished.
+    _planted_stop(rows, soup_at_2)
+    # Controls. The same checks on the soups swapped fail; and Ray's own rung, replayed with the recorded soups in
+    # the order they arrived, stops the loser, but would let it go on had its soup equalled the winner's or had it
+    # arrived first: the stop above came from the soups at epoch 2, not from anything else.
+    with pytest.raises(AssertionError):
+        _planted_stop(rows, {loser["trial"]: soup_at_2[winner["trial"]], winner["trial"]: soup_at_2[loser["trial"]]})
+
+    def rung(*arrivals: tuple[str, float]) -> str:
+        bracket = _Bracket(min_t=2, max_t=3, reduction_factor=2, s=0)
+        trials = [type("T", (), {"trial_id": t})() for t, _ in arrivals]
+        return [bracket.on_result(t, 2, v) for t, (_, v) in zip(trials, arrivals)][-1]
+    w, lo = (winner["trial"], soup_at_2[winner["trial"]]), (loser["trial"], soup_at_2[loser["trial"]])
+    assert rung(w, lo) == TrialScheduler.STOP
+    assert rung(w, (loser["trial"], w[1])) == rung(lo, w) == TrialScheduler.CONTINUE
 
     # The soup so far (item 1): one step per trial done, never worse, the first is one trial's best checkpoint.
     parent = summary["parent_run_id"]
