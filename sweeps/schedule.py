@@ -72,10 +72,10 @@ def check_cron(schedule: str) -> str:
     if len(fields) != 5 or not all(CRON_FIELD_RE.fullmatch(f) for f in fields):
         raise ScheduleError(f"--every {schedule!r}: not a cron schedule (5 fields of digits, letters, '*', ',', "
                             f"'/', '-', or one of {', '.join(sorted(CRON_KEYWORDS))})")
-    from croniter import CroniterError, croniter
+    from croniter import croniter
     try:  # the character check keeps the shell safe; croniter says whether the fields mean a time
         croniter(" ".join(fields))
-    except (CroniterError, ValueError) as e:
+    except ValueError as e:  # croniter's errors are ValueErrors
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ScheduleError(f"--every {schedule!r}: not a cron schedule ({reason})") from None
     return " ".join(fields)
@@ -376,9 +376,11 @@ def installed_schedules(now: datetime | None = None) -> list[dict]:
             fields = line.split()
             expr = fields[0] if fields[0].startswith("@") else " ".join(fields[:5])
             next_run = None
-            if expr != "@reboot":
-                zone = ZoneInfo(tz) if tz else now.tzinfo
-                next_run = croniter(expr, now.astimezone(zone)).get_next(datetime)
+            try:  # an entry edited by hand may no longer parse: listed, without a next run
+                if expr != "@reboot":
+                    next_run = croniter(expr, now.astimezone(ZoneInfo(tz) if tz else now.tzinfo)).get_next(datetime)
+            except (ValueError, KeyError):  # CroniterError is a ValueError, ZoneInfoNotFoundError a KeyError
+                pass
             rows.append({"name": m.group(1), "kind": "cron", "expression": expr, "timezone": tz or "local",
                          "next_run": next_run.isoformat() if next_run else None})
     analyze = shutil.which("systemd-analyze")
