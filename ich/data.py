@@ -186,7 +186,10 @@ def _levels(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness_blur(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's smoothing kernel [[1,1,1],[1,5,1],[1,1,1]]/13 per channel; border pixels kept."""
+    """torchvision's smoothing kernel [[1,1,1],[1,5,1],[1,1,1]]/13 per channel; border pixels kept (all of them
+    below 3x3, where torchvision leaves the image as it is)."""
+    if min(x.shape[-2:]) <= 2:
+        return x
     k = torch.ones(3, 3, dtype=x.dtype, device=x.device)
     k[1, 1] = 5.0
     k = (k / k.sum()).expand(x.shape[1], 1, 3, 3)
@@ -263,7 +266,7 @@ def rand_augment_colour(x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
             elif name == "contrast":
                 ys = _blend(xs, _grey(xs).mean(dim=(1, 2, 3), keepdim=True).expand_as(xs), f)
             elif name == "sharpness":
-                ys = _blend(xs, _sharpness_blur(xs), f) if min(xs.shape[-2:]) > 2 else xs
+                ys = _blend(xs, _sharpness_blur(xs), f)
             elif name == "posterize":
                 bits = 8 - round(s * 4)  # torchvision: 8 - round(magnitude / ((bins - 1) / 4)), half to even
                 ys = (_levels(xs) & -(2 ** (8 - bits))).float() / 255

@@ -137,6 +137,13 @@ def test_colour_op_at_magnitude_9_matches_torchvision(name, sign):
     assert not torch.allclose(ours[:3], x[:3], atol=1e-3)  # the op did something (control for the comparison)
 
 
+def test_sharpness_leaves_images_below_3x3_alone_like_torchvision():
+    x = torch.rand(2, 3, 2, 5, generator=torch.Generator().manual_seed(3))
+    ours = rand_augment_colour(x, *forced("sharpness", 2), MAG, BINS)
+    torch.testing.assert_close(ours, TF.adjust_sharpness(x, 1.27), atol=0, rtol=0)
+    assert torch.equal(ours, x)
+
+
 def test_ops_act_per_sample_in_one_batch():
     x = planted(len(RAND_AUGMENT_OPS))
     ops = torch.arange(len(RAND_AUGMENT_OPS)).view(1, -1)
