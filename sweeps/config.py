@@ -264,7 +264,8 @@ def apply_set(raw: dict, key: str, value, raw_text: str | None = None) -> None:
 def validate(cfg: SweepConfig, where: str = "config") -> None:
     """Refuse what cannot run before anything starts: unknown fields, empty ranges, impossible resources."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for section, keys in (("train", cfg.train), ("search", cfg.search), ("init.warm_start", cfg.init.warm_start or {})):
+    for section, keys in (("train", cfg.train), ("search", cfg.search), ("grid", cfg.grid),
+                          ("init.warm_start", cfg.init.warm_start or {})):
         for k in keys:
             if k in RETIRED_OPTIONS:
                 raise ConfigError(f"{where}: {section}.{k} {RETIRED_OPTIONS[k]}")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import yaml
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
@@ -223,13 +224,19 @@ def test_an_old_rand_augment_m_is_refused_with_how_to_convert():
         TrainConfig(rand_augment_m=9)  # not a field any more
 
 
-@pytest.mark.parametrize("section", ["train", "search", "init.warm_start"])
+@pytest.mark.parametrize("section", ["train", "search", "grid", "init.warm_start"])
 def test_an_old_sweep_config_is_refused_in_one_line_naming_the_key(tmp_path, section):
-    base = DEFAULT_CONFIG.read_text()  # cpu.yaml as it shipped before, with the old key in one section
-    old = {"train": ("\ntrain:\n", "\ntrain:\n  rand_augment_m: 9\n"),
-           "search": ("  rand_augment_magnitude: {uniform", "  rand_augment_m: {uniform"),
-           "init.warm_start": ("    epochs: 12\n", "    epochs: 12\n    rand_augment_m: 9\n")}[section]
-    text = base.replace(*old)
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())  # cpu.yaml with the old key in one section
+    if section == "train":
+        raw["train"]["rand_augment_m"] = 9
+    elif section == "search":
+        raw["search"]["rand_augment_m"] = raw["search"].pop("rand_augment_magnitude")
+    elif section == "grid":  # a grid runs without a search
+        raw.pop("search")
+        raw["grid"] = {"rand_augment_m": [3, 9]}
+    else:
+        raw["init"]["warm_start"]["rand_augment_m"] = 9
+    text = yaml.safe_dump(raw)
     assert text.count("rand_augment_m:") == 1
     path = tmp_path / "old.yaml"
     path.write_text(text)
@@ -253,6 +260,8 @@ def test_ich_train_refuses_an_old_flag_in_one_line(digits_dataset, capsys):
 def test_an_old_key_in_set_is_refused_with_how_to_convert():
     with pytest.raises(ConfigError, match=f"--set train.rand_augment_m: {RETIRED}"):
         load_config(None, sets=["train.rand_augment_m=9"])
+    with pytest.raises(ConfigError, match=f"--set grid.rand_augment_m: {RETIRED}"):
+        load_config(None, sets=["search=null", "grid.rand_augment_m=[3, 9]"])
     assert load_config(None, sets=["train.rand_augment_magnitude=9"]).train["rand_augment_magnitude"] == 9
 
 
