@@ -1,4 +1,4 @@
-"""The paper's recipe as configs (issue 22, design decision 16): every value of sweeps/configs/paper-*.yaml is
+"""The paper's recipe as configs (issue 22, docs/design.md#16): every value of sweeps/configs/paper-*.yaml is
 checked, item by item, against the recipe read out of docs/paper.md's text. Also the sweep config's `grid:`.
 
 The expected values come from the paper's text (regexes written here) and, where the paper names a torchvision
