@@ -138,7 +138,6 @@ def augment_problem(n, magnitude, bins, color_jitter, hue) -> str | None:
 # strength is magnitude / (bins - 1) of its maximum; signed ops take a random sign.
 RAND_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                     "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
-_GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 SHEAR_MAX = 0.3  # shear factor, about the top-left corner
 TRANSLATE_MAX = 150.0 / 331.0  # of the image size
 ROTATE_MAX = 30.0  # degrees
@@ -222,25 +221,24 @@ def rand_augment_warp(ops: torch.Tensor, signs: torch.Tensor, magnitude: float, 
     warp = torch.eye(3, device=ops.device).repeat(b, 1, 1)
     for k in range(n):
         m = torch.eye(3, device=ops.device).repeat(b, 1, 1)
+
+        def put(name, i, j, value):  # torch.where, not a masked write: no device sync
+            m[:, i, j] = torch.where(ops[k] == _op(name), value, m[:, i, j])
+
         sign = signs[k].to(m.dtype)
         shear = sign * SHEAR_MAX * s
-        sel = ops[k] == _op("shear_x")  # x_in = x + shear * (y + 1)
-        m[sel, 0, 1] = shear[sel]
-        m[sel, 0, 2] = shear[sel]
-        sel = ops[k] == _op("shear_y")  # y_in = y + shear * (x + 1)
-        m[sel, 1, 0] = shear[sel]
-        m[sel, 1, 2] = shear[sel]
+        put("shear_x", 0, 1, shear)  # x_in = x + shear * (y + 1)
+        put("shear_x", 0, 2, shear)
+        put("shear_y", 1, 0, shear)  # y_in = y + shear * (x + 1)
+        put("shear_y", 1, 2, shear)
         shift = -sign * 2 * TRANSLATE_MAX * s  # a fraction of the size is twice that in [-1, 1] units
-        sel = ops[k] == _op("translate_x")
-        m[sel, 0, 2] = shift[sel]
-        sel = ops[k] == _op("translate_y")
-        m[sel, 1, 2] = shift[sel]
+        put("translate_x", 0, 2, shift)
+        put("translate_y", 1, 2, shift)
         ang = sign * math.radians(ROTATE_MAX * s)
-        sel = ops[k] == _op("rotate")
-        m[sel, 0, 0] = torch.cos(ang[sel])
-        m[sel, 0, 1] = -torch.sin(ang[sel])
-        m[sel, 1, 0] = torch.sin(ang[sel])
-        m[sel, 1, 1] = torch.cos(ang[sel])
+        put("rotate", 0, 0, torch.cos(ang))
+        put("rotate", 0, 1, -torch.sin(ang))
+        put("rotate", 1, 0, torch.sin(ang))
+        put("rotate", 1, 1, torch.cos(ang))
         warp = warp @ m
     return warp
 
