@@ -116,7 +116,7 @@ class Bench:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def row(self, figure: str, measured: str, goal: str = "report") -> None:
+    def row(self, figure: str, measured: str, goal: str = "info") -> None:
         self.rows.append((figure, measured, goal))
         print(f"ROW | {figure} | {measured} | {goal}", flush=True)
 

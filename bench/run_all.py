@@ -4,8 +4,9 @@
 
 Each benchmark runs in its own child process (`run_all.py --child NAME`), which calls the module's
 `measure(**kwargs)` and `figures(result)`: peaks, torch threads, Ray and MLflow state never leak from one to the
-next, and a benchmark that fails leaves a row saying so instead of stopping the others. Every figure is a
-ratio (or a rate) measured side by side inside its benchmark; see each module's docstring for what is measured.
+next, and a benchmark that fails leaves a row saying so instead of stopping the others. Every goal is a ratio
+(or a share) measured side by side inside its benchmark, so it holds on any machine; an absolute rate or time
+is marked "info" in the goal column (information only, met? '-'). See each module's docstring for what is measured.
 
 `--quick` shrinks every benchmark to a smoke run (seconds each): the table then shows the code paths work, not
 meaningful figures. The GPU figures come from bench/gpu.sh on a GPU machine, not from here.
@@ -55,7 +56,10 @@ def first_number(text: str) -> float | None:
 
 
 def met(measured: str, goal: str) -> str:
-    """'yes' / 'no' when the goal is a comparison (<=, >=, <, >) with a number, else '-'."""
+    """'yes' / 'no' when the goal is a comparison (<=, >=, <, >) with a number, else '-'. A goal of "info ..." is
+    information only (an absolute rate or time of this machine): always '-', whatever numbers it quotes."""
+    if goal.strip().lower().startswith("info"):
+        return "-"
     g, v = _GOAL.match(goal), first_number(measured)
     if g is None or v is None:
         return "-"

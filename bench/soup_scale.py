@@ -315,12 +315,12 @@ def figures(r: dict) -> list[tuple[str, str, str]]:
     ml = {int(k): v for k, v in r["mlflow"].items()}
     rows.append((f"MLflow search + download (sha256 verified) per checkpoint, {tag}",
                  " / ".join(f"{ml[n]['search_ms_per_ckpt']:.1f} + {ml[n]['download_ms_per_ckpt']:.0f} ms" for n in ns),
-                 "report (flat in N)"))
+                 "info (flat in N)"))
     lg = r["logits"]
     held = {int(k): v for k, v in lg["held"].items()}
     big_n = max(held)
     rows.append((f"soft-voting logits kept per checkpoint (val+test, ICH-17: {ICH17_VAL}+{ICH17_TEST} images x "
-                 f"{ICH17_CLASSES} classes, float32)", f"{lg['bytes_per_ckpt'] / 1e3:.1f} kB", "report"))
+                 f"{ICH17_CLASSES} classes, float32)", f"{lg['bytes_per_ckpt'] / 1e3:.1f} kB", "info"))
     rows.append((f"soft-voting logits held in memory, N={'/'.join(str(n) for n in held)} (limit "
                  f"{lg['limit'] / 1e6:.0f} MB, the rest spilled to disk)",
                  f"{lg['peak'] / 1e6:.1f} MB peak ({' / '.join(format(v['memory'] / 1e6, '.1f') for v in held.values())} MB;"

@@ -110,7 +110,7 @@ def figures(r: dict) -> list[tuple[str, str, str]]:
              f">= {GOAL_RATIO}"),
             ("MLflow cost of one checkpoint / one tiny-CoAtNet epoch",
              f"{r['log_checkpoint_s'] * 1000:.0f} ms / {r['bare_epoch_s'] * 1000:.0f} ms = {r['log_over_epoch']:.1%}",
-             "report (overlapped with training)")]
+             "info (overlapped with training)")]
 
 
 def main(argv=None) -> None:
