@@ -19,6 +19,7 @@ import requests
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "models:/tiny-sweep-soup@champion"
+PARITY_TOL = 1e-6  # float32 logits softmaxed: the served and reference answers differ by rounding only
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,20 @@ def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path)
             assert abs(sum(p["probabilities"]) - 1) < 1e-4 and len(p["probabilities"]) == 10
         correct = sum(p["class"] == png.parent.name for p, png in zip(predictions, pngs))
         assert correct >= 2, predictions  # a soup at ~85% val should get most of four clear digits
-        # Train/serve parity: served probabilities = softmax of the trainer's eval logits for the same image.
+        # Train/serve parity: served probabilities = softmax of the trainer's eval logits for the same image, the
+        # reference written out with PIL/torchvision from the checkpoint's recorded numbers (tests/served.py).
         _, _, ckpt = fetch_verified(MODEL, tmp_path)
-        for p, png in zip(predictions, pngs):
-            assert np.allclose(p["probabilities"], expected_probabilities(ckpt, png), atol=1e-6), png
+        served = np.array([p["probabilities"] for p in predictions])
+        reference = np.array([expected_probabilities(ckpt, png) for png in pngs])
+        assert np.abs(served - reference).max() <= PARITY_TOL, np.abs(served - reference).max()
+        # Control: the same reference with one recorded number wrong (mean, centre crop, the stored size the
+        # decode resizes to) misses the served answers by far more than the tolerance.
+        pre = json.loads((ckpt / "checkpoint.json").read_text())["preprocess"]
+        stored = pre["stored_size"] or json.loads((ckpt / "checkpoint.json").read_text())["img_size"]
+        for wrong in ({"mean": [m + 0.1 for m in pre["mean"]]}, {"crop_pct": pre["crop_pct"] * 0.85},
+                      {"stored_size": stored + 4}):
+            off = np.array([expected_probabilities(ckpt, png, **wrong) for png in pngs])
+            assert np.abs(served - off).max() > 100 * PARITY_TOL, (wrong, np.abs(served - off).max())
         # A bad request is an error answer, not a crash of the server; the path column is off by default.
         bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"], "data": [["!!"]]}},
                             timeout=60)
