@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from soups.common import best_first
-from soups.options import INGREDIENT_POOLS
+from soups.options import INGREDIENT_POOLS, SoupError
 
 T = TypeVar("T")
 
 
-class PoolRefused(Exception):
-    """The pool rule cannot apply to this family (e.g. cycle_end on a trial without warm restarts)."""
+class PoolRefused(SoupError):
+    """The pool rule cannot apply to this family (e.g. cycle_end on a trial without warm restarts): the orchestrator
+    turns it into a note naming the trial and soups the other families."""
 
 
 @dataclass(frozen=True)
