@@ -11,6 +11,8 @@ API (helper functions and pytest fixtures; root only):
                                         namespaces (nsenter, no SSH)
     leftovers(cluster) -> list[str]     # what of this cluster still exists (empty after destroy)
     destroy_cluster(cluster)            # kills the nodes by their outer PIDs, removes namespaces/veths/bridge
+    remove_stale() -> list[str]         # clusters of an earlier run whose test process died (create_cluster
+                                        # calls it first)
 
     launched = launch(cluster, tmp)     # or the session fixture `ns_ray_cluster`: `ray up -y` of the
                                         # project's own cluster.yaml rendered for the local provider
@@ -32,10 +34,18 @@ namespace is ever signalled. Inside its mount namespace each node has a private 
 `ray up`/`ray submit` write ray_bootstrap_*, ~/.ray, ~/.bashrc, ~/.ich into the node, never into this
 machine's real home. Inside each namespace the default route goes via the bridge address, so Ray picks the
 namespace address as the node address.
+
+Nothing outlives the test process: create_cluster records the cluster (names, outer PIDs with their start
+times) in STATE_DIR/<tag>.json, outside every namespace, and starts a watchdog in its own session that polls
+the test process; when that dies (SIGKILL, or SIGTERM, which skips fixture teardown) the watchdog runs
+destroy_cluster from the recorded state. A state file whose test process and watchdog are both gone (the
+machine's watchdog was killed too) is cleaned by the next create_cluster. A PID is signalled only while its
+start time still matches the recorded one.
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shlex
@@ -49,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BASE_PARENT = Path("/var/tmp")  # not /tmp: each node mounts a private /tmp over it
+STATE_DIR = Path("/run/ich-netns")  # one <tag>.json per live cluster: what a watchdog or the next run removes
 SSHD = "/usr/sbin/sshd"
 
 
@@ -60,6 +71,7 @@ class Node:
     veth: str           # root-side veth name
     root: Path          # per-node folder (home, tmp, run)
     pid: int = 0        # outer PID of `ip netns exec ... unshare` (its process group is the node)
+    start: int = 0      # that PID's start time (/proc/<pid>/stat field 22): a reused PID is never signalled
 
     @property
     def home(self) -> Path:
@@ -79,6 +91,13 @@ class NsCluster:
     shared: Path
     python_bin: Path    # folder of the base Python the venv links to (on PATH inside the nodes)
     log: list[str] = field(default_factory=list)
+    owner: int = 0                  # the test process whose death ends the cluster
+    watchdog: subprocess.Popen | None = None
+    extra_pids: list[tuple[int, int]] = field(default_factory=list)  # (pid, start) started outside the nodes
+
+    @property
+    def state_file(self) -> Path:
+        return STATE_DIR / f"{self.tag}.json"
 
     @property
     def nodes(self) -> list[Node]:
@@ -188,8 +207,11 @@ Subsystem sftp internal-sftp
 """
 
 
-def create_cluster(base_parent: Path = BASE_PARENT) -> NsCluster:
-    """Build the two nodes and wait until both sshd accept the test key. Cleans up after itself on failure."""
+def create_cluster(base_parent: Path = BASE_PARENT, watchdog: bool = True) -> NsCluster:
+    """Build the two nodes and wait until both sshd accept the test key. Cleans up after itself on failure, and
+    (watchdog) when this process dies without cleaning up. First removes stale clusters of dead test runs."""
+    for line in remove_stale():
+        print(f"netns: removed a stale cluster of a killed run: {line}", file=sys.stderr)
     tag = secrets.token_hex(3)
     net = pick_subnet()
     hosts = list(net.hosts())
@@ -200,8 +222,11 @@ def create_cluster(base_parent: Path = BASE_PARENT) -> NsCluster:
                   head=Node("head", f"ichh-{tag}", str(hosts[1]), f"ichvh-{tag}", base / "head"),
                   worker=Node("worker", f"ichw-{tag}", str(hosts[2]), f"ichvw-{tag}", base / "worker"),
                   key=base / "id_ed25519", shared=base / "shared",
-                  python_bin=Path(os.path.realpath(sys.executable)).parent)
+                  python_bin=Path(os.path.realpath(sys.executable)).parent, owner=os.getpid())
     try:
+        save_state(c)  # before anything is made: a kill during the build is covered too
+        if watchdog:
+            _start_watchdog(c)
         _build(c)
     except BaseException:
         destroy_cluster(c)
@@ -257,7 +282,8 @@ def _start_node(c: NsCluster, n: Node) -> None:
                           "--mount-proc", "bash", "-c", NODE_INIT], env=env, stdout=log, stderr=log,
                          stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
-    n.pid = p.pid
+    n.pid, n.start = p.pid, proc_start(p.pid)
+    save_state(c)
     c.log.append(f"{n.name}: outer pid {p.pid}")
 
 
@@ -335,8 +361,34 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+def proc_start(pid: int) -> int:
+    """Start time of a process in clock ticks since boot (0 when it is gone): with the PID, who it is."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _same_process(pid: int, start: int) -> bool:
+    return bool(pid) and (not start or proc_start(pid) == start) and _alive(pid)
+
+
+def _kill_group(pid: int, start: int) -> None:
+    """SIGTERM then SIGKILL the process group led by pid (a session we started), if it is still that process."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _same_process(pid, start):
+            return
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + 5
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+
+
 def _kill_node(n: Node) -> None:
-    if not n.pid:
+    if not n.pid or not _same_process(n.pid, n.start):
         return
     inner = inner_init_pid(n)
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
@@ -353,7 +405,10 @@ def _kill_node(n: Node) -> None:
 
 def destroy_cluster(c: NsCluster) -> list[str]:
     """Remove everything `create_cluster` made; returns leftovers (empty when all is gone)."""
+    _stop_watchdog(c)
     inodes = _netns_inodes(c)  # before the namespaces are deleted: processes still in them show it
+    for pid, start in c.extra_pids:
+        _kill_group(pid, start)
     for n in c.nodes:
         _kill_node(n)
     for n in c.nodes:
@@ -363,7 +418,106 @@ def destroy_cluster(c: NsCluster) -> list[str]:
     left = leftovers(c, inodes)
     if not left:
         shutil.rmtree(c.base, ignore_errors=True)
+        c.state_file.unlink(missing_ok=True)
     return left
+
+
+# ------------------------------------------------------------------------------------------- state, watchdog
+
+
+def save_state(c: NsCluster) -> None:
+    """What a watchdog or a later run needs to remove this cluster, written atomically outside the namespaces."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    state = {"tag": c.tag, "base": str(c.base), "bridge": c.bridge, "bridge_addr": c.bridge_addr,
+             "prefix": c.prefix, "key": str(c.key), "shared": str(c.shared), "python_bin": str(c.python_bin),
+             "owner": c.owner, "owner_start": proc_start(c.owner),
+             "watchdog": c.watchdog.pid if c.watchdog else 0,
+             "watchdog_start": proc_start(c.watchdog.pid) if c.watchdog else 0,
+             "extra_pids": c.extra_pids,
+             "nodes": [{"name": n.name, "netns": n.netns, "addr": n.addr, "veth": n.veth, "root": str(n.root),
+                        "pid": n.pid, "start": n.start} for n in c.nodes]}
+    tmp = c.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(c.state_file)
+
+
+def cluster_from_state(state: dict) -> NsCluster:
+    head, worker = ({**n, "root": Path(n["root"])} for n in state["nodes"])
+    return NsCluster(tag=state["tag"], base=Path(state["base"]), bridge=state["bridge"],
+                     bridge_addr=state["bridge_addr"], prefix=state["prefix"], head=Node(**head),
+                     worker=Node(**worker), key=Path(state["key"]), shared=Path(state["shared"]),
+                     python_bin=Path(state["python_bin"]), owner=state["owner"],
+                     extra_pids=[tuple(p) for p in state["extra_pids"]])
+
+
+def register_pid(c: NsCluster, pid: int) -> None:
+    """A process this test started outside the nodes for the cluster (a tunnel): ended with it, even after a kill."""
+    c.extra_pids.append((pid, proc_start(pid)))
+    save_state(c)
+
+
+def _start_watchdog(c: NsCluster) -> None:
+    # Its own session: a SIGINT/SIGTERM sent to the test's process group does not reach it.
+    log = open(c.base / "watchdog.log", "ab")
+    c.watchdog = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--watch", str(c.state_file)],
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                  cwd="/")
+    log.close()
+    save_state(c)
+
+
+def _stop_watchdog(c: NsCluster) -> None:
+    """The owner cleans up itself: the watchdog (our child) must not race it."""
+    if c.watchdog is not None:
+        c.watchdog.kill()
+        c.watchdog.wait()
+        c.watchdog = None
+
+
+def _owner_gone(state: dict) -> bool:
+    return not _same_process(state["owner"], state["owner_start"])
+
+
+def destroy_from_state(state: dict) -> list[str]:
+    """destroy_cluster for a cluster known only by its state file; also forgets the `ray` CLI's local state."""
+    c = cluster_from_state(state)
+    left = destroy_cluster(c)
+    try:
+        forget_local_state(c)
+    except ImportError:
+        pass
+    return left
+
+
+def watch(state_file: Path, poll: float = 0.2) -> None:
+    """The watchdog's loop: while the test process lives and the state file exists, wait; if the process dies
+    first, remove its cluster."""
+    while state_file.exists():
+        state = json.loads(state_file.read_text())
+        if _owner_gone(state):
+            left = destroy_from_state(state)
+            print(f"watchdog: test process {state['owner']} died; cluster {state['tag']} removed, "
+                  f"left: {left}", file=sys.stderr)
+            state_file.unlink(missing_ok=True)  # also when something is left: the next run does not retry forever
+            return
+        time.sleep(poll)
+
+
+def remove_stale() -> list[str]:
+    """Remove the clusters of state files whose test process and watchdog are both dead (a run killed together
+    with its watchdog, or a reboot-less crash); returns one line per removed cluster."""
+    removed = []
+    for f in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not _owner_gone(state) or _same_process(state["watchdog"], state["watchdog_start"]):
+            continue
+        left = destroy_from_state(state)
+        f.unlink(missing_ok=True)
+        removed.append(f"{state['tag']} (test process {state['owner']}){' left: ' + str(left) if left else ''}")
+    return removed
 
 
 def _netns_inodes(c: NsCluster) -> set[int]:
@@ -456,25 +610,80 @@ def render_cluster_yaml(c: NsCluster, dest: Path, source: Path = ROOT / "cluster
 
 
 def prepare_wheels(dest: Path = WHEEL_CACHE) -> Path:
-    """Wheels of what the head installs beyond this venv (mlflow[auth], boto3, psycopg2) plus the build
-    backend of the editable install: the namespaces have no route to a package index."""
-    import json
-    import mlflow
+    """Wheels of the build backend the nodes' editable install (`pip install -e`, build isolation) needs:
+    pyproject's [build-system] requires and their dependencies, packed from what this venv has installed, so
+    no package index is reached. The rest (torch, the `head` extra's mlflow[auth], boto3, psycopg2-binary) the
+    nodes find installed through ICH_SITE_PACKAGES."""
+    import tomllib
+    from packaging.requirements import Requirement
     dest.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip"]
-    report = dest / "report.json"
-    subprocess.run([*pip, "install", "-q", "--dry-run", "--ignore-installed", "--report",
-                    str(report), "setuptools>=68", "wheel"], check=True, capture_output=True, timeout=600)
-    wanted = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())["install"]]
-    subprocess.run([*pip, "install", "-q", "--dry-run", "--report", str(report), f"mlflow[auth]=={mlflow.__version__}",
-                    "boto3", "psycopg2-binary"], check=True, capture_output=True, timeout=600)
-    wanted += [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())["install"]]
-    have = {w.name.split("-")[0].lower().replace("_", "-") + "==" + w.name.split("-")[1] for w in dest.glob("*.whl")}
-    missing = [w for w in wanted if w.lower().replace("_", "-") not in have]
-    if missing:
-        subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", str(dest), *missing],
-                       check=True, capture_output=True, timeout=900)
+    wanted = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+    done: set[str] = set()
+    while wanted:
+        req = wanted.pop()
+        key = req.name.lower().replace("_", "-")
+        if key in done:
+            continue
+        dist = _installed(req.name)
+        if dist.version not in req.specifier:
+            raise RuntimeError(f"{req}: this venv has {dist.version}; install it to prepare the nodes' wheels")
+        done.add(key)
+        _wheel_from_installed(dist, dest)
+        wanted += [r for r in map(Requirement, dist.requires or []) if not r.marker or r.marker.evaluate({"extra": ""})]
     return dest
+
+
+def _installed(name: str):
+    """The installed distribution `name`: this venv's, else setuptools' vendored copy (how `wheel` ships now)."""
+    import importlib.metadata as md
+    import setuptools
+    try:
+        return md.distribution(name)
+    except md.PackageNotFoundError:
+        vendored = Path(setuptools.__file__).parent / "_vendor"
+        found = [d for d in md.distributions(path=[str(vendored)]) if d.metadata["Name"].lower() == name.lower()]
+        if not found:
+            raise RuntimeError(f"{name} is not installed in this venv: the nodes' offline wheels need it") from None
+        return found[0]
+
+
+def _wheel_from_installed(dist, dest: Path) -> Path:
+    """A wheel of an installed distribution: its installed files (RECORD) under their site-packages paths, the
+    dist-info without the installer's marks, a fresh RECORD. Console scripts come back from entry_points.txt."""
+    import base64
+    import hashlib
+    import re
+    import zipfile
+    name = re.sub(r"[-_.]+", "_", dist.metadata["Name"]).lower()
+    wheel_meta = dist.read_text("WHEEL") or ""
+    tag = next((line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:")),
+               "py3-none-any")
+    path = dest / f"{name}-{dist.version}-{tag}.whl"
+    if path.exists():
+        return path
+    info = f"{name}-{dist.version}.dist-info"
+    skip = {"INSTALLER", "REQUESTED", "direct_url.json", "RECORD"}
+    record = []
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in dist.files or []:
+            src = Path(dist.locate_file(f))
+            parts = f.parts
+            if ".." in parts or "__pycache__" in parts or not src.is_file():
+                continue  # scripts outside site-packages (pip regenerates them), bytecode
+            arc = "/".join(parts)
+            if parts[0].endswith(".dist-info"):
+                if parts[-1] in skip:
+                    continue
+                arc = "/".join((info, *parts[1:]))
+            data = src.read_bytes()
+            z.writestr(arc, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{arc},sha256={digest},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def write_client_home(c: NsCluster, admin: tuple[str, str]) -> tuple[Path, Path]:
@@ -572,6 +781,7 @@ class _dashboard_tunnel:
         self.proc = subprocess.Popen([RAY, "dashboard", str(self.launched.yaml), "--port", str(port)],
                                      env=self.launched.env, cwd=self.launched.src, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+        register_pid(self.launched.cluster, self.proc.pid)
         import urllib.request
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -597,12 +807,22 @@ class _dashboard_tunnel:
                 pass
 
 
-def ray_down(launched: Launched) -> str:
-    """`ray down -y <yaml>` as a user runs it; then forget the local provider's state of this cluster on this
-    machine (/tmp/ray/cluster-<name>.*) and Ray's SSH control folder. Returns ray down's output."""
+def ray_down(launched: Launched, wait: float = 60) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`ray down -y <yaml>` as a user runs it, then what of Ray still runs in the nodes (raylet, gcs_server: seen
+    from outside, by the nodes' network namespaces) once it settles (at most `wait` s); then forget the local
+    provider's state of this cluster on this machine (/tmp/ray/cluster-<name>.*) and Ray's SSH control folder.
+    Nothing is killed here: the caller asserts on both before any cleanup."""
     r = launched.ray("down", "-y", str(launched.yaml), check=False, timeout=300)
+    deadline = time.time() + wait
+    while (left := ray_processes(launched.cluster)) and time.time() < deadline:
+        time.sleep(1)
     forget_local_state(launched.cluster)
-    return r.stdout + r.stderr
+    return r, left
+
+
+def ray_processes(c: NsCluster) -> list[str]:
+    """Ray's node daemons still running in the cluster's nodes."""
+    return [p for p in processes_in(_netns_inodes(c)) if p.endswith(("(raylet)", "(gcs_server)"))]
 
 
 def forget_local_state(c: NsCluster) -> None:
@@ -618,10 +838,10 @@ def forget_local_state(c: NsCluster) -> None:
     shutil.rmtree(f"/tmp/ray_ssh_{user}/{hashlib.sha256(name.encode()).hexdigest()[:10]}", ignore_errors=True)
 
 
-def teardown(launched: Launched) -> tuple[str, list[str]]:
-    """`ray down -y`, then remove the nodes; returns (ray down's output, leftovers)."""
-    out = ray_down(launched)
-    return out, destroy_cluster(launched.cluster)
+def teardown(launched: Launched) -> tuple[subprocess.CompletedProcess, list[str], list[str]]:
+    """`ray down -y`, then remove the nodes; returns (ray down, Ray daemons left after it, leftovers)."""
+    down, ray_left = ray_down(launched)
+    return down, ray_left, destroy_cluster(launched.cluster)
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -662,12 +882,18 @@ if pytest is not None:
         print(f"\nnamespace cluster: ray up {launched.up_seconds:.0f} s, worker joined after "
               f"{launched.ready_seconds:.0f} s")
         yield launched
-        out = ray_down(launched)
+        down, ray_left = ray_down(launched)
+        out = down.stdout + down.stderr
         (ROOT / "test-artifacts").mkdir(exist_ok=True)
         (ROOT / "test-artifacts" / "launcher-ray-down.log").write_text(out)
+        # Checked before `ns_cluster` kills the nodes: a failing `ray down` must not pass because of that kill.
+        assert down.returncode == 0, f"ray down: exit {down.returncode}\n{out[-3000:]}"
+        assert not ray_left, f"Ray daemons still running in the nodes after ray down: {ray_left}\n{out[-3000:]}"
 
 
-if __name__ == "__main__":  # smoke: build, ssh to both, show addresses, destroy
+if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:  # the watchdog create_cluster starts
+    watch(Path(sys.argv[2]))
+elif __name__ == "__main__":  # smoke: build, ssh to both, show addresses, destroy
     cl = create_cluster()
     try:
         for node in cl.nodes:
