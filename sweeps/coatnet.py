@@ -250,7 +250,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
             print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     exit_code = 0
     if failed:  # last, after what could be built: the line an unattended run's log ends with
-        exit_code = EXIT_TRIALS_FAILED if len(failed) > cfg.allow_failed_trials else 0
+        exit_code = sweep_exit_code(len(failed), cfg.allow_failed_trials)
         print(failed_trials_line(f"sweep {sweep}", summary, cfg, built="no soups (--no-soups)" if args.no_soups else
                                  "soups" + ("" if args.no_report else " and report") + f" built from the "
                                  f"{len(summary) - len(failed)} others", exit_code=exit_code),
@@ -469,6 +469,11 @@ def error_summary(error, limit: int = 160) -> str:
         text = next((line for line in reversed(str(cause).splitlines()) if line.strip()), "unknown error")
     text = next((line.strip() for line in text.splitlines() if line.strip()), text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def sweep_exit_code(failed: int, allowed: int) -> int:
+    """0, or EXIT_TRIALS_FAILED when more trials failed after their retries than --allow-failed-trials accepts."""
+    return EXIT_TRIALS_FAILED if failed > allowed else 0
 
 
 def failed_trials_line(prog: str, rows: list[dict], cfg, built: str, exit_code: int) -> str:
