@@ -1,7 +1,7 @@
 """Model factory: every network the product trains, architecture kept apart from weights.
 
 `create_model(name, num_classes, img_size)` builds an architecture (random init, or a timm hub tag only
-when the user asks with `hub:`); `load_init_weights(model, source)` puts initial weights in from a local
+when the user asks with `hub:<tag>` or timm's own spelling `hf-hub:timm/<tag>`, see hub_tag); `load_init_weights(model, source)` puts initial weights in from a local
 safetensors file or checkpoint folder (sweeps.init_weights downloads MLflow model URIs first). Tiny variants are registered with timm so they
 are created like any other timm model.
 """
@@ -13,9 +13,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import maxxvit
-from timm.models._builder import build_model_with_cfg
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, maxxvit, register_model
 
 from ich.checkpoint import WEIGHTS, CheckpointError, first_nonfinite, load_weights, read_meta, sha256_file
 from ich.errors import IchError
@@ -100,6 +98,30 @@ def family(name: str) -> str:
         if name.startswith(f):
             return f
     return name.split("_")[0]
+
+
+HUB_PREFIX, HF_HUB_PREFIX, TIMM_ORG = "hub:", "hf-hub:", "timm"
+
+
+def hub_tag(source: str) -> str | None:
+    """The timm pretrained tag an init source names, or None when it names no hub weights (a path, a URI).
+
+    `hub:coatnet_0_rw_224.sw_in1k` and timm's `hf-hub:timm/coatnet_0_rw_224.sw_in1k` are the same tag. An
+    `hf-hub:` repo of another org is refused: its preprocessing and architecture come only from a config.json
+    downloaded at run time, while a timm tag's are in the installed timm (checked offline, docs/design.md#9)."""
+    if source.startswith(HUB_PREFIX):
+        tag = source[len(HUB_PREFIX):]
+    elif source.startswith(HF_HUB_PREFIX):
+        org, slash, tag = source[len(HF_HUB_PREFIX):].partition("/")
+        if org != TIMM_ORG or not slash:
+            raise ModelError(f"init weights {source}: only timm's own hub weights are accepted (hf-hub:timm/<tag> or "
+                             f"hub:<tag>); for another repo, download its model.safetensors and config.json and set "
+                             f"init.weights to the local model.safetensors")
+    else:
+        return None
+    if not tag or "/" in tag:
+        raise ModelError(f"init weights {source}: expected a timm tag such as coatnet_0_rw_224.sw_in1k after the prefix")
+    return tag
 
 
 def create_model(name: str, num_classes: int, img_size: int | None = None, *, drop_path_rate: float = 0.0,

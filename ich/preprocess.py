@@ -250,8 +250,9 @@ def init_preprocess(source: str | Path) -> dict | None:
 
     `source` is a hub tag (`hub:...`) or a local path: a .safetensors file or a checkpoint folder."""
     source = str(source)
-    if source.startswith("hub:"):
-        return hub_preprocess(source[4:])
+    from ich.models import hub_tag  # hub:<tag> and hf-hub:timm/<tag> alike
+    if tag := hub_tag(source):
+        return hub_preprocess(tag)
     path = Path(source).expanduser()
     folder = path if path.is_dir() else path.parent
     if (folder / "checkpoint.json").is_file() and (path.is_dir() or path.name == "model.safetensors"):

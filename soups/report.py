@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from ich.data import ICHDataset, load_dataset
 from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
-from soups import registry
+from soups import provenance, registry
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, softmax
 from soups.champion import ALIAS
 from soups.common import json_safe, soft_vote_logits
@@ -849,7 +849,8 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         best = next(r for r in report.summary["table"] if r["key"] == report.summary["best_single"])
         tags = {registry.TAG_KIND: "report", "ich.experiment": experiment, "ich.split": split_for_table,
                 "ich.metric": metric, registry.TAG_SWEEP: best["sweep"],
-                **({"mlflow.parentRunId": parent} if parent else {})}
+                **({"mlflow.parentRunId": parent} if parent else {}),
+                **provenance.run_tags("soups/report.py")}  # the code and packages that made it, as on every run
         run = registry.call_with_retry("create report run", client.create_run, snap.experiment_id,
                                        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         run_id = run.info.run_id

@@ -2,7 +2,8 @@
 
 Sources, per model architecture of the sweep:
   - `init.weights`: a local .safetensors file / checkpoint folder, or an MLflow model URI;
-  - `hub:<timm tag>`: timm's pretrained weights, downloaded only because the user asked;
+  - `hub:<timm tag>` (or timm's spelling `hf-hub:timm/<tag>`): timm's pretrained weights, downloaded only because
+    the user asked;
   - nothing given (offline default): a warm-start base model trained once on the train split to convergence
     (cosine to zero), recorded in MLflow as a LoggedModel (ich.kind=init) and reused by every trial, by a
     resumed sweep and by later scheduled runs of the same sweep.
@@ -26,7 +27,8 @@ from mlflow import MlflowClient
 from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.errors import ConfigError
-from ich.models import MLFLOW_URI_PREFIXES, ModelError, create_model, load_init_weights, resolve_init_weights
+from ich.models import (MLFLOW_URI_PREFIXES, ModelError, create_model, hub_tag, load_init_weights,
+                        resolve_init_weights)
 from ich.preprocess import DATASET_DEFAULT, PreprocessError, hub_preprocess, init_preprocess
 from ich.train import TrainConfig, Trainer
 from soups import registry
@@ -131,10 +133,10 @@ def given_init(cfg: SweepConfig, model: str, source: str, dataset: ICHDataset) -
     init_seed = cfg.train.get("init_seed", 0)
     torch.manual_seed(init_seed)  # a fresh classifier is the same in every trial
     try:
-        if source.startswith("hub:"):
-            pre = hub_preprocess(source[4:])  # timm's pretrained config: installed with timm, no network
-            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=source[4:])
-            fp = "hub:" + hashlib.sha256(f"{source}|{dataset.num_classes}|{init_seed}".encode()).hexdigest()[:32]
+        if tag := hub_tag(source):  # hub:<tag> or hf-hub:timm/<tag>: one tag, one fingerprint
+            pre = hub_preprocess(tag)  # timm's pretrained config: installed with timm, no network
+            net = create_model(model, dataset.num_classes, cfg.train.get("img_size"), hub_tag=tag)
+            fp = "hub:" + hashlib.sha256(f"hub:{tag}|{dataset.num_classes}|{init_seed}".encode()).hexdigest()[:32]
         else:
             local = resolve_init_source(source)  # an MLflow URI downloads once, here
             net = create_model(model, dataset.num_classes, cfg.train.get("img_size"))
