@@ -18,7 +18,7 @@ Exactly once: a (sweep, trial, epoch) has one READY record. Logging it again wit
 returns the existing id; records left PENDING by a crash, or READY with other weights (a resumed trial
 that trained the epoch again), are marked FAILED once the new one is READY. Searches see READY only.
 
-Every MLflow call goes through `call_with_retry`, so a server that is down for a few seconds does not
+Every MLflow call goes through `call_with_retry`, so a server that is down for a restart (~1.5 min) does not
 fail a sweep. Importing this module lowers MLflow's own HTTP retries (unless set in the environment)
 so the two layers of backoff do not multiply into minutes per call.
 """
@@ -40,6 +40,8 @@ from mlflow.exceptions import MlflowException, RestException
 
 from ich.checkpoint import META, WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, sha256_file
 from ich.errors import IchError
+from soups.supervise import FIRST_DELAY_S
+from soups.tracking_server import HEALTH_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +81,23 @@ class RegistryError(IchError):
 
 @dataclass
 class RetryPolicy:
-    """Exponential backoff: base_s, 2*base_s, ... capped at max_s; 8 attempts wait ~35 s in total."""
-    attempts: int = 8
+    """Exponential backoff: base_s, 2*base_s, ... capped at max_s; 14 attempts wait ~96 s in total."""
+    attempts: int = 14
     base_s: float = 0.5
     max_s: float = 10.0
 
     def delay(self, attempt: int) -> float:
         return min(self.max_s, self.base_s * 2 ** (attempt - 1))
 
+    def total_wait(self) -> float:
+        """Seconds slept between the first and the last attempt."""
+        return sum(self.delay(a) for a in range(1, self.attempts))
 
+
+# One call outlasts a restart of the head's supervised MLflow server (soups/supervise.py): the supervisor's
+# first restart delay plus the start-up time the project allows a server (tracking_server.HEALTH_TIMEOUT_S;
+# ~11 s idle, much longer on a loaded head). tests/test_supervised_server.py checks the sum.
+SERVER_RESTART_S = FIRST_DELAY_S + HEALTH_TIMEOUT_S
 DEFAULT_RETRY = RetryPolicy()
 
 
