@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 
 from ich.errors import IchError
@@ -24,6 +26,73 @@ BN_OPTIONS = ("average", "recalibrate", "auto")
 CHAMPION_RULES = ("better", "significant")
 INGREDIENT_POOLS = ("all", "top_k", "cycle_end")  # soups/pool.py chooses by these rules
 MIN_RESAMPLES = 100
+
+
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"  # MLflow's own variable: where runs go when nothing names an experiment
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the help already shows it. argparse's
+    ArgumentDefaultsHelpFormatter would also print "None", "False" and "[]", which say nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not shows_a_default(action) or "%(default)" in text or says_default(text, action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def says_default(text: str, default) -> bool:
+    """Whether a help text states `default` ("default 0.1", "(default: 256)")."""
+    return re.search(rf"\bdefault:? {re.escape(str(default))}(?![\w.])", text) is not None
+
+
+def shows_a_default(action: argparse.Action) -> bool:
+    """Whether `--help` must show this option's default: it has a value (not None, not a flag's False, not [])."""
+    d = action.default
+    return bool(action.option_strings) and action.nargs != 0 and d is not argparse.SUPPRESS and d is not None \
+        and d != []
+
+
+def help_formatter(parser: argparse.ArgumentParser) -> None:
+    """Defaults shown in the --help of this parser and of every subcommand under it."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                help_formatter(sub)
+
+
+def add_experiment_arg(p: argparse.ArgumentParser, help: str, *, required: bool = True, otherwise: str = "") -> None:
+    """--experiment, defaulting to $MLFLOW_EXPERIMENT_NAME as read now (at parse time), as MLflow itself does.
+    required: refused when neither is given; otherwise: what applies when neither is (said in the help)."""
+    env = os.environ.get(EXPERIMENT_ENV) or None
+    if env:
+        said = f"default: ${EXPERIMENT_ENV}, here %(default)s"
+    else:
+        said = f"default: ${EXPERIMENT_ENV}, unset here" + ("; so required" if required else f"; {otherwise}" if otherwise else "")
+    p.add_argument("--experiment", default=env, required=required and env is None, help=f"{help} ({said})")
+
+
+def version_line() -> str:
+    """`ich --version`: the installed package and the code hash (and git commit) that soups/provenance.py tags runs
+    with. Standard library only: no torch, timm, MLflow or Ray."""
+    from soups.provenance import DIST_NAME, code_version
+    code = code_version()
+    git = f", git {code.commit[:12]}{'-dirty' if code.dirty else ''}" if code.commit else ""
+    return f"{DIST_NAME} {code.version} (source {code.source_hash[:12]}{git})"
+
+
+class VersionAction(argparse.Action):
+    """--version, computed only when asked for (hashing the sources is cheap, but not free on every parse)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "print the package version and code hash, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
 
 
 class SoupError(IchError):
@@ -125,6 +194,9 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
         flag = meta["flag"] if meta["flag"] is not None else "--" + f.name.replace("_", "-")
         if not flag:
             continue
+        if f.name == "experiment":  # its default is MLflow's variable, read at parse time
+            add_experiment_arg(p, meta["help"])
+            continue
         kw = {"dest": f.name, "help": meta["help"]}
         if f.default is dataclasses.MISSING:
             kw["required"] = True
@@ -141,7 +213,7 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
     """Options of `ich report` (wire with: s = sub.add_parser("report"); add_report_args(s); s.set_defaults(func=cmd_report))."""
-    p.add_argument("--experiment", required=True, help="MLflow experiment (CoAtNet sweep, baselines and soups)")
+    add_experiment_arg(p, "MLflow experiment (CoAtNet sweep, baselines and soups)")
     p.add_argument("--out", help="write the report here (default: $ICH_HOME/reports/<experiment>)")
     p.add_argument("--data", help="dataset folder (default: the latest sweep run's ich.data tag)")
     p.add_argument("--split", dest="split_for_table", choices=SPLITS, default="test", help="split of the table")
@@ -157,7 +229,7 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_gc_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    add_experiment_arg(p, "MLflow experiment of the sweep")
     p.add_argument("--apply", action="store_true", help="delete (default: a dry run that only reports)")
     p.add_argument("--config", help="sweep config: its gc.keep_top_k / gc.keep_last_k, metric and mode")
     p.add_argument("--keep-top-k", type=int, help="per trial, keep the k best checkpoints by the val metric "

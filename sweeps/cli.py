@@ -233,7 +233,9 @@ def cmd_gc(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from soups.options import VersionAction, help_formatter
     p = argparse.ArgumentParser(prog="ich", description="Model soups for ICH image classification.")
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo-data", help="write scikit-learn's digits as an ImageFolder (offline demo data)")
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-frac", type=float, default=0.1, help="share of each class in the test split (default 0.1)")
     s.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
     s.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                   help="decoding processes (default: this machine's CPUs)")
+                   help="decoding processes (default: %(default)s, this machine's CPUs)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a dataset (kept if this fails)")
     s.add_argument("--strict", action="store_true", help="fail (exit 2) on any file that would be skipped")
     s.add_argument("--max-file-mb", type=float, default=50, help="skip (unread) source files larger than this")
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="verify a registered soup, then serve it over HTTP (mlflow models serve)")
     s.add_argument("--model", required=True, help="e.g. models:/ich17-soup@champion, or a local pyfunc folder")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: loopback only)")
     s.add_argument("--port", type=int, default=5001, help="port to listen on (default 5001)")
     s.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     s.add_argument("--path-root", default=None,
@@ -324,10 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="project data folder (default $ICH_HOME or ./.ich)")
     s.add_argument("--stop", action="store_true", help="stop the local MLflow server")
     s.set_defaults(func=cmd_ui)
+    help_formatter(p)  # every option's default in every --help
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # before build_parser, which imports torch (ich.train): `ich --version` stays instant
+        from soups.options import version_line
+        print(version_line())
+        return 0
     args = build_parser().parse_args(argv)
     from ich.errors import run_cli
     try:

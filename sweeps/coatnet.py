@@ -28,13 +28,17 @@ if __package__ in (None, ""):  # run as a script (`python sweeps/coatnet.py`, `r
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """The sweep's options, one list for `python sweeps/coatnet.py` (and `ray submit`) and `ich sweep`."""
+    from soups.options import VersionAction, add_experiment_arg  # argparse only
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--config", help="sweep YAML (default: sweeps/configs/cpu.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted for sections, value read as YAML; repeatable: "
                         "--set train.lr=3e-4 --set soups.metric=accuracy --set asha.grace_period=1 "
                         "--set search.cutmix=null (null drops a training or search key)")
     p.add_argument("--data", help="ingested dataset folder (ich ingest SRC OUT)")
-    p.add_argument("--experiment", help="MLflow experiment (and sweep name unless the config sets `sweep:`)")
+    add_experiment_arg(p, "MLflow experiment (and sweep name unless the config sets `sweep:`); wins over the "
+                          "config's `experiment:` and --set experiment=", required=False,
+                       otherwise="the config's `experiment:`")
     p.add_argument("--num-samples", type=int, help="number of trials")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial reserves")
@@ -67,8 +71,8 @@ EXIT_CODES = (f"exit status: 0 ok; 2 bad input (one line on stderr); {EXIT_TRIAL
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from soups.options import DefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES, formatter_class=DefaultsHelpFormatter)
     add_sweep_args(p)
     return p.parse_args(argv)
 

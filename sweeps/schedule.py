@@ -228,13 +228,14 @@ def systemd_units(name: str, on_calendar: str, script: Path, timezone: str | Non
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", help="sweep to extend on every run (MLflow experiment; letters, digits, '.', '_', "
-                                        "'-'); required unless --list or --run-now")
+    from soups.options import add_experiment_arg
+    add_experiment_arg(p, "sweep to extend on every run (MLflow experiment; letters, digits, '.', '_', '-')",
+                       required=False, otherwise="required unless --list or --run-now")
     p.add_argument("--config", help="sweep YAML (default sweeps/configs/cpu.yaml); with --address a file inside the "
                                     "project is passed relative to it, any other path is a path on the cluster")
     p.add_argument("--data", help="dataset made by `ich ingest` (with --address: its absolute path on the cluster)")
     p.add_argument("--num-samples", type=int, default=8, help="new trials per run")
-    p.add_argument("--every", default="0 3 * * *", help="cron schedule, checked by croniter (default daily 03:00)")
+    p.add_argument("--every", default="0 3 * * *", help="cron schedule, checked by croniter (default %(default)s: daily 03:00)")
     p.add_argument("--systemd", metavar="ON_CALENDAR", help="write a systemd user timer with this OnCalendar instead "
                                                             "(checked by `systemd-analyze calendar` where it exists)")
     p.add_argument("--timezone", metavar="TZ", help="an IANA timezone for the schedule, e.g. Europe/Berlin (cron: a "

@@ -179,12 +179,10 @@ def test_mlflow_logged_model_api_pinned_3_17():
     assert declared("mlflow") == "<3.18,>=3.17"
 
 
-def test_timm_private_model_registration_ceiling_2():
-    """timm>=1.0.15,<2: ich/models.py registers its tiny models through timm's private builder and registry."""
+def test_timm_model_registration_ceiling_2():
+    """timm>=1.0.15,<2: ich/models.py registers its tiny models through timm's public builder and registry names."""
     from timm.data import resolve_model_data_config
-    from timm.models import maxxvit
-    from timm.models._builder import build_model_with_cfg
-    from timm.models._registry import generate_default_cfgs, register_model
+    from timm.models import build_model_with_cfg, generate_default_cfgs, maxxvit, register_model
     assert callable(build_model_with_cfg) and callable(generate_default_cfgs) and callable(register_model)
     assert callable(resolve_model_data_config) and hasattr(maxxvit, "MaxxVit")
     assert declared("timm") == "<2,>=1.0.15"

@@ -143,9 +143,7 @@ def _register_shallow() -> None:
     import dataclasses
 
     import timm
-    from timm.models import get_pretrained_cfg, maxxvit
-    from timm.models._builder import build_model_with_cfg
-    from timm.models._registry import register_model
+    from timm.models import build_model_with_cfg, get_pretrained_cfg, maxxvit, register_model
 
     import ich.models  # noqa: F401  (registers coatnet_tiny_ich)
 
@@ -303,6 +301,10 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     assert run.data.tags["ich.kind"] == "report" and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == report_setup["sweep_run_id"]
     assert run.info.experiment_id == report_setup["experiment_id"]
+    from soups import provenance  # the report run carries the code and packages that made it, as every run does
+    assert run.data.tags["mlflow.source.name"] == "soups/report.py"
+    assert run.data.tags["ich.source.hash"] == provenance.source_hash(ROOT)  # the code on disk, hashed now
+    assert json.loads(run.data.tags["ich.env"]) == provenance.package_versions()
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert set(summary["files"]) <= artifacts and {"report.md", "report.html", "results.json", *pngs} <= artifacts
     assert run.data.metrics["best_single_test_accuracy"] == pytest.approx(rows[summary["best_single"]]["accuracy"])
