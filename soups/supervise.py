@@ -4,7 +4,7 @@
 
 Runs the command in its own process group and starts it again when it exits, after a back-off (2 s, 4 s, ...
 30 s); it gives up (exit 1, logged) after more than --max-restarts exits within --window-s seconds, so a
-server that cannot start does not loop forever. It stops the server and exits 0 on SIGTERM/SIGINT/SIGHUP, and
+server that cannot start does not loop forever. It stops the server and exits 0 on SIGTERM or SIGINT, and
 when the process --while-alive names ends: the head's gcs_server, so `ray stop` (which `ray down` runs on the
 head) stops MLflow too. Namespaces and on-prem machines may have no systemd: the project owns this loop.
 
@@ -85,8 +85,10 @@ def supervise(command: list[str], *, pid_file: Path | None = None, while_alive: 
               max_delay_s: float = MAX_DELAY_S) -> int:
     """Run command until told to stop; 0 when stopped, 1 when it gave up after too many exits."""
     stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
+    # A hangup of the shell that started it is not a stop (a handler, not SIG_IGN: the server keeps the default).
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
     watched = (while_alive, start_time(while_alive)) if while_alive is not None else None
     if watched and watched[1] is None:
         _log(f"process {while_alive} (--while-alive) is not running; not starting")
