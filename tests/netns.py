@@ -808,13 +808,15 @@ class _dashboard_tunnel:
 
 
 def ray_down(launched: Launched, wait: float = 60) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`ray down -y <yaml>` as a user runs it, then what of Ray still runs in the nodes (raylet, gcs_server: seen
-    from outside, by the nodes' network namespaces) once it settles (at most `wait` s); then forget the local
+    """`ray down -y <yaml>` as a user runs it, then what of Ray still runs in the nodes (raylet, gcs_server and the
+    head's MLflow server, which lives as long as Ray there: seen from outside, by the nodes' network namespaces)
+    once it settles (at most `wait` s); then forget the local
     provider's state of this cluster on this machine (/tmp/ray/cluster-<name>.*) and Ray's SSH control folder.
     Nothing is killed here: the caller asserts on both before any cleanup."""
     r = launched.ray("down", "-y", str(launched.yaml), check=False, timeout=300)
     deadline = time.time() + wait
-    while (left := ray_processes(launched.cluster)) and time.time() < deadline:
+    while (left := ray_processes(launched.cluster) + [f"process {pid} ({cmd[:150]})" for pid, cmd in
+                                                      mlflow_processes(launched.cluster)]) and time.time() < deadline:
         time.sleep(1)
     forget_local_state(launched.cluster)
     return r, left
@@ -823,6 +825,20 @@ def ray_down(launched: Launched, wait: float = 60) -> tuple[subprocess.Completed
 def ray_processes(c: NsCluster) -> list[str]:
     """Ray's node daemons still running in the cluster's nodes."""
     return [p for p in processes_in(_netns_inodes(c)) if p.endswith(("(raylet)", "(gcs_server)"))]
+
+
+def mlflow_processes(c: NsCluster) -> list[tuple[int, str]]:
+    """(outer pid, command line) of the head's MLflow server and its supervisor (cluster.yaml) in the nodes."""
+    found = []
+    for line in processes_in(_netns_inodes(c)):
+        pid = int(line.split()[1])
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "soups.supervise" in cmd or "mlflow server" in cmd or ("uvicorn" in cmd and "mlflow" in cmd):
+            found.append((pid, cmd))
+    return found
 
 
 def forget_local_state(c: NsCluster) -> None:
@@ -888,7 +904,7 @@ if pytest is not None:
         (ROOT / "test-artifacts" / "launcher-ray-down.log").write_text(out)
         # Checked before `ns_cluster` kills the nodes: a failing `ray down` must not pass because of that kill.
         assert down.returncode == 0, f"ray down: exit {down.returncode}\n{out[-3000:]}"
-        assert not ray_left, f"Ray daemons still running in the nodes after ray down: {ray_left}\n{out[-3000:]}"
+        assert not ray_left, f"Ray or MLflow still running in the nodes after ray down: {ray_left}\n{out[-3000:]}"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:  # the watchdog create_cluster starts

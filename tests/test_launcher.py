@@ -3,16 +3,20 @@ on two SSH "machines" (network namespaces with sshd, tests/netns.py), `ray submi
 sweeps/coatnet.py`, `ray job submit` through the `ray dashboard` tunnel with token auth, `ray down`.
 
 Asserts: trials ran on the worker node (ich.node tag = the worker's address), one checkpoint per (trial, epoch)
-in MLflow for every epoch Tune's results show, soups built, workers log with a non-admin MLflow user and hold
-no admin credential; `ray down` exits 0 and leaves no raylet/gcs_server in the nodes (`ns_ray_cluster` checks
-it before any kill; the test shows the check sees them while the cluster runs), and the namespace cluster
+in MLflow for every epoch Tune's results show although the head's MLflow server was killed mid-sweep (its
+supervisor started it again), soups built, workers log with a non-admin MLflow user and hold no admin
+credential; `ray down` exits 0 and leaves no raylet/gcs_server/MLflow server in the nodes (`ns_ray_cluster`
+checks it before any kill; the test shows the check sees them while the cluster runs), and the namespace cluster
 leaves nothing behind (the `ns_cluster` fixture fails the session otherwise; the small test at the end proves
 that check on a process left running in a node; tests/test_netns_cleanup.py covers a killed test run)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +45,38 @@ def tune_epochs(storage, sweep: str) -> dict[str, int]:
     return epochs
 
 
+def _supervised_server(cluster: netns.NsCluster) -> list[tuple[int, int]]:
+    """(supervisor, server) outer pids of the head's MLflow server: the supervisor cluster.yaml starts, seen from
+    outside the node by its command line, and its child."""
+    found = []
+    for pid, cmd in netns.mlflow_processes(cluster):
+        if "soups.supervise" in cmd:
+            found += [(pid, int(k)) for task in Path(f"/proc/{pid}/task").iterdir()
+                      for k in (task / "children").read_text().split()]
+    return found
+
+
+def _kill_head_mlflow_server(cluster: netns.NsCluster) -> int:
+    """SIGKILL the head's MLflow server, its whole process group (mlflow CLI + uvicorn), as an OOM kill or crash
+    would end it; returns its outer pid."""
+    [(_, server)] = _supervised_server(cluster)
+    os.killpg(server, signal.SIGKILL)
+    print(f"killed the head's MLflow server (outer pid {server}) mid-sweep")
+    return server
+
+
+def _wait_first_checkpoint(client, submit: subprocess.Popen, timeout: float = 1200) -> None:
+    """Poll MLflow until the sweep's first checkpoint LoggedModel is READY (or the sweep ended)."""
+    from tests.test_sweep import _all_checkpoint_models
+    deadline = time.time() + timeout
+    while submit.poll() is None and time.time() < deadline:
+        exp = client.get_experiment_by_name("launcher")
+        if exp and _all_checkpoint_models(client, exp.experiment_id, "launcher"):
+            return
+        time.sleep(2)
+    raise AssertionError(f"no checkpoint recorded before the sweep ended (exit {submit.poll()}) or within {timeout} s")
+
+
 def _save(name: str, text: str) -> None:
     (netns.ROOT / "test-artifacts").mkdir(exist_ok=True)
     (netns.ROOT / "test-artifacts" / name).write_text(text)
@@ -58,17 +94,40 @@ def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
     # Control of the fixture's after-`ray down` check: it sees Ray's daemons while the cluster runs.
     running = netns.ray_processes(cluster)
     assert sum("(raylet)" in p for p in running) == 2 and any("(gcs_server)" in p for p in running), running
+    # ... and the head's supervised MLflow server (also gone after `ray down`).
+    assert len(_supervised_server(cluster)) == 1, netns.mlflow_processes(cluster)
 
     # 1. `ray submit cluster.yaml sweeps/coatnet.py -- ...`: the driver runs on the head over SSH.
     config = write_sweep_config(cluster.shared, "launcher")
     # One soup family (uniform across the trials' best checkpoints) keeps the soups step short on 2 CPUs.
     config.write_text(config.read_text() + "soups:\n  scope: across\n  recipe: uniform\n  bn: average\n")
-    submit = launched.ray("submit", str(launched.yaml), "sweeps/coatnet.py", "--", "--demo", "--config", str(config),
-                          "--num-samples", "2", "--experiment", "launcher", timeout=1500, check=False)
-    _save("launcher-ray-submit.log", submit.stdout + submit.stderr)
-    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-5000:]
-
+    # Mid-sweep, once the first checkpoint is recorded, the head's MLflow server is killed: its supervisor starts it
+    # again and the trials' and driver's calls ride the outage out (soups/registry.py's retry window).
     client = _mlflow(launched, monkeypatch)
+    log = cluster.base / "launcher-ray-submit.log"
+    with open(log, "w") as out:
+        submit = subprocess.Popen([netns.RAY, "submit", str(launched.yaml), "sweeps/coatnet.py", "--", "--demo",
+                                   "--config", str(config), "--num-samples", "2", "--experiment", "launcher"],
+                                  env=launched.env, cwd=launched.src, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    netns.register_pid(cluster, submit.pid)
+    try:
+        _wait_first_checkpoint(client, submit)
+        killed = _kill_head_mlflow_server(cluster)
+        assert submit.poll() is None, "the sweep ended before the server was killed: nothing was tested"
+        submit.wait(timeout=1500)
+    finally:
+        if submit.poll() is None:
+            os.killpg(submit.pid, signal.SIGKILL)
+            submit.wait()
+        _save("launcher-ray-submit.log", log.read_text(errors="replace"))
+    assert submit.returncode == 0, log.read_text(errors="replace")[-5000:]
+    server_log = (cluster.head.home / "ich-mlflow" / "server.log").read_text(errors="replace")
+    _save("launcher-mlflow-server.log", server_log)
+    assert "exited -9; restart 1/" in server_log, server_log[-3000:]  # the supervisor logs pids inside the node
+    [(_, restarted)] = _supervised_server(cluster)
+    assert restarted != killed
+
     exp = client.get_experiment_by_name("launcher").experiment_id
     runs = _trial_runs(client, exp, "launcher")
     assert len(runs) == 2
