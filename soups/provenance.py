@@ -1,6 +1,6 @@
 """Provenance: which code and which packages made a run (docs/design.md#4 for code: every record traceable).
 
-Every sweep, trial and soup run carries these tags:
+Every sweep, trial, soup and report run carries these tags:
 
     mlflow.source.name        the entry module that created the run (sweeps/coatnet.py, sweeps/trainable.py, ...)
     mlflow.source.git.commit  HEAD of the project's git checkout (only when the code runs from one)
