@@ -231,9 +231,8 @@ def markdown(result: dict) -> str:
         for name in ("uniform", "greedy", "soft_vote"):
             da = [100 * r["pools"][pool_name][name]["vs_best_single"]["acc_diff"] for r in result["seeds"]]
             df = [100 * r["pools"][pool_name][name]["vs_best_single"]["f1_diff"] for r in result["seeds"]]
-            p0 = PAPER_DELTAS["CoAtNet-0"].get(name)
-            p2 = PAPER_DELTAS["CoAtNet-2"].get(name)
-            paper = [f"{a:+.2f} / {f:+.2f}" if (a, f) != (None, None) else "–" for a, f in (p0 or (None, None), p2 or (None, None))]
+            paper = [f"{d[0]:+.2f} / {d[1]:+.2f}" if d else "–"
+                     for d in (PAPER_DELTAS["CoAtNet-0"].get(name), PAPER_DELTAS["CoAtNet-2"].get(name))]
             lines.append(f"| {pool_name} | {name} | {np.mean(da):+.2f} ({min(da):+.2f}..{max(da):+.2f}) | "
                          f"{np.mean(df):+.2f} ({min(df):+.2f}..{max(df):+.2f}) | {paper[0]} | {paper[1]} |")
     return "\n".join(lines) + "\n"

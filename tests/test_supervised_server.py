@@ -17,6 +17,7 @@ import pytest
 
 from soups import registry, supervise
 from soups.tracking_server import SERVER_ENV, _mlflow_executable, free_port, health_ok
+from tests.test_multinode import _group_alive  # one copy of the process-group probe
 
 pytestmark = pytest.mark.integration
 
@@ -60,14 +61,6 @@ def _wait(predicate, timeout: float = WAIT_S, what: str = "") -> float:
         assert time.monotonic() - t0 < timeout, f"not within {timeout:.0f} s: {what}"
         time.sleep(0.25)
     return time.monotonic() - t0
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def _server_command(store: Path, port: int) -> list[str]:
