@@ -65,6 +65,9 @@ KIND_INIT = "init"
 SEARCH_PAGE_SIZE = 500
 # HTTP statuses worth another try: the server restarting, overloaded, or SQLite briefly locked.
 TRANSIENT_HTTP_STATUSES = {408, 429, 500, 502, 503, 504}
+# An overloaded server answers some of these as 400 BAD_REQUEST (its database connection pool or SQLite lock
+# timed out under load): the request was fine, so these are tried again too.
+TRANSIENT_SERVER_MESSAGES = ("QueuePool limit", "database is locked")
 
 # MLflow's client retries 7 times with backoff factor 2 (minutes per call when the server is down);
 # one quick inner retry (a stale keep-alive connection) is enough, RetryPolicy does the waiting.
@@ -131,7 +134,8 @@ def is_transient(error: BaseException) -> bool:
         if isinstance(seen, requests.HTTPError) and seen.response is not None:
             return seen.response.status_code in TRANSIENT_HTTP_STATUSES
         if isinstance(seen, RestException):
-            return seen.get_http_status_code() in TRANSIENT_HTTP_STATUSES
+            return (seen.get_http_status_code() in TRANSIENT_HTTP_STATUSES
+                    or any(m in str(seen.message) for m in TRANSIENT_SERVER_MESSAGES))
         if isinstance(seen, MlflowException) and str(seen.message).startswith("API request to"):
             return True  # MLflow wraps connection errors in this message (without a cause, sometimes)
         seen = seen.__cause__ or seen.__context__

@@ -88,6 +88,22 @@ def test_call_with_retry_retries_connection_errors_only():
     assert len(calls) == 1
 
 
+def test_an_overloaded_server_is_retried_and_a_bad_request_is_not():
+    """MLflow answers an exhausted database pool as 400 BAD_REQUEST (seen in the load test): that is retried;
+    a 400 about the request itself is not (the control)."""
+    from mlflow.exceptions import RestException
+
+    def rest(message):
+        return RestException({"error_code": "BAD_REQUEST", "message": message})
+
+    overloaded = rest("(sqlalchemy.exc.TimeoutError) QueuePool limit of size 5 overflow 10 reached, "
+                      "connection timed out, timeout 30.00")
+    assert overloaded.get_http_status_code() == 400
+    assert registry.is_transient(overloaded)
+    assert registry.is_transient(rest("(sqlite3.OperationalError) database is locked"))
+    assert not registry.is_transient(rest("Invalid value 'x' for parameter 'max_results'"))
+
+
 def test_quotes_in_tag_values_are_refused():
     with pytest.raises(ValueError, match="ich.trial"):
         registry._tag_filter({registry.TAG_TRIAL: "it's"})
