@@ -31,7 +31,7 @@ from ich.checkpoint import CheckpointError, load_weights, state_dict_to_cpu
 from ich.data import (AugmentConfig, ICHDataset, Prefetcher, augment_problem, batch_indices, mixup_cutmix,
                       train_transform)
 from ich.errors import ConfigError
-from ich.metrics import classification_metrics, log_loss
+from ich.metrics import metrics_of
 from ich.models import ModelError, create_model, load_init_weights, random_init_fingerprint, resolve_init_weights
 from ich.preprocess import Preprocess, PreprocessError, init_preprocess, resolve, transform
 
@@ -373,7 +373,5 @@ def _init_preprocess(path: str) -> dict | None:
 
 
 def evaluate_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str = "") -> dict[str, float]:
-    """loss, accuracy, macro precision/recall/F1 of logits against labels."""
-    m = classification_metrics(labels, logits.argmax(axis=1), num_classes)
-    m["loss"] = log_loss(logits, labels) if len(labels) else float("nan")
-    return {prefix + k: v for k, v in m.items()}
+    """Every registered metric (ich/metrics.py: accuracy, macro precision/recall/F1, loss, ...) of logits against labels."""
+    return {prefix + k: v for k, v in metrics_of(logits, labels, num_classes).items()}

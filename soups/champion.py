@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from soups import registry
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
-from soups.soup_record import REPORTED, TAG_METRIC, Context, SoupEntry
+from soups.soup_record import TAG_METRIC, Context, SoupEntry
 from soups.stats import mcnemar_exact
 
 ALIAS = "champion"
@@ -146,7 +146,7 @@ def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np
                     registry.TAG_DATASET: ctx.dataset.fingerprint,
                     TAG_DECISION: "moved" if decision["moved"] else "kept",
                     TAG_DECISION_REASON: decision["reason"][:5000],
-                    **{f"ich.val_{k}": repr(best.val[k]) for k in REPORTED},
+                    **{f"ich.val_{k}": repr(v) for k, v in best.val.items()},
                     **{f"ich.champion_{k}": repr(decision[k]) for k in ("champion_val", "p_value")
                        if decision[k] is not None}}
     version = registry.call_with_retry(

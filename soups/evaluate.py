@@ -11,22 +11,16 @@ import numpy as np
 import torch
 
 from ich.data import ICHDataset
-from ich.metrics import classification_metrics, log_loss
+from ich.metrics import get_metric, higher_is_better, metrics_of  # noqa: F401  (higher_is_better: the registry's)
 from ich.models import create_model
 from ich.preprocess import Preprocess, transform
 from ich.train import predict_logits
 from soups.bn import has_batchnorm, recalibrate_bn
-from soups.options import METRICS  # noqa: F401  (the metrics a soup can rank by: one source)
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric != "loss"
 
 
 def metric_value(logits: np.ndarray, labels: np.ndarray, num_classes: int, metric: str) -> float:
-    if metric == "loss":
-        return log_loss(logits, labels)
-    return classification_metrics(labels, logits.argmax(1), num_classes)[metric]
+    """The registered metric (ich/metrics.py) of logits against labels."""
+    return get_metric(metric).value(logits, labels, num_classes)
 
 
 @dataclass(frozen=True)
@@ -77,9 +71,7 @@ class Evaluator:
         return metric_value(logits, self.labels(split), self.data.num_classes, metric)
 
     def metrics(self, logits: np.ndarray, split: str) -> dict[str, float]:
-        m = classification_metrics(self.labels(split), logits.argmax(1), self.data.num_classes)
-        m["loss"] = log_loss(logits, self.labels(split))
-        return m
+        return metrics_of(logits, self.labels(split), self.data.num_classes)
 
     def recalibrated(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The same weights with BN statistics recomputed by one pass over train (eval preprocessing)."""

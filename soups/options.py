@@ -11,15 +11,16 @@ import argparse
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ich.errors import IchError
+from ich.metrics import metric_names
 
 SCOPES = ("within", "across", "all")
 RECIPE_NAMES = ("uniform", "greedy")  # soups/build.py's RECIPE_BUILDERS has one entry per name
 RECIPES = (*RECIPE_NAMES, "all")
 SCOPE_NAMES = ("within", "across")
-METRICS = ("macro_f1", "accuracy", "loss")
 SPLITS = ("val", "test")
 TIE_RULES = ("accept", "strict")
 BN_OPTIONS = ("average", "recalibrate", "auto")
@@ -99,12 +100,17 @@ class SoupError(IchError):
     """Soups cannot be built: unknown experiment, no checkpoints, bad option; one line naming it."""
 
 
-def _option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, flag: str | None = None,
-            sweep: bool = False, check=None, metavar: str | None = None):
+def _option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | Callable | None = None,
+            flag: str | None = None, sweep: bool = False, check=None, metavar: str | None = None):
     """A SoupOptions field. flag: its `ich soup` flag ("" = none; default --<name with dashes>); sweep: a sweep
-    config's `soups:` block may set it; check(value) -> problem text or None, besides `choices`."""
+    config's `soups:` block may set it; check(value) -> problem text or None, besides `choices` (a tuple, or a
+    function that gives it when asked)."""
     meta = {"help": help, "choices": choices, "flag": flag, "sweep": sweep, "check": check, "metavar": metavar}
     return field(default=default, metadata=meta)
+
+
+def _choices(meta) -> tuple | None:
+    return meta["choices"]() if callable(meta["choices"]) else meta["choices"]
 
 
 def _nonempty(value) -> str | None:
@@ -133,7 +139,7 @@ class SoupOptions:
     scope: str = _option("all", "within each trial, across trials, or all", choices=SCOPES, sweep=True)
     recipe: str = _option("all", "uniform soups, greedy soups, or all", choices=RECIPES, sweep=True)
     metric: str = _option("macro_f1", "val metric that ranks and selects (ingredients, greedy, champion)",
-                          choices=METRICS, sweep=True)
+                          choices=metric_names, sweep=True)
     tie_rule: str = _option("accept", "greedy: accept ties (the paper's code) or strict improvement "
                             "(model-soups reference)", choices=TIE_RULES, sweep=True)
     bn: str = _option("auto", "BatchNorm statistics of the soups", choices=BN_OPTIONS, sweep=True)
@@ -175,8 +181,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(SoupOptions)}
 def option_problem(name: str, value) -> str | None:
     """What is wrong with `value` for option `name` ("must be one of ..."), or None when it is fine."""
     meta = FIELDS[name].metadata
-    if meta["choices"] and value not in meta["choices"]:
-        return f"must be one of {', '.join(meta['choices'])}"
+    choices = _choices(meta)
+    if choices and value not in choices:
+        return f"must be one of {', '.join(choices)}"
     return meta["check"](value) if meta["check"] else None
 
 
@@ -205,7 +212,7 @@ def add_soup_args(p: argparse.ArgumentParser) -> None:
             if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
                 kw["type"] = type(f.default)
         if meta["choices"]:
-            kw["choices"] = meta["choices"]
+            kw["choices"] = _choices(meta)
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         p.add_argument(flag, **kw)
@@ -217,7 +224,7 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the report here (default: $ICH_HOME/reports/<experiment>)")
     p.add_argument("--data", help="dataset folder (default: the latest sweep run's ich.data tag)")
     p.add_argument("--split", dest="split_for_table", choices=SPLITS, default="test", help="split of the table")
-    p.add_argument("--metric", choices=METRICS, default="macro_f1", help="val metric that selects every model")
+    p.add_argument("--metric", choices=metric_names(), default="macro_f1", help="val metric that selects every model")
     p.add_argument("--resamples", dest="n_resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--device", default="auto", help="device for models not in the prediction cache (auto, cpu, cuda)")
     p.add_argument("--registered-model", dest="registered_model",

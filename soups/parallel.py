@@ -138,7 +138,7 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     from soups import registry
     from soups.build import SoupBuilder, cook_family
     from soups.pull import CheckpointPool, families, usable_records
-    from soups.soup_record import REPORTED, pool_entry
+    from soups.soup_record import pool_entry
     from soups.worker_exit import quiet_sigterm_exit
 
     quiet_sigterm_exit()
@@ -161,7 +161,7 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
             for recipe, soup, _uniform, accepted, tries in cook_family(builder, family):
                 out["soups"].append({
                     "name": f"{family.name}-{recipe}", "recipe": recipe, "bn_mode": soup.bn_mode,
-                    "val": {k: float(ev.metrics(soup.logits["val"], "val")[k]) for k in REPORTED},
+                    "val": {k: float(v) for k, v in ev.metrics(soup.logits["val"], "val").items()},
                     "ingredients": [{"epoch": p.record.epoch, "model_id": p.record.model_id,
                                      "accepted": p.record.model_id in accepted,
                                      "candidate_val": tries.get(p.record.model_id)} for p in family.members],

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ich.metrics import metric_of_key  # noqa: E402
+
 DPI = 110
 LEGEND_MAX = 10  # beyond this many curves a legend hides the plot: name the best few instead
 TOP_NAMED = 5
@@ -43,10 +45,6 @@ def _short(text: str, n: int = LABEL_MAX) -> str:
         return text
     head = (n - 1) // 2
     return text[:head] + "…" + text[len(text) - (n - 1 - head):]
-
-
-def _higher_is_better(metric: str) -> bool:
-    return "loss" not in metric.lower()
 
 
 # ---------------------------------------------------------------------------------------------- trial labels
@@ -337,7 +335,8 @@ def plot_learning_curves(path: str | Path, curves: dict, *, metric: str, title: 
         if n <= LEGEND_MAX:
             named = list(parsed)
         else:  # too many for a legend: the best few (by their best epoch) drawn bold and named, the rest faint
-            sign = 1.0 if _higher_is_better(metric) else -1.0
+            known = metric_of_key(metric)  # "macro_f1", or "soup_macro_f1" under the soup objective
+            sign = -1.0 if known and not known.higher_is_better else 1.0
             named = sorted(parsed, key=lambda k: -max(sign * v for _, v in parsed[k][0]))[:TOP_NAMED]
         cmap = plt.get_cmap("tab10")
         for label, (points, stopped) in parsed.items():

@@ -66,7 +66,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ich.data import ICHDataset, load_dataset
-from ich.metrics import classification_metrics, confusion_matrix, per_class_prf
+from ich.metrics import METRICS, classification_metrics, confusion_matrix, metric_names, per_class_prf
 from soups import provenance, registry
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, softmax
 from soups.champion import ALIAS
@@ -77,10 +77,9 @@ from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_le
 from soups.report_snapshot import (RUNS_PAGE, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,  # noqa: F401 re-exported
                                     TRIAL_STATUS, Candidate, ChampionRef, OptunaRecord, ReportError, Snapshot,
                                     TrialRun, _best, _read_optuna, read_snapshot)
-from soups.stats import bootstrap_ci, paired_comparison
+from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 
-from soups.options import METRICS, SPLITS, add_report_args  # noqa: F401  (flags live with the other options: `ich --help` imports no MLflow)
-TABLE_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+from soups.options import SPLITS, add_report_args  # noqa: F401  (flags live with the other options: `ich --help` imports no MLflow)
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
 SEED = 0  # bootstrap resamples: the same images for every row
 
@@ -323,27 +322,36 @@ def table_row(key: str, label: str, kind: str, logits: np.ndarray, y: np.ndarray
     """One row of the results table: point metrics, 95% bootstrap intervals, paired comparison with reference."""
     pred = logits.argmax(1)
     row = {"key": key, "label": label, "kind": kind, **info, **classification_metrics(y, pred, k)}
-    for metric in ("accuracy", "macro_f1"):
-        ci = bootstrap_ci(y, pred, metric, n_resamples=n_resamples, seed=SEED, num_classes=k)
-        row[f"{metric}_ci"] = [ci.low, ci.high]
+    for metric in interval_metrics():
+        ci = bootstrap_ci(y, pred, metric.name, n_resamples=n_resamples, seed=SEED, num_classes=k)
+        row[f"{metric.name}_ci"] = [ci.low, ci.high]
     row["vs_best_single"] = None if reference is None else paired_comparison(
         y, pred, reference.argmax(1), n_resamples=n_resamples, seed=SEED, num_classes=k)
     return row
 
 
+def table_metrics() -> list:
+    """The registered metrics the results table shows (ich/metrics.py: accuracy, macro P/R/F1, ...), in order."""
+    return [m for m in METRICS.values() if m.table]
+
+
 def table_lines(rows: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "ingredients", f"val {metric} (selects)", "accuracy % [95% CI]", "macro P %", "macro R %",
-              "macro F1 % [95% CI]", "Δacc vs best single [95% CI]", "ΔF1 [95% CI]", "McNemar p"]
+    """The results table: a column per table metric (with its 95% interval for the interval metrics), then the
+    paired difference of each interval metric vs the best single, then McNemar's p."""
+    shown, paired = table_metrics(), interval_metrics()
+    header = ["model", "ingredients", f"val {metric} (selects)",
+              *(f"{m.column} %" + (" [95% CI]" if m.interval else "") for m in shown),
+              *(m.delta_label + (" vs best single" if i == 0 else "") + " [95% CI]" for i, m in enumerate(paired)),
+              "McNemar p"]
     lines = []
     for r in rows:
         vs = r["vs_best_single"]
         lines.append([
             r["label"], str(r.get("n_ingredients") or 1), "-" if r.get("val_score") is None else f"{r['val_score']:.4f}",
-            f"{_pct(r['accuracy'])} [{_pct(r['accuracy_ci'][0])}, {_pct(r['accuracy_ci'][1])}]",
-            _pct(r["macro_precision"]), _pct(r["macro_recall"]),
-            f"{_pct(r['macro_f1'])} [{_pct(r['macro_f1_ci'][0])}, {_pct(r['macro_f1_ci'][1])}]",
-            "-" if vs is None else f"{_signed(vs['acc_diff'])} [{_signed(vs['acc_diff_low'])}, {_signed(vs['acc_diff_high'])}]",
-            "-" if vs is None else f"{_signed(vs['f1_diff'])} [{_signed(vs['f1_diff_low'])}, {_signed(vs['f1_diff_high'])}]",
+            *(_pct(r[m.name]) + (f" [{_pct(r[m.name + '_ci'][0])}, {_pct(r[m.name + '_ci'][1])}]" if m.interval else "")
+              for m in shown),
+            *("-" if vs is None else f"{_signed(vs[d + '_diff'])} [{_signed(vs[d + '_diff_low'])}, "
+              f"{_signed(vs[d + '_diff_high'])}]" for d in (m.diff_name for m in paired)),
             "-" if vs is None else f"{vs['mcnemar_p']:.3g}"])
     return header, lines
 
@@ -820,7 +828,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
     if split_for_table not in SPLITS:
         raise ReportError(f"report option split_for_table={split_for_table!r}: must be one of {', '.join(SPLITS)}")
     if metric not in METRICS:
-        raise ReportError(f"report option metric={metric!r}: must be one of {', '.join(METRICS)}")
+        raise ReportError(f"report option metric={metric!r}: must be one of {', '.join(metric_names())}")
     if n_resamples < 100:
         raise ReportError(f"report option n_resamples={n_resamples}: use at least 100")
     started = time.time()
@@ -861,7 +869,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
         now = int(time.time() * 1000)
         metrics = [Metric(f"{key}_{split_for_table}_{m}", float(r[m]), now, 0)
-                   for r in report.summary["table"] for m in ("accuracy", "macro_f1")
+                   for r in report.summary["table"] for m in (i.name for i in interval_metrics())
                    for key in ([r["key"]] + (["best_single"] if r is best else []))]  # best_single: one name across runs
         registry.call_with_retry("log report metrics", client.log_batch, run_id, metrics=metrics)
         for name in files:
@@ -886,7 +894,9 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
 
 def print_summary(summary: dict) -> None:
     header, lines = table_lines(summary["table"], summary["metric"])
-    keep = [0, 3, 6, 7, 9]  # model, acc, F1, Δacc, p: what fits a terminal
+    shown, paired = table_metrics(), interval_metrics()
+    # model, the interval metrics (accuracy, F1), the first Δ (Δacc), McNemar p: what fits a terminal
+    keep = [0, *(3 + shown.index(m) for m in paired), 3 + len(shown), len(header) - 1]
     widths = [max(len(row[i]) for row in [header] + lines) for i in keep]
     for row in [header] + lines:
         print("  ".join(row[i].ljust(w) for i, w in zip(keep, widths)))

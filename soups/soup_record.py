@@ -19,17 +19,17 @@ from mlflow.entities import Metric
 
 from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
+from ich.metrics import metric_names
 from soups import provenance, registry
 from soups.build import Built, SoupBuilder
 from soups.common import json_safe, soft_vote_logits
 from soups.evaluate import Evaluator
 from soups.options import SoupOptions
 from soups.pull import Family, Pulled
-from soups.stats import bootstrap_ci, paired_comparison
+from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 
 CI_ALPHA = 0.05  # the reported intervals are 95%; opts.alpha is the champion test's level
 SEED = 0  # bootstrap resamples: the same images for every model of a call
-REPORTED = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "loss")
 
 TAG_SCOPE = "ich.scope"
 TAG_SOUP_RECIPE = registry.TAG_SOUP_RECIPE  # uniform | greedy
@@ -52,7 +52,7 @@ class SoupEntry:
     ingredients: list[dict]  # trial, epoch, model_id, run_id, sha256, val_score, candidate_val, accepted
     bn_mode: str
     val: dict[str, float]
-    test: dict  # REPORTED figures plus accuracy_ci / macro_f1_ci as [low, high]
+    test: dict  # every registered metric (ich/metrics.py), plus <metric>_ci as [low, high] of the interval ones
     best_single: dict
     uniform: dict
     soft_vote: dict
@@ -68,8 +68,7 @@ class SoupEntry:
 
 
 def _metrics(ev: Evaluator, logits: np.ndarray, split: str) -> dict[str, float]:
-    m = ev.metrics(logits, split)
-    return {k: float(m[k]) for k in REPORTED}
+    return {k: float(v) for k, v in ev.metrics(logits, split).items()}
 
 
 def _paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, opts: SoupOptions, k: int) -> dict[str, float]:
@@ -87,10 +86,10 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members:
     soup_pred, best_pred, soft_pred = (soup.logits["test"].argmax(1), best_logits["test"].argmax(1),
                                        soft["test"].argmax(1))
     test = _metrics(ev, soup.logits["test"], "test")
-    for metric in ("accuracy", "macro_f1"):
-        ci = bootstrap_ci(y, soup_pred, metric, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED,
+    for metric in interval_metrics():
+        ci = bootstrap_ci(y, soup_pred, metric.name, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED,
                           num_classes=k)
-        test[f"{metric}_ci"] = [ci.low, ci.high]
+        test[f"{metric.name}_ci"] = [ci.low, ci.high]
     return SoupEntry(
         name=name, scope=family.scope, recipe=recipe, group=family.group, trial=family.trial,
         ingredients=[{"trial": p.record.trial, "epoch": p.record.epoch, "model_id": p.record.model_id,
@@ -129,13 +128,13 @@ def flat_metrics(entry: SoupEntry) -> dict[str, float]:
     """The entry's figures as flat MLflow metric names (val_accuracy, test_accuracy_low, vs_best_acc_diff...)."""
     out: dict[str, float] = {}
     for split in ("val", "test"):
-        for k in REPORTED:
+        for k in metric_names():
             out[f"{split}_{k}"] = getattr(entry, split)[k]
-    for metric in ("accuracy", "macro_f1"):
-        out[f"test_{metric}_low"], out[f"test_{metric}_high"] = entry.test[f"{metric}_ci"]
+    for metric in interval_metrics():
+        out[f"test_{metric.name}_low"], out[f"test_{metric.name}_high"] = entry.test[f"{metric.name}_ci"]
     for prefix in ("best_single", "uniform", "soft_vote"):
         for split in ("val", "test"):
-            for k in REPORTED:
+            for k in metric_names():
                 out[f"{prefix}_{split}_{k}"] = getattr(entry, prefix)[split][k]
     for prefix, key in (("vs_best", "vs_best_single"), ("soft_vote_vs_best", "soft_vote_vs_best_single")):
         for k, v in getattr(entry, key).items():
@@ -207,7 +206,7 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Built, ref: Pulled) -> None:
         architecture=meta.architecture, img_size=meta.img_size, num_classes=meta.num_classes,
         class_names=list(meta.class_names), dataset_fingerprint=meta.dataset_fingerprint,
         init_fingerprint=meta.init_fingerprint, epoch=0,
-        metrics={f"val_{k}": entry.val[k] for k in REPORTED} | {f"test_{k}": entry.test[k] for k in REPORTED},
+        metrics={f"val_{k}": entry.val[k] for k in metric_names()} | {f"test_{k}": entry.test[k] for k in metric_names()},
         extra={"soup": entry.name, "sweep": ctx.sweep, "scope": entry.scope, "recipe": entry.recipe,
                "bn_mode": entry.bn_mode, "metric": opts.metric, "tie_rule": opts.tie_rule, "pool": entry.pool,
                "ingredients": [i["model_id"] for i in entry.ingredients if i["accepted"]],
@@ -221,7 +220,7 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Built, ref: Pulled) -> None:
     model_tags.pop("mlflow.parentRunId", None)
     entry.model_id = registry.log_soup_model(
         client, experiment_id=ctx.experiment_id, run_id=run_id, ckpt_dir=ckpt, name=entry.name, tags=model_tags,
-        metrics={f"val_{k}": entry.val[k] for k in REPORTED})
+        metrics={f"val_{k}": entry.val[k] for k in metric_names()})
     registry.call_with_retry("finish soup run", client.set_terminated, run_id, "FINISHED")
     entry.run_id = run_id
     entry.ckpt = str(ckpt)

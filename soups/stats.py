@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from ich.metrics import classification_metrics
-
-METRICS = ("accuracy", "macro_f1")
+from ich.metrics import METRICS, Metric, confusion_matrix
 
 
 @dataclass
@@ -58,31 +56,36 @@ def resample_indices(y_true: np.ndarray, n_resamples: int, rng: np.random.Genera
     return np.concatenate(parts, axis=1)
 
 
-def metric_on_resamples(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray, metric: str,
-                        num_classes: int) -> np.ndarray:
-    """metric for every resample (row of idx) at once -> (R,). Macro F1 follows ich.metrics (classes present
-    in y_true or y_pred of the resample, 0 where undefined) using one bincount of R confusion matrices."""
-    if metric == "accuracy":
-        return (y_true == y_pred)[idx].mean(axis=1)
-    if metric != "macro_f1":
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+def bootstrap_metric(name: str) -> Metric:
+    """The registered metric of that name if predictions suffice for it (it reads confusion matrices)."""
+    metric = METRICS.get(name)
+    if metric is None or metric.of_confusion is None:
+        names = ", ".join(m.name for m in METRICS.values() if m.of_confusion is not None)
+        raise ValueError(f"metric must be one of {names}, got {name!r}")
+    return metric
+
+
+def interval_metrics() -> list[Metric]:
+    """The metrics whose test figures carry a bootstrap interval and a paired difference (accuracy, macro F1)."""
+    return [m for m in METRICS.values() if m.interval]
+
+
+def resampled_confusion(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray, num_classes: int) -> np.ndarray:
+    """(R, K, K) confusion matrices of every resample (row of idx), by one bincount."""
     R, K = idx.shape[0], num_classes
     codes = (np.arange(R)[:, None] * K + y_true[idx]) * K + y_pred[idx]
-    cm = np.bincount(codes.ravel(), minlength=R * K * K).reshape(R, K, K).astype(np.float64)
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    predicted, actual = cm.sum(axis=1), cm.sum(axis=2)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    present = (predicted + actual) > 0
-    return (f1 * present).sum(axis=1) / present.sum(axis=1)
+    return np.bincount(codes.ravel(), minlength=R * K * K).reshape(R, K, K)
+
+
+def metric_on_resamples(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray, metric: str,
+                        num_classes: int) -> np.ndarray:
+    """metric for every resample (row of idx) at once -> (R,): the registered metric's own function of
+    confusion matrices (ich/metrics.py), on R matrices instead of one."""
+    return bootstrap_metric(metric).of_confusion(resampled_confusion(y_true, y_pred, idx, num_classes))
 
 
 def point_metric(y_true, y_pred, metric: str, num_classes: int) -> float:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return classification_metrics(y_true, y_pred, num_classes)[metric]
+    return float(bootstrap_metric(metric).of_confusion(confusion_matrix(y_true, y_pred, num_classes)[None])[0])
 
 
 def _interval(point: float, samples: np.ndarray, alpha: float) -> CI:
@@ -124,13 +127,14 @@ def mcnemar_exact(y_true, pred_a, pred_b) -> McNemar:
 
 def paired_comparison(y_true, pred_soup, pred_single, *, n_resamples: int = 1000, alpha: float = 0.05,
                       seed: int = 0, stratify: bool = True, num_classes: int | None = None) -> dict[str, float]:
-    """Soup vs single model on the same images, as flat floats ready to log as metrics:
-    acc_diff(_low/_high), f1_diff(_low/_high) (soup - single, bootstrap interval), mcnemar_b/c/p."""
+    """Soup vs single model on the same images, as flat floats ready to log as metrics: for each interval metric,
+    acc_diff(_low/_high), f1_diff(_low/_high) (soup - single, bootstrap interval); mcnemar_b/c/p."""
     out: dict[str, float] = {}
-    for prefix, metric in (("acc", "accuracy"), ("f1", "macro_f1")):
-        ci = paired_bootstrap_diff(y_true, pred_soup, pred_single, metric, n_resamples=n_resamples, alpha=alpha,
+    for metric in interval_metrics():
+        ci = paired_bootstrap_diff(y_true, pred_soup, pred_single, metric.name, n_resamples=n_resamples, alpha=alpha,
                                    seed=seed, stratify=stratify, num_classes=num_classes)
-        out[f"{prefix}_diff"], out[f"{prefix}_diff_low"], out[f"{prefix}_diff_high"] = ci.point, ci.low, ci.high
+        p = metric.diff_name
+        out[f"{p}_diff"], out[f"{p}_diff_low"], out[f"{p}_diff_high"] = ci.point, ci.low, ci.high
     test = mcnemar_exact(y_true, pred_soup, pred_single)
     out["mcnemar_b"], out["mcnemar_c"], out["mcnemar_p"] = float(test.b), float(test.c), test.p_value
     return out

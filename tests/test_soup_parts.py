@@ -51,7 +51,7 @@ def test_cli_flags_and_defaults_come_from_the_dataclass():
 
 @pytest.mark.parametrize("name,value,problem", [
     ("scope", "sideways", "must be one of within, across, all"),
-    ("metric", "top5", "must be one of macro_f1, accuracy, loss"),
+    ("metric", "top5", "must be one of accuracy, macro_precision, macro_recall, macro_f1, loss"),  # ich/metrics.py's
     ("bn", "none", "must be one of average, recalibrate, auto"),
     ("alpha", 1.5, "must lie between 0 and 1"),
     ("n_resamples", 10, "must be a whole number >= 100"),
