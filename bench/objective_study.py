@@ -107,7 +107,7 @@ def sweep_yaml(experiment: str, objective: str, budget: Budget, seed: int, init:
 def dataset_folder(name: str, cache: Path) -> Path:
     """The ingested folder of a study data set (built once under `cache`)."""
     if name == "digits":
-        from sweeps.coatnet import demo_dataset
+        from sweeps.job import demo_dataset
         return demo_dataset(cache)
     if name == "fashion":
         from bench.fashion_mnist import build_dataset
@@ -175,7 +175,7 @@ def run_objective(*, dataset_name: str, data_dir: Path, objective: str, budget: 
 
     from ich.data import load_dataset
     from soups.orchestrate import SoupOptions, run_soups
-    from sweeps.coatnet import parse_args, run_sweep
+    from sweeps.job import parse_args, run_sweep
 
     experiment = f"{prefix}{dataset_name}-s{seed}-{objective}"
     config = home / f"{experiment}.yaml"

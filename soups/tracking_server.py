@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import ipaddress
 import json
 import os
 import signal
@@ -306,34 +305,6 @@ def stop_local_server(data_dir: str | os.PathLike | None = None) -> bool:
     return running
 
 
-# ------------------------------------------------------------------- tracking on more than one machine
-# docs/design.md#10: on more than one machine the tracking URI is a routable address; loopback is for
-# one machine only. The decision is pure (URI and node addresses in, decision out) so it is unit tested;
-# the sweep gathers the addresses from Ray and acts on it.
-
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
-REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}  # reached over the network
-
-
-@dataclass(frozen=True)
-class TrackingDecision:
-    action: str  # "use" | "refuse"
-    uri: str | None = None
-    message: str = ""  # why it refuses, in one line
-
-
-def is_loopback_host(host: str) -> bool:
-    """localhost names, 127.0.0.0/8, ::1 and the unspecified address (0.0.0.0 reaches only this machine)."""
-    host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_unspecified
-
-
 def password_in_uri(uri: str) -> str | None:
     """The one-line refusal for a tracking URI that carries a password (it would be printed and shipped)."""
     if urlsplit(uri).password:
@@ -341,61 +312,6 @@ def password_in_uri(uri: str) -> str | None:
                 "every trial; put the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on "
                 "each node instead")
     return None
-
-
-def decide_tracking(uri: str | None, node_ips: list[str], driver_ip: str, *, can_grow: bool = False,
-                    autostarted_uri: str | None = None, host_ips: list[str] | None = None) -> TrackingDecision:
-    """Whether every Ray node can log to the tracking server.
-
-    uri: MLFLOW_TRACKING_URI as the user set it (None: unset, and the project started autostarted_uri);
-    node_ips: the alive nodes' addresses; driver_ip: this process's node address; can_grow: the autoscaler
-    may add nodes (a cluster scaled to zero workers is one machine only until the first trial asks for one);
-    host_ips: what the URI's host name resolves to here (a name that resolves to loopback only is loopback).
-    A loopback node address is this machine's (a node bound to 127.0.0.1 cannot be joined from elsewhere).
-    """
-    if uri and (refusal := password_in_uri(uri)):
-        return TrackingDecision("refuse", message=refusal)
-    effective = uri or autostarted_uri
-    remote = sorted({ip for ip in node_ips if not is_loopback_host(ip) and ip != driver_ip})
-    all_loopback = all(is_loopback_host(ip) for ip in node_ips)
-    if not remote and not (can_grow and not all_loopback):  # one machine: loopback is fine
-        return TrackingDecision("use", uri=effective)
-    spans = (f"Ray spans {1 + len(remote)} machines ({', '.join([driver_ip, *remote])})" if remote else
-             f"Ray's autoscaler can add nodes to this cluster (head {driver_ip})")
-    hint = f"set MLFLOW_TRACKING_URI to an address every node reaches, e.g. http://{driver_ip}:5000"
-    parts = urlsplit(effective or "")
-    scheme = parts.scheme.lower() or (effective or "").lower()  # "databricks" alone is a scheme too
-    loopback = is_loopback_host(parts.hostname or "localhost") or bool(
-        host_ips and all(is_loopback_host(ip) for ip in host_ips))
-    if scheme in ("http", "https") and not loopback:
-        return TrackingDecision("use", uri=effective)
-    if scheme in REMOTE_SCHEMES - {"http", "https"}:
-        return TrackingDecision("use", uri=effective)
-    if uri is None:
-        return TrackingDecision("refuse", message=(
-            f"MLFLOW_TRACKING_URI is not set and the project's MLflow server listens on {effective} (loopback) but "
-            f"{spans}; {hint} (or pass --mlflow-host auto to start the server on this machine's address)"))
-    if scheme not in ("http", "https"):
-        return TrackingDecision("refuse", message=(
-            f"MLFLOW_TRACKING_URI is {uri} (a store on this machine; trials talk HTTP to a tracking server) "
-            f"but {spans}; {hint}"))
-    return TrackingDecision("refuse", message=f"MLFLOW_TRACKING_URI is {uri} (loopback) but {spans}; {hint}")
-
-
-def resolve_host(uri: str) -> list[str]:
-    """The addresses the URI's host name resolves to here ([] for an IP literal or a name that does not resolve)."""
-    host = urlsplit(uri).hostname
-    if not host:
-        return []
-    try:
-        ipaddress.ip_address(host)
-        return []
-    except ValueError:
-        pass
-    try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-    except OSError:
-        return []
 
 
 def outward_ip() -> str:

@@ -205,7 +205,7 @@ def cmd_ui(a) -> None:
 
 def cmd_sweep(a) -> None:
     """`ich sweep`: the main job, the same run as `python sweeps/coatnet.py` with the same options."""
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     code = run_sweep(a, ich_home())["exit_code"]
     if code:  # trials failed after their retries: the summary line is printed, the status says it
         raise SystemExit(code)
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_train)
 
-    from sweeps.coatnet import EXIT_CODES, add_sweep_args  # argparse only: `ich --help` imports no Ray or MLflow
+    from sweeps.job import EXIT_CODES, add_sweep_args  # argparse only: `ich --help` imports no Ray or MLflow
     s = sub.add_parser("sweep", help="the main job: a Ray Tune sweep, every checkpoint in MLflow, then soups and "
                                      "the report (the same options as python sweeps/coatnet.py)", epilog=EXIT_CODES)
     add_sweep_args(s)

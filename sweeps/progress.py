@@ -3,9 +3,12 @@
 Ray Tune's own status tables and config boxes stay behind `--verbose`. The bar (trials done / total, best
 val so far, ETA) is drawn only when stdout is a terminal; in a log (cron, `ray job logs`, a pipe) only the
 per-trial lines appear, one each, never a redrawn bar. The formatting is plain functions (tested alone);
-the Tune callback only feeds them."""
+the Tune callback only feeds them. Below them: the driver's own quieting of Ray, Tune, Optuna and MLflow."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import time
 
@@ -72,7 +75,7 @@ def bar_line(done: int, total: int, metric: str, best: float | None, elapsed: fl
 
 class SweepProgress(Callback):
     """A Tune callback on the driver: the bar (terminal only) and one line per trial that ends. Tune's own
-    output is off meanwhile (coatnet.tune_output). `params`: the searched keys shown on each trial's line.
+    output is off meanwhile (tune_output below). `params`: the searched keys shown on each trial's line.
     `planned_epochs`: a trial's epochs when its config does not say (tells "finished" from "stopped by ASHA").
     `tty`: None = ask stdout."""
 
@@ -151,3 +154,48 @@ class SweepProgress(Callback):
         params = {k: config[k] for k in self.params if k in config}
         self._say(trial_line(self.done, self.total, trial.trial_id, status, epochs, self.metric,
                              float(value) if isinstance(value, (int, float)) else None, self.best, params))
+
+
+# ------------------------------------------------------------------- what the driver prints
+
+def progress_callbacks(cfg, verbose: bool) -> list:
+    """Default output: a bar and a line per finished trial (sweeps/progress.py); --verbose: Tune's own tables."""
+    if verbose:
+        return []
+    from sweeps.progress import SweepProgress
+    return [SweepProgress(total=cfg.num_trials, metric=cfg.tune_metric, mode=cfg.mode,
+                          planned_epochs=int(cfg.train.get("epochs", cfg.max_epochs)),
+                          params=[k for k in cfg.search if k != "seed"] + list(cfg.grid))]
+
+
+@contextlib.contextmanager
+def tune_output(verbose: bool):
+    """Tune's default output engine prints a configuration box and result paths even at verbose=0, and takes no
+    reporter of ours. Its legacy engine (RAY_AIR_NEW_OUTPUT=0, as under Ray Client) prints nothing at verbose=0,
+    so SweepProgress says what matters. The variable is read when the run starts; restored afterwards."""
+    if verbose:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def quiet_driver(verbose: bool) -> None:
+    """Default output: the driver's Ray, Tune, Optuna and MLflow chatter off (their records are untouched).
+    --verbose keeps all of it."""
+    if verbose:
+        return
+    import optuna
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per finished run
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # a tiny sweep's pace
+    # Said once per `ray.init` that starts a local Ray: a setting of Ray's, not a problem of this sweep.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Validating input example ...", "Waiting up to 300 s ..."

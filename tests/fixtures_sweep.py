@@ -57,7 +57,7 @@ def write_sweep_config(folder: Path, experiment: str, **edits) -> Path:
 
 
 def sweep_args(config: Path, data: Path, *extra: str) -> argparse.Namespace:
-    from sweeps.coatnet import parse_args
+    from sweeps.job import parse_args
     return parse_args(["--config", str(config), "--data", str(data), "--no-soups", *extra])
 
 
@@ -86,7 +86,7 @@ def monkeypatch_session():
 @pytest.fixture(scope="session")
 def tiny_sweep(ray_local, mlflow_server, digits_dataset, ich_home):
     """Run the tiny sweep once; returns run_sweep's summary plus the experiment name and config path."""
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     config = write_sweep_config(ich_home, "tiny-sweep")
     summary = run_sweep(sweep_args(config, digits_dataset), ich_home)
     return {**summary, "experiment": "tiny-sweep", "config": config, "home": ich_home, "data": digits_dataset}

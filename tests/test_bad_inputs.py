@@ -46,7 +46,7 @@ def ich(capsys, *argv):
 
 
 def sweep(capsys, *argv):
-    from sweeps.coatnet import main
+    from sweeps.job import main
     return run_main(main, argv, capsys)
 
 

@@ -134,7 +134,7 @@ def _options(parser: argparse.ArgumentParser) -> list[tuple]:
 
 def test_ich_sweep_has_exactly_the_options_of_coatnet():
     from sweeps.cli import build_parser
-    from sweeps.coatnet import add_sweep_args
+    from sweeps.job import add_sweep_args
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["sweep"]
     script = argparse.ArgumentParser()
     add_sweep_args(script)
@@ -154,7 +154,7 @@ def _run_main(main, argv, capsys) -> tuple[int, list[str]]:
 
 def test_ich_sweep_and_the_script_refuse_a_bad_set_alike(capsys):
     from sweeps.cli import main as ich
-    from sweeps.coatnet import main as script
+    from sweeps.job import main as script
     rc1, err1 = _run_main(ich, ["sweep", "--set", "soups.metrc=accuracy", "--no-soups"], capsys)
     rc2, err2 = _run_main(script, ["--set", "soups.metrc=accuracy", "--no-soups"], capsys)
     assert rc1 == rc2 == 2 and len(err1) == len(err2) == 1, (err1, err2)
@@ -165,7 +165,7 @@ def test_ich_sweep_and_the_script_refuse_a_bad_set_alike(capsys):
 def test_ui_and_sweep_exit_2_with_one_line_for_a_password_in_the_tracking_uri(tmp_path, capsys, monkeypatch,
                                                                                 digits_dataset):
     from sweeps.cli import main as ich
-    from sweeps.coatnet import main as script
+    from sweeps.job import main as script
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://someone:s3cret@127.0.0.1:9")
     monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -303,7 +303,7 @@ def test_sweep_run_names_its_optuna_study_without_a_password(tmp_path):
     """`ich report` finds the study through the sweep run's ich.optuna_storage tag; a password never lands in MLflow."""
     from types import SimpleNamespace
 
-    from sweeps.coatnet import optuna_storage_tag
+    from sweeps.study import optuna_storage_tag
     assert optuna_storage_tag(SimpleNamespace(optuna_storage=None), tmp_path) == {
         "ich.optuna_storage": f"sqlite:///{tmp_path / 'optuna.db'}"}
     assert optuna_storage_tag(SimpleNamespace(optuna_storage="postgresql://ich@db:5432/optuna"), tmp_path) == {

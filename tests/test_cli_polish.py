@@ -87,7 +87,7 @@ def undisplayed_defaults(parser: argparse.ArgumentParser, where: str) -> list[st
 def test_every_help_shows_every_default(monkeypatch, experiment):
     from soups.options import DefaultsHelpFormatter
     from sweeps.cli import build_parser
-    from sweeps.coatnet import add_sweep_args
+    from sweeps.job import add_sweep_args
     if experiment:
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
     else:
@@ -133,7 +133,7 @@ def test_experiment_defaults_to_mlflow_experiment_name_read_at_parse_time(monkey
 
 
 def test_sweep_script_experiment_reaches_the_config(monkeypatch, tmp_path):
-    from sweeps.coatnet import parse_args
+    from sweeps.job import parse_args
     from sweeps.config import load_config
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
     args = parse_args([])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.coatnet import EXIT_TRIALS_FAILED, failed_trials_line, main, sweep_exit_code
+from sweeps.job import EXIT_TRIALS_FAILED, failed_trials_line, main, sweep_exit_code
 from tests.fixtures_sweep import write_sweep_config
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ LONGER = {"num_samples: 4": "num_samples: 2", "grace_period: 1": "grace_period: 
 
 
 def _run_in_thread(config, data, home):
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     box = {}
 
     def target():
@@ -45,7 +45,7 @@ def test_trial_process_killed_mid_epoch_is_retried_from_its_checkpoint(ray_local
                                                                       ich_home, monkeypatch):
     """Each trial's process SIGKILLs itself mid-way through epoch 2, right after epoch 1 was reported to Tune
     (a test hook at that point, so no timing decides what the retry finds): it must resume from epoch 1."""
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     monkeypatch.setenv("ICH_FAULTS", "mid_epoch:2:kill")
     config = write_sweep_config(ich_home, "kill-trial", **LONGER)
     summary = run_sweep(sweep_args(config, digits_dataset), ich_home)

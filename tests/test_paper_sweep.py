@@ -24,7 +24,7 @@ SETS = {"train.model": "coatnet_tiny_ich", "train.img_size": "32", "train.epochs
 def test_paper_config_runs_as_a_grid_with_soups_and_report(ray_local, mlflow_server, mlflow_client, digits_dataset,
                                                            ich_home, tmp_path):
     import yaml
-    from sweeps.coatnet import parse_args, run_sweep
+    from sweeps.job import parse_args, run_sweep
     argv = ["--config", str(CONFIG), "--data", str(digits_dataset), "--experiment", EXPERIMENT]
     for k, v in SETS.items():
         argv += ["--set", f"{k}={v}"]

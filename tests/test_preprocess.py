@@ -326,7 +326,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def parity(ray_local, mlflow_server, digits_dataset, digits_data, ich_home, tmp_path_factory):
     """A real sweep (2 trials x 2 epochs) from the local pretrained file, then its soups and champion."""
     from soups.orchestrate import SoupOptions, run_soups
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     root = tmp_path_factory.mktemp("parity")
     weights = write_pretrained(root / "pretrained")
     config = write_sweep_config(root, EXPERIMENT, **{

@@ -198,7 +198,7 @@ def report_setup(tiny_sweep, ray_local, mlflow_server, digits_dataset, ich_home,
     from mlflow import MlflowClient
 
     from soups.orchestrate import SoupOptions, run_soups
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
 
     tmp = tmp_path_factory.mktemp("report")
     client = MlflowClient(mlflow_server)

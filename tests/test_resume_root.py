@@ -82,7 +82,7 @@ def test_resume_refuses_tune_path_outside_storage_root(tmp_path, mlflow_server, 
 def test_resume_refuses_disguised_paths(how, tmp_path, mlflow_server, mlflow_client, digits_dataset, capsys,
                                         monkeypatch):
     """`root/../x`, `root/link` -> outside, and `root-evil/` (a string prefix of the root) are all outside."""
-    from sweeps.coatnet import main
+    from sweeps.job import main
     storage, home = tmp_path / "ray_results", tmp_path / "home"
     storage.mkdir()
     home.mkdir()
@@ -110,7 +110,7 @@ def test_resume_refuses_disguised_paths(how, tmp_path, mlflow_server, mlflow_cli
 
 def test_resume_accepts_tune_path_under_root(tmp_path, mlflow_server, mlflow_client):
     """Control: the check passes a tag that is under the root, also through a symlinked root."""
-    from sweeps.coatnet import find_resume_run
+    from sweeps.resume import find_resume_run
     real = tmp_path / "real_results"
     (real / "my-sweep-1").mkdir(parents=True)
     (tmp_path / "results").symlink_to(real, target_is_directory=True)
@@ -145,5 +145,5 @@ def test_resume_accepts_tune_path_under_root(tmp_path, mlflow_server, mlflow_cli
     ("s3://bucket/rr", "s3://bucket/rr", False),
 ])
 def test_under_storage_root(path, root, inside):
-    from sweeps.coatnet import under_storage_root
+    from sweeps.resume import under_storage_root
     assert under_storage_root(path, root) is inside

@@ -114,7 +114,7 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from sweeps.coatnet import parse_args, run_sweep
+    from sweeps.job import parse_args, run_sweep
     from tests.fixtures_sweep import TINY_SWEEP_YAML
     tiny = TINY_SWEEP_YAML.format(experiment="soup-objective")
     search = tiny[tiny.index("search:"):tiny.index("asha:")]

@@ -29,7 +29,7 @@ def test_parallel_option_is_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_sweep(ray_local, mlflow_server, digits_dataset, ich_home):
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     config = write_sweep_config(ich_home, EXPERIMENT, **{
         "num_samples: 4": "num_samples: 2", "epochs: 3": "epochs: 2", "warm_start: {epochs: 4": "warm_start: {epochs: 2",
         "grace_period: 1": "grace_period: 2"})  # no ASHA stop: both trials give a within soup

@@ -127,7 +127,7 @@ def test_retry_after_failure_keeps_exactly_once(ray_local, mlflow_client, digits
     1. when epoch 2 starts, right after epoch 1 was reported to Tune: the retry must resume from epoch 1;
     2. when epoch 2's checkpoint is READY in MLflow but not yet reported to Tune: the retry resumes from epoch 1
        again, trains epoch 2 again, and must keep the one record of epoch 2 already in MLflow."""
-    from sweeps.coatnet import run_sweep
+    from sweeps.job import run_sweep
     monkeypatch.setenv("ICH_FAULTS", "epoch_start:2,before_report:2")
     config = write_sweep_config(ich_home, "retry-sweep", **{"num_samples: 4": "num_samples: 2",
                                                              "grace_period: 1": "grace_period: 3"})

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from soups.tracking_server import decide_tracking, is_loopback_host, password_in_uri
+from soups.tracking_server import password_in_uri
+from sweeps.cluster import decide_tracking, is_loopback_host
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD, WORKER = "10.87.0.2", "10.87.0.3"
@@ -99,9 +100,9 @@ def test_password_in_uri_refused_everywhere():
 
 def test_worker_runtime_env_carries_no_tracking_uri_or_credentials():
     """The job's runtime_env is what the dashboard shows: MLflow knobs only, nothing secret, no URI."""
-    from sweeps.coatnet import WORKER_ENV
+    from sweeps.cluster import WORKER_ENV
     assert WORKER_ENV and not [k for k in WORKER_ENV if any(s in k for s in ("URI", "USER", "PASS", "TOKEN"))]
-    source = (ROOT / "sweeps" / "coatnet.py").read_text()
+    source = (ROOT / "sweeps" / "cluster.py").read_text()
     assert source.count("runtime_env=") == 1 and 'runtime_env={"env_vars": dict(WORKER_ENV)}' in source
 
 
@@ -143,10 +144,10 @@ def test_local_resource_check_only_for_a_ray_started_here(ray_local, tmp_path):
     resource check: a cluster scaled to zero GPU workers has no GPU until a trial asks for one."""
     import ray
 
-    from sweeps.coatnet import ray_started_here
+    from sweeps.cluster import ray_started_here
     assert ray_started_here()  # the session's Ray was started by this process
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    probe = ("import ray; ray.init(); from sweeps.coatnet import ray_started_here; "
+    probe = ("import ray; ray.init(); from sweeps.cluster import ray_started_here; "
              "from sweeps.init_weights import check_resources; from types import SimpleNamespace as S; "
              "check_resources(S(cpus_per_trial=1, gpus_per_trial=1), ray_started_here()); "
              "print('joined', ray_started_here())")
