@@ -131,7 +131,7 @@ def soups_of(trainer, pool: list[dict], y_val: np.ndarray, num_classes: int) -> 
     """Uniform, greedy (val macro F1, ties accepted) and soft voting over `pool` (best-first by val)."""
     import copy
 
-    from soups.average import Ingredient, greedy_soup, uniform_soup
+    from soups.average import Ingredient, RunningSum, greedy_soup
     from soups.evaluate import metric_value
 
     model = copy.deepcopy(trainer.model)
@@ -141,7 +141,10 @@ def soups_of(trainer, pool: list[dict], y_val: np.ndarray, num_classes: int) -> 
         return trainer.predict(split, model=model)
 
     ings = [Ingredient(f"epoch {e['epoch']}", e["val"][RANK_METRIC], e["weights"]) for e in pool]
-    uni = uniform_soup(ings)
+    total = RunningSum()
+    for ing in ings:
+        total.add(ing.state_dict(), ing.name)
+    uni = total.mean()
     greedy = greedy_soup(ings, lambda sd: metric_value(logits(sd, "val"), y_val, num_classes, RANK_METRIC),
                          tie_rule="accept")
     out = {"uniform": {"sd": uni, "ingredients": [i.name for i in ings]},

@@ -9,11 +9,11 @@ afterwards): the model's random init plus a small per-checkpoint perturbation, s
 
 What is measured (every figure is a ratio of two things timed in the same process, interleaved, repeats, medians):
 
-- uniform / raw read: `soups.average.uniform_soup` over `Ingredient(load=lambda: load_checkpoint(folder)[0])`
-  (the real loader: strict safetensors read plus its finiteness check; the soup checks finiteness again and
-  accumulates in float64, prefetch depth 1) against reading the same N `model.safetensors` files with
-  `readinto` into one reused buffer. Every file is read once before timing, so BOTH sides read from the page
-  cache: this is the worst case for the soup (a memcpy-speed baseline; checkpoints pulled from MLflow or a cold
+- uniform / raw read: the uniform soup as `ich soup` makes it (uniform_mean: soups.average.RunningSum fed by
+  prefetch depth 1) over `Ingredient(load=lambda: load_checkpoint(folder)[0])` (the real loader: strict
+  safetensors read plus its finiteness check; the soup accumulates in float64) against reading the same N
+  `model.safetensors` files with `readinto` into one reused buffer. Every file is read once before timing, so BOTH
+  sides read from the page cache: this is the worst case for the soup (a memcpy-speed baseline; checkpoints pulled from MLflow or a cold
   disk make the read side slower and the ratio smaller). The two sides alternate, `repeats` times each, for
   N=8 and N=32. Then N=8 again "cold": before every timed side the files' pages are dropped from the page cache
   (fsync + posix_fadvise DONTNEED), so both sides read from the disk (on a VM the host may still cache).
@@ -98,9 +98,19 @@ def ingredients(folders: list[Path]):
     return [Ingredient(d.name, 1.0 - i * 1e-3, (lambda d=d: load_checkpoint(d)[0])) for i, d in enumerate(folders)]
 
 
+def uniform_mean(ings) -> dict:
+    """The uniform soup as `ich soup` makes it (soups/build.SoupBuilder.uniform): the next ingredient loaded in a
+    thread while the current one is added to the float64 running sum."""
+    from soups.average import RunningSum, prefetch
+    total = RunningSum()
+    for ing, sd in prefetch(((ing, ing.state_dict()) for ing in ings), 1):
+        total.add(sd, ing.name)
+        del sd
+    return total.mean()
+
+
 def soup_uniform(folders: list[Path]) -> dict:
-    from soups.average import uniform_soup
-    return uniform_soup(ingredients(folders))
+    return uniform_mean(ingredients(folders))
 
 
 def drop_cache(folders: list[Path]) -> bool:
@@ -164,7 +174,7 @@ def rss_child(folder: str, n: int) -> None:
     folders = sorted(p for p in Path(folder).iterdir() if p.name.startswith("ckpt-"))[:n]
     import torch  # noqa: F401  (imports are part of the baseline, not the soup)
     from ich.checkpoint import load_checkpoint  # noqa: F401
-    from soups.average import uniform_soup  # noqa: F401
+    from soups.average import RunningSum  # noqa: F401
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

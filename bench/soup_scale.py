@@ -6,7 +6,7 @@
    things alternate, `repeats` times each (medians): downloading the same N files alone (mlflow's
    download_artifacts, 2 threads, 2 files ahead, each deleted when done) and the uniform soup pulled from the
    server as `ich soup` pulls them: the orchestrator's CheckpointPool (download, sha256, load check) on the
-   same 2 threads, while soups.average.uniform_soup loads the next one (prefetched) and accumulates the current
+   same 2 threads, while soup_bench.uniform_mean loads the next one (prefetched) and accumulates the current
    one (float64, default accumulation threads). The ratio is soup / download alone.
 2. A scale curve at N = 8, 32, 128 (tiny CoAtNet checkpoints, `coatnet_tiny_ich` with 17 classes, ~1 MB each:
    128 coatnet_0 checkpoints would take 14 GB of disk). N=8/32/128 are interleaved in every repeat:
@@ -102,14 +102,15 @@ def download_alone(client, records, dst: Path, workers: int, depth: int) -> int:
 
 def pulled_uniform(client, records, dst: Path, workers: int, depth: int) -> dict:
     """Uniform soup of the records pulled from the server the way `ich soup` pulls them: the orchestrator's
-    CheckpointPool downloads and verifies on `workers` threads while uniform_soup loads (prefetched) and
+    CheckpointPool downloads and verifies on `workers` threads while uniform_mean loads (prefetched) and
     accumulates the current one. `depth` is unused here: the pool starts every download at once."""
-    from soups.average import Ingredient, uniform_soup
+    from bench.soup_bench import uniform_mean
+    from soups.average import Ingredient
     from soups.pull import CheckpointPool
     pool = CheckpointPool(client, [(r, 0.0) for r in records], dst, workers=workers)
     try:
         pulled = (pool.get(r) for r in records)
-        return uniform_soup(Ingredient(p.record.model_id, 0.0, p.load) for p in pulled if p is not None)
+        return uniform_mean(Ingredient(p.record.model_id, 0.0, p.load) for p in pulled if p is not None)
     finally:
         pool.close()
 
@@ -158,9 +159,9 @@ def time_local(folders: list[Path], ns: tuple, repeats: int, greedy_repeats: int
     """Uniform and greedy soup time per ingredient for each N, the Ns interleaved inside every repeat."""
     import torch
 
-    from bench.soup_bench import ingredients
+    from bench.soup_bench import ingredients, uniform_mean
     from ich.models import create_model
-    from soups.average import greedy_soup, uniform_soup
+    from soups.average import greedy_soup
     torch.manual_seed(0)
     net = create_model(model, NUM_CLASSES, img).eval()
     g = torch.Generator().manual_seed(2)
@@ -172,7 +173,7 @@ def time_local(folders: list[Path], ns: tuple, repeats: int, greedy_repeats: int
         with torch.no_grad():
             return float((net(x).argmax(1) == y).float().mean())
 
-    uniform_soup(ingredients(folders[:2]))  # warm-up
+    uniform_mean(ingredients(folders[:2]))  # warm-up
     runs: dict[str, dict[int, list[float]]] = {k: {n: [] for n in ns} for k in
                                                ("uniform", "greedy", "uniform_cpu", "greedy_cpu")}
 
@@ -186,7 +187,7 @@ def time_local(folders: list[Path], ns: tuple, repeats: int, greedy_repeats: int
         order = ns if r % 2 == 0 else tuple(reversed(ns))
         for n in order:
             if r < repeats:
-                timed("uniform", n, lambda: uniform_soup(ingredients(folders[:n])))
+                timed("uniform", n, lambda: uniform_mean(ingredients(folders[:n])))
             if r < greedy_repeats:
                 timed("greedy", n, lambda: greedy_soup(ingredients(folders[:n]), evaluate))
     out: dict = {"runs": runs}

@@ -1,4 +1,5 @@
-"""Weight averaging: uniform and greedy soups over streams of state dicts.
+"""Weight averaging over streams of state dicts: the running sum (every uniform soup: soups/build.py, the trajectory
+soup of sweeps/soup_objective.py) and greedy selection.
 
 Memory stays flat in the number of ingredients (docs/design.md#6): a float64 running sum, one candidate,
 the ingredient in hand and at most `prefetch_depth` loaded ahead. Loading the next checkpoint runs in a
@@ -300,40 +301,6 @@ def _loaded(ingredients: Iterable[Ingredient], depth: int,
         sd = ing.state_dict()
         return ing, sd, nonfinite_reason(ing, sd) if check else None
     return prefetch((load(ing) for ing in ingredients), depth)
-
-
-@dataclass
-class UniformResult:
-    state_dict: StateDict
-    used: list[str]
-    skipped: list[Skipped] = field(default_factory=list)
-
-
-def uniform_soup_result(ingredients: Iterable[Ingredient | StateDict], *, skip_nonfinite: bool = True,
-                        prefetch_depth: int = 1, threads: int | None = None,
-                        on_skip: Callable[[Skipped], None] = _warn_skip) -> UniformResult:
-    """Streaming mean of all ingredients' weights; NaN/Inf ingredients are skipped (on_skip warns by default).
-    threads: accumulation threads (RunningSum); the result is bitwise the same for any value."""
-    ings = (x if isinstance(x, Ingredient) else Ingredient(f"#{i}", 0.0, x) for i, x in enumerate(ingredients))
-    total, used, skipped = RunningSum(threads), [], []
-    for ing, sd, reason in _loaded(ings, prefetch_depth, skip_nonfinite):
-        if reason is not None:
-            skipped.append(Skipped(ing.name, reason))
-            on_skip(skipped[-1])
-            continue
-        total.add(sd, ing.name)
-        used.append(ing.name)
-        del sd
-    if total.count == 0:
-        raise ValueError(f"uniform soup: no usable ingredients (skipped: {[s.name for s in skipped]})")
-    return UniformResult(total.mean(), used, skipped)
-
-
-def uniform_soup(state_dicts: Iterable[Ingredient | StateDict], *, skip_nonfinite: bool = True,
-                 prefetch_depth: int = 1, threads: int | None = None) -> StateDict:
-    """The plain mean of all ingredients' weights (float64 accumulation, original dtypes out)."""
-    return uniform_soup_result(state_dicts, skip_nonfinite=skip_nonfinite, prefetch_depth=prefetch_depth,
-                               threads=threads).state_dict
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Build: a family's soups from its pulled members, one recipe at a time. No MLflow here.
 
-within: uniform and greedy over each trial's epochs (the paper). across: uniform and greedy over each trial's
-best checkpoint (Wortsman), plus a greedy over every checkpoint of the group. Greedy ranks ingredients by their
-recorded val metric and selects on val; test is only reported. BatchNorm statistics are recalibrated on train
-when asked ('auto' keeps what is better on val), once per finished soup: greedy's tries use the averaged
-statistics (a train pass per try would cost more than the whole selection).
+within: the recipes over each trial's epochs (the paper). across: the recipes over each trial's best checkpoint
+(Wortsman), plus the recipes that choose (greedy) over every checkpoint of the group. The recipes are data
+(soups/recipes/): cook_family hands each one the family's RecipeInputs. Greedy ranks ingredients by their recorded
+val metric and selects on val; test is only reported. BatchNorm statistics are recalibrated on train when asked
+('auto' keeps what is better on val), once per finished soup.
 
 cook_family is shared by the serial path (soups/orchestrate.py records each soup before the next is built)
 and the Ray tasks of soups/parallel.py.
@@ -19,17 +19,18 @@ from tqdm import tqdm
 
 from ich.checkpoint import CheckpointError
 from ich.data import ICHDataset
-from soups.average import Ingredient, RunningSum, greedy_soup, prefetch
+from soups import recipes
+from soups.average import RunningSum, prefetch
 from soups.bn import choose_bn_mode
 from soups.evaluate import Evaluator, higher_is_better
 from soups.logit_store import LogitStore
-from soups.options import RECIPE_NAMES, SoupError, SoupOptions
+from soups.options import SoupError, SoupOptions
 from soups.pull import Family, Pulled, short_reason
 
 
 @dataclass
-class Built:
-    """One soup's weights and predictions, before it is reported."""
+class Soup:
+    """One soup's weights (emptied once recorded), BN mode and predictions, before it is reported."""
     state_dict: dict
     bn_mode: str
     logits: dict[str, np.ndarray]  # split -> (N, C)
@@ -53,7 +54,7 @@ class SoupBuilder:
     def score(self, ev: Evaluator, logits: np.ndarray, split: str = "val") -> float:
         return ev.score(logits, split, self.opts.metric)
 
-    def _stream(self, members: list[Pulled]):
+    def stream(self, members: list[Pulled]):
         """(member, state dict) pairs; meant to run inside prefetch's thread, so loading overlaps evaluation."""
         for p in members:
             try:
@@ -64,7 +65,7 @@ class SoupBuilder:
     def uniform(self, members: list[Pulled], ev: Evaluator, desc: str) -> tuple[dict, list[Pulled]]:
         """Uniform soup of the members, computing each member's val/test logits on the way (one pass)."""
         total, used = RunningSum(), []
-        for p, sd in tqdm(prefetch(self._stream(members), 1), total=len(members), desc=desc, unit="ckpt",
+        for p, sd in tqdm(prefetch(self.stream(members), 1), total=len(members), desc=desc, unit="ckpt",
                           file=sys.stderr, disable=None, leave=False):
             total.add(sd, p.label)
             if p.record.model_id not in self.logits:
@@ -75,24 +76,7 @@ class SoupBuilder:
             raise SoupError(f"{desc}: no usable ingredients")
         return total.mean(), used
 
-    def greedy(self, members: list[Pulled], ev: Evaluator, desc: str):
-        bar = tqdm(total=len(members), desc=desc, unit="try", file=sys.stderr, disable=None, leave=False)
-
-        def evaluate(sd: dict) -> float:
-            bar.update(1)
-            return self.score(ev, ev.logits(sd, "val"))
-
-        by_id = {p.record.model_id: p for p in members}
-        ingredients = (Ingredient(p.record.model_id, p.score, sd) for p, sd in self._stream(members))
-        try:
-            result = greedy_soup(ingredients, evaluate, higher_is_better=higher_is_better(self.opts.metric),
-                                 tie_rule=self.opts.tie_rule, prefetch_depth=1,
-                                 on_skip=lambda s: self.pool.skip(by_id[s.name].record, s.reason))
-        finally:
-            bar.close()
-        return result
-
-    def finish(self, state_dict: dict, ev: Evaluator) -> Built:
+    def finish(self, state_dict: dict, ev: Evaluator) -> Soup:
         """Apply the BN option (decided on val) and compute the soup's val and test logits."""
         val = ev.logits(state_dict, "val")
         mode = "none" if not ev.has_bn else "average"
@@ -106,25 +90,7 @@ class SoupBuilder:
                                       higher_is_better(self.opts.metric))
             if mode == "recalibrate":
                 state_dict, val = recal, recal_val
-        return Built(state_dict, mode, {"val": val, "test": ev.logits(state_dict, "test")})
-
-
-# ---------------------------------------------------------------------------------------------- recipes
-# Each recipe: (builder, family, evaluator, the family's uniform soup) -> (soup, accepted model ids, greedy's
-# candidate val score per tried model id).
-
-def _uniform(builder: SoupBuilder, family: Family, ev: Evaluator, uniform: Built):
-    return uniform, {p.record.model_id for p in family.members}, {}
-
-
-def _greedy(builder: SoupBuilder, family: Family, ev: Evaluator, uniform: Built):
-    result = builder.greedy(family.members, ev, f"{family.name} greedy")
-    soup = builder.finish(result.state_dict, ev)
-    return soup, set(result.accepted), {s.name: s.candidate_score for s in result.steps}
-
-
-RECIPE_BUILDERS = {"uniform": _uniform, "greedy": _greedy}
-assert tuple(RECIPE_BUILDERS) == RECIPE_NAMES, "soups/options.RECIPE_NAMES lists the recipes built here"
+        return Soup(state_dict, mode, {"val": val, "test": ev.logits(state_dict, "test")})
 
 
 def cook_family(builder: SoupBuilder, family: Family):
@@ -137,7 +103,14 @@ def cook_family(builder: SoupBuilder, family: Family):
     uniform = builder.finish(uniform_sd, ev)
     del uniform_sd
     if "uniform" not in family.recipes:
-        uniform.state_dict = {}  # only its predictions are reported: keep memory flat during greedy
-    for recipe in family.recipes:
-        soup, accepted, tries = RECIPE_BUILDERS[recipe](builder, family, ev, uniform)
-        yield recipe, soup, uniform, accepted, tries
+        uniform.state_dict = {}  # only its predictions are reported: keep memory flat during the other recipes
+    inputs = recipes.RecipeInputs(
+        family=family.name, members=family.members, ingredients=builder.stream, evaluator=ev, anchor=None,
+        uniform=uniform, opts=builder.opts, finish=lambda sd: builder.finish(sd, ev),
+        skip=lambda p, reason: builder.pool.skip(p.record, reason))
+    for name in family.recipes:
+        recipe = recipes.get(name)
+        if recipe.needs_anchor and inputs.anchor is None:  # pull.families leaves these out (no anchor recorded yet)
+            raise SoupError(f"{family.name}: recipe {name} needs the shared init, which this family has not")
+        cooked = recipe.cook(inputs)
+        yield name, cooked.soup, uniform, cooked.accepted, cooked.tries

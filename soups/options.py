@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ich.errors import IchError
+from soups import recipes as recipe_registry
 from ich.metrics import metric_names
 
 SCOPES = ("within", "across", "all")
-RECIPE_NAMES = ("uniform", "greedy")  # soups/build.py's RECIPE_BUILDERS has one entry per name
-RECIPES = (*RECIPE_NAMES, "all")
 SCOPE_NAMES = ("within", "across")
 SPLITS = ("val", "test")
 TIE_RULES = ("accept", "strict")
@@ -113,6 +112,16 @@ def _choices(meta) -> tuple | None:
     return meta["choices"]() if callable(meta["choices"]) else meta["choices"]
 
 
+def recipe_choices() -> tuple[str, ...]:
+    """`--recipe`'s choices: the registered recipes (soups/recipes/, read when asked: a module registering one
+    later is seen), then all."""
+    return (*recipe_registry.names(), "all")
+
+
+def _choices(meta) -> tuple | None:
+    return meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+
+
 def _nonempty(value) -> str | None:
     return None if value else "must not be empty"
 
@@ -137,7 +146,8 @@ class SoupOptions:
     sweep: str | None = _option(None, "sweep name (default: that of the experiment's latest sweep run)")
     tracking_uri: str | None = _option(None, "default: MLFLOW_TRACKING_URI, or the project's local server", flag="")
     scope: str = _option("all", "within each trial, across trials, or all", choices=SCOPES, sweep=True)
-    recipe: str = _option("all", "uniform soups, greedy soups, or all", choices=RECIPES, sweep=True)
+    recipe: str = _option("all", "soup recipe (soups/recipes/; $ICH_RECIPES adds modules), or all",
+                          choices=recipe_choices, sweep=True)
     metric: str = _option("macro_f1", "val metric that ranks and selects (ingredients, greedy, champion)",
                           choices=metric_names, sweep=True)
     tie_rule: str = _option("accept", "greedy: accept ties (the paper's code) or strict improvement "
@@ -168,7 +178,7 @@ class SoupOptions:
 
     @property
     def recipes(self) -> list[str]:
-        return list(RECIPE_NAMES) if self.recipe == "all" else [self.recipe]
+        return recipe_registry.names() if self.recipe == "all" else [self.recipe]
 
     @property
     def scopes(self) -> list[str]:

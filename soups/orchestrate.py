@@ -37,7 +37,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from ich.data import load_dataset
-from soups.build import Built, SoupBuilder, cook_family
+from soups.build import Soup, SoupBuilder, cook_family
 from soups.champion import register_best
 from soups.common import json_safe, quiet_run_urls
 from soups.options import SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
@@ -46,7 +46,7 @@ from soups.pull import CheckpointPool, Family, families, read_sweep, usable_reco
 from soups.soup_record import Context, SoupEntry, log_soup, pool_text, report_soup
 
 
-def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str, soup: Built, uniform: Built,
+def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str, soup: Soup, uniform: Soup,
                  accepted: set[str], tries: dict[str, float], soups: list[SoupEntry],
                  val_logits: dict[str, np.ndarray]) -> None:
     """Report one built soup, log it to MLflow and keep its val predictions for the champion decision."""

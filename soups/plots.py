@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ich.metrics import metric_of_key  # noqa: E402
+from soups import recipes  # noqa: E402
 
 DPI = 110
 LEGEND_MAX = 10  # beyond this many curves a legend hides the plot: name the best few instead
@@ -120,8 +121,27 @@ def ingredient_curve(path: str | Path, rows: list[dict], *, metric: str, title: 
     return _save(fig, path)
 
 
-MARKERS = {"ingredient": ("o", "#7f7f7f"), "greedy": ("*", "#d62728"), "uniform": ("s", "#2ca02c"),
-           "soft_vote": ("D", "#1f77b4")}
+MARKERS = {"ingredient": ("o", "#7f7f7f"), "best_single": ("^", "#000000"), "soft_vote": ("D", "#1f77b4"),
+           "vote": ("D", "#1f77b4")}  # what is not a recipe's soup; each recipe brings its own (soups/recipes/)
+KIND_NAMES = {"ingredient": "ingredients", "best_single": "best single", "soft_vote": "soft voting",
+              "vote": "soft voting"}  # in legends; a recipe's points are "<recipe> soup"
+OTHER_STYLES = (("P", "#9467bd"), ("X", "#8c564b"), ("v", "#e377c2"), ("h", "#bcbd22"), ("p", "#17becf"))
+
+
+def recipe_style(name: str) -> tuple[str, str] | None:
+    """(marker, colour) of a registered recipe's soups: its own, else one generated from its place among the
+    recipes without one; None for a name no recipe registered."""
+    if name not in recipes.names():
+        return None
+    if (style := recipes.get(name).style) is not None:
+        return style
+    plain = [r for r in recipes.names() if recipes.get(r).style is None]
+    return OTHER_STYLES[plain.index(name) % len(OTHER_STYLES)]
+
+
+def marker_of(kind: str) -> tuple[str, str] | None:
+    """(marker, colour) of a point of this kind (ingredient, soft voting, a recipe's soup...), None if unknown."""
+    return MARKERS.get(kind) or recipe_style(kind)
 
 
 def plot_mds(path: Path, coords: np.ndarray, points: list[dict], title: str) -> Path | None:
@@ -130,12 +150,13 @@ def plot_mds(path: Path, coords: np.ndarray, points: list[dict], title: str) -> 
         return None
     coords = np.asarray(coords)
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=DPI)
-    for kind, (marker, color) in MARKERS.items():
+    for kind in dict.fromkeys(p["kind"] for p in points):  # the points' order: ingredients, soups, soft voting
+        if (known := marker_of(kind)) is None:
+            continue
+        marker, color = known
         idx = [i for i, p in enumerate(points) if p["kind"] == kind]
-        if idx:
-            ax.scatter(coords[idx, 0], coords[idx, 1], marker=marker, c=color, s=140 if marker == "*" else 60,
-                       label={"ingredient": "ingredients", "soft_vote": "soft voting"}.get(kind, f"{kind} soup"),
-                       edgecolors="black", linewidths=0.5, zorder=3)
+        ax.scatter(coords[idx, 0], coords[idx, 1], marker=marker, c=color, s=140 if marker == "*" else 60,
+                   label=KIND_NAMES.get(kind, f"{kind} soup"), edgecolors="black", linewidths=0.5, zorder=3)
     for (x, y), p in zip(coords, points):
         tag = p.get("tag") or (f"e{p['epoch']}" if p.get("epoch") is not None else "")  # which ingredient
         text = f"{100 * p['val_accuracy']:.2f}" + (f" ({tag})" if p["kind"] == "ingredient" and tag else "")
@@ -250,10 +271,6 @@ def plot_forest(path: str | Path, rows: list[dict], *, metric: str, title: str) 
 
 # ---------------------------------------------------------------------------------------------- val vs test
 
-VAL_TEST_STYLE = {"best_single": ("^", "#000000", "best single"), "uniform": ("s", "#2ca02c", "uniform soup"),
-                  "greedy": ("*", "#d62728", "greedy soup"), "soft_vote": ("D", "#1f77b4", "soft voting"),
-                  "vote": ("D", "#1f77b4", "soft voting")}
-OTHER_STYLES = (("P", "#9467bd"), ("X", "#8c564b"), ("v", "#e377c2"), ("h", "#bcbd22"), ("p", "#17becf"))
 ANNOTATE_MAX = 15  # marked points labelled one by one up to this many
 
 
@@ -272,13 +289,17 @@ def plot_val_test(path: str | Path, checkpoints: list[tuple[float, float]], mark
     others = {}
     for m in marked:
         kind = str(m.get("kind", "other"))
-        if kind not in VAL_TEST_STYLE and kind not in others:
+        if marker_of(kind) is None and kind not in others:
             others[kind] = OTHER_STYLES[len(others) % len(OTHER_STYLES)]
     # few marked points: each numbered on the plot and named in the legend (labels beside clustered points
     # overlap); many: one legend entry per kind
     one_by_one = len(marked) <= ANNOTATE_MAX
     for kind in dict.fromkeys(str(m.get("kind", "other")) for m in marked):
-        marker, color, name = VAL_TEST_STYLE.get(kind, (*others.get(kind, ("o", "#7f7f7f")), kind.replace("_", " ")))
+        if (known := marker_of(kind)) is not None:
+            marker, color = known
+            name = KIND_NAMES.get(kind, f"{kind} soup")
+        else:
+            (marker, color), name = others.get(kind, ("o", "#7f7f7f")), kind.replace("_", " ")
         group = [(i, m) for i, m in enumerate(marked, 1) if str(m.get("kind", "other")) == kind]
         style = dict(marker=marker, c=color, s=180 if marker == "*" else 60, edgecolors="black", linewidths=0.6,
                      zorder=4)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, load_weights
 from soups import pool as ingredient_pool
-from soups import registry
+from soups import recipes, registry
 from soups.common import best_first, find_experiment
 from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
@@ -200,7 +200,7 @@ class Family:
     name: str  # e.g. "within-<trial>", "across-best", "across-all"
     group: str
     members: list[Pulled]
-    recipes: list[str]
+    recipes: list[str]  # registered recipe names (soups/recipes/)
     trial: str | None = None
     pool: str = "all"  # the ingredient pool's rule (soups/pool.label): "all", "top_k:8", "cycle_end"
     family_size: int | None = None  # checkpoints (across-best: trials) the rule chose from; None: len(members)
@@ -240,6 +240,12 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
     """Yield the families to soup, within first (so later trials keep downloading meanwhile), then across.
     The ingredient pool (opts.ingredients, soups/pool.py) chooses each family's members among the usable ones."""
     rule = ingredient_pool.label(opts.ingredients, opts.k)
+    cookable = [r for r in opts.recipes if not recipes.get(r).needs_anchor]
+    notes.extend(f"recipe {r} needs the sweep's shared init (the anchor), which sweeps do not record yet: no {r} soup"
+                 for r in opts.recipes if r not in cookable)
+    if not cookable:
+        return
+    every_checkpoint = [r for r in cookable if recipes.get(r).every_checkpoint]  # the recipes that choose
     trials: OrderedDict[str, list[registry.CheckpointRecord]] = OrderedDict()
     for record, _ in records:
         trials.setdefault(record.trial, []).append(record)
@@ -262,7 +268,7 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
                     notes.append(f"trial {trial}: pool {rule} holds {len(members)} of its {len(usable)} usable "
                                  f"checkpoint(s){epochs}, no within-trial soup")
                 continue
-            yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, opts.recipes, trial,
+            yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, cookable, trial,
                          pool=rule, family_size=len(usable))
     if "across" in opts.scopes:
         groups: OrderedDict[tuple, list[Pulled]] = OrderedDict()
@@ -283,9 +289,9 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
                 notes.append(f"group {group}: checkpoints of {len(best_per_trial)} trial(s)"
                              f"{'' if rule == 'all' else f' in pool {rule}'}, no across-run soup")
                 continue
-            yield Family("across", f"across-best{suffix}", group, best_per_trial, opts.recipes, pool=rule,
+            yield Family("across", f"across-best{suffix}", group, best_per_trial, cookable, pool=rule,
                          family_size=n_trials)
-            if "greedy" in opts.recipes:
+            if every_checkpoint:
                 every = pulled_best_first(chosen.every, opts.metric)
-                yield Family("across", f"across-all{suffix}", group, every, ["greedy"], pool=rule,
+                yield Family("across", f"across-all{suffix}", group, every, every_checkpoint, pool=rule,
                              family_size=len(members))

@@ -21,10 +21,10 @@ Three phases, so the math is testable without a server:
   3. render: one Markdown and one HTML renderer over the same sections; then the report run in MLflow.
 What it writes (to DIR, and as artifacts of a report run: ich.kind=report, child of the latest sweep run):
   results.md/.json        the paper's table: the best of each baseline family first, then one block per CoAtNet
-                          architecture (by name): its best single checkpoint, its best uniform and best greedy soup
-                          (the best single's trial's within-trajectory soups and the across-run soups compete, by
-                          val; the label says which, and the soup's ingredient pool when it records one), soft voting
-                          of each soup's ingredients; accuracy, macro P/R/F1, 95% bootstrap intervals, paired
+                          architecture (by name): its best single checkpoint, its best soup of each registered
+                          recipe (soups/recipes/: uniform, greedy...; the best single's trial's within-trajectory
+                          soups and the across-run soups compete, by val; the label says which, and the soup's
+                          ingredient pool when it records one), soft voting of each soup's ingredients; accuracy, macro P/R/F1, 95% bootstrap intervals, paired
                           difference vs the block's best single and McNemar's exact p
   forest.png              every soup's and soft voting's Δ accuracy vs its block's best single, paired 95% interval
   val_test.png            val vs test accuracy of every checkpoint of the focus architecture (grey), its best single,
@@ -32,8 +32,8 @@ What it writes (to DIR, and as artifacts of a report run: ich.kind=report, child
   learning_curves.png     val metric per epoch of every trial of the sweep run (ASHA stops marked) and the soup
                           so far after each finished trial
   optuna_history.png, optuna_importances.png   the sweep's Optuna study (when its storage is reachable)
-  ce_distance.json/.csv   pairwise cross-entropy distances on val: the best soup's recorded ingredients, the greedy
-                          and uniform soups of its block, soft voting of those ingredients (the paper's figure)
+  ce_distance.json/.csv   pairwise cross-entropy distances on val: the best soup's recorded ingredients, the soups
+                          of its block (greedy, uniform, ...), soft voting of those ingredients (the paper's figure)
   mds.png                 their metric-MDS embedding, each point labelled with its val accuracy
   bias_variance.md/.json/.png   CE (Yang et al.) and 0-1 (Domingos) decompositions: within one trajectory (the
                           checkpoints the soup trial's uniform soup averaged, beside its soups) and, with 2 or more
@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from ich.data import ICHDataset, load_dataset
 from ich.metrics import METRICS, classification_metrics, confusion_matrix, metric_names, per_class_prf
-from soups import provenance, registry
+from soups import provenance, recipes, registry
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, softmax
 from soups.champion import ALIAS
 from soups.common import json_safe, soft_vote_logits
@@ -201,7 +201,7 @@ class Selection:
     ingredients: dict[str, list[Candidate]]  # soup model id -> its recorded ingredients (soft voting, MDS)
     focus: Block  # the block of the best soup by val (else of the best single): val vs test, MDS, bias-variance
     mds_soup: Candidate | None  # the best soup by val with usable ingredients: the MDS shows its ingredients
-    bias_variance: list[dict]  # focus architecture, per souped trial: {"trial", "single", "uniform", "greedy"}
+    bias_variance: list[dict]  # focus architecture, per souped trial: {"trial", "single", <recipe>: its soup...}
 
 
 def _block(arch: str, checkpoints: list[Candidate], soups: list[Candidate], metric: str, notes: list[str]) -> Block:
@@ -217,7 +217,7 @@ def _block(arch: str, checkpoints: list[Candidate], soups: list[Candidate], metr
                      f"within soups are those of trial {soup_trial}, the best trial that has one")
     mine = [s for s in within if s.record.trial == soup_trial]
     block = Block(arch, best, {}, soup_trial if mine else None, pool=pool)
-    for recipe in ("uniform", "greedy"):
+    for recipe in recipes.names():
         if (w := _best([s for s in mine if s.recipe == recipe], metric)) is not None:
             block.within[recipe] = w
         competing = [s for s in mine if s.recipe == recipe] + [s for s in soups if s.scope == "across"
@@ -255,12 +255,13 @@ def select(checkpoints: list[Candidate], soups: list[Candidate], metric: str, in
 
     spread = []
     within = [s for s in soups if s.scope == "within" and s.record.architecture == arch]
+    souped = [r for r in recipes.names() if any(s.recipe == r for s in within)]  # the recipes this sweep cooked
     for trial in sorted({s.record.trial for s in within}):
         mine = [s for s in within if s.record.trial == trial]
-        uniform, greedy = (_best([s for s in mine if s.recipe == r], metric) for r in ("uniform", "greedy"))
+        by_recipe = {r: _best([s for s in mine if s.recipe == r], metric) for r in souped}
         single = _best([c for c in focus.pool if c.record.trial == trial], metric)
-        if uniform and greedy and single:
-            spread.append({"trial": trial, "single": single, "uniform": uniform, "greedy": greedy})
+        if souped and all(by_recipe.values()) and single:
+            spread.append({"trial": trial, "single": single, **by_recipe})
     return Selection(best, baselines, blocks, ingredients, focus, mds_soup, spread)
 
 
@@ -563,7 +564,7 @@ def mds_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dict | N
         tag = f"e{c.record.epoch}" if one_trial else f"{short[c.record.trial]} e{c.record.epoch}"
         add(name, "ingredient", preds.logits(c.id, "val"), model_id=c.id, trial=c.record.trial, epoch=c.record.epoch,
             tag=tag)
-    for recipe in ("greedy", "uniform"):
+    for recipe in reversed(recipes.names()):  # the figure's order: greedy before uniform
         if (s := block.soups.get(recipe)) is not None:
             add(f"{recipe} soup", recipe, preds.logits(s.id, "val"), model_id=s.id, scope=s.scope, soup=s.record.name)
     add("soft voting", "soft_vote", _vote_logits(preds, members, "val"), ingredients=[c.id for c in members])
@@ -606,8 +607,8 @@ def bias_variance_section(sel: Selection, preds: Predictions, split: str, out: P
     groups, text = [], []
     trials = [t["trial"] for t in sel.bias_variance] if len(sel.bias_variance) >= 2 else []  # those of the study
     if trials:
-        for key, label in (("single", "best single per trial"), ("uniform", "uniform soup per trial"),
-                           ("greedy", "greedy soup per trial")):
+        for key in (k for k in sel.bias_variance[0] if k != "trial"):  # single, then the recipes' soups
+            label = "best single per trial" if key == "single" else f"{key} soup per trial"
             groups.append(_decomposition(key, label, "across_trials", [t[key] for t in sel.bias_variance], preds, split))
         text.append(f"Across {len(trials)} trials: their best single checkpoints vs their within-trajectory soups.")
     block = sel.focus
@@ -681,7 +682,7 @@ def needed_models(sel: Selection, champ: Candidate) -> list[Candidate]:
     return [*sel.baselines.values(), champ, *sel.focus.pool,
             *(c for b in sel.blocks for c in (b.best, *b.soups.values(), *b.within.values())),
             *(c for members in sel.ingredients.values() for c in members),
-            *(t[k] for t in sel.bias_variance for k in ("single", "uniform", "greedy"))]
+            *(c for t in sel.bias_variance for k, c in t.items() if k != "trial")]
 
 
 def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str = "test", metric: str = "macro_f1",

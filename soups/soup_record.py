@@ -21,7 +21,7 @@ from ich.checkpoint import CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.metrics import metric_names
 from soups import provenance, registry
-from soups.build import Built, SoupBuilder
+from soups.build import Soup, SoupBuilder
 from soups.common import json_safe, soft_vote_logits
 from soups.evaluate import Evaluator
 from soups.options import SoupOptions
@@ -75,8 +75,8 @@ def _paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, opts: SoupOptions, k: i
     return paired_comparison(y, a, b, n_resamples=opts.n_resamples, alpha=CI_ALPHA, seed=SEED, num_classes=k)
 
 
-def report_soup(*, name: str, family: Family, recipe: str, soup: Built, members: list[Pulled], ev: Evaluator,
-                builder: SoupBuilder, uniform: Built, accepted: set[str], tries: dict[str, float]) -> SoupEntry:
+def report_soup(*, name: str, family: Family, recipe: str, soup: Soup, members: list[Pulled], ev: Evaluator,
+                builder: SoupBuilder, uniform: Soup, accepted: set[str], tries: dict[str, float]) -> SoupEntry:
     """The soup's summary entry: figures of the soup, best single, uniform and soft voting on val and test."""
     opts, k = builder.opts, builder.dataset.num_classes
     best = members[0]
@@ -175,7 +175,7 @@ class Context:
     tmp: Path
 
 
-def log_soup(ctx: Context, entry: SoupEntry, soup: Built, ref: Pulled) -> None:
+def log_soup(ctx: Context, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     """The soup's run (child of the sweep run) with metrics, artifacts and its weights as a LoggedModel."""
     client, opts = ctx.client, ctx.opts
     tags = {registry.TAG_KIND: registry.KIND_SOUP, registry.TAG_SWEEP: ctx.sweep, TAG_SOUP_RECIPE: entry.recipe,

@@ -336,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         from soups.options import version_line
         print(version_line())
         return 0
-    args = build_parser().parse_args(argv)
-    from ich.errors import run_cli
+    from ich.errors import exit_on_user_error, run_cli
+    with exit_on_user_error("ich"):  # e.g. a module named in ICH_RECIPES (soups/recipes/) that cannot be imported
+        parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return run_cli(f"ich {args.command}", lambda: args.func(args))  # bad input: one line, exit 2
     except KeyboardInterrupt:

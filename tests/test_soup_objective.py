@@ -15,7 +15,7 @@ from ich.checkpoint import CheckpointError, load_checkpoint
 from ich.data import load_dataset
 from ich.errors import ConfigError
 from soups import registry
-from soups.average import RunningSum, uniform_soup
+from soups.average import RunningSum
 from soups.evaluate import EvalSpec, Evaluator
 from soups.parallel import state_dict_sha256
 from sweeps.config import SweepConfig, load_config
@@ -28,6 +28,14 @@ def _sd(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g).half(),
             "n": torch.tensor(seed, dtype=torch.int64)}
+
+
+def _uniform(sds) -> dict[str, torch.Tensor]:
+    """The post-hoc uniform soup's math (soups/build.SoupBuilder.uniform): a RunningSum of the state dicts."""
+    total = RunningSum()
+    for sd in sds:
+        total.add(sd)
+    return total.mean()
 
 
 def test_running_sum_restored_goes_on_bitwise():
@@ -56,7 +64,7 @@ def test_trajectory_soup_saved_and_loaded(tmp_path):
     soup.save(tmp_path)
     again = TrajectorySoup(FakeTrainer())
     assert again.load(tmp_path) and again.epochs == [1, 2]
-    expected = uniform_soup([_sd(0), _sd(1)])
+    expected = _uniform([_sd(0), _sd(1)])
     assert all(torch.equal(again.state_dict()[k], expected[k]) for k in expected)
     assert not TrajectorySoup(FakeTrainer()).load(tmp_path / "none")
     (tmp_path / "soup_sum.json").write_text("{}")
@@ -147,7 +155,7 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
         weights_of[row["trial"]] = [w for w, _ in weights]
         ev = Evaluator(load_dataset(digits_dataset), EvalSpec.of(weights[0][1]), device="cpu")
         for n, m in enumerate(history, start=1):
-            score = ev.score(ev.logits(uniform_soup([w for w, _ in weights[:n]]), "val"), "val", "macro_f1")
+            score = ev.score(ev.logits(_uniform([w for w, _ in weights[:n]]), "val"), "val", "macro_f1")
             assert math.isclose(score, m.value, abs_tol=1e-9), (row["trial"], n, score, m.value)
 
     # The plant held: the trials ran in the grid's order, one after the other (every report of the winner came

@@ -17,10 +17,9 @@ from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.errors import ConfigError
 from soups import pull
 from soups.analysis import soft_vote
-from soups.build import RECIPE_BUILDERS
 from soups.common import NO_URLS, best_first, json_safe, quiet_run_urls, soft_vote_logits
 from soups.evaluate import EvalSpec
-from soups.options import RECIPE_NAMES, SoupError, SoupOptions, add_soup_args, option_problem
+from soups.options import SoupError, SoupOptions, add_soup_args, option_problem
 from soups.registry import CheckpointRecord
 from soups.soup_record import SoupEntry
 
@@ -89,10 +88,12 @@ def test_sweep_config_soups_block_is_derived_from_the_options(tmp_path):
         load_config(bad)
 
 
-def test_recipes_are_one_table():
-    assert tuple(RECIPE_BUILDERS) == RECIPE_NAMES
-    assert SoupOptions(experiment="e").recipes == list(RECIPE_NAMES)
+def test_recipes_are_one_registry():
+    from soups import recipes
+    assert recipes.names()[:2] == ["uniform", "greedy"]  # built-ins first, in the table's order
+    assert SoupOptions(experiment="e").recipes == recipes.names()
     assert SoupOptions(experiment="e", recipe="greedy").recipes == ["greedy"]
+    assert option_problem("recipe", "soup_of_the_day") == f"must be one of {', '.join(recipes.names())}, all"
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ich.checkpoint import CheckpointError, CheckpointMeta
-from soups.average import (Ingredient, RunningSum, greedy_soup, improves, prefetch, uniform_soup,
-                           uniform_soup_result)
+from soups.average import Ingredient, RunningSum, greedy_soup, improves, prefetch
 from soups.bn import choose_bn_mode, has_batchnorm, recalibrate_bn
 from soups.compat import IncompatibleCheckpoint, check_compatible, check_state_dicts_match, group_key
 
@@ -39,6 +38,14 @@ def large_state_dict(seed: int) -> dict:
             "bn.num_batches_tracked": torch.tensor(7 + seed, dtype=torch.int64)}
 
 
+def running_mean(sds, threads: int | None = None) -> dict:
+    """The streaming uniform soup's sum (soups/build.SoupBuilder.uniform): RunningSum over the ingredients."""
+    total = RunningSum(threads)
+    for sd in sds:
+        total.add(sd)
+    return total.mean()
+
+
 def reference_mean(sds: list[dict], extra: dict | None = None) -> dict:
     """Today's soup, written out plainly: float64 sum in ingredient order, divided once, rounded once."""
     every = sds + ([extra] if extra is not None else [])
@@ -66,7 +73,7 @@ def test_soups_are_bitwise_equal_for_any_number_of_accumulation_threads():
     sds = [large_state_dict(i) for i in range(5)]
     expected = reference_mean(sds)
     for threads in (1, 2, 3, 4):
-        assert_bitwise(uniform_soup(sds, threads=threads), expected)
+        assert_bitwise(running_mean(sds, threads=threads), expected)
         rs = RunningSum(threads=threads)
         for sd in sds[:4]:
             rs.add(sd)
@@ -83,7 +90,7 @@ def test_soups_are_bitwise_equal_for_any_number_of_accumulation_threads():
 
 def test_uniform_soup_is_float64_mean_and_keeps_int_buffers():
     sds = [random_state_dict(s) for s in range(5)]
-    soup = uniform_soup(iter(sds))
+    soup = running_mean(iter(sds))
     for k, v in soup.items():
         assert v.dtype == sds[0][k].dtype, k
         if v.is_floating_point():
@@ -96,7 +103,7 @@ def test_uniform_soup_is_float64_mean_and_keeps_int_buffers():
 def test_uniform_soup_does_not_alias_or_modify_inputs():
     sds = [random_state_dict(s) for s in range(3)]
     before = {k: v.clone() for k, v in sds[0].items()}
-    soup = uniform_soup(sds, prefetch_depth=0)
+    soup = running_mean(sds)
     soup["bn.num_batches_tracked"] += 1
     for k in before:
         assert torch.equal(sds[0][k], before[k]), k
@@ -129,7 +136,7 @@ def test_mismatched_keys_and_shapes_refused_naming_the_key():
     sd = random_state_dict(1)
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(IncompatibleCheckpoint, match="has key 'extra.weight'"):
-        uniform_soup([random_state_dict(0), sd])
+        running_mean([random_state_dict(0), sd])
 
 
 def test_nan_ingredient_skipped_with_warning():
@@ -138,14 +145,9 @@ def test_nan_ingredient_skipped_with_warning():
     ings = [Ingredient("e1", 0.9, random_state_dict(0)), Ingredient("e2", 0.8, bad),
             Ingredient("e3", 0.7, random_state_dict(2))]
     with pytest.warns(RuntimeWarning, match="e2: tensor conv.weight holds NaN/Inf"):
-        res = uniform_soup_result(ings)
-    assert res.used == ["e1", "e3"]
-    assert [s.name for s in res.skipped] == ["e2"]
-    assert torch.isfinite(res.state_dict["conv.weight"]).all()
-
-    with pytest.warns(RuntimeWarning, match="e2"):
         g = greedy_soup(ings, lambda sd: 1.0)
     assert g.accepted == ["e1", "e3"] and [s.name for s in g.skipped] == ["e2"]
+    assert torch.isfinite(g.state_dict["conv.weight"]).all()
 
 
 def test_all_ingredients_unusable_is_a_clear_error():
@@ -153,7 +155,7 @@ def test_all_ingredients_unusable_is_a_clear_error():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no usable ingredients"):
-            uniform_soup_result([Ingredient("only", 1.0, bad)])
+            greedy_soup([Ingredient("only", 1.0, bad)], lambda sd: 1.0)
 
 
 # ---------------------------------------------------------------- greedy
