@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ich.errors import IchError
-from soups import recipes as recipe_registry
 from ich.metrics import metric_names
+from soups import recipes as recipe_registry
 
 SCOPES = ("within", "across", "all")
 SCOPE_NAMES = ("within", "across")
@@ -106,10 +106,6 @@ def _option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | Cal
     function that gives it when asked)."""
     meta = {"help": help, "choices": choices, "flag": flag, "sweep": sweep, "check": check, "metavar": metavar}
     return field(default=default, metadata=meta)
-
-
-def _choices(meta) -> tuple | None:
-    return meta["choices"]() if callable(meta["choices"]) else meta["choices"]
 
 
 def recipe_choices() -> tuple[str, ...]:

@@ -24,8 +24,9 @@ What it writes (to DIR, and as artifacts of a report run: ich.kind=report, child
                           architecture (by name): its best single checkpoint, its best soup of each registered
                           recipe (soups/recipes/: uniform, greedy...; the best single's trial's within-trajectory
                           soups and the across-run soups compete, by val; the label says which, and the soup's
-                          ingredient pool when it records one), soft voting of each soup's ingredients; accuracy, macro P/R/F1, 95% bootstrap intervals, paired
-                          difference vs the block's best single and McNemar's exact p
+                          ingredient pool when it records one), soft voting of each soup's ingredients; accuracy,
+                          macro P/R/F1, 95% bootstrap intervals, paired difference vs the block's best single and
+                          McNemar's exact p
   forest.png              every soup's and soft voting's Δ accuracy vs its block's best single, paired 95% interval
   val_test.png            val vs test accuracy of every checkpoint of the focus architecture (grey), its best single,
                           soups and soft voting marked (the model-soups paper's Fig. 1)
