@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ich.errors import ConfigError
 from ich.ingest import IngestError, load_manifest
 from ich.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, transform
+from ich.train_config import augment_problem
 SPLITS = ("train", "val", "test")
 
 
@@ -115,23 +116,6 @@ class AugmentConfig:
         if problem := augment_problem(self.rand_augment_n, self.rand_augment_magnitude, self.rand_augment_bins,
                                       self.color_jitter, self.color_jitter_hue):
             raise ConfigError(problem)
-
-
-def augment_problem(n, magnitude, bins, color_jitter, hue) -> str | None:
-    """What is wrong with these augmentation options, starting with the option's name; None when all are in scale.
-    Out-of-scale values are refused, never clamped: every factor they give stays >= 0."""
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
-        return f"rand_augment_bins must be a whole number >= 2 (torchvision's num_magnitude_bins), not {bins!r}"
-    if not 0 <= magnitude <= bins - 1:  # NaN fails too
-        return (f"rand_augment_magnitude must be within [0, {bins - 1}] (torchvision's RandAugment scale: bin 0.."
-                f"rand_augment_bins-1 with rand_augment_bins {bins}), not {magnitude!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        return f"rand_augment_n must be a whole number >= 0 (ops per image), not {n!r}"
-    if not 0 <= color_jitter < 1:
-        return f"color_jitter must be within [0, 1) (factors 1 ± color_jitter stay >= 0), not {color_jitter!r}"
-    if not 0 <= hue <= 0.5:
-        return f"color_jitter_hue must be within [0, 0.5] (torchvision's ColorJitter hue), not {hue!r}"
-    return None
 
 
 # RandAugment on torchvision's scale (torchvision.transforms.RandAugment: op set, order and maxima): every op's

@@ -9,7 +9,7 @@ Output (built in a temp dir beside `out`, then renamed into place, so a failed r
                                        width, label, split, path (relative to src), sha256 (source file)
     out/manifest.json                  classes, counts, shards, skipped files with reasons, fingerprint
 
-Every file is decoded once, in worker processes: sha256 of its bytes, PIL decode with EXIF orientation,
+Every file is decoded once, in worker processes (ich/decode.py, the decoder sandbox): sha256 of its bytes, PIL decode with EXIF orientation,
 conversion to RGB from any mode, resize of the shorter side to `size`, center crop. Files that fail
 are skipped with a reason instead of failing the run; identical files are deduplicated before splitting
 so no image lands in two splits.
@@ -19,7 +19,7 @@ skipped unread ("too large"); images above PIL's MAX_IMAGE_PIXELS are refused fr
 DecompressionBombWarning is an error: "decompression bomb"); images whose long side is more than
 `max_aspect` (default 10) times the short side are refused from their header ("extreme aspect ratio":
 the center crop would keep under a tenth of the picture). The resize itself only ever computes the
-center square it keeps (`_resize_crop`), so even an unrefused 100000x1 image costs size^2 pixels, not
+center square it keeps (`ich.decode.resize_crop`), so even an unrefused 100000x1 image costs size^2 pixels, not
 the ~24 GiB a resize of the whole strip would ask for. A decoder process that dies (a segfault in a
 codec, the OOM killer) or hangs past `decode_timeout` fails the ingest in one line naming the file it
 was decoding; nothing is written and an existing output folder is left as it was.
@@ -30,33 +30,25 @@ the same options give the same fingerprint, wherever they are written.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
-import io
 import json
-import multiprocessing
 import os
 import random
 import shutil
-import signal
 import stat
 import sys
 import tempfile
-import time
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from multiprocessing import connection as mp_connection
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from ich.decode import DECODE_TIMEOUT, MAX_ASPECT, MAX_FILE_BYTES, DecoderFailed, decode_all
 from ich.errors import IchError
 
 FORMAT_VERSION = 1
@@ -66,10 +58,6 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 MANIFEST = "manifest.json"
 SKIP_REASONS = ("zero bytes", "not an image", "truncated", "corrupt", "decompression bomb", "outside source",
                 "duplicate", "conflicting labels", "unreadable", "too large", "extreme aspect ratio")
-MAX_FILE_BYTES = 50 * 2**20  # default cap on one source file; a 50 MP JPEG is ~25 MB
-MAX_ASPECT = 10.0  # default cap on long side / short side
-DECODE_TIMEOUT = 300.0  # seconds one file may take in a decoder before the ingest fails naming it
-FULL_RESIZE_LIMIT = 16  # _resize_crop resizes the whole image only up to this many size x size squares
 SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("height", pa.int32()),
@@ -93,258 +81,6 @@ class Candidate:
     cls: str  # NFC class name
     rel: str  # posix path relative to src, as on disk
     abspath: str
-
-
-@dataclass
-class Decoded:
-    sha256: str | None
-    reason: str | None  # None when the file decoded fine
-    pixels: bytes | None
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding one file (runs in the worker processes)
-
-def _init_worker() -> None:
-    # Truncated files must fail, and images above MAX_IMAGE_PIXELS must be refused at open, before
-    # their pixels are allocated.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; transparency is composited onto white, 16-bit is scaled."""
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        a = np.asarray(im).astype(np.float64)
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if mode.startswith("I;16"):
-            a = a / 257.0  # 0..65535 -> 0..255
-        elif mode == "I" and hi > 255:
-            # 32-bit int: usually 16-bit data widened by the decoder; else scale by the actual range
-            a = a / 257.0 if lo >= 0 and hi <= 65535 else (a - lo) / max(hi - lo, 1e-12) * 255.0
-        elif mode == "F":
-            if lo >= 0 and hi <= 1.0:
-                a = a * 255.0
-            elif lo < 0 or hi > 255:
-                a = (a - lo) / max(hi - lo, 1e-12) * 255.0
-        grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if mode == "P" and "transparency" in im.info or mode in ("LA", "La", "PA", "RGBA", "RGBa"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-
-
-def _resize_crop(im: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size` (bicubic), then the center size x size square.
-
-    Up to FULL_RESIZE_LIMIT squares the whole image is resized, then cropped (how every dataset so far was
-    made; kept bit for bit). Beyond, only the source region under the kept square is resampled (PIL's
-    `box`), so a 100000x1 strip costs size^2 output pixels instead of a ~24 GiB intermediate."""
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    left, top = (nw - size) // 2, (nh - size) // 2
-    if (nw, nh) == (w, h):
-        return im.crop((left, top, left + size, top + size))
-    if nw * nh <= FULL_RESIZE_LIMIT * size * size:
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return im.crop((left, top, left + size, top + size))
-    sx, sy = w / nw, h / nh
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-
-
-def aspect_problem(width: int, height: int, max_aspect: float | None = MAX_ASPECT) -> str | None:
-    """"extreme aspect ratio" when the long side exceeds max_aspect times the short side (None: no limit)."""
-    if max_aspect is None:
-        return None
-    if min(width, height) < 1 or max(width, height) > max_aspect * min(width, height):
-        return "extreme aspect ratio"
-    return None
-
-
-def _fault_injected(abspath: str) -> None:
-    """Test hook, like ICH_FAULT_ONCE_AT_EPOCH: ICH_FAULT_DECODER="SIGSEGV:name.png" makes the decoder
-    process that opens a file of that name send itself the signal (SIGSEGV, SIGKILL as the OOM killer
-    does, SIGSTOP to hang)."""
-    spec = os.environ.get("ICH_FAULT_DECODER")
-    if spec and ":" in spec:
-        sig, name = spec.split(":", 1)
-        if os.path.basename(abspath) == name and multiprocessing.parent_process() is not None:
-            os.kill(os.getpid(), getattr(signal, sig))
-
-
-def _decode_file(abspath: str, size: int, max_bytes: int = MAX_FILE_BYTES,
-                 max_aspect: float | None = MAX_ASPECT) -> Decoded:
-    _fault_injected(abspath)
-    try:
-        if os.stat(abspath).st_size > max_bytes:
-            return Decoded(None, "too large", None)  # never read
-        with open(abspath, "rb") as f:
-            data = f.read(max_bytes + 1)  # never more than the cap, even if the file grew since it was listed
-    except OSError:
-        return Decoded(None, "unreadable", None)
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) > max_bytes:
-        return Decoded(None, "too large", None)
-    if not data:
-        return Decoded(digest, "zero bytes", None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # reads the header only; the bomb check happens here
-            if aspect_problem(*im.size, max_aspect):
-                return Decoded(digest, "extreme aspect ratio", None)
-            if im.format == "JPEG":
-                im.draft(None, (size, size))  # DCT-domain downscale; both sides stay >= size
-            im.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Decoded(digest, "decompression bomb", None)
-    except UnidentifiedImageError:
-        return Decoded(digest, "not an image", None)
-    except (EOFError, OSError, SyntaxError, ValueError) as e:
-        return Decoded(digest, "truncated" if isinstance(e, EOFError) or "truncated" in str(e) else "corrupt", None)
-    except Exception:
-        return Decoded(digest, "corrupt", None)
-    try:
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:
-            pass  # unreadable EXIF: keep the pixels as stored rather than lose the image
-        im = _resize_crop(_to_rgb(im), size)
-        return Decoded(digest, None, im.tobytes())
-    except Exception:
-        return Decoded(digest, "corrupt", None)
-
-
-def _decoder_main(conn, parent_ends, scratch_path: str, nbytes: int) -> None:
-    """A decoder process: decode the (index, (abspath, size, max_bytes, max_aspect)) tasks sent on `conn` in the
-    order sent, until None or the parent goes away. Pixels go straight into the scratch file at index * nbytes
-    (pwrite: no copy through the pipe); only (index, Decoded without pixels) comes back."""
-    for end in parent_ends:  # inherited copies of the parent's ends: without closing them, a decoder would
-        end.close()          # never see EOF (and exit) if the ingest process were killed
-    _init_worker()
-    fd = os.open(scratch_path, os.O_WRONLY)
-    try:
-        while True:
-            try:
-                task = conn.recv()
-                if task is None:
-                    return
-                i, args = task
-                d = _decode_file(*args)
-                if d.pixels is not None:
-                    view = memoryview(d.pixels)
-                    done = 0
-                    while done < len(view):  # pwrite may write less than asked
-                        done += os.pwrite(fd, view[done:], i * nbytes + done)
-                conn.send((i, Decoded(d.sha256, d.reason, None)))
-            except (EOFError, OSError):
-                return
-    finally:
-        os.close(fd)
-
-
-def _how_it_ended(proc) -> str:
-    code = proc.exitcode
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
-    return f"exit code {code}"
-
-
-QUEUE_DEPTH = 4  # tasks queued per decoder: it never waits for the parent between files
-
-
-def _decode_all(tasks: list[tuple], workers: int, timeout: float, name_of, scratch_path, nbytes: int):
-    """Yield (index, Decoded) for every task, decoded in `workers` processes, in completion order. The pixels of
-    task i (Decoded.reason None) are in the scratch file (which must exist) at i * nbytes; Decoded.pixels is None.
-
-    Each decoder has up to QUEUE_DEPTH tasks queued and works through them in the order sent, so when one dies
-    (a codec segfault, the OOM killer) or spends over `timeout` seconds on one file, the file it was decoding is
-    the oldest of its unanswered tasks: IngestError names it (`name_of(index)`), and every decoder is stopped.
-    A plain Pool would wait forever for that result."""
-    ctx = multiprocessing.get_context()
-    procs, conns = [], []
-    queued: list[collections.deque] = []  # per decoder: task indices sent and not answered, oldest first
-    head_since: list[float] = []  # per decoder: when its oldest unanswered task became the one it works on
-    try:
-        for _ in range(min(workers, len(tasks))):
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_decoder_main, args=(child_end, [*conns, parent_end], str(scratch_path), nbytes),
-                               daemon=True)
-            proc.start()
-            child_end.close()
-            procs.append(proc)
-            conns.append(parent_end)
-            queued.append(collections.deque())
-            head_since.append(time.monotonic())
-        todo = iter(range(len(tasks)))
-
-        def feed(w: int) -> None:
-            while len(queued[w]) < QUEUE_DEPTH:
-                i = next(todo, None)
-                if i is None:
-                    return
-                if not queued[w]:
-                    head_since[w] = time.monotonic()
-                conns[w].send((i, tasks[i]))
-                queued[w].append(i)
-
-        for w in range(len(procs)):
-            feed(w)
-        while any(queued):
-            busy = [w for w in range(len(procs)) if queued[w]]
-            waiting = [conns[w] for w in busy] + [procs[w].sentinel for w in busy]
-            deadline = min(head_since[w] for w in busy) + timeout
-            ready = set(mp_connection.wait(waiting, timeout=max(0.0, deadline - time.monotonic())))
-            for w in busy:
-                dead = procs[w].sentinel in ready
-                try:
-                    while queued[w] and conns[w].poll():  # every answer already there, also from one that died since
-                        i, result = conns[w].recv()
-                        if i != queued[w][0] or not isinstance(result, Decoded):
-                            raise EOFError  # cannot happen with a sane decoder; treat it as a dead one
-                        queued[w].popleft()
-                        head_since[w] = time.monotonic()
-                        yield i, result
-                        feed(w)
-                except (EOFError, OSError):
-                    dead = True  # closed its end without an answer
-                if not queued[w]:
-                    continue
-                i = queued[w][0]
-                if dead or not procs[w].is_alive():
-                    procs[w].join(5)
-                    raise IngestError(f"{name_of(i)}: the image decoder process died while decoding this file "
-                                      f"({_how_it_ended(procs[w])}); nothing was written")
-                if time.monotonic() - head_since[w] > timeout:
-                    raise IngestError(f"{name_of(i)}: decoding this file took over {timeout:g} s (decode_timeout); "
-                                      f"decoder stopped, nothing was written")
-    finally:
-        for w, (proc, conn) in enumerate(zip(procs, conns)):
-            if queued[w]:
-                proc.kill()  # failing (or abandoned): a decoder still on a file, maybe hung, goes now
-                continue
-            try:
-                conn.send(None)
-            except (OSError, ValueError):
-                pass
-        for proc in procs:
-            proc.join(2)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in conns:
-            conn.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,16 +362,19 @@ def ingest(src, out, *, size: int = 256, val_frac: float = 0.1, test_frac: float
         # Always in separate processes (also with workers=1): a decoder that crashes must not take the
         # ingest down with it, only fail it with the file's name.
         tasks = [(c.abspath, size, max_file_bytes, max_aspect) for c in cands]
-        results = _decode_all(tasks, workers, decode_timeout, lambda i: src / cands[i].rel, scratch_path, nbytes)
-        with contextlib.closing(results), \
-                tqdm(total=len(tasks), desc="decode", unit="img", file=sys.stderr, disable=not progress) as bar:
-            for i, r in results:
-                shas[i] = r.sha256
-                if r.reason:
-                    skipped.append({"path": cands[i].rel, "reason": r.reason})
-                else:
-                    offsets[i] = i * nbytes
-                bar.update(1)
+        results = decode_all(tasks, workers, decode_timeout, lambda i: src / cands[i].rel, scratch_path, nbytes)
+        try:
+            with contextlib.closing(results), \
+                    tqdm(total=len(tasks), desc="decode", unit="img", file=sys.stderr, disable=not progress) as bar:
+                for i, r in results:
+                    shas[i] = r.sha256
+                    if r.reason:
+                        skipped.append({"path": cands[i].rel, "reason": r.reason})
+                    else:
+                        offsets[i] = i * nbytes
+                    bar.update(1)
+        except DecoderFailed as e:  # a decoder died or hung: the same one line, as the ingest's error
+            raise IngestError(str(e)) from None
 
         decoded = sorted(offsets)
         keep_local = _dedupe([cands[i] for i in decoded], [shas[i] for i in decoded], skipped)

@@ -11,27 +11,21 @@ training eval, soups, the report, the pyfunc model and `ich predict`.
     x = transform(decode_images([(bytes, name), ...], pre), pre)   # image files, decoded as `ich ingest` does
     logits = image_logits(model, pre, [(bytes, name), ...])           # the same, through the model
 
-Where an init's values come from (`init_preprocess(source)`):
-  - `hub:<timm tag>`: timm's pretrained config of the tag (read from the installed timm, no network);
-  - a project checkpoint folder (has checkpoint.json), also one downloaded from MLflow: its metadata;
-  - a local .safetensors file: a JSON sidecar, `<name>.json` or the `config.json` timm/Hugging Face ship beside
-    `model.safetensors` (keys at the top level or under `pretrained_cfg`);
-  - nothing found: None (the dataset's defaults apply).
+Where an init's values come from is ich/init_source.py (`init_preprocess(source)`: a hub tag's timm config,
+a checkpoint's metadata, a JSON sidecar, else None); `resolve` below combines them with the defaults.
 A sweep's `init.preprocess: {mean, std, crop_pct, interpolation}` overrides any of them.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ich.decode import decode_image  # image bytes -> stored pixels, exactly as `ich ingest` decodes them
 from ich.errors import IchError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,27 +137,6 @@ def transform(images_u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
-def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """Image bytes -> (size, size, 3) uint8, the way `ich ingest` stores a photo (EXIF orientation, any mode
-    to RGB, shorter side resized to `size`, center crop)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from ich.ingest import _resize_crop, _to_rgb
-
-    try:
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG":
-            im.draft(None, (size, size))  # ingest decodes JPEGs with the same DCT-domain downscale
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ValueError(f"{where}: not a readable image ({type(e).__name__})") from None
-    try:
-        im = ImageOps.exif_transpose(im)
-    except Exception:
-        pass  # unreadable EXIF: keep the pixels as stored, like ingest
-    return np.asarray(_resize_crop(_to_rgb(im), size), dtype=np.uint8)
-
-
 def decode_images(images: list[tuple[bytes, str]], pre: Preprocess) -> torch.Tensor:
     """[(bytes, name), ...] -> (B, S, S, 3) uint8 at the checkpoint's stored size, ready for `transform`."""
     pixels = [decode_image(data, pre.decode_size, where) for data, where in images]
@@ -197,73 +170,6 @@ def legacy_dict(img_size: int, extra: dict | None) -> dict:
     stored = extra.get("image_size") or 0
     return Preprocess(img_size=img_size, crop_pct=float(crop), stored_size=int(stored),
                       source="format 1 default").to_dict()
-
-
-def from_timm_config(cfg: dict, where: str) -> dict:
-    """The overridable fields of a timm pretrained config (PretrainedCfg dict or a config.json's pretrained_cfg)."""
-    from timm.data import resolve_data_config
-    try:
-        resolved = resolve_data_config(pretrained_cfg=cfg)
-    except Exception as e:  # timm raises several types on odd configs; all mean "unusable"
-        raise PreprocessError(f"{where}: unusable timm pretrained config ({e})") from None
-    out = {"mean": list(resolved["mean"]), "std": list(resolved["std"]), "crop_pct": float(resolved["crop_pct"]),
-           "interpolation": resolved["interpolation"], "input_size": int(resolved["input_size"][-1]),
-           "source": where}
-    check_fields(out, where)
-    return out
-
-
-def hub_preprocess(tag: str) -> dict:
-    """The preprocessing timm's pretrained config gives a hub tag; read from the installed timm (no network)."""
-    import ich.models  # noqa: F401  the project's tiny models are registered with timm there
-    from timm.models import get_pretrained_cfg
-    try:
-        cfg = get_pretrained_cfg(tag)
-    except RuntimeError as e:  # "Invalid pretrained tag (...)"
-        raise PreprocessError(f"hub:{tag}: {e}") from None
-    if cfg is None:
-        raise PreprocessError(f"hub:{tag}: timm has no pretrained config for this tag")
-    return from_timm_config(cfg.to_dict(), f"timm:{tag}")
-
-
-def sidecar_preprocess(weights: Path) -> dict | None:
-    """A JSON sidecar beside a local .safetensors file: `<name>.json`, else `config.json` (timm's hub layout)."""
-    for side in (weights.with_suffix(".json"), weights.parent / "config.json"):
-        if not side.is_file():
-            continue
-        try:
-            d = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PreprocessError(f"{side}: preprocessing sidecar is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise PreprocessError(f"{side}: preprocessing sidecar is not a JSON object")
-        cfg = d.get("pretrained_cfg", d)
-        if not isinstance(cfg, dict) or not {"mean", "std"} & set(cfg):
-            continue  # a config.json of something else
-        return from_timm_config(cfg, f"sidecar:{side}")
-    return None
-
-
-def init_preprocess(source: str | Path) -> dict | None:
-    """The preprocessing an init source carries, as overridable fields plus `source` (and `input_size` when
-    the config names one); None when it carries none (the dataset's defaults apply).
-
-    `source` is a hub tag (`hub:...`) or a local path: a .safetensors file or a checkpoint folder."""
-    source = str(source)
-    from ich.models import hub_tag  # hub:<tag> and hf-hub:timm/<tag> alike
-    if tag := hub_tag(source):
-        return hub_preprocess(tag)
-    path = Path(source).expanduser()
-    folder = path if path.is_dir() else path.parent
-    if (folder / "checkpoint.json").is_file() and (path.is_dir() or path.name == "model.safetensors"):
-        from ich.checkpoint import read_meta
-        meta = read_meta(folder)
-        pre = Preprocess.from_meta(meta)
-        return {**{k: v for k, v in pre.to_dict().items() if k in OVERRIDABLE},
-                "input_size": meta.img_size, "source": f"checkpoint:{folder}"}
-    if path.is_file():
-        return sidecar_preprocess(path)
-    return None
 
 
 def resolve(img_size: int, stored_size: int, default_crop_pct: float, init: dict | None = None,

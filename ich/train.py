@@ -28,100 +28,22 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ich.checkpoint import CheckpointError, load_weights, state_dict_to_cpu
-from ich.data import (AugmentConfig, ICHDataset, Prefetcher, augment_problem, batch_indices, mixup_cutmix,
-                      train_transform)
-from ich.errors import ConfigError
+from ich.data import AugmentConfig, ICHDataset, Prefetcher, batch_indices, mixup_cutmix, train_transform
+from ich.init_source import init_preprocess
 from ich.metrics import metrics_of
 from ich.models import ModelError, create_model, load_init_weights, random_init_fingerprint, resolve_init_weights
-from ich.preprocess import Preprocess, PreprocessError, init_preprocess, resolve, transform
+from ich.preprocess import Preprocess, PreprocessError, resolve, transform
+from ich.train_config import RETIRED_OPTIONS, TrainConfig  # noqa: F401  (RETIRED_OPTIONS: still found here)
 
 TRAIN_STATE = "train_state.safetensors"
 TRAIN_STATE_JSON = "train_state.json"
 
-# Options no longer read, with how to say the same thing today: refused in one line wherever a training option is
-# read (configs, --set, Tune params, `ich train`), never reinterpreted. timm's m and torchvision's magnitude share
-# the maxima (rotate 30°, shear 0.3, translate ~0.45, factor 1 ± 0.9, solarize down to 0): m/10 = magnitude/30.
-RETIRED_OPTIONS = {
-    "rand_augment_m": "(timm's 0-10 magnitude scale) is no longer read: use rand_augment_magnitude on torchvision's "
-                      "scale (0..rand_augment_bins-1, default bins 31); magnitude = 3*m gives the same strength "
-                      "(rotate 30°*m/10 = 30°*3m/30; shear, translate, colour and solarize alike), capped at 30 "
-                      "(m above 10 has no equivalent); posterize now rounds its bits and the op set adds Equalize, "
-                      "so runs still differ slightly",
-}
-
-
-@dataclass
-class TrainConfig:
-    """The paper's recipe (paper.md) is the GPU config; defaults here suit the tiny CPU model."""
-    model: str = "coatnet_tiny_ich"
-    img_size: int = 32
-    epochs: int = 10
-    batch_size: int = 64
-    accum_steps: int = 1  # gradient accumulation (the paper: batch 64 x 2)
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    # False: timm's groups, no decay on norms, biases and position tables; True: decay on every parameter,
-    # like the paper's AdamW(model.parameters(), weight_decay=wd)
-    decay_norm_and_bias: bool = False
-    schedule: str = "cosine"  # cosine | cosine_restarts | constant
-    restart_period: int = 3  # epochs per cosine cycle for cosine_restarts (the paper's T_0)
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0
-    grad_clip: float = 1.0  # max grad norm; 0 = off
-    drop_path: float = 0.0
-    # augmentation
-    scale_min: float = 0.08  # RandomResizedCrop area
-    hflip: float = 0.5
-    color_jitter: float = 0.4  # ColorJitter(b, c, s) strength, [0, 1)
-    color_jitter_hue: float = 0.0  # ColorJitter's hue, [0, 0.5]
-    rand_augment_n: int = 2  # ops per image
-    # torchvision's RandAugment scale: bin 0..rand_augment_bins-1, strength = magnitude / (bins - 1) of each op's
-    # maximum (9 of 31 bins: the paper's RandAugment(2, 9)); a float so a search can sample it
-    rand_augment_magnitude: float = 9.0
-    rand_augment_bins: int = 31
-    random_erasing: float = 0.2
-    eval_crop_pct: float = 0.875  # when the init weights carry no preprocessing of their own (ich/preprocess.py)
-    # execution
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    channels_last: str = "auto"  # auto (CUDA only) | on | off
-    compile: bool = False
-    device: str = "auto"
-    eval_batch_size: int = 256
-    seed: int = 0  # data order, augmentation, dropout
-    init_seed: int = 0  # random init when no init weights: shared by all trials so they can be souped
-
-    def __post_init__(self):
-        if problem := augment_problem(self.rand_augment_n, self.rand_augment_magnitude, self.rand_augment_bins,
-                                      self.color_jitter, self.color_jitter_hue):
-            raise ConfigError(problem)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        for k in d:
-            if k in RETIRED_OPTIONS:
-                raise ConfigError(f"{k} {RETIRED_OPTIONS[k]}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        out = {}
-        for k, v in d.items():  # Tune/YAML hand numbers of the wrong kind (1 vs 1.0, numpy ints)
-            t = types[k]
-            if t == "bool" and isinstance(v, str):
-                v = v.strip().lower() in ("1", "true", "yes", "on")
-            out[k] = int(v) if t == "int" else float(v) if t == "float" else bool(v) if t == "bool" else v
-        return cls(**out)
-
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(img_size=self.img_size, scale=(self.scale_min, 1.0), hflip=self.hflip,
-                             color_jitter=self.color_jitter, color_jitter_hue=self.color_jitter_hue,
-                             rand_augment_n=self.rand_augment_n, rand_augment_magnitude=self.rand_augment_magnitude,
-                             rand_augment_bins=self.rand_augment_bins, random_erasing=self.random_erasing,
-                             eval_crop_pct=self.eval_crop_pct)
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    return AugmentConfig(img_size=cfg.img_size, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip,
+                         color_jitter=cfg.color_jitter, color_jitter_hue=cfg.color_jitter_hue,
+                         rand_augment_n=cfg.rand_augment_n, rand_augment_magnitude=cfg.rand_augment_magnitude,
+                         rand_augment_bins=cfg.rand_augment_bins, random_erasing=cfg.random_erasing,
+                         eval_crop_pct=cfg.eval_crop_pct)
 
 
 def weight_decay_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -227,7 +149,7 @@ class Trainer:
 
     def _set_preprocess(self, p: Preprocess) -> None:
         self.preprocess = p
-        self.aug = dataclasses.replace(self.cfg.augment(), mean=p.mean, std=p.std, eval_crop_pct=p.crop_pct,
+        self.aug = dataclasses.replace(augment_config(self.cfg), mean=p.mean, std=p.std, eval_crop_pct=p.crop_pct,
                                        interpolation=p.interpolation)
 
     # ------------------------------------------------------------------ training

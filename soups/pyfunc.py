@@ -163,8 +163,8 @@ def _image_bytes(row: pd.Series, i: int, policy: InputPolicy) -> tuple[bytes, st
 
 
 def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """Image bytes -> (size, size, 3) uint8, the way `ich ingest` stores a photo (ich.preprocess.decode_image)."""
-    from ich.preprocess import decode_image as decode
+    """Image bytes -> (size, size, 3) uint8, the way `ich ingest` stores a photo (ich.decode.decode_image)."""
+    from ich.decode import decode_image as decode
     return decode(data, size, where)
 
 

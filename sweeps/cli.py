@@ -1,6 +1,8 @@
 """`ich` command line: one subcommand per step of the data flow (see README's CLI reference).
 
-The top of the house: it may import every room (ich, soups, sweeps); nothing imports it back."""
+The top of the house: it may import every room (ich, soups, sweeps); nothing imports it back. The parser is built
+from argparse-only modules, and each command imports its heavy modules (torch, timm, MLflow, Ray) inside its
+handler: `ich --help` and `ich ingest` load none of them (tests/test_layout.py)."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +38,8 @@ def cmd_train(a) -> None:
     """One trial's loop on one machine, no Ray, no MLflow: per-epoch val metrics, a checkpoint per epoch."""
     from ich.checkpoint import CheckpointMeta, save_checkpoint
     from ich.data import load_dataset
-    from ich.train import RETIRED_OPTIONS, TrainConfig, Trainer
+    from ich.train import Trainer
+    from ich.train_config import RETIRED_OPTIONS, TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)} | set(RETIRED_OPTIONS)  # a retired one: from_dict says how
     overrides = {k: v for k, v in vars(a).items() if k in names and v is not None}
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ingest)
 
-    from ich.train import TrainConfig
+    from ich.train_config import RETIRED_OPTIONS, TrainConfig  # no torch: the training loop loads in cmd_train
     s = sub.add_parser("train", help="train one trial locally (no Ray/MLflow), print per-epoch val metrics")
     s.add_argument("data", help="ingested dataset folder")
     s.add_argument("--init", help="initial weights: a .safetensors file, a checkpoint folder or an MLflow model URI")
@@ -271,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}[f.type]
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        help=f"default {f.default}")
-    from ich.train import RETIRED_OPTIONS
     for name in RETIRED_OPTIONS:  # accepted only to be refused with how to convert (cmd_train), not as unknown
         s.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_train)
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv == ["--version"]:  # before build_parser, which imports torch (ich.train): `ich --version` stays instant
+    if argv == ["--version"]:  # before build_parser: `ich --version` needs no parser at all
         from soups.options import version_line
         print(version_line())
         return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ich.errors import ConfigError
-from ich.train import RETIRED_OPTIONS, TrainConfig
+from ich.train_config import RETIRED_OPTIONS, TrainConfig
 from soups.options import option_problem, sweep_option_fields
 
 CONFIG_DIR = Path(__file__).parent / "configs"

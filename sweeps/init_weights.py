@@ -29,7 +29,8 @@ from ich.data import ICHDataset
 from ich.errors import ConfigError
 from ich.models import (MLFLOW_URI_PREFIXES, ModelError, create_model, hub_tag, load_init_weights,
                         resolve_init_weights)
-from ich.preprocess import DATASET_DEFAULT, PreprocessError, hub_preprocess, init_preprocess
+from ich.init_source import hub_preprocess, init_preprocess
+from ich.preprocess import DATASET_DEFAULT, PreprocessError
 from ich.train import TrainConfig, Trainer
 from soups import registry
 from sweeps.config import SweepConfig

@@ -67,12 +67,12 @@ peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 result.update(wall_s=wall, cpu_s=cpu, extra_mb=(max(peak_self, peak_children) - before) / 1024, before_mb=before / 1024)
 
 if args.get("file"):  # the hostile file alone, decoded in this process as a decoder would
-    from ich.ingest import _decode_file
+    from ich.decode import decode_file
     opts = {k: v for k, v in args.get("options", {}).items() if k in ("max_aspect",)}
     before = rss_kb("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")
     t0, c0 = time.perf_counter(), time.process_time()
-    d = _decode_file(args["file"], args.get("size", 32), **opts)
+    d = decode_file(args["file"], args.get("size", 32), **opts)
     while time.process_time() - c0 < args.get("planted_cpu_s", 0):  # the control's slow decode
         pass
     result.update(file_wall_s=time.perf_counter() - t0, file_cpu_s=time.process_time() - c0, file_reason=d.reason,
@@ -245,10 +245,10 @@ def test_dying_decoder_through_the_cli(tmp_path, good_src):
 
 def test_fault_hook_is_inert_outside_a_decoder_process(tmp_path, monkeypatch):
     """The test hook only fires inside decoder processes: an in-process decode is unaffected."""
-    from ich.ingest import _decode_file
+    from ich.decode import decode_file
     path = strip_png(tmp_path / "x.png", 20, 20)
     monkeypatch.setenv("ICH_FAULT_DECODER", "SIGKILL:x.png")
-    assert _decode_file(str(path), 8).reason is None
+    assert decode_file(str(path), 8).reason is None
 
 
 # ---------------------------------------------------------------------------------------------- the resize
@@ -257,7 +257,7 @@ def test_resize_crop_keeps_pixels_of_ordinary_images():
     """Up to FULL_RESIZE_LIMIT squares the result is exactly resize-then-crop (what datasets were made with)."""
     import numpy as np
 
-    from ich.ingest import _resize_crop
+    from ich.decode import resize_crop
     rng = np.random.default_rng(0)
     for w, h, size in [(40, 30, 16), (300, 200, 64), (1000, 250, 64), (64, 64, 32), (8, 8, 32), (3000, 2000, 256)]:
         im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
@@ -266,14 +266,14 @@ def test_resize_crop_keeps_pixels_of_ordinary_images():
         ref = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0) if (nw, nh) != (w, h) else im
         left, top = (nw - size) // 2, (nh - size) // 2
         ref = ref.crop((left, top, left + size, top + size))
-        assert np.array_equal(np.asarray(_resize_crop(im, size)), np.asarray(ref)), (w, h, size)
+        assert np.array_equal(np.asarray(resize_crop(im, size)), np.asarray(ref)), (w, h, size)
 
 
 def test_resize_crop_of_elongated_image_matches_on_smooth_content():
     """Past the limit only the kept square is resampled; on smooth content it matches the full resize."""
     import numpy as np
 
-    from ich.ingest import FULL_RESIZE_LIMIT, _resize_crop
+    from ich.decode import FULL_RESIZE_LIMIT, resize_crop
     w, h, size = 10, 2302, 16
     assert h / w > FULL_RESIZE_LIMIT
     yy, xx = np.mgrid[0:h, 0:w]
@@ -281,7 +281,7 @@ def test_resize_crop_of_elongated_image_matches_on_smooth_content():
     nh = round(h * size / w)
     full = np.asarray(im.resize((size, nh), Image.Resampling.BICUBIC, reducing_gap=3.0))
     top = (nh - size) // 2
-    got = np.asarray(_resize_crop(im, size)).astype(int)
+    got = np.asarray(resize_crop(im, size)).astype(int)
     assert np.abs(got - full[top:top + size].astype(int)).max() <= 1
 
 

@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 from ich.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ich.data import AugmentConfig, eval_transform
 from ich.errors import ConfigError
+from ich.decode import decode_image
+from ich.init_source import hub_preprocess, init_preprocess
 from ich.models import create_model
-from ich.preprocess import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, PreprocessError, dataset_default, decode_image,
-                            hub_preprocess, init_preprocess, resolve, transform)
+from ich.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, PreprocessError, dataset_default, resolve, transform
 from ich.train import TrainConfig, Trainer
 from tests.fixtures_sweep import sweep_args, write_sweep_config
 

@@ -404,7 +404,7 @@ def test_ingest_never_reads_outside_source(tmp_path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from ich.ingest import _decode_file
+    from ich.decode import decode_file
     from tests.imagegen import make_simple_folder
 
     src = make_simple_folder(tmp_path / "src", {"a": 3, "b": 3}, size=16)
@@ -430,8 +430,8 @@ def test_ingest_never_reads_outside_source(tmp_path):
         assert reasons.get(rel) == "outside source", (rel, reasons)
     assert manifest["classes"] == ["a", "b"] and sum(manifest["num_images"].values()) == 6
     table = pq.read_table(sorted((out / "data").glob("*.parquet")))  # every shard
-    outside_pixels = {_decode_file(str(p), 16).pixels for p in (outside / "secret.png", outside / "dir" / "secret2.png")}
-    outside_sha = {_decode_file(str(p), 16).sha256 for p in (outside / "secret.png", outside / "dir" / "secret2.png")}
+    outside_pixels = {decode_file(str(p), 16).pixels for p in (outside / "secret.png", outside / "dir" / "secret2.png")}
+    outside_sha = {decode_file(str(p), 16).sha256 for p in (outside / "secret.png", outside / "dir" / "secret2.png")}
     assert None not in outside_pixels and len(table) == 6
     assert not outside_pixels & set(table.column("image").to_pylist())
     assert not outside_sha & set(table.column("sha256").to_pylist())

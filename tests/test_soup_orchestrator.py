@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from ich.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from ich.ingest import _decode_file
+from ich.decode import decode_file
 from ich.models import create_model
 from soups import registry
 from soups.orchestrate import SoupError, SoupOptions, add_soup_args, cmd_soup, run_soups
@@ -255,7 +255,7 @@ def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_cli
 def test_serving_decodes_images_exactly_like_ingest(fmt, tmp_path):
     path = tmp_path / f"image.{fmt}"
     save_as(class_image(3, 48, np.random.default_rng(0))[:, :40], path, fmt)  # not square: resize and crop
-    expected = np.frombuffer(_decode_file(str(path), 24).pixels, dtype=np.uint8).reshape(24, 24, 3)
+    expected = np.frombuffer(decode_file(str(path), 24).pixels, dtype=np.uint8).reshape(24, 24, 3)
     assert np.array_equal(decode_image(path.read_bytes(), 24, str(path)), expected)
 
 
