@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ich.checkpoint import META
 from ich.errors import IchError
+from ich.metrics import metric_of_key
 from soups import registry
 
 TAG_GC = "ich.gc"
@@ -151,7 +152,8 @@ def _policy(opts: GcOptions, client, experiment_id: str) -> GcPolicy:
         run = registry.latest_run_by_tags(client, experiment_id, {registry.TAG_KIND: "sweep"})
         metric = run.data.params.get("metric") if run is not None else None
     policy.metric = opts.metric or metric or policy.metric
-    policy.mode = mode if (mode and not opts.metric) else ("min" if "loss" in policy.metric else "max")
+    known = metric_of_key(policy.metric)  # "val_loss": lower is better (ich/metrics.py); a key it does not know: higher
+    policy.mode = mode if (mode and not opts.metric) else ("max" if known is None or known.higher_is_better else "min")
     if opts.keep_top_k is not None:
         policy.keep_top_k = opts.keep_top_k
     if opts.keep_last_k is not None:
