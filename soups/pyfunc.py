@@ -208,16 +208,22 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
 
     def probabilities(self, images: list[tuple[bytes, str]]) -> np.ndarray:
         """Checked image bytes -> (N, classes) probabilities: the one decode + preprocess + forward step."""
+        return self.softmax(self.logits(images))
+
+    def logits(self, images: list[tuple[bytes, str]]) -> np.ndarray:
+        """Checked image bytes -> (N, classes) float32 logits (`ich predict --json` prints both from one pass)."""
         from PIL import Image
 
         from ich.preprocess import image_logits
 
         if not images:
-            return np.zeros((0, len(self.classes)))
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
         with warnings.catch_warnings():  # the header was checked; a decoder that still warns is refused
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            logits = self.torch.from_numpy(image_logits(self.model, self.preprocess, images))  # ich.preprocess: the one path
-        return self.torch.softmax(logits, dim=1).numpy().astype(np.float64)
+            return image_logits(self.model, self.preprocess, images)  # ich.preprocess: the one path
+
+    def softmax(self, logits: np.ndarray) -> np.ndarray:
+        return self.torch.softmax(self.torch.from_numpy(logits), dim=1).numpy().astype(np.float64)
 
 
 def signature():

@@ -105,11 +105,10 @@ def cmd_predict(a) -> None:
         # is built from the weights: nothing from the model folder is imported. Refusals are one line, exit 2.
         served = load_soup_model(a.model)
         try:
-            probs = served.probabilities(images)
+            logits = served.logits(images)  # one forward pass for the classes, probabilities and --json's logits
         except ValueError as e:  # an unreadable image: one line naming it
             raise FileNotFoundError(str(e)) from None
-        classes = list(served.classes)
-        logits = _checked_logits(served.model, served.preprocess, images) if a.json else None
+        probs, classes = served.softmax(logits), list(served.classes)
     for i, path in enumerate(a.images):
         top = sorted(range(len(classes)), key=lambda k: -probs[i][k])[: a.top]
         if a.json:  # one object per line: what a program reads (logits as float32 values, exactly)

@@ -415,3 +415,29 @@ def test_soup_predict_and_served_logits_equal_the_trainers(parity, mlflow_client
     served = load_soup_model(uri)
     images = [(f.read_bytes(), str(f)) for f in parity["files"]]
     np.testing.assert_allclose(served.probabilities(images), softmax(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_ich_predict_json_runs_one_forward_pass(parity, monkeypatch, capsys):
+    """`ich predict --json` prints classes, probabilities and logits from one decode + forward pass per batch.
+    Control: asking the served model for probabilities and then logits (what it did before) counts two."""
+    import ich.preprocess
+    from soups.pyfunc import load_soup_model
+    from sweeps.cli import main
+    calls, real = [], ich.preprocess.image_logits
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ich.preprocess, "image_logits", counting)
+    uri = f"models:/{MODEL_NAME}@champion"
+    assert main(["predict", "--model", uri, "--json", *map(str, parity["files"])]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == len(parity["files"]) and len(calls) == 1
+    np.testing.assert_allclose([r["probabilities"] for r in rows], softmax(np.array([r["logits"] for r in rows],
+                                                                                   dtype=np.float32)), atol=1e-6)
+    calls.clear()
+    served, images = load_soup_model(uri), [(f.read_bytes(), str(f)) for f in parity["files"]]
+    served.probabilities(images), served.logits(images)
+    assert len(calls) == 2
