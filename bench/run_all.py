@@ -39,6 +39,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "soup_scale": ("bench.soup_scale", dict(), dict(quick=True)),
     "ingest_bench": ("bench.ingest_bench", dict(), dict(quick=True)),
     "soup_sweep": ("bench.soup_sweep", dict(), dict(quick=True)),  # issue 14: trajectory-soup cost, parallel soups
+    "light_commands": ("bench.light_commands", dict(), dict(repeats=1)),  # issue 20: `ich --help`, a tiny ingest
 }
 TIMEOUT_S = {"full": 900, "quick": 480}
 

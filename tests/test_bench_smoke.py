@@ -87,7 +87,7 @@ def test_goal_check_catches_absolute_goals():
 def test_goals_of_benches_not_run_here():
     """figures() is a pure function of a result dict: the benches too slow for the quick run below (Ray + MLflow
     start-up) and bare_loop's accuracy row are checked on results shaped like theirs."""
-    from bench import artifact_throughput, bare_loop, soup_sweep, sweep_overhead
+    from bench import artifact_throughput, bare_loop, light_commands, soup_sweep, sweep_overhead
     per = {"plain": 300.0, "ich_off": 290.0, "ich_paper": 250.0}
     bare = {"model": "coatnet_tiny_ich", "img_size": 32, "batch_size": 64, "device": "cpu", "threads": 1, "epochs": 5,
             "images_per_s": per, "cpu_images_per_s": per, "clock": "cpu", "off_over_plain": 0.97,
@@ -102,6 +102,9 @@ def test_goals_of_benches_not_run_here():
     rows += artifact_throughput.figures({"checkpoints": 16, "mb": 100, "processes": 4, "checkpoints_per_s": 3.0,
                                          "mb_per_s": 300.0, "upload_s_median": 1.2, "upload_s_max": 2.0,
                                          "disk_copy_mb_per_s": 900.0})
+    none = {"torch": 0, "timm": 0, "mlflow": 0, "ray": 0}
+    rows += light_commands.figures({"python_s": 0.05, "help_s": 0.3, "help_heavy": none, "ingest_s": 0.9,
+                                    "ingest_rss_mb": 110.0, "ingest_heavy": none})
     assert any(r[0].startswith("digits val top-1") for r in rows)
     for r in rows:
         assert len(r) == 3 and goal_problem(r[2]) is None, (r, goal_problem(r[2]))

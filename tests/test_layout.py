@@ -182,19 +182,22 @@ def test_preprocessing_sits_below_checkpoints_and_models():
 HEAVY = ("torch", "timm", "mlflow", "ray")
 
 
-def heavy_imports(argv: list[str], cwd: Path = ROOT) -> tuple[list[str], subprocess.CompletedProcess]:
-    """Run `python -X importtime ARGV`; the torch/timm/MLflow/Ray modules it imported (importtime's lines)."""
+def heavy_imports(argv: list[str], cwd: Path = ROOT, heavy=HEAVY) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run `python -X importtime ARGV`; the modules of the `heavy` packages it imported (importtime's lines)."""
     out = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=cwd, capture_output=True, text=True,
                          timeout=300)
     names = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
-    return sorted(n for n in names if n.split(".")[0] in HEAVY), out
+    return sorted(n for n in names if n.split(".")[0] in heavy), out
 
 
 def test_importtime_reading_sees_torch():
-    """Control for the two tests below: the same reading finds torch where a module imports it."""
+    """Control for the two tests below: the same reading finds torch where a module imports it, and pandas where
+    pyarrow's pa.array() pulls it in (what ich/ingest.py's columns avoid)."""
     heavy, out = heavy_imports(["-c", "import ich.preprocess"])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch" in heavy and not any(n.startswith(("mlflow", "ray")) for n in heavy)
+    heavy, out = heavy_imports(["-c", "import pyarrow as pa\npa.array([1])"], heavy=("pandas",))
+    assert out.returncode == 0 and "pandas" in heavy, out.stderr[-2000:]
 
 
 def test_every_help_imports_no_torch_timm_mlflow_or_ray():
@@ -213,11 +216,12 @@ def test_every_help_imports_no_torch_timm_mlflow_or_ray():
 
 
 def test_ingest_imports_no_torch(tmp_path):
-    """`ich ingest` of six small PNGs: decoding, splitting and Parquet need neither torch nor timm, MLflow or Ray."""
+    """`ich ingest` of six small PNGs: decoding, splitting and Parquet need neither torch nor timm, MLflow or Ray,
+    nor pandas (~50 MB of the ingest's peak)."""
     from tests.imagegen import make_simple_folder
     src = make_simple_folder(tmp_path / "src", {"a": 3, "b": 3}, size=40)
     heavy, out = heavy_imports(["-m", "sweeps.cli", "ingest", str(src), str(tmp_path / "out"), "--quiet",
-                                "--size", "16", "--workers", "1"])
+                                "--size", "16", "--workers", "1"], heavy=HEAVY + ("pandas",))
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_images"] == {"train": 2, "val": 2,
                                                                                           "test": 2}
