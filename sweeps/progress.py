@@ -1,7 +1,8 @@
 """What a person sees while a sweep runs: one progress bar and one line per finished trial.
 
-Ray Tune's own status tables and config boxes stay behind `--verbose`. The bar (trials done / total, best
-val so far, ETA) is drawn only when stdout is a terminal; in a log (cron, `ray job logs`, a pipe) only the
+Ray Tune's own status tables and config boxes stay behind `--verbose`. The bar (tqdm, like the project's
+other bars: epochs done against the sweep's epoch budget, trials ended, best val so far, ETA) moves with every
+epoch, so a sweep of 32 trials x 50 epochs shows progress within minutes; it is drawn only when stdout is a terminal; in a log (cron, `ray job logs`, a pipe) only the
 per-trial lines appear, one each, never a redrawn bar. The formatting is plain functions (tested alone);
 the Tune callback only feeds them. Below them: the driver's own quieting of Ray, Tune, Optuna and MLflow."""
 from __future__ import annotations
@@ -10,7 +11,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 
 from ray.tune import Callback
 
@@ -46,35 +46,21 @@ def trial_status(result: dict | None, config: dict, planned_epochs: int, error: 
     return ("finished" if epochs >= planned else "stopped by ASHA"), epochs
 
 
-def eta_seconds(elapsed: float, done: int, total: int, done_before: int = 0) -> float | None:
-    """Time left at the pace so far (trials run side by side, so a rough figure); None before the first.
-    `done_before`: trials that ended before `elapsed` began (an earlier driver, before --resume)."""
-    if done >= total:
-        return 0.0
-    if done - done_before <= 0:
-        return None
-    return elapsed / (done - done_before) * (total - done)
+def epoch_budget(total: int, planned_epochs: int, trials: dict[str, tuple[int, int, bool]]) -> tuple[int, int]:
+    """(epochs done, epoch budget) of a sweep: `trials` maps each trial seen so far to (its planned epochs,
+    epochs it reported, ended?). A trial that ended (finished, stopped by ASHA, failed after its retries) has
+    done its whole plan: it trains no more. Trials not seen yet count the default plan."""
+    done = sum(planned if ended else min(reported, planned) for planned, reported, ended in trials.values())
+    budget = sum(planned for planned, _, _ in trials.values()) + max(total - len(trials), 0) * planned_epochs
+    return done, budget
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def bar_line(done: int, total: int, metric: str, best: float | None, elapsed: float, width: int = 24,
-             done_before: int = 0) -> str:
-    """`sweep [#########---------------] 3/8 trials  best val_macro_f1 0.9833  1:02 elapsed, ETA 1:43`"""
-    filled = int(width * done / total) if total else width
-    best_shown = "-" if best is None else f"{best:.4f}"
-    return (f"sweep [{'#' * filled}{'-' * (width - filled)}] {done}/{total} trials  best {metric} {best_shown}  "
-            f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta_seconds(elapsed, done, total, done_before))}")
+BAR_FORMAT = "sweep |{bar:24}| {n_fmt}/{total_fmt} epochs{postfix}  [{elapsed}<{remaining}]"  # tqdm puts ", " before the postfix
 
 
 class SweepProgress(Callback):
-    """A Tune callback on the driver: the bar (terminal only) and one line per trial that ends. Tune's own
+    """A Tune callback on the driver: a tqdm bar of epochs done against the sweep's epoch budget (terminal
+    only; it moves with every epoch, not only when a trial ends) and one line per trial that ends. Tune's own
     output is off meanwhile (tune_output below). `params`: the searched keys shown on each trial's line.
     `planned_epochs`: a trial's epochs when its config does not say (tells "finished" from "stopped by ASHA").
     `tty`: None = ask stdout."""
@@ -83,58 +69,70 @@ class SweepProgress(Callback):
                  tty: bool | None = None):
         self.total, self.metric, self.mode, self.planned_epochs = total, metric, mode, planned_epochs
         self.params, self.tty = list(params), tty
-        self.finished: set[str] = set()  # trial ids that ended, across --resume (get_state/set_state)
-        self.best, self.last, self.done_before = None, {}, 0
-        self._clock, self._drawn = None, 0.0
+        self.finished: dict[str, int] = {}  # trial id -> its planned epochs, for trials that ended (across --resume)
+        self.running: dict[str, tuple[int, int]] = {}  # trial id -> (planned epochs, epochs reported)
+        self.best, self.last = None, {}
+        self._bar = None
 
     @property
     def done(self) -> int:
         return len(self.finished)
 
+    def epochs(self) -> tuple[int, int]:
+        trials = {t: (p, e, False) for t, (p, e) in self.running.items() if t not in self.finished}
+        trials.update({t: (p, p, True) for t, p in self.finished.items()})
+        return epoch_budget(self.total, self.planned_epochs, trials)
+
     def get_state(self) -> dict:
         """Plain data, saved by Tune with the experiment state, so that --resume counts on instead of from 0."""
-        return {"kind": "sweep_progress", "finished": sorted(self.finished), "best": self.best}
+        return {"kind": "sweep_progress", "finished": sorted(self.finished), "planned": self.finished, "best": self.best}
 
     def set_state(self, state: dict) -> None:
         if isinstance(state, dict) and state.get("kind") == "sweep_progress":  # Tune keys states by list position
-            self.finished, self.best = set(state["finished"]), state["best"]
-            self.done_before = self.done
+            planned = state.get("planned") or {}
+            self.finished = {t: int(planned.get(t, self.planned_epochs)) for t in state["finished"]}
+            self.best = state["best"]
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume): no clock
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume): not the bar
         state = dict(self.__dict__)
-        state["_clock"], state["_drawn"] = None, 0.0
+        state["_bar"] = None
         return state
 
     def _terminal(self) -> bool:
         return self.tty if self.tty is not None else sys.stdout.isatty()
 
-    def _elapsed(self) -> float:
-        if self._clock is None:
-            self._clock = time.monotonic()
-        return time.monotonic() - self._clock
-
-    def _draw(self, end: str = "") -> None:
-        if self._terminal():
-            bar = bar_line(self.done, self.total, self.metric, self.best, self._elapsed(), done_before=self.done_before)
-            sys.stdout.write("\r\x1b[2K" + bar + end)
-            sys.stdout.flush()
-            self._drawn = time.monotonic()
+    def _draw(self) -> None:
+        if not self._terminal():
+            return
+        from tqdm import tqdm
+        done, budget = self.epochs()
+        if self._bar is None:  # started at the epochs already done (--resume), so the rate counts this run's only
+            self._bar = tqdm(total=budget, initial=done, file=sys.stdout, bar_format=BAR_FORMAT, dynamic_ncols=True)
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        self._bar.total = budget
+        self._bar.set_postfix_str(f"trials {self.done}/{self.total}, best {self.metric} {best}", refresh=False)
+        self._bar.update(done - self._bar.n)
 
     def _say(self, line: str) -> None:
-        if self._terminal():
-            sys.stdout.write("\r\x1b[2K")  # the trial's line takes the bar's place; the bar is drawn below it
-        print(line, flush=True)
+        if self._terminal() and self._bar is not None:
+            self._bar.write(line, file=sys.stdout)  # above the bar, which tqdm redraws below it
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
         self._draw()
 
     def on_step_end(self, iteration, trials, **info):
-        if self._terminal() and time.monotonic() - self._drawn >= 1.0:  # the clock ticks once a second
-            self._draw()
+        if self._bar is not None:
+            self._bar.refresh()  # the clock ticks between epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
+        planned = int((trial.config or {}).get("epochs", self.planned_epochs))
+        self.running[trial.trial_id] = (planned, int(result.get("epoch", result.get("training_iteration", 0)) or 0))
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and better(float(value), self.best, self.mode):
             self.best = float(value)
+        self._draw()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
@@ -143,12 +141,16 @@ class SweepProgress(Callback):
         self._finish(trial, error=True)
 
     def on_experiment_end(self, trials, **info):
-        self._draw(end="\n")
+        self._draw()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _finish(self, trial, error: bool) -> None:
-        self.finished.add(trial.trial_id)  # a trial that failed before --resume and runs again counts once
-        result = self.last.get(trial.trial_id) or trial.last_result or {}
         config = trial.config or {}
+        # a trial that failed before --resume and runs again counts once
+        self.finished[trial.trial_id] = int(config.get("epochs", self.planned_epochs))
+        result = self.last.get(trial.trial_id) or trial.last_result or {}
         status, epochs = trial_status(result, config, self.planned_epochs, error)
         value = result.get(self.metric)
         params = {k: config[k] for k in self.params if k in config}

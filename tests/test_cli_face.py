@@ -179,18 +179,18 @@ def test_ui_and_sweep_exit_2_with_one_line_for_a_password_in_the_tracking_uri(tm
 
 # ------------------------------------------------------------------------------------------ progress output
 
-def test_progress_lines_and_bar_are_pure_text():
-    from sweeps.progress import bar_line, eta_seconds, trial_line, trial_status
+def test_progress_lines_and_epoch_budget_are_pure():
+    from sweeps.progress import epoch_budget, trial_line, trial_status
     assert trial_line(3, 8, "853f3a74", "stopped by ASHA", 2, "val_macro_f1", 0.97, 0.9833, {"lr": 0.000715}) == \
         "trial 3/8 853f3a74 stopped by ASHA   2 ep  val_macro_f1 0.9700 (sweep best 0.9833)  lr=0.000715"
     assert trial_status({"epoch": 2}, {"epochs": 6}, 3, error=False) == ("stopped by ASHA", 2)
     assert trial_status({"epoch": 3}, {}, 3, error=False) == ("finished", 3)
     assert trial_status({"epoch": 1}, {}, 3, error=True) == ("failed", 1)
-    assert eta_seconds(60.0, 0, 8) is None and eta_seconds(60.0, 2, 8) == 180.0 and eta_seconds(9.0, 8, 8) == 0.0
-    # after --resume the pace counts only the trials this driver saw end
-    assert eta_seconds(60.0, 5, 8, done_before=4) == 180.0 and eta_seconds(60.0, 4, 8, done_before=4) is None
-    bar = bar_line(2, 8, "val_macro_f1", 0.9833, 60.0)
-    assert bar == "sweep [######------------------] 2/8 trials  best val_macro_f1 0.9833  1:00 elapsed, ETA 3:00"
+    # 32 trials x 50 epochs: two epochs of one trial already move the bar (a trial count would still read 0/32)
+    assert epoch_budget(32, 50, {"a": (50, 2, False)}) == (2, 1600)
+    # ASHA's stop after 2 of 6 counts its whole plan as done; a trial's own epochs replace the default plan
+    assert epoch_budget(3, 4, {"a": (6, 2, True), "b": (4, 3, False)}) == (9, 14)
+    assert epoch_budget(2, 4, {"a": (4, 4, True), "b": (4, 1, True)}) == (8, 8)
 
 
 def _trial(trial_id, config, last):
@@ -211,13 +211,15 @@ def test_progress_reporter_prints_one_line_per_trial_and_a_bar_only_on_a_termina
     p.on_trial_error(0, [a, b], b)
     p.on_experiment_end([a, b])
     out = capsys.readouterr().out
-    assert ("\r" in out) == tty and ("sweep [" in out) == tty
-    lines = [line.split("\r")[-1].replace("\x1b[2K", "") for line in out.splitlines()]
+    assert ("\r" in out) == tty and ("sweep |" in out) == tty
+    lines = [line.split("\r")[-1].replace("\x1b[2K", "").replace("\x1b[A", "").rstrip() for line in out.splitlines()]
+    lines = [line for line in lines if line]
     trials = [line for line in lines if line.startswith("trial ")]
     assert trials == ["trial 1/2 aaaa0001 stopped by ASHA   2 ep  val_macro_f1 0.7000 (sweep best 0.7000)  lr=0.001",
                       "trial 2/2 bbbb0002 failed            3 ep  val_macro_f1 0.6000 (sweep best 0.7000)  lr=0.002"]
-    if tty:
-        assert lines[-1].startswith("sweep [########################] 2/2 trials  best val_macro_f1 0.7000")
+    if tty:  # tqdm's last draw: the whole budget (a: 2 of 3 then stopped, b: 3 of 3) and both trials ended
+        assert lines[-1].startswith("sweep |████████████████████████| 6/6 epochs, trials 2/2, best val_macro_f1 0.7000")
+        assert "1/6 epochs" in out and "2/6 epochs" in out  # it moved with each epoch, before any trial ended
     else:
         assert lines == trials
 
@@ -241,7 +243,7 @@ def test_progress_counts_on_after_resume(capsys):
     again.set_state({"version": 1, "done": 7})  # another callback's state (Tune keys them by position): ignored
     assert again.done == 0
     again.set_state(state)
-    assert (again.done, again.done_before, again.best) == (2, 2, 0.8)
+    assert (again.done, again.best, again.epochs()) == (2, 0.8, (4, 6))  # both ended trials' plans are done
     c = _trial("cccc0003", {}, {})
     for t, value in ((b, 0.6), (c, 0.9)):
         again.on_trial_result(0, [a, b, c], t, {"epoch": 2, "val_macro_f1": value})
@@ -278,7 +280,7 @@ def test_tiny_sweep_prints_a_line_per_trial_then_soups_and_report(tmp_path, mlfl
     lines = out.stdout.splitlines()
     trials = [line for line in lines if re.match(r"trial [123]/3 [0-9a-f]{8} (finished|stopped by ASHA) ", line)]
     assert len(trials) == 3, out.stdout
-    assert "\r" not in out.stdout and "sweep [" not in out.stdout  # no bar drawn into a log
+    assert "\r" not in out.stdout and "sweep |" not in out.stdout  # no bar drawn into a log
     assert not [n for n in RAY_NOISE if n in out.stdout], out.stdout
     assert not [line for line in lines if re.search(r"\t(INFO|WARNING) |^\S+ \S+ INFO ", line)], out.stdout
     assert any(line.startswith("across-best-greedy") for line in lines), out.stdout  # the soup table
