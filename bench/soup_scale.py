@@ -62,7 +62,7 @@ QUICK = dict(big_model="coatnet_tiny_ich", big_img=32, big_n=3, tiny_model="coat
 
 def log_all(client, experiment: str, folders: list[Path], per_trial: int, model: str, threads: int = 4) -> str:
     """Log the checkpoint folders as trials of `per_trial` epochs (4 loggers at once); returns the experiment id."""
-    from ich.checkpoint import WEIGHTS, read_meta, sha256_file
+    from ich.checkpoint import META, read_meta
     from soups import registry
     eid = registry.get_or_create_experiment(client, experiment)
     runs: dict[str, str] = {}
@@ -72,12 +72,11 @@ def log_all(client, experiment: str, folders: list[Path], per_trial: int, model:
 
     def log(i: int) -> str:
         trial, folder = f"t{i // per_trial:03d}", folders[i]
-        meta = read_meta(folder)
-        return registry.log_checkpoint(client, experiment_id=eid, run_id=runs[trial], ckpt_dir=folder,
-                                       sweep=experiment, trial=trial, epoch=i % per_trial + 1,
-                                       sha256=sha256_file(folder / WEIGHTS), metrics={"val_accuracy": 0.5 - 1e-3 * i},
-                                       dataset_fingerprint=meta.dataset_fingerprint,
-                                       init_fingerprint=meta.init_fingerprint, architecture=model)
+        meta = read_meta(folder)  # labelled as this trial's epoch: log_checkpoint reads the folder
+        meta.extra.update(sweep=experiment, trial=trial)
+        meta.epoch, meta.metrics = i % per_trial + 1, {"val_accuracy": 0.5 - 1e-3 * i}
+        (folder / META).write_text(meta.to_json(), encoding="utf-8")
+        return registry.log_checkpoint(client, (eid, runs[trial]), folder)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(log, range(len(folders))))
     return eid

@@ -88,14 +88,12 @@ def fake_sweep(data, data_dir, cfg, uri: str, trials: int, per_trial: int, tmp: 
                   for k, v in base.items()}
             trainer.model.load_state_dict(sd)
             metrics = trainer.evaluate("val")
-            meta = CheckpointMeta(cfg.model, cfg.img_size, data.num_classes, data.classes, data.fingerprint,
-                                  trainer.init_fingerprint, epoch, metrics=metrics, preprocess=trainer.preprocess)
+            meta = CheckpointMeta.for_training(cfg, data, init_fingerprint=trainer.init_fingerprint, epoch=epoch,
+                                               metrics=metrics, preprocess=trainer.preprocess,
+                                               extra={"sweep": "bench-parallel", "trial": f"t{t}"})
             folder = tmp / f"t{t}-e{epoch}"
-            sha = save_checkpoint(folder, sd, meta)
-            registry.log_checkpoint(client, experiment_id=exp, run_id=run.info.run_id, ckpt_dir=folder,
-                                    sweep="bench-parallel", trial=f"t{t}", epoch=epoch, sha256=sha, metrics=metrics,
-                                    dataset_fingerprint=data.fingerprint, init_fingerprint=trainer.init_fingerprint,
-                                    architecture=cfg.model)
+            save_checkpoint(folder, sd, meta)
+            registry.log_checkpoint(client, run, folder)
     return "bench-parallel"
 
 

@@ -72,13 +72,12 @@ def log_cost(uri: str, data, cfg, n: int = 10) -> float:
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for epoch in range(1, n + 1):
-            meta = CheckpointMeta(cfg.model, cfg.img_size, data.num_classes, data.classes, data.fingerprint, "x", epoch)
-            sha = save_checkpoint(Path(tmp) / f"e{epoch}", sd, meta)
+            meta = CheckpointMeta.for_training(cfg, data, init_fingerprint="x", epoch=epoch,
+                                               metrics={"val_accuracy": 0.5, "val_macro_f1": 0.5, "val_loss": 1.0},
+                                               extra={"sweep": "bench", "trial": "t0"})
+            save_checkpoint(Path(tmp) / f"e{epoch}", sd, meta)
             t0 = time.perf_counter()
-            registry.log_checkpoint(client, experiment_id=exp, run_id=run.info.run_id, ckpt_dir=Path(tmp) / f"e{epoch}",
-                                    sweep="bench", trial="t0", epoch=epoch, sha256=sha,
-                                    metrics={"val_accuracy": 0.5, "val_macro_f1": 0.5, "val_loss": 1.0},
-                                    dataset_fingerprint=data.fingerprint, init_fingerprint="x", architecture=cfg.model)
+            registry.log_checkpoint(client, run, Path(tmp) / f"e{epoch}")
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

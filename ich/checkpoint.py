@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from ich.errors import IchError
@@ -61,6 +62,25 @@ class CheckpointMeta:
         elif isinstance(self.preprocess, Preprocess):
             self.preprocess = self.preprocess.to_dict()
         Preprocess.from_dict(self.preprocess, self.img_size, "preprocess")  # refuses unusable values
+
+    @classmethod
+    def for_training(cls, cfg, dataset, *, init_fingerprint: str, epoch: int, metrics: dict[str, float],
+                     preprocess=None, extra: dict | None = None) -> "CheckpointMeta":
+        """The one factory of a trained model's metadata (a trial's epoch, `ich train`, a warm start): the identity
+        comes from the TrainConfig (model, img_size) and the dataset (classes, fingerprint); preprocess is the
+        trainer's (None: the dataset's defaults)."""
+        return cls(architecture=cfg.model, img_size=cfg.img_size, num_classes=dataset.num_classes,
+                   class_names=list(dataset.classes), dataset_fingerprint=dataset.fingerprint,
+                   init_fingerprint=init_fingerprint, epoch=int(epoch), metrics=dict(metrics), extra=dict(extra or {}),
+                   preprocess=preprocess)
+
+    def derived(self, *, epoch: int, metrics: dict[str, float], extra: dict, preprocess=None) -> "CheckpointMeta":
+        """The metadata of a model made from checkpoints of this identity (a soup of its ingredients): the same
+        architecture, img size, classes, dataset and init; its own epoch, metrics and extra; the ingredients'
+        preprocessing unless given."""
+        return dataclasses.replace(self, class_names=list(self.class_names), epoch=int(epoch), metrics=dict(metrics),
+                                   extra=dict(extra), preprocess=self.preprocess if preprocess is None else preprocess,
+                                   format_version=FORMAT_VERSION)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False, sort_keys=True)
@@ -139,24 +159,47 @@ def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
     return CheckpointMeta.from_dict(d, where=str(directory))
 
 
+def _refuse_non_safetensors(head: bytes, size: int, where) -> None:
+    # safetensors = 8-byte little-endian header length + a JSON header starting with "{". Anything else
+    # (a torch.save zip, a raw pickle renamed .safetensors) is refused before any parser sees it.
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if not (2 <= n <= size - 8) or head[8:9] != b"{":
+        kind = "a zip/pickle archive" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") \
+            else "truncated or not safetensors"
+        raise CheckpointError(f"{where}: not a safetensors file ({kind}); refusing to load")
+
+
 def load_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Strict safetensors read: anything else (a pickle renamed .safetensors, a truncated file) is refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    # safetensors = 8-byte little-endian header length + a JSON header starting with "{". Anything else
-    # (a torch.save zip, a raw pickle renamed .safetensors) is refused before any parser sees it.
     with open(path, "rb") as f:
         head = f.read(9)
-    n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
-    if not (2 <= n <= path.stat().st_size - 8) or head[8:9] != b"{":
-        kind = "a zip/pickle archive" if head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") \
-            else "truncated or not safetensors"
-        raise CheckpointError(f"{path}: not a safetensors file ({kind}); refusing to load")
+    _refuse_non_safetensors(head, path.stat().st_size, path)
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_hashed(path: str | os.PathLike) -> tuple[bytes, str]:
+    """A weights file's bytes and their sha256, from one read (weights_from_bytes then parses the same bytes)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such weights file") from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def weights_from_bytes(data: bytes, where: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Strict safetensors parse of a weights file's bytes (as load_weights); the tensors own their memory."""
+    _refuse_non_safetensors(data[:9], len(data), where)
+    try:
+        return load_bytes(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def first_nonfinite(state_dict: dict[str, torch.Tensor]) -> str | None:

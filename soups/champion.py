@@ -13,13 +13,13 @@ from mlflow.exceptions import MlflowException
 
 from soups import registry
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
-from soups.soup_record import TAG_METRIC, Context, SoupEntry
+from soups.soup_record import Context, SoupEntry
 from soups.stats import mcnemar_exact
+from soups.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_DECISION, TAG_DECISION_REASON,
+                        TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_PYFUNC_MODEL, TAG_REGISTERED_MODEL,
+                        TAG_REGISTERED_VERSION, TAG_SOUP, TAG_SOUP_MODEL, TAG_SWEEP, TAG_VAL_PREFIX)
 
 ALIAS = "champion"
-TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it
-TAG_DECISION = "ich.champion_decision"
-TAG_DECISION_REASON = "ich.champion_reason"
 
 
 def registered_model_name(experiment: str, registered_model: str | None = None) -> str:
@@ -46,7 +46,7 @@ def ensure_registered_model(client: MlflowClient, name: str, experiment: str) ->
             raise
         try:
             registry.call_with_retry(f"create registered model {name!r}", client.create_registered_model, name,
-                                     tags={"ich.experiment": experiment})
+                                     tags={TAG_EXPERIMENT: experiment})
         except MlflowException as e2:
             if e2.error_code != "RESOURCE_ALREADY_EXISTS":  # created by another call meanwhile
                 raise
@@ -78,9 +78,9 @@ def decide_champion(ctx: Context, best: SoupEntry, best_val_logits: np.ndarray, 
         return {**out, "moved": True, "reason": "no champion yet"}
     out["previous_version"] = current.version
     tags = current.tags or {}
-    if tags.get(registry.TAG_DATASET) and tags[registry.TAG_DATASET] != ctx.dataset.fingerprint:
+    if tags.get(TAG_DATASET) and tags[TAG_DATASET] != ctx.dataset.fingerprint:
         return {**out, "moved": False, "reason": f"champion v{current.version} is on another dataset; not comparable"}
-    champ_val = tags.get(f"ich.val_{metric}")
+    champ_val = tags.get(f"{TAG_VAL_PREFIX}{metric}")
     champ_logits = None
     if champ_val is None and current.run_id:  # older versions: the run's metric
         champ_val = registry.call_with_retry("get champion run", ctx.client.get_run, current.run_id).data.metrics.get(
@@ -139,23 +139,23 @@ def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np
     mlflow.set_experiment(experiment_id=ctx.experiment_id)
     with mlflow.start_run(run_id=best.run_id):
         info = log_pyfunc(best.ckpt, name="pyfunc", example_pixels=ctx.dataset.splits["val"].images[0],
-                          tags={registry.TAG_KIND: "soup-pyfunc", registry.TAG_SWEEP: ctx.sweep,
+                          tags={TAG_KIND: KIND_SOUP_PYFUNC, TAG_SWEEP: ctx.sweep,
                                 TAG_SOUP_MODEL: best.model_id})
-    version_tags = {"ich.soup": best.name, TAG_SOUP_MODEL: best.model_id, "ich.pyfunc_model_id": info.model_id,
-                    registry.TAG_SWEEP: ctx.sweep, "ich.experiment": opts.experiment, TAG_METRIC: metric,
-                    registry.TAG_DATASET: ctx.dataset.fingerprint,
+    version_tags = {TAG_SOUP: best.name, TAG_SOUP_MODEL: best.model_id, TAG_PYFUNC_MODEL: info.model_id,
+                    TAG_SWEEP: ctx.sweep, TAG_EXPERIMENT: opts.experiment, TAG_METRIC: metric,
+                    TAG_DATASET: ctx.dataset.fingerprint,
                     TAG_DECISION: "moved" if decision["moved"] else "kept",
                     TAG_DECISION_REASON: decision["reason"][:5000],
-                    **{f"ich.val_{k}": repr(v) for k, v in best.val.items()},
-                    **{f"ich.champion_{k}": repr(decision[k]) for k in ("champion_val", "p_value")
+                    **{f"{TAG_VAL_PREFIX}{k}": repr(v) for k, v in best.val.items()},
+                    **{f"{TAG_CHAMPION_PREFIX}{k}": repr(decision[k]) for k in ("champion_val", "p_value")
                        if decision[k] is not None}}
     version = registry.call_with_retry(
         f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{info.model_id}",
         run_id=best.run_id, tags=version_tags, model_id=info.model_id)
     if decision["moved"]:
         registry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
-    run_tags = {k: v for k, v in version_tags.items() if k.startswith("ich.champion")}
-    run_tags.update({"ich.registered_model": name, "ich.registered_version": str(version.version)})
+    run_tags = {k: v for k, v in version_tags.items() if k.startswith(TAG_CHAMPION_PREFIX)}  # decision, reason, figures
+    run_tags.update({TAG_REGISTERED_MODEL: name, TAG_REGISTERED_VERSION: str(version.version)})
     registry.call_with_retry("tag champion decision", client.log_batch, best.run_id,
                              tags=[RunTag(k, v) for k, v in run_tags.items()])
     alias_version = version.version if decision["moved"] else (current.version if current else None)

@@ -35,12 +35,9 @@ from ich.checkpoint import META
 from ich.errors import IchError
 from ich.metrics import metric_of_key
 from soups import registry
+from soups.tags import (GC_DELETED, KIND_CHECKPOINT, KIND_SWEEP, TAG_EPOCH, TAG_GC, TAG_GC_BYTES, TAG_GC_TIME, TAG_KIND,
+                        TAG_SOUP_MODEL, TAG_SWEEP, TAG_TRIAL, latest_metrics)
 
-TAG_GC = "ich.gc"
-TAG_GC_BYTES = "ich.gc_bytes"
-TAG_GC_TIME = "ich.gc_time"
-GC_DELETED = "deleted"
-TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered model versions (soups/orchestrate.py)
 CHAMPION = "champion"
 
 
@@ -149,7 +146,7 @@ def _policy(opts: GcOptions, client, experiment_id: str) -> GcPolicy:
         policy.keep_top_k, policy.keep_last_k = opts.from_config["keep_top_k"], opts.from_config["keep_last_k"]
         metric, mode = opts.from_config["metric"], opts.from_config["mode"]
     if metric is None:
-        run = registry.latest_run_by_tags(client, experiment_id, {registry.TAG_KIND: "sweep"})
+        run = registry.latest_run_by_tags(client, experiment_id, {TAG_KIND: KIND_SWEEP})
         metric = run.data.params.get("metric") if run is not None else None
     policy.metric = opts.metric or metric or policy.metric
     known = metric_of_key(policy.metric)  # "val_loss": lower is better (ich/metrics.py); a key it does not know: higher
@@ -234,19 +231,19 @@ def _candidates(client, experiment_id: str, metric: str) -> tuple[list[Candidate
     """Every checkpoint LoggedModel of the experiment, READY or not (searches elsewhere see READY only)."""
     from mlflow.entities import LoggedModelStatus
     models = registry._search_models(client, [experiment_id], registry._tag_filter(
-        {registry.TAG_KIND: registry.KIND_CHECKPOINT}), None)
+        {TAG_KIND: KIND_CHECKPOINT}), None)
     out, by_id = [], {}
     for m in models:
         tags = m.tags or {}
         try:
-            epoch = int(tags.get(registry.TAG_EPOCH, ""))
+            epoch = int(tags.get(TAG_EPOCH, ""))
         except ValueError:
             epoch = -1
-        score = registry._latest_metrics(m).get(metric, math.nan)
+        score = latest_metrics(m).get(metric, math.nan)
         ready = registry._is_ready(m)
         failed = m.status == LoggedModelStatus.FAILED
-        label = f"trial {tags.get(registry.TAG_TRIAL, '?')} epoch {epoch} (model {m.model_id})"
-        out.append(Candidate(m.model_id, tags.get(registry.TAG_SWEEP, ""), tags.get(registry.TAG_TRIAL, ""), epoch,
+        label = f"trial {tags.get(TAG_TRIAL, '?')} epoch {epoch} (model {m.model_id})"
+        out.append(Candidate(m.model_id, tags.get(TAG_SWEEP, ""), tags.get(TAG_TRIAL, ""), epoch,
                              score, ready, tags.get(TAG_GC) == GC_DELETED, label, failed))
         by_id[m.model_id] = m
     return out, by_id

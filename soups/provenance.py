@@ -31,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
+from soups.tags import TAG_ENV, TAG_INGREDIENT_COMMITS, TAG_INGREDIENT_HASHES, TAG_SOURCE_HASH, TAG_VERSION
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PACKAGES = ("ich", "soups", "sweeps")
 DIST_NAME = "ich-soups"
@@ -41,11 +43,6 @@ TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_BRANCH = "mlflow.source.git.branch"
 TAG_GIT_DIRTY = "mlflow.source.git.dirty"
-TAG_VERSION = "ich.version"
-TAG_SOURCE_HASH = "ich.source.hash"
-TAG_ENV = "ich.env"
-TAG_INGREDIENT_COMMITS = "ich.ingredients.git_commits"
-TAG_INGREDIENT_HASHES = "ich.ingredients.source_hashes"
 UNRECORDED = "unrecorded"  # an ingredient run without the tag (logged before provenance existed)
 MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
 

@@ -2,8 +2,10 @@
 
 read_sweep reads what the soups need from MLflow in one go (experiment, sweep run, checkpoint records) into a
 SweepSnapshot; usable_records decides from it, without the network, which checkpoints may be souped.
-CheckpointPool downloads and verifies each checkpoint once (sha256 while downloading, then safetensors and
-finite weights), in background threads while soups are being built; later loads of a verified file skip the
+CheckpointPool downloads each checkpoint once and verifies it on its one read (registry.verify_pulled: sha256,
+safetensors, finite weights, tags against checkpoint.json), in background threads while soups are being built.
+The verified tensors are what the soups use: kept in memory up to ICH_SOUP_CACHE_MB (default 256) so each file
+is read once; past that budget memory stays flat and a verified file, unchanged since, is read again without a
 hash. families() groups the pulled checkpoints into the sets each soup is built from.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import math
 import os
 import sys
+import threading
 import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +24,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
-from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, load_weights
+from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_weights
 from soups import pool as ingredient_pool
 from soups import recipes, registry
 from soups.common import best_first, find_experiment
@@ -29,8 +32,10 @@ from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
 from soups.pool import Schedule
+from soups.tags import GC_DELETED, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_KIND, TAG_SWEEP
 
-TAG_DATA = "ich.data"  # on sweep runs: the dataset folder
+CACHE_MB_ENV = "ICH_SOUP_CACHE_MB"  # verified ingredients kept in memory (MB) so each file is read once
+DEFAULT_CACHE_MB = 256
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -49,9 +54,9 @@ class SweepSnapshot:
 def read_sweep(client, opts: SoupOptions, uri: str) -> SweepSnapshot:
     """The experiment, its latest sweep run (of opts.sweep when given) and the sweep's checkpoint records."""
     experiment_id = find_experiment(client, opts.experiment, uri).experiment_id
-    sweep_tags = {registry.TAG_KIND: "sweep", **({registry.TAG_SWEEP: opts.sweep} if opts.sweep else {})}
+    sweep_tags = {TAG_KIND: KIND_SWEEP, **({TAG_SWEEP: opts.sweep} if opts.sweep else {})}
     sweep_run = registry.latest_run_by_tags(client, experiment_id, sweep_tags)
-    sweep = opts.sweep or (sweep_run.data.tags.get(registry.TAG_SWEEP) if sweep_run else None)
+    sweep = opts.sweep or (sweep_run.data.tags.get(TAG_SWEEP) if sweep_run else None)
     records = registry.search_checkpoints(client, [experiment_id], sweep=sweep)
     if not records:
         raise SoupError(f"experiment {opts.experiment!r}: no checkpoints" + (f" of sweep {sweep!r}" if sweep else ""))
@@ -82,7 +87,7 @@ def usable_records(records: list[registry.CheckpointRecord], metric: str, datase
     out = Usable()
     key = f"val_{metric}"
     for r in records:
-        if r.tags.get("ich.gc") == "deleted":
+        if r.tags.get(TAG_GC) == GC_DELETED:
             out.collected.append(r)
             continue
         score = r.metrics.get(key)
@@ -115,19 +120,26 @@ class Pulled:
     score: float  # its val metric as recorded in MLflow: ranks ingredients
     spec: EvalSpec  # architecture + preprocessing (checkpoint.json)
     verified: tuple | None = None  # _file_id of the weights when they were verified (sha256, safetensors, finite)
+    state_dict: dict | None = None  # the verified tensors, while the pool's memory budget holds them
 
     @property
     def label(self) -> str:
         return self.record.label()
 
     def load(self) -> dict:
-        """The weights; a file verified on pull and unchanged since is read without hashing it again (a new
-        copy, e.g. fetched on another node, is verified in full)."""
+        """The verified weights: the tensors of the pull's one read when the pool kept them (read-only for the
+        caller: shared by every soup of the call); else a file verified on pull and unchanged since, read without
+        hashing it again; else (a new copy, e.g. fetched on another node) verified in full."""
+        if self.state_dict is not None:
+            return self.state_dict
         weights = self.folder / WEIGHTS
         if self.verified is not None and weights.is_file() and _file_id(weights) == self.verified:
             return load_weights(weights)
-        state_dict, _ = load_checkpoint(self.folder, expected_sha256=self.record.sha256)
+        state_dict, _ = registry.verify_pulled(self.record, self.folder)
         return state_dict
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "state_dict": None}  # a Ray task reads the verified file, not the driver's memory
 
     def group_key(self) -> tuple:
         return group_key(self.meta)
@@ -151,23 +163,27 @@ class CheckpointPool:
     the next ones are downloading. A failure is recorded in `skipped` and warned about once.
     """
 
-    def __init__(self, client, pulls: list[tuple[registry.CheckpointRecord, float]], folder: Path, workers: int = 2):
+    def __init__(self, client, pulls: list[tuple[registry.CheckpointRecord, float]], folder: Path, workers: int = 2,
+                 cache_bytes: int | None = None):
         self.client, self.folder = client, folder
         self.skipped: list[dict] = []
+        if cache_bytes is None:
+            cache_bytes = int(float(os.environ.get(CACHE_MB_ENV, DEFAULT_CACHE_MB)) * (1 << 20))
+        self._cache_left, self._cache_lock = cache_bytes, threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soups-pull")
         self._futures: dict[str, Future] = {r.model_id: self._executor.submit(self._pull, r, s) for r, s in pulls}
         self._done: dict[str, Pulled | None] = {}
         self._bar = tqdm(total=len(pulls), desc="pull checkpoints", unit="ckpt", file=sys.stderr, disable=None)
 
     def _pull(self, record: registry.CheckpointRecord, score: float) -> Pulled:
-        folder = registry.download_checkpoint(self.client, record, self.folder)  # sha256 verified on the way
-        state_dict, meta = load_checkpoint(folder)  # safetensors, finite weights (no second hash)
-        del state_dict
-        for name in ("architecture", "dataset_fingerprint", "init_fingerprint"):
-            tagged, stored = getattr(record, name), getattr(meta, name)
-            if tagged and tagged != stored:
-                raise CheckpointError(f"{name} is {stored!r} in checkpoint.json but {tagged!r} in the registry")
-        return Pulled(record, folder, meta, score, EvalSpec.of(meta), verified=_file_id(folder / WEIGHTS))
+        folder = registry.download_checkpoint(self.client, record, self.folder)
+        state_dict, meta = registry.verify_pulled(record, folder)  # the file's one read: sha256, safetensors, finite, tags
+        size = sum(t.numel() * t.element_size() for t in state_dict.values())
+        with self._cache_lock:
+            keep = size <= self._cache_left
+            self._cache_left -= size if keep else 0
+        return Pulled(record, folder, meta, score, EvalSpec.of(meta), verified=_file_id(folder / WEIGHTS),
+                      state_dict=state_dict if keep else None)
 
     def get(self, record: registry.CheckpointRecord) -> Pulled | None:
         if record.model_id not in self._done:
@@ -189,6 +205,9 @@ class CheckpointPool:
     def close(self) -> None:
         self._bar.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for pulled in self._done.values():  # the soups are built: the kept tensors go
+            if pulled is not None:
+                pulled.state_dict = None
 
 
 # ---------------------------------------------------------------------------------------------- families

@@ -35,13 +35,12 @@ import numpy as np
 import pandas as pd
 
 from ich.checkpoint import CheckpointError
+from soups.tags import TAG_CODE_SHA256, TAG_META_SHA256, TAG_SHA256  # noqa: F401 (the first two: used below)
 
 ARTIFACT = "soup"  # name of the checkpoint folder among the pyfunc model's artifacts
 CODE_FILE = Path(__file__).resolve().with_name("served_model.py")  # the model's python_model (Models-from-Code)
 WEIGHTS_FILE, META_FILE = "model.safetensors", "checkpoint.json"
-TAG_WEIGHTS_SHA256 = "ich.sha256"  # the same tag the registry records on checkpoints (soups.registry.TAG_SHA256)
-TAG_META_SHA256 = "ich.meta_sha256"
-TAG_CODE_SHA256 = "ich.code_sha256"
+TAG_WEIGHTS_SHA256 = TAG_SHA256  # the same tag the registry records on checkpoints
 
 # Serving inputs: bounded before anything is decoded or resized.
 PATH_ROOT_ENV = "ICH_SERVE_PATH_ROOT"  # unset: the `path` column is refused

@@ -2,7 +2,8 @@
 
 Every checkpoint is one LoggedModel whose source run is the trial's run: its artifacts are the checkpoint
 folder (model.safetensors + checkpoint.json), its val metrics are linked to it at step = epoch, and
-these tags identify it (docs/design.md#4 and #5):
+these tags identify it (docs/design.md#4 and #5; soups/tags.py holds the vocabulary and writes them from
+the folder's checkpoint.json):
 
     ich.kind                  "checkpoint" | "soup" | "init"
     ich.sweep                 sweep name
@@ -13,6 +14,9 @@ these tags identify it (docs/design.md#4 and #5):
     ich.init_fingerprint      fingerprint of the shared initialization
     ich.architecture          model architecture name
     ich.superseded_by         set on a record replaced by a newer one (which is then marked FAILED)
+
+A pull verifies what it reads in one place (verify_pulled): one read of the weights file, hashed against the
+recorded sha256, parsed as safetensors, checked finite, its checkpoint.json checked against the tags.
 
 Exactly once: a (sweep, trial, epoch) has one READY record. Logging it again with the same sha256
 returns the existing id; records left PENDING by a crash, or READY with other weights (a resumed trial
@@ -28,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -38,29 +42,17 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Run, ViewType
 from mlflow.exceptions import MlflowException, RestException
 
-from ich.checkpoint import META, WEIGHTS, CheckpointError, CheckpointMeta, load_checkpoint, sha256_file
+from ich.checkpoint import (META, WEIGHTS, CheckpointError, CheckpointMeta, first_nonfinite, read_hashed, read_meta,
+                            sha256_file, weights_from_bytes)
 from ich.errors import IchError
+from soups.tags import (INIT_TRIAL, KIND_CHECKPOINT, KIND_INIT, KIND_SOUP, LEGACY_TAG_WARM_START_RECIPE, TAG_ARCHITECTURE,
+                        TAG_DATASET, TAG_EPOCH, TAG_KIND,
+                        TAG_SHA256, TAG_SUPERSEDED_BY, TAG_SWEEP, TAG_TRIAL, TAG_WARM_START_RECIPE, CheckpointRecord,
+                        model_tags, record_of)
 from soups.supervise import FIRST_DELAY_S
 from soups.tracking_server import HEALTH_TIMEOUT_S
 
 log = logging.getLogger(__name__)
-
-TAG_KIND = "ich.kind"
-TAG_SWEEP = "ich.sweep"
-TAG_TRIAL = "ich.trial"
-TAG_EPOCH = "ich.epoch"
-TAG_SHA256 = "ich.sha256"
-TAG_DATASET = "ich.dataset_fingerprint"
-TAG_INIT = "ich.init_fingerprint"
-TAG_ARCHITECTURE = "ich.architecture"
-TAG_SUPERSEDED_BY = "ich.superseded_by"
-TAG_WARM_START_RECIPE = "ich.warm_start_recipe"  # on init models: hash of the warm-start training recipe
-LEGACY_TAG_WARM_START_RECIPE = "ich.recipe"  # the same hash on init models logged before the rename
-TAG_SOUP_RECIPE = "ich.recipe"  # on soups: uniform | greedy
-
-KIND_CHECKPOINT = "checkpoint"
-KIND_SOUP = "soup"
-KIND_INIT = "init"
 
 SEARCH_PAGE_SIZE = 500
 # HTTP statuses worth another try: the server restarting, overloaded, or SQLite briefly locked.
@@ -102,27 +94,6 @@ class RetryPolicy:
 # ~11 s idle, much longer on a loaded head). tests/test_supervised_server.py checks the sum.
 SERVER_RESTART_S = FIRST_DELAY_S + HEALTH_TIMEOUT_S
 DEFAULT_RETRY = RetryPolicy()
-
-
-@dataclass
-class CheckpointRecord:
-    model_id: str
-    run_id: str
-    experiment_id: str
-    name: str
-    sweep: str
-    trial: str
-    epoch: int
-    sha256: str
-    dataset_fingerprint: str
-    init_fingerprint: str
-    architecture: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    tags: dict = field(default_factory=dict)
-    artifact_uri: str = ""  # where the checkpoint folder lives (mlflow-artifacts:/...)
-
-    def label(self) -> str:
-        return f"trial {self.trial} epoch {self.epoch} (model {self.model_id})"
 
 
 def is_transient(error: BaseException) -> bool:
@@ -311,21 +282,38 @@ def _check_weights(ckpt_dir: Path, sha256: str | None) -> str:
     return actual
 
 
-def log_checkpoint(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: str | os.PathLike,
-                   sweep: str, trial: str, epoch: int, sha256: str, metrics: dict[str, float],
-                   dataset_fingerprint: str, init_fingerprint: str, architecture: str,
+def _run_ids(run: Run | tuple[str, str]) -> tuple[str, str]:
+    """(experiment_id, run_id) of an MLflow Run or of such a pair (what the upload process receives)."""
+    if isinstance(run, Run):
+        return run.info.experiment_id, run.info.run_id
+    experiment_id, run_id = run
+    return str(experiment_id), str(run_id)
+
+
+def _read_folder(folder: str | os.PathLike) -> tuple[Path, CheckpointMeta, str]:
+    """A checkpoint folder about to be logged: its metadata and the sha256 of its weights."""
+    folder = Path(folder)
+    sha256 = _check_weights(folder, None)
+    return folder, read_meta(folder), sha256
+
+
+def log_checkpoint(client: MlflowClient, run: Run | tuple[str, str], folder: str | os.PathLike, *,
                    retry: RetryPolicy | None = None) -> str:
-    """Log one epoch's checkpoint of a trial as a READY LoggedModel, exactly once; returns its model id.
+    """Log one epoch's checkpoint folder of a trial as a READY LoggedModel of `run` (the trial's run, or its
+    (experiment_id, run_id)), exactly once; returns its model id. What identifies it (sweep, trial, epoch,
+    fingerprints, architecture) and its metrics are read from the folder's checkpoint.json, its sha256 from the file.
 
     The metrics are logged on the trial's run at step=epoch and linked to the model, so the caller
     should not log them to the run again. Cost: 7 HTTP requests (search, create, 2 uploads, log_batch,
     log_outputs, finalize), ~50 ms for a 1 MB checkpoint against a local server on an idle 2-core machine.
     """
-    ckpt_dir = Path(ckpt_dir)
-    _check_weights(ckpt_dir, sha256)
-    key = {TAG_KIND: KIND_CHECKPOINT, TAG_SWEEP: sweep, TAG_TRIAL: trial, TAG_EPOCH: str(int(epoch))}
-    tags = {**key, TAG_SHA256: sha256, TAG_DATASET: dataset_fingerprint, TAG_INIT: init_fingerprint,
-            TAG_ARCHITECTURE: architecture}
+    experiment_id, run_id = _run_ids(run)
+    ckpt_dir, meta, sha256 = _read_folder(folder)
+    for key in ("sweep", "trial"):
+        if not str(meta.extra.get(key, "")):
+            raise CheckpointError(f"{ckpt_dir}: {META} has no extra.{key}; a trial's checkpoint names its sweep and trial")
+    tags = model_tags(meta, kind=KIND_CHECKPOINT, sha256=sha256)
+    key = {k: tags[k] for k in (TAG_KIND, TAG_SWEEP, TAG_TRIAL, TAG_EPOCH)}
     key_filter = _tag_filter(key)
 
     existing = _search_models(client, [experiment_id], key_filter, retry)
@@ -335,10 +323,10 @@ def log_checkpoint(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
         _retire(client, existing, keep, retry)
         return keep
 
-    name = _model_name(f"{trial}-e{int(epoch):03d}")
+    name = _model_name(f"{tags[TAG_TRIAL]}-e{meta.epoch:03d}")
     model_id, create_retried = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir,
-                                           name=name, kind=KIND_CHECKPOINT, tags=tags, metrics=metrics,
-                                           step=int(epoch), retry=retry)
+                                           name=name, kind=KIND_CHECKPOINT, tags=tags, metrics=meta.metrics,
+                                           step=meta.epoch, retry=retry)
     if create_retried:  # a create that reached the server before its answer was lost left an orphan
         existing = _search_models(client, [experiment_id], key_filter, retry)
     _retire(client, existing, model_id, retry)
@@ -367,18 +355,16 @@ def log_soup_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
     return model_id
 
 
-def log_init_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: str | os.PathLike,
-                   sweep: str, architecture: str, dataset_fingerprint: str, recipe: str, epoch: int,
-                   metrics: dict[str, float], retry: RetryPolicy | None = None) -> str:
-    """Log a sweep's warm-start base model (ich.kind=init) on the sweep run; returns its model id."""
-    ckpt_dir = Path(ckpt_dir)
-    sha256 = _check_weights(ckpt_dir, None)
-    tags = {TAG_KIND: KIND_INIT, TAG_SWEEP: sweep, TAG_TRIAL: "init", TAG_EPOCH: str(int(epoch)),
-            TAG_ARCHITECTURE: architecture, TAG_DATASET: dataset_fingerprint, TAG_INIT: "warm-start",
-            TAG_WARM_START_RECIPE: recipe, TAG_SHA256: sha256}
+def log_init_model(client: MlflowClient, run: Run | tuple[str, str], folder: str | os.PathLike, *,
+                   retry: RetryPolicy | None = None) -> str:
+    """Log a sweep's warm-start base model (ich.kind=init) on the sweep run; returns its model id. Its tags and
+    metrics come from the folder's checkpoint.json (extra.sweep, extra.recipe: the warm-start recipe's hash)."""
+    experiment_id, run_id = _run_ids(run)
+    ckpt_dir, meta, sha256 = _read_folder(folder)
+    tags = model_tags(meta, kind=KIND_INIT, sha256=sha256, trial=INIT_TRIAL)
     model_id, _ = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir,
-                              name=_model_name(f"init-{architecture}"), kind=KIND_INIT, tags=tags, metrics=metrics,
-                              step=int(epoch), retry=retry)
+                              name=_model_name(f"init-{meta.architecture}"), kind=KIND_INIT, tags=tags,
+                              metrics=meta.metrics, step=meta.epoch, retry=retry)
     return model_id
 
 
@@ -394,37 +380,10 @@ def search_init_models(client: MlflowClient, experiment_ids: list[str], *, sweep
         if models:
             break
     models.sort(key=lambda m: (m.creation_timestamp or 0, m.model_id), reverse=True)
-    return [r for m in models if (r := _record(m)) is not None]
+    return [r for m in models if (r := record_of(m)) is not None]
 
 
 # ---------------------------------------------------------------------------------------------- pull
-
-def _latest_metrics(model: LoggedModel) -> dict[str, float]:
-    latest: dict[str, Metric] = {}
-    for metric in model.metrics or []:
-        held = latest.get(metric.key)
-        if held is None or (metric.step, metric.timestamp) >= (held.step, held.timestamp):
-            latest[metric.key] = metric
-    return {key: float(metric.value) for key, metric in latest.items()}
-
-
-def _record(model: LoggedModel) -> CheckpointRecord | None:
-    tags = model.tags or {}
-    try:
-        epoch = int(tags.get(TAG_EPOCH, ""))
-    except ValueError:
-        log.warning("skipping model %s: tag %s=%r is not an integer", model.model_id, TAG_EPOCH, tags.get(TAG_EPOCH))
-        return None
-    if not tags.get(TAG_SHA256):
-        log.warning("skipping model %s: no %s tag", model.model_id, TAG_SHA256)
-        return None
-    return CheckpointRecord(
-        model_id=model.model_id, run_id=model.source_run_id or "", experiment_id=model.experiment_id,
-        name=model.name, sweep=tags.get(TAG_SWEEP, ""), trial=tags.get(TAG_TRIAL, ""), epoch=epoch,
-        sha256=tags[TAG_SHA256], dataset_fingerprint=tags.get(TAG_DATASET, ""),
-        init_fingerprint=tags.get(TAG_INIT, ""), architecture=tags.get(TAG_ARCHITECTURE, ""),
-        metrics=_latest_metrics(model), tags=dict(tags), artifact_uri=model.artifact_location)
-
 
 def search_checkpoints(client: MlflowClient, experiment_ids: list[str], *, sweep: str | None = None,
                        trial: str | None = None, retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
@@ -443,7 +402,7 @@ def search_checkpoints(client: MlflowClient, experiment_ids: list[str], *, sweep
         k = (tags.get(TAG_SWEEP, ""), tags.get(TAG_TRIAL, ""), tags.get(TAG_EPOCH, ""))
         if k not in newest or _newest([newest[k], model]) is model:
             newest[k] = model
-    records = [r for m in newest.values() if (r := _record(m)) is not None]
+    records = [r for m in newest.values() if (r := record_of(m)) is not None]
     return sorted(records, key=lambda r: (r.trial, r.epoch, r.sweep))
 
 
@@ -451,13 +410,13 @@ def search_soup_models(client: MlflowClient, experiment_ids: list[str], *,
                        retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
     """READY soup LoggedModels (ich.kind=soup) of the experiments, as records."""
     models = _search_models(client, [str(e) for e in experiment_ids], _tag_filter({TAG_KIND: KIND_SOUP}), retry)
-    return [r for m in models if _is_ready(m) and (r := _record(m)) is not None]
+    return [r for m in models if _is_ready(m) and (r := record_of(m)) is not None]
 
 
 def get_model_record(client: MlflowClient, model_id: str, *, retry: RetryPolicy | None = None) -> CheckpointRecord:
     """The record of one LoggedModel by id (a checkpoint or a soup, e.g. the current champion's weights)."""
     model = call_with_retry(f"get model {model_id}", client.get_logged_model, model_id, retry=retry)
-    record = _record(model)
+    record = record_of(model)
     if record is None:
         raise RegistryError(f"model {model_id}: lacks the {TAG_EPOCH}/{TAG_SHA256} tags of an ich checkpoint or soup")
     return record
@@ -465,7 +424,8 @@ def get_model_record(client: MlflowClient, model_id: str, *, retry: RetryPolicy 
 
 def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, dst_dir: str | os.PathLike, *,
                         retry: RetryPolicy | None = None) -> Path:
-    """Download the record's checkpoint folder under dst_dir and verify its sha256; returns the folder."""
+    """Download the record's checkpoint folder under dst_dir; returns the folder. Nothing is verified here:
+    whoever reads the weights verifies them on that read (verify_pulled)."""
     if client is None:
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # MlflowClient() would open ./mlflow.db instead
             raise RegistryError(f"checkpoint {record.label()}: no MLflow client given and "
@@ -482,25 +442,32 @@ def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, d
     # Returns the local copy of the artifacts folder (dst_path/artifacts).
     folder = Path(call_with_retry(f"download model {record.model_id}", download_artifacts, artifact_uri=artifact_uri,
                                   dst_path=str(folder), tracking_uri=client.tracking_uri, retry=retry))
-    weights = folder / WEIGHTS
-    if not weights.is_file():
+    if not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"checkpoint {record.label()}: downloaded artifacts lack {WEIGHTS}")
-    actual = sha256_file(weights)
+    return folder
+
+
+def verify_pulled(record: CheckpointRecord, folder: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
+    """The one check of a pulled checkpoint, on the one read of its weights file: (state_dict, meta) when the file's
+    sha256 is the recorded one, it is safetensors with finite weights, and its checkpoint.json agrees with the
+    record's tags. Raises CheckpointError naming the checkpoint and what is wrong."""
+    folder = Path(folder)
+    data, actual = read_hashed(folder / WEIGHTS)
     if actual != record.sha256:
         raise CheckpointError(f"checkpoint {record.label()}: sha256 mismatch (recorded {record.sha256[:12]}…, "
                               f"downloaded {actual[:12]}…); altered or corrupt")
-    return folder
+    meta = read_meta(folder)
+    state_dict = weights_from_bytes(data, folder / WEIGHTS)
+    del data
+    if (bad := first_nonfinite(state_dict)) is not None:
+        raise CheckpointError(f"checkpoint {record.label()}: tensor {bad} holds NaN/Inf")
+    # The tags were written from the same metadata: disagreement means a mixed-up record.
+    if (mismatch := record.identity_mismatch(meta)) is not None:
+        raise CheckpointError(f"checkpoint {record.label()}: {mismatch}")
+    return state_dict, meta
 
 
 def load_record(client: MlflowClient | None, record: CheckpointRecord, tmpdir: str | os.PathLike, *,
                 retry: RetryPolicy | None = None) -> tuple[dict, CheckpointMeta]:
     """Download, verify and read a checkpoint: (state_dict, meta). safetensors only; nothing is unpickled."""
-    folder = download_checkpoint(client, record, tmpdir, retry=retry)
-    state_dict, meta = load_checkpoint(folder, expected_sha256=record.sha256)
-    # The tags were written from the same metadata: disagreement means a mixed-up record.
-    for field_name in ("architecture", "dataset_fingerprint", "init_fingerprint"):
-        tagged, stored = getattr(record, field_name), getattr(meta, field_name)
-        if tagged and tagged != stored:
-            raise CheckpointError(f"checkpoint {record.label()}: {field_name} is {stored!r} in checkpoint.json "
-                                  f"but {tagged!r} in the registry")
-    return state_dict, meta
+    return verify_pulled(record, download_checkpoint(client, record, tmpdir, retry=retry))

@@ -79,6 +79,8 @@ from soups.report_snapshot import (RUNS_PAGE, TAG_OPTUNA_STORAGE, TAG_REGISTERED
                                     TRIAL_STATUS, Candidate, ChampionRef, OptunaRecord, ReportError, Snapshot,
                                     TrialRun, _best, _read_optuna, read_snapshot)
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
+from soups.tags import (GC_DELETED, KIND_REPORT, TAG_EXPERIMENT, TAG_GC, TAG_INGREDIENTS, TAG_KIND, TAG_METRIC,
+                        TAG_SPLIT, TAG_SWEEP)
 
 from soups.options import SPLITS, add_report_args  # noqa: F401  (flags live with the other options: `ich --help` imports no MLflow)
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
@@ -158,7 +160,7 @@ def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) ->
         score = r.metrics.get(key)
         if r.dataset_fingerprint != fingerprint:
             reason = "built on another dataset"
-        elif r.tags.get("ich.gc") == "deleted":  # the record stays, its weights were deleted by `ich gc`
+        elif r.tags.get(TAG_GC) == GC_DELETED:  # the record stays, its weights were deleted by `ich gc`
             reason = "weights deleted by ich gc"
         elif score is None or not math.isfinite(score):
             reason = f"no finite {key} recorded"
@@ -375,7 +377,7 @@ def html_table(header: list[str], lines: list[list[str]]) -> str:
 def _where(soup: Candidate) -> str:
     """Which soup of the block this is: its scope (and trial or name), and its ingredient pool when recorded."""
     where = f"within trial {soup.record.trial}" if soup.scope == "within" else f"across runs: {soup.record.name}"
-    pool = soup.record.tags.get("ich.ingredients")  # the pool rule (soups/pool.py), on soups that record one
+    pool = soup.record.tags.get(TAG_INGREDIENTS)  # the pool rule (soups/pool.py), on soups that record one
     return f"{where}, pool {pool}" if pool else where
 
 
@@ -857,8 +859,8 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
 
         parent = snap.sweep_run_id
         best = next(r for r in report.summary["table"] if r["key"] == report.summary["best_single"])
-        tags = {registry.TAG_KIND: "report", "ich.experiment": experiment, "ich.split": split_for_table,
-                "ich.metric": metric, registry.TAG_SWEEP: best["sweep"],
+        tags = {TAG_KIND: KIND_REPORT, TAG_EXPERIMENT: experiment, TAG_SPLIT: split_for_table,
+                TAG_METRIC: metric, TAG_SWEEP: best["sweep"],
                 **({"mlflow.parentRunId": parent} if parent else {}),
                 **provenance.run_tags("soups/report.py")}  # the code and packages that made it, as on every run
         run = registry.call_with_retry("create report run", client.create_run, snap.experiment_id,

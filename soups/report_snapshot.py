@@ -21,12 +21,12 @@ from ich.checkpoint import META
 from ich.errors import IchError
 from ich.models import family
 from soups import registry
-from soups.champion import ALIAS, TAG_SOUP_MODEL, current_champion, registered_model_name
+from soups.champion import ALIAS, current_champion, registered_model_name
 from soups.common import best_first, find_experiment
 from soups.options import SoupError
+from soups.tags import (GC_DELETED, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL, TAG_SCOPE,  # noqa: F401
+                        TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS)  # report.py imports the two storage tags from here
 
-TAG_REGISTERED_MODEL = "ich.registered_model"  # on the registered soup's run (orchestrate.register_best)
-TAG_OPTUNA_STORAGE = "ich.optuna_storage"  # on the sweep run, when the sweep records it
 TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
 RUNS_PAGE = 5000
 
@@ -52,11 +52,11 @@ class Candidate:
 
     @property
     def scope(self) -> str:
-        return self.record.tags.get("ich.scope", "")
+        return self.record.tags.get(TAG_SCOPE, "")
 
     @property
     def recipe(self) -> str:
-        return self.record.tags.get("ich.recipe", "")
+        return self.record.tags.get(TAG_SOUP_RECIPE, "")
 
 
 def _best(candidates: list[Candidate], metric: str) -> Candidate | None:
@@ -130,7 +130,7 @@ class Snapshot:
 
     @property
     def data(self) -> str | None:
-        return self.sweep_tags.get("ich.data")
+        return self.sweep_tags.get(TAG_DATA)
 
 
 def _open(experiment: str, tracking_uri: str | None):
@@ -185,7 +185,7 @@ def _trial_runs(client, experiment_id: str, sweep_run_id: str, key: str) -> list
     trials = []
     for run in runs:
         tags = run.data.tags
-        status = tags.get("ich.status") or TRIAL_STATUS.get(run.info.status, run.info.status.lower())
+        status = tags.get(TAG_STATUS) or TRIAL_STATUS.get(run.info.status, run.info.status.lower())
         history = _history(client, run.info.run_id, key) if key in run.data.metrics else []
         trials.append(TrialRun(tags.get(registry.TAG_TRIAL, run.info.run_name or run.info.run_id), run.info.run_id,
                                status, history))
@@ -271,7 +271,7 @@ def read_snapshot(experiment: str, *, tracking_uri: str | None = None, metric: s
     tmp = Path(tempfile.mkdtemp(prefix="ich-report-")) if own_tmp else tmp
     try:
         snap.ingredients = {s.model_id: _soup_ingredients(client, s, tmp) for s in snap.soups
-                            if family(s.architecture) == "coatnet" and s.tags.get("ich.gc") != "deleted"}
+                            if family(s.architecture) == "coatnet" and s.tags.get(TAG_GC) != GC_DELETED}
     finally:
         shutil.rmtree(tmp if own_tmp else tmp / "soup-meta", ignore_errors=True)
 

@@ -17,10 +17,12 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from ich.checkpoint import CheckpointMeta, save_checkpoint
+from ich.checkpoint import save_checkpoint
 from ich.data import ICHDataset
 from ich.metrics import metric_names
 from soups import provenance, registry
+from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND, TAG_METRIC,
+                        TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags)
 from soups.build import Soup, SoupBuilder
 from soups.common import json_safe, soft_vote_logits
 from soups.evaluate import Evaluator
@@ -31,14 +33,6 @@ from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 CI_ALPHA = 0.05  # the reported intervals are 95%; opts.alpha is the champion test's level
 SEED = 0  # bootstrap resamples: the same images for every model of a call
 
-TAG_SCOPE = "ich.scope"
-TAG_SOUP_RECIPE = registry.TAG_SOUP_RECIPE  # uniform | greedy
-TAG_METRIC = "ich.metric"
-TAG_TIE_RULE = "ich.tie_rule"
-TAG_BN_MODE = "ich.bn_mode"
-TAG_GROUP = "ich.group"
-TAG_INGREDIENTS = "ich.ingredients"  # the ingredient pool's rule (soups/pool.py): all | top_k:<k> | cycle_end
-TAG_POOL = "ich.pool"  # "<checkpoints in the pool>/<family size>", e.g. 2/3
 
 
 @dataclass
@@ -178,12 +172,12 @@ class Context:
 def log_soup(ctx: Context, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     """The soup's run (child of the sweep run) with metrics, artifacts and its weights as a LoggedModel."""
     client, opts = ctx.client, ctx.opts
-    tags = {registry.TAG_KIND: registry.KIND_SOUP, registry.TAG_SWEEP: ctx.sweep, TAG_SOUP_RECIPE: entry.recipe,
+    tags = {TAG_KIND: KIND_SOUP, TAG_SWEEP: ctx.sweep, TAG_SOUP_RECIPE: entry.recipe,
             TAG_SCOPE: entry.scope, TAG_METRIC: opts.metric, TAG_TIE_RULE: opts.tie_rule,
             TAG_BN_MODE: entry.bn_mode, TAG_GROUP: entry.group, TAG_INGREDIENTS: entry.pool["rule"],
             TAG_POOL: f"{entry.pool['size']}/{entry.pool['family_size']}"}
     if entry.trial:
-        tags[registry.TAG_TRIAL] = entry.trial
+        tags[TAG_TRIAL] = entry.trial
     if ctx.sweep_run_id:
         tags["mlflow.parentRunId"] = ctx.sweep_run_id
     # Traceable: this code and environment, and the distinct code versions that trained the ingredients.
@@ -201,11 +195,8 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     write_artifacts(folder, entry, opts.metric)
     registry.call_with_retry("log soup artifacts", client.log_artifacts, run_id, str(folder))
 
-    meta = ref.meta
-    soup_meta = CheckpointMeta(
-        architecture=meta.architecture, img_size=meta.img_size, num_classes=meta.num_classes,
-        class_names=list(meta.class_names), dataset_fingerprint=meta.dataset_fingerprint,
-        init_fingerprint=meta.init_fingerprint, epoch=0,
+    soup_meta = ref.meta.derived(  # the ingredients' identity (compatible by construction)
+        epoch=0,
         metrics={f"val_{k}": entry.val[k] for k in metric_names()} | {f"test_{k}": entry.test[k] for k in metric_names()},
         extra={"soup": entry.name, "sweep": ctx.sweep, "scope": entry.scope, "recipe": entry.recipe,
                "bn_mode": entry.bn_mode, "metric": opts.metric, "tie_rule": opts.tie_rule, "pool": entry.pool,
@@ -213,13 +204,11 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
                "image_size": ctx.dataset.image_size},
         preprocess=ref.spec.preprocess)  # the ingredients' (compatible by construction)
     ckpt = ctx.tmp / "soups" / entry.name
-    save_checkpoint(ckpt, soup.state_dict, soup_meta)
-    model_tags = {**tags, registry.TAG_EPOCH: "0", registry.TAG_TRIAL: entry.trial or "soup",
-                  registry.TAG_DATASET: meta.dataset_fingerprint, registry.TAG_INIT: meta.init_fingerprint,
-                  registry.TAG_ARCHITECTURE: meta.architecture}
-    model_tags.pop("mlflow.parentRunId", None)
+    sha256 = save_checkpoint(ckpt, soup.state_dict, soup_meta)
+    soup_tags = {**tags, **model_tags(soup_meta, kind=KIND_SOUP, sha256=sha256, trial=entry.trial or SOUP_TRIAL)}
+    soup_tags.pop("mlflow.parentRunId", None)
     entry.model_id = registry.log_soup_model(
-        client, experiment_id=ctx.experiment_id, run_id=run_id, ckpt_dir=ckpt, name=entry.name, tags=model_tags,
+        client, experiment_id=ctx.experiment_id, run_id=run_id, ckpt_dir=ckpt, name=entry.name, tags=soup_tags,
         metrics={f"val_{k}": entry.val[k] for k in metric_names()})
     registry.call_with_retry("finish soup run", client.set_terminated, run_id, "FINISHED")
     entry.run_id = run_id

@@ -59,10 +59,9 @@ def cmd_train(a) -> None:
         print(f"{r.epoch:>5} {m['train_loss']:>10.4f} {m['val_loss']:>8.4f} {m['val_accuracy']:>7.4f} "
               f"{m['val_macro_f1']:>7.4f} {m['images_per_s']:>7.0f} {m['data_wait_share']:>5.1%}", flush=True)
         if out:
-            meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=data.num_classes,
-                                  class_names=data.classes, dataset_fingerprint=data.fingerprint,
-                                  init_fingerprint=trainer.init_fingerprint, epoch=r.epoch,
-                                  metrics={k: float(v) for k, v in m.items()}, preprocess=trainer.preprocess)
+            meta = CheckpointMeta.for_training(cfg, data, init_fingerprint=trainer.init_fingerprint, epoch=r.epoch,
+                                               metrics={k: float(v) for k, v in m.items()},
+                                               preprocess=trainer.preprocess)
             save_checkpoint(out / f"epoch_{r.epoch:03d}", r.weights(), meta)
             trainer.save_state(out / "state")
     test = trainer.evaluate("test")

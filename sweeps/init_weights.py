@@ -172,15 +172,12 @@ def record_warm_start(tc: TrainConfig, sd: dict, metrics: dict, dataset: ICHData
     """Log a freshly trained warm start as the sweep's init model (ich.kind=init); its sha256 is the fingerprint."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "init"
-        meta = CheckpointMeta(architecture=tc.model, img_size=tc.img_size, num_classes=dataset.num_classes,
-                              class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
-                              init_fingerprint="warm-start", epoch=tc.epochs, metrics=metrics,
-                              extra={"sweep": sweep, "recipe": _recipe_key(tc), "config": dataclasses.asdict(tc)},
-                              preprocess=preprocess)
+        meta = CheckpointMeta.for_training(tc, dataset, init_fingerprint="warm-start", epoch=tc.epochs, metrics=metrics,
+                                           preprocess=preprocess, extra={"sweep": sweep, "recipe": _recipe_key(tc),
+                                                                         "config": dataclasses.asdict(tc)})
         sha = save_checkpoint(folder, sd, meta)
-        model_id = registry.log_init_model(client, experiment_id=experiment_id, run_id=parent_run_id, ckpt_dir=folder,
-                                           sweep=sweep, architecture=tc.model, dataset_fingerprint=dataset.fingerprint,
-                                           recipe=_recipe_key(tc), epoch=tc.epochs, metrics=metrics)
+        # its tags (sweep, architecture, dataset, recipe, epoch) and metrics come from the folder's checkpoint.json
+        model_id = registry.log_init_model(client, [experiment_id, parent_run_id], folder)
     return Init(sd, sha, f"warm start (trained, model {model_id})")
 
 

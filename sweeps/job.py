@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from soups.tags import (KIND_SWEEP, KIND_TRIAL, TAG_DATA, TAG_DATASET, TAG_FAILED_TRIALS, TAG_INIT_PREFIX, TAG_KIND,
+                        TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TUNE_PATH)
+
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """The sweep's options, one list for `python sweeps/coatnet.py` (and `ray submit`) and `ich sweep`."""
@@ -136,7 +139,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     summary = finish_trials(client, experiment_id, sweep, results, cfg)
     failed = [r for r in summary if r["status"] == "FAILED"]
     if failed:  # on the sweep run too: what the MLflow UI shows of an unattended run
-        registry.call_with_retry("tag failed trials", client.set_tag, parent_run_id, "ich.failed_trials",
+        registry.call_with_retry("tag failed trials", client.set_tag, parent_run_id, TAG_FAILED_TRIALS,
                                  " ".join(r["trial"] for r in failed))
     registry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
     if args.verbose:  # by default the progress callback printed a line per trial as it ended
@@ -191,7 +194,7 @@ def open_sweep_run(client, experiment_id: str, cfg, args: argparse.Namespace, ho
 
     sweep = cfg.sweep or cfg.experiment
     if resume_run is not None:
-        tune_path = resume_run.data.tags["ich.tune_path"]
+        tune_path = resume_run.data.tags[TAG_TUNE_PATH]
         if not tune.Tuner.can_restore(tune_path):
             raise ConfigError(f"--resume: no Ray Tune state at {tune_path}")
         registry.call_with_retry("mark sweep running", client.update_run, resume_run.info.run_id, status="RUNNING")
@@ -202,8 +205,8 @@ def open_sweep_run(client, experiment_id: str, cfg, args: argparse.Namespace, ho
     tune_path = f"{storage.rstrip('/')}/{name}"
     parent = registry.call_with_retry(
         "create sweep run", client.create_run, experiment_id, run_name=name,
-        tags={"ich.kind": "sweep", "ich.sweep": sweep, "ich.tune_path": tune_path, "ich.data": cfg.data,
-              "ich.dataset_fingerprint": dataset.fingerprint, **({} if cfg.grid else optuna_storage_tag(cfg, home)),
+        tags={TAG_KIND: KIND_SWEEP, TAG_SWEEP: sweep, TAG_TUNE_PATH: tune_path, TAG_DATA: cfg.data,
+              TAG_DATASET: dataset.fingerprint, **({} if cfg.grid else optuna_storage_tag(cfg, home)),
               **provenance.run_tags("sweeps/coatnet.py")})
     registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
         Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
@@ -237,7 +240,7 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
     inits = shared_inits(cfg, cfg.models, dataset, client, experiment_id, parent_run_id, sweep, resources,
                          verbose=args.verbose)
     registry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
-        RunTag(f"ich.init.{m}", i.fingerprint) for m, i in inits.items()])
+        RunTag(f"{TAG_INIT_PREFIX}{m}", i.fingerprint) for m, i in inits.items()])
 
     ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        tracking_uri=tracking_uri, train=dict(cfg.train),
@@ -311,11 +314,11 @@ def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[
         last_epoch = int((r.metrics or {}).get("epoch", 0))
         status = "FAILED" if r.error else ("FINISHED" if last_epoch >= epochs_planned else "KILLED")
         error = error_summary(r.error) if r.error else None
-        run = registry.find_run_by_tags(client, experiment_id, {"ich.kind": "trial", "ich.sweep": sweep,
-                                                                "ich.trial": trial_id})
+        run = registry.find_run_by_tags(client, experiment_id, {TAG_KIND: KIND_TRIAL, TAG_SWEEP: sweep,
+                                                                TAG_TRIAL: trial_id})
         if run is not None:
             registry.call_with_retry("set trial status", client.set_terminated, run.info.run_id, status)
-            registry.call_with_retry("tag trial status", client.set_tag, run.info.run_id, "ich.status",
+            registry.call_with_retry("tag trial status", client.set_tag, run.info.run_id, TAG_STATUS,
                                      "stopped by ASHA" if status == "KILLED" else status.lower())
         rows.append({"trial": trial_id, "status": status, "error": error, "epochs": last_epoch, "iterations": done,
                      "run_id": run.info.run_id if run else None,

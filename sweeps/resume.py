@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from soups.tags import KIND_SWEEP, TAG_KIND, TAG_SWEEP, TAG_TUNE_PATH
+
 def find_resume_run(client, experiment_id: str, sweep: str, experiment: str, storage: str):
     """The latest run of `sweep` to resume. Its `ich.tune_path` tag says where the Tune state is, and
     Tuner.restore unpickles tuner.pkl from there: anyone who can write MLflow tags could point it at a
@@ -15,11 +17,11 @@ def find_resume_run(client, experiment_id: str, sweep: str, experiment: str, sto
     from ich.errors import ConfigError
     from soups import registry
     runs = registry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],
-                                    filter_string=f"tags.`ich.kind` = 'sweep' AND tags.`ich.sweep` = '{sweep}'",
+                                    filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}' AND tags.`{TAG_SWEEP}` = '{sweep}'",
                                     order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs or not runs[0].data.tags.get("ich.tune_path"):
+    if not runs or not runs[0].data.tags.get(TAG_TUNE_PATH):
         raise ConfigError(f"--resume: sweep {sweep!r} has no earlier run to resume in experiment {experiment!r}")
-    tune_path = runs[0].data.tags["ich.tune_path"]
+    tune_path = runs[0].data.tags[TAG_TUNE_PATH]
     if not under_storage_root(tune_path, storage):
         raise ConfigError(f"--resume: ich.tune_path {tune_path!r} of sweep run {runs[0].info.run_id} is outside the "
                           f"storage root {storage!r}; refusing to restore Tune state from it (resume with the "

@@ -35,15 +35,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from ray import tune
 
-from ich.checkpoint import load_checkpoint
 from ich.data import load_dataset
 from soups import registry
 from soups.average import RunningSum, improves
 from soups.compat import IncompatibleCheckpoint, check_compatible
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better
+from soups.tags import TAG_VS_POSTHOC
 
 STATE_VERSION = 1
-TAG_VS_POSTHOC = "ich.soup_so_far_vs_posthoc"
 
 
 def _first_line(e: BaseException) -> str:
@@ -213,8 +212,7 @@ class SoupSoFar(tune.Callback):
 
     def _pull(self, client, record):
         with tempfile.TemporaryDirectory(prefix="ich-soup-so-far-") as tmp:
-            return load_checkpoint(registry.download_checkpoint(client, record, Path(tmp)),
-                                   expected_sha256=record.sha256)
+            return registry.load_record(client, record, Path(tmp))  # one read: sha256, safetensors, finite, tags
 
     def _restore_sum(self, client) -> None:
         """After a resume: the running sum again from its ingredients, in the order they joined (the same bits)."""

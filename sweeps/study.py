@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from soups.tags import TAG_OPTUNA_STORAGE
+
 def optuna_storage_url(cfg, home: Path) -> str:
     return cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}"
 
@@ -12,7 +14,7 @@ def optuna_storage_url(cfg, home: Path) -> str:
 def optuna_storage_tag(cfg, home: Path) -> dict:
     """`ich report` finds the study through this tag; a URL holding a password is not written to MLflow."""
     url = optuna_storage_url(cfg, home)
-    return {} if re.search(r"//[^/@]*:[^/@]*@", url) else {"ich.optuna_storage": url}
+    return {} if re.search(r"//[^/@]*:[^/@]*@", url) else {TAG_OPTUNA_STORAGE: url}
 
 
 def optuna_study_storage(cfg, home: Path):

@@ -32,14 +32,12 @@ from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
 from soups import provenance, registry
+from soups.tags import (KIND_TRIAL, TAG_KIND, TAG_NODE, TAG_NODE_ID, TAG_PID, TAG_SWEEP, TAG_TRIAL,
+                        TAG_TRIAL_NAME)
 from soups.worker_exit import quiet_sigterm_exit
 from sweeps.soup_objective import TrajectorySoup
 from sweeps.uploader import Upload, UploadProcess
 
-TAG_TRIAL_NAME = "ich.trial_name"
-TAG_NODE = "ich.node"
-TAG_NODE_ID = "ich.node_id"
-TAG_PID = "ich.pid"  # the process running the trial now (changes when Tune retries it elsewhere)
 CKPT_SUBDIR = "checkpoint"  # inside a Tune checkpoint: the folder that goes to MLflow
 METRIC_RESUMED_FROM = "resumed_from_epoch"  # per (re)start of a trial: the epoch its trainer resumed from
 METRIC_RETRIES = "mlflow_retries"  # per (re)start: MLflow calls that failed transiently and were tried again
@@ -96,7 +94,7 @@ class Init:
 
 def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name: str, cfg: TrainConfig) -> str:
     """The trial's MLflow child run, created once; a retried or resumed trial finds it again by tag."""
-    tags = {registry.TAG_KIND: "trial", registry.TAG_SWEEP: ctx.sweep, registry.TAG_TRIAL: trial_id}
+    tags = {TAG_KIND: KIND_TRIAL, TAG_SWEEP: ctx.sweep, TAG_TRIAL: trial_id}
     run = registry.find_run_by_tags(client, ctx.experiment_id, tags)
     node = {TAG_NODE: f"{socket.gethostname()}/{_node_ip()}", TAG_NODE_ID: _node_id(), TAG_PID: str(os.getpid())}
     if run is None:
@@ -216,19 +214,14 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             t0 = time.perf_counter()
             metrics = {k: float(v) for k, v in result.metrics.items()}
             folder = _new_folder(f"ich-{trial_id}-e{result.epoch:03d}-")
-            meta = CheckpointMeta(architecture=cfg.model, img_size=cfg.img_size, num_classes=dataset.num_classes,
-                                  class_names=dataset.classes, dataset_fingerprint=dataset.fingerprint,
-                                  init_fingerprint=trainer.init_fingerprint, epoch=result.epoch, metrics=metrics,
-                                  extra={"sweep": ctx.sweep, "trial": trial_id, "config": asdict(cfg)},
-                                  preprocess=trainer.preprocess)
+            meta = CheckpointMeta.for_training(cfg, dataset, init_fingerprint=trainer.init_fingerprint,
+                                               epoch=result.epoch, metrics=metrics, preprocess=trainer.preprocess,
+                                               extra={"sweep": ctx.sweep, "trial": trial_id, "config": asdict(cfg)})
             weights = result.weights()
-            sha = save_checkpoint(folder / CKPT_SUBDIR, weights, meta)
+            save_checkpoint(folder / CKPT_SUBDIR, weights, meta)
             trainer.save_state(folder, with_model=False)
-            upload = uploader.submit(
-                ctx.tracking_uri, experiment_id=ctx.experiment_id, run_id=run_id,
-                ckpt_dir=folder / CKPT_SUBDIR, sweep=ctx.sweep, trial=trial_id, epoch=result.epoch, sha256=sha,
-                metrics=metrics, dataset_fingerprint=dataset.fingerprint,
-                init_fingerprint=trainer.init_fingerprint, architecture=cfg.model)
+            # log_checkpoint reads what identifies the checkpoint from its checkpoint.json
+            upload = uploader.submit(ctx.tracking_uri, run=[ctx.experiment_id, run_id], folder=folder / CKPT_SUBDIR)
             soup_metrics = {}
             if soup is not None:  # the running soup, evaluated while the upload runs; a trial metric, not the checkpoint's
                 soup.add(weights, result.epoch)

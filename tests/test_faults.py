@@ -125,19 +125,20 @@ def test_upload_process_logs_checkpoints_and_ends_with_its_worker(mlflow_server,
     from tests.test_registry import make_checkpoint
     exp = registry.get_or_create_experiment(mlflow_client, "upload-process")
     run_id = mlflow_client.create_run(exp).info.run_id
-    ckpt_dir, sha, _ = make_checkpoint(tmp_path, "trial_up", 1, seed=1)
-    common = dict(experiment_id=exp, run_id=run_id, ckpt_dir=ckpt_dir, sweep="upload-process", trial="trial_up",
-                  epoch=1, metrics={"val_accuracy": 0.5}, dataset_fingerprint="ds-1", init_fingerprint="init-1",
-                  architecture="tiny_coatnet")
+    ckpt_dir, sha, _ = make_checkpoint(tmp_path, "trial_up", 1, seed=1, sweep="upload-process")
+    run = [exp, run_id]
     process = UploadProcess()
-    good = process.submit(mlflow_server, sha256=sha, **common)
+    good = process.submit(mlflow_server, run=run, folder=ckpt_dir)
     model_id = good.result()
     assert str(mlflow_client.get_logged_model(model_id).status) in ("READY", "LoggedModelStatus.READY")
-    bad = process.submit(mlflow_server, sha256="0" * 64, **common)
-    with pytest.raises(UploadError, match=r"^CheckpointError: .*sha256 mismatch") as refused:
+    assert mlflow_client.get_logged_model(model_id).tags["ich.sha256"] == sha
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    bad = process.submit(mlflow_server, run=run, folder=not_a_checkpoint)
+    with pytest.raises(UploadError, match=r"^CheckpointError: .*not a checkpoint folder") as refused:
         bad.result()
     assert "\n" not in str(refused.value)
-    assert process.submit(mlflow_server, sha256=sha, **common).result() == model_id  # still serving, exactly once
+    assert process.submit(mlflow_server, run=run, folder=ckpt_dir).result() == model_id  # still serving, exactly once
     assert process.retries == 0
     process._proc.stdin.close()  # what the worker's exit does
     assert process._proc.wait(timeout=30) == 0

@@ -19,7 +19,7 @@ from ich.checkpoint import META, WEIGHTS, CheckpointMeta, load_checkpoint, save_
 from sweeps.cli import main as ich_main
 from ich.errors import ConfigError
 from ich.models import create_model
-from soups import registry
+from soups import registry, tags
 from soups.gc import Candidate, GcError, GcPolicy, plan
 
 ARCH = "coatnet_tiny_ich"
@@ -103,14 +103,11 @@ def gc_sweep(mlflow_server, mlflow_server_handle, digits_data, digits_dataset, t
         sd = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
               for k, v in base.items()}
         meta = CheckpointMeta(ARCH, 32, digits_data.num_classes, digits_data.classes, digits_data.fingerprint,
-                              "gc-init", epoch, {"val_macro_f1": score})
+                              "gc-init", epoch, {"val_macro_f1": score, "val_accuracy": score},
+                              extra={"sweep": EXPERIMENT, "trial": trial})
         folder = tmp / f"{trial}-{epoch}-{salt}"
-        sha = save_checkpoint(folder, sd, meta)
-        return registry.log_checkpoint(client, experiment_id=eid, run_id=run_id, ckpt_dir=folder, sweep=EXPERIMENT,
-                                       trial=trial, epoch=epoch, sha256=sha,
-                                       metrics={"val_macro_f1": score, "val_accuracy": score},
-                                       dataset_fingerprint=digits_data.fingerprint, init_fingerprint="gc-init",
-                                       architecture=ARCH)
+        save_checkpoint(folder, sd, meta)
+        return registry.log_checkpoint(client, (eid, run_id), folder)
 
     superseded = None
     for trial, scores in SCORES.items():
@@ -129,9 +126,9 @@ def gc_sweep(mlflow_server, mlflow_server_handle, digits_data, digits_dataset, t
     meta.extra = {"soup": "hand", "ingredients": [ids[("a", 1)]]}
     save_checkpoint(tmp / "hand-soup", sd, meta)
     hand = registry.log_soup_model(client, experiment_id=eid, run_id=hand_run.info.run_id, ckpt_dir=tmp / "hand-soup",
-                                   name="hand", tags={registry.TAG_EPOCH: "0", registry.TAG_TRIAL: "soup",
-                                                      registry.TAG_DATASET: digits_data.fingerprint,
-                                                      registry.TAG_INIT: "gc-init", registry.TAG_ARCHITECTURE: ARCH},
+                                   name="hand", tags={tags.TAG_EPOCH: "0", tags.TAG_TRIAL: "soup",
+                                                      tags.TAG_DATASET: digits_data.fingerprint,
+                                                      tags.TAG_INIT: "gc-init", tags.TAG_ARCHITECTURE: ARCH},
                                    metrics={"val_macro_f1": 0.5})
     summary = run_soups(SoupOptions(experiment=EXPERIMENT, tracking_uri=mlflow_server, scope="across",
                                     recipe="uniform", bn="average", n_resamples=200))

@@ -13,6 +13,8 @@ unset, the test runs .ci/postgres.sh itself when it can (root with apt, or Postg
 run gets a fresh database (ich_load_<random>), dropped afterwards, so reruns never collide.
 
 Run one trial process by hand: python -m tests.test_load worker URI EXPERIMENT TRIAL WORKDIR GO_FILE OUT_JSON
+(the test forks all 16 from one that imported torch and mlflow once: `workers URI EXPERIMENT N WORKDIR GO_FILE
+OUT_DIR`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,7 +76,8 @@ def worker(uri: str, experiment_id: str, trial_index: int, workdir: str, go_file
     for epoch in range(1, EPOCHS + 1):
         meta = CheckpointMeta(architecture="coatnet_tiny_ich", img_size=32, num_classes=10, class_names=classes,
                               dataset_fingerprint="ds-load", init_fingerprint="init-load", epoch=epoch,
-                              metrics={"val_accuracy": 0.5 + epoch / 40, "val_macro_f1": 0.4 + epoch / 40})
+                              metrics={"val_accuracy": 0.5 + epoch / 40, "val_macro_f1": 0.4 + epoch / 40},
+                              extra={"sweep": SWEEP, "trial": trial})
         folder = Path(workdir) / trial / f"epoch_{epoch:03d}"
         ckpts.append((epoch, folder, save_checkpoint(folder, _state(trial_index, epoch), meta), meta.metrics))
     client = MlflowClient(tracking_uri=uri)
@@ -91,16 +95,53 @@ def worker(uri: str, experiment_id: str, trial_index: int, workdir: str, go_file
     for epoch, folder, sha, metrics in ckpts:
         t = time.monotonic()
         try:
-            model_id = registry.log_checkpoint(
-                client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=folder, sweep=SWEEP, trial=trial,
-                epoch=epoch, sha256=sha, metrics=metrics, dataset_fingerprint="ds-load",
-                init_fingerprint="init-load", architecture="coatnet_tiny_ich")
+            model_id = registry.log_checkpoint(client, (experiment_id, run_id), folder)
             logged.append({"epoch": epoch, "model_id": model_id, "sha256": sha, "seconds": time.monotonic() - t})
         except Exception as e:  # counted, never hidden: the test fails on any
             errors.append({"epoch": epoch, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
     Path(out_json).write_text(json.dumps({"trial": trial, "run_id": run_id, "logged": logged, "errors": errors,
                                           "retries": retries, "seconds": time.monotonic() - t0}))
     return 0
+
+
+def spawn_workers(uri: str, experiment_id: str, trials: int, workdir: str, go_file: str, out_dir: str) -> int:
+    """Start `trials` trial processes: what a worker needs is imported once here, then one child is forked per
+    trial, each its own process with its own MLflow client and connections, as Ray's workers are (16 fresh
+    interpreters importing torch and mlflow cost a minute of CPU on 2 cores). As soon as a child fails the
+    others are killed and this exits 1."""
+    import traceback
+
+    import mlflow  # noqa: F401  (imported before the fork, by every child)
+    import torch  # noqa: F401
+    from ich.checkpoint import save_checkpoint  # noqa: F401
+    from soups import registry  # noqa: F401
+
+    sys.stdout.flush()
+    children: dict[int, int] = {}
+    for i in range(trials):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = worker(uri, experiment_id, i, workdir, go_file, str(Path(out_dir) / f"trial{i}.json"))
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = i
+    failed = 0
+    while children:
+        pid, status = os.wait()
+        i = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not failed:
+            print(f"trial process {i} (pid {pid}) exited {code}; ending the others", flush=True)
+            failed = 1
+            for other in children:
+                os.kill(other, signal.SIGKILL)
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------- test side
@@ -179,37 +220,35 @@ def run_load(store: str, backend_store_uri: str | None, tmp: Path) -> dict:
     t_server = time.monotonic()
     handle = start_server(tmp / "server", port=free_port(), backend_store_uri=backend_store_uri)
     server_start_s = time.monotonic() - t_server
-    procs = []
+    spawner = None
+    log = tmp / "workers.log"
     try:
         client = MlflowClient(tracking_uri=handle.uri)
         experiment_id = registry.get_or_create_experiment(client, f"load-{store}-{uuid.uuid4().hex[:6]}")
         go = tmp / "GO"
         env = {**os.environ, "MLFLOW_TRACKING_URI": handle.uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        outs = [tmp / f"trial{i}.json" for i in range(TRIALS)]
-        for i, out in enumerate(outs):
-            cmd = [sys.executable, "-m", "tests.test_load", "worker", handle.uri, experiment_id, str(i),
-                   str(tmp / "ckpts"), str(go), str(out)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outs = [tmp / f"trial{i}.json" for i in range(TRIALS)]  # as spawn_workers names them
+        cmd = [sys.executable, "-m", "tests.test_load", "workers", handle.uri, experiment_id, str(TRIALS),
+               str(tmp / "ckpts"), str(go), str(tmp)]
+        with open(log, "w") as out:  # a file, not a pipe: 16 writers never block on a full pipe nobody reads
+            spawner = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # its group: the spawner and its 16 trials
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(Path(str(o) + ".ready").exists() for o in outs):
-            dead = [p for p in procs if p.poll() not in (None, 0)]
-            assert not dead, f"a trial process died before the start: {dead[0].stdout.read().decode()[-2000:]}"
+            assert spawner.poll() is None, f"a trial process died before the start: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "trial processes did not get ready in time"
             time.sleep(0.1)
         t0 = time.monotonic()
         go.write_text("go")
-        for p in procs:
-            p.wait(timeout=RUN_TIMEOUT_S)
+        spawner.wait(timeout=RUN_TIMEOUT_S)
         wall_s = time.monotonic() - t0
-        failed = [p.stdout.read().decode()[-2000:] for p in procs if p.returncode != 0]
-        assert not failed, f"{len(failed)} trial processes failed; first:\n{failed[0]}"
+        assert spawner.returncode == 0, f"trial processes failed:\n{log.read_text()[-2000:]}"
         results = [json.loads(o.read_text()) for o in outs]
         check = _verify(client, experiment_id, results, tmp)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if spawner is not None and spawner.poll() is None:  # an ended spawner has reaped all its trials
+            os.killpg(spawner.pid, signal.SIGKILL)  # the spawner and its trials: the group it leads
+            spawner.wait()
         handle.stop()
     server_log = handle.log_path.read_text(errors="replace")
     per_call = sorted(x["seconds"] for r in results for x in r["logged"])
@@ -292,3 +331,5 @@ def test_load_postgresql(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "worker":
     sys.exit(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]))
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "workers":
+    sys.exit(spawn_workers(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]))

@@ -19,25 +19,24 @@ from soups import tracking_server as mlflow_server
 CLASSES = ["Đờn ca tài tử", "Lễ hội Ok Om Bok"]
 
 
-def make_checkpoint(folder: Path, trial: str, epoch: int, seed: int) -> tuple[Path, str, dict]:
-    """A small (~0.3 MB) random checkpoint with a BatchNorm-like int64 buffer."""
+def make_checkpoint(folder: Path, trial: str, epoch: int, seed: int, sweep: str = "sweep-a",
+                    **extra) -> tuple[Path, str, dict]:
+    """A small (~0.3 MB) random checkpoint with a BatchNorm-like int64 buffer; its checkpoint.json names its sweep
+    and trial (what log_checkpoint tags it with)."""
     gen = torch.Generator().manual_seed(seed)
     state = {"stem.weight": torch.randn(64, 3, 3, 3, generator=gen), "head.weight": torch.randn(2, 1024, generator=gen),
              "blocks.0.fc.weight": torch.randn(64, 1024, generator=gen),
              "stem.bn.num_batches_tracked": torch.tensor(epoch * 10, dtype=torch.int64)}
     meta = CheckpointMeta(architecture="tiny_coatnet", img_size=32, num_classes=2, class_names=CLASSES,
                           dataset_fingerprint="ds-1", init_fingerprint="init-1", epoch=epoch,
-                          metrics={"val_accuracy": 0.5 + epoch / 10}, extra={"trial": trial})
+                          metrics={"val_accuracy": 0.5 + epoch / 10, "val_macro_f1": 0.4 + epoch / 20},
+                          extra={"sweep": sweep, "trial": trial, **extra})
     ckpt_dir = folder / f"{trial}-e{epoch}-s{seed}"
     return ckpt_dir, save_checkpoint(ckpt_dir, state, meta), state
 
 
-def log(client, experiment_id, run_id, ckpt_dir, sha, trial, epoch, sweep="sweep-a", retry=None) -> str:
-    return log_checkpoint(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir, sweep=sweep,
-                          trial=trial, epoch=epoch, sha256=sha,
-                          metrics={"val_accuracy": 0.5 + epoch / 10, "val_macro_f1": 0.4 + epoch / 20},
-                          dataset_fingerprint="ds-1", init_fingerprint="init-1", architecture="tiny_coatnet",
-                          retry=retry)
+def log(client, experiment_id, run_id, ckpt_dir, retry=None) -> str:
+    return log_checkpoint(client, (experiment_id, run_id), ckpt_dir, retry=retry)
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def logged_sweep(mlflow_client, experiment, tmp_path):
         run_id = mlflow_client.create_run(experiment, tags={registry.TAG_TRIAL: trial}).info.run_id
         for epoch in range(3):
             ckpt_dir, sha, state = make_checkpoint(tmp_path, trial, epoch, seed=10 * t + epoch)
-            model_id = log(mlflow_client, experiment, run_id, ckpt_dir, sha, trial, epoch)
+            model_id = log(mlflow_client, experiment, run_id, ckpt_dir)
             logged[(trial, epoch)] = (model_id, sha, state, ckpt_dir, run_id)
     return logged
 
@@ -131,7 +130,7 @@ def test_search_returns_one_record_per_trial_epoch_with_metrics(mlflow_client, e
 @pytest.mark.integration
 def test_relogging_the_same_epoch_adds_nothing(mlflow_client, experiment, logged_sweep):
     model_id, sha, _, ckpt_dir, run_id = logged_sweep[("trial_00001", 2)]
-    assert log(mlflow_client, experiment, run_id, ckpt_dir, sha, "trial_00001", 2) == model_id
+    assert log(mlflow_client, experiment, run_id, ckpt_dir) == model_id
     assert len(search_checkpoints(mlflow_client, [experiment])) == 6
     assert len(mlflow_client.search_logged_models([experiment])) == 6
 
@@ -148,7 +147,7 @@ def test_crash_leftover_and_retrained_epoch_leave_exactly_one_ready_record(mlflo
     assert len(search_checkpoints(mlflow_client, [experiment])) == 6  # searches ignore it
     # The resumed trial trains epoch 1 again and gets other weights: the new record replaces both.
     new_dir, new_sha, _ = make_checkpoint(tmp_path, "trial_00000", 1, seed=99)
-    new_id = log(mlflow_client, experiment, run_id, new_dir, new_sha, "trial_00000", 1)
+    new_id = log(mlflow_client, experiment, run_id, new_dir)
     assert new_id not in (model_id, stale.model_id)
     records = {(r.trial, r.epoch): r for r in search_checkpoints(mlflow_client, [experiment])}
     assert len(records) == 6 and records[("trial_00000", 1)].model_id == new_id
@@ -226,7 +225,7 @@ def test_log_checkpoint_survives_a_server_restart(tmp_path, caplog):
 
         def log_while_down():
             try:
-                result["model_id"] = log(client, experiment, run_id, ckpt_dir, sha, "trial_00000", 0)
+                result["model_id"] = log(client, experiment, run_id, ckpt_dir)
             except BaseException as e:  # surfaced by the assertion below
                 result["error"] = e
 
@@ -278,10 +277,8 @@ def test_init_model_is_found_under_the_new_recipe_tag_and_the_old_one(mlflow_cli
     run_id = mlflow_client.create_run(experiment).info.run_id
     found = {}
     for name, recipe in (("new", "r-new"), ("old", "r-old"), ("other", "r-other")):
-        ckpt_dir, _, _ = make_checkpoint(tmp_path, f"init-{name}", 0, seed=7)
-        model_id = registry.log_init_model(mlflow_client, experiment_id=experiment, run_id=run_id, ckpt_dir=ckpt_dir,
-                                           sweep="sweep-a", architecture="tiny_coatnet", dataset_fingerprint="ds-1",
-                                           recipe=recipe, epoch=0, metrics={})
+        ckpt_dir, _, _ = make_checkpoint(tmp_path, f"init-{name}", 0, seed=7, recipe=recipe)
+        model_id = registry.log_init_model(mlflow_client, (experiment, run_id), ckpt_dir)
         if name != "new":  # as an older version tagged it
             mlflow_client.delete_logged_model_tag(model_id, registry.TAG_WARM_START_RECIPE)
             mlflow_client.set_logged_model_tags(model_id, {registry.LEGACY_TAG_WARM_START_RECIPE: recipe})

@@ -101,6 +101,7 @@ def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
     import optuna
     from mlflow.entities import Metric
 
+    from ich.checkpoint import META, read_meta
     from soups import registry
 
     records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
@@ -114,11 +115,11 @@ def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
                 "ich.kind": "trial", "ich.sweep": EXPERIMENT, "ich.trial": r.trial,
                 "mlflow.parentRunId": sweep_run.info.run_id}).info.run_id
         folder = registry.download_checkpoint(client, r, tmp)
-        registry.log_checkpoint(client, experiment_id=experiment_id, run_id=runs[r.trial], ckpt_dir=folder,
-                                sweep=EXPERIMENT, trial=r.trial, epoch=r.epoch, sha256=r.sha256,
-                                metrics={k: v for k, v in r.metrics.items() if k.startswith("val_")},
-                                dataset_fingerprint=r.dataset_fingerprint, init_fingerprint=r.init_fingerprint,
-                                architecture=r.architecture)
+        meta = read_meta(folder)  # the copy belongs to this sweep, with the record's val metrics
+        meta.extra.update(sweep=EXPERIMENT, trial=r.trial)
+        meta.metrics = {k: v for k, v in r.metrics.items() if k.startswith("val_")}
+        (folder / META).write_text(meta.to_json(), encoding="utf-8")
+        registry.log_checkpoint(client, (experiment_id, runs[r.trial]), folder)
     status = {t["trial"]: t["status"] for t in tiny_sweep["trials"] if t["trial"] in runs}
     for trial, run_id in runs.items():
         client.set_tag(run_id, "ich.status", "stopped by ASHA" if status[trial] == "KILLED" else status[trial].lower())
@@ -181,14 +182,11 @@ def _log_shallow_trials(client, experiment_id: str, data_path: Path, tmp: Path) 
             meta = CheckpointMeta(architecture=SHALLOW, img_size=cfg.img_size, num_classes=data.num_classes,
                                   class_names=data.classes, dataset_fingerprint=data.fingerprint,
                                   init_fingerprint=trainer.init_fingerprint, epoch=r.epoch,
-                                  metrics={k: float(v) for k, v in r.metrics.items()}, preprocess=trainer.preprocess)
+                                  metrics={k: float(v) for k, v in r.metrics.items() if k.startswith("val_")},
+                                  extra={"sweep": EXPERIMENT, "trial": trial}, preprocess=trainer.preprocess)
             folder = tmp / trial / f"e{r.epoch}"
-            sha = save_checkpoint(folder, r.weights(), meta)
-            registry.log_checkpoint(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=folder, sweep=EXPERIMENT,
-                                    trial=trial, epoch=r.epoch, sha256=sha,
-                                    metrics={k: float(v) for k, v in r.metrics.items() if k.startswith("val_")},
-                                    dataset_fingerprint=data.fingerprint, init_fingerprint=trainer.init_fingerprint,
-                                    architecture=SHALLOW)
+            save_checkpoint(folder, r.weights(), meta)
+            registry.log_checkpoint(client, (experiment_id, run_id), folder)
         client.set_terminated(run_id, "FINISHED")
     return [r for r in registry.search_checkpoints(client, [experiment_id], sweep=EXPERIMENT) if r.architecture == SHALLOW]
 

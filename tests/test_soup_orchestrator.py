@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ich.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from ich.checkpoint import META, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
 from ich.decode import decode_file
 from ich.models import create_model
 from soups import registry
@@ -178,22 +178,23 @@ def _copy_trial_into_new_experiment(client: MlflowClient, tiny_sweep, name: str,
         "ich.kind": "trial", "ich.sweep": name, "ich.trial": "copy", "mlflow.parentRunId": sweep_run.info.run_id})
     ids = []
 
-    def log(folder: Path, record, epoch: int, sha: str) -> str:
-        return registry.log_checkpoint(client, experiment_id=experiment_id, run_id=trial_run.info.run_id,
-                                       ckpt_dir=folder, sweep=name, trial="copy", epoch=epoch, sha256=sha,
-                                       metrics={k: v for k, v in record.metrics.items() if k.startswith("val_")},
-                                       dataset_fingerprint=record.dataset_fingerprint,
-                                       init_fingerprint=record.init_fingerprint, architecture=record.architecture)
+    def log(folder: Path, record) -> str:
+        """The copy as trial "copy" of sweep `name`, with the record's val metrics: what log_checkpoint reads."""
+        meta = read_meta(folder)
+        meta.extra.update(sweep=name, trial="copy")
+        meta.metrics = {k: v for k, v in record.metrics.items() if k.startswith("val_")}
+        (folder / META).write_text(meta.to_json(), encoding="utf-8")
+        return registry.log_checkpoint(client, trial_run, folder)
 
     for record in records:
         folder = registry.download_checkpoint(client, record, tmp / "pulled")
-        ids.append(log(folder, record, record.epoch, record.sha256))
+        ids.append(log(folder, record))
     state, meta = load_checkpoint(folder)
     first_float = next(k for k, v in state.items() if v.is_floating_point())
     state[first_float] = torch.full_like(state[first_float], float("nan"))
     meta.epoch = records[-1].epoch + 1
-    sha = save_checkpoint(tmp / "nan", state, meta)
-    ids.append(log(tmp / "nan", records[0], meta.epoch, sha))
+    save_checkpoint(tmp / "nan", state, meta)
+    ids.append(log(tmp / "nan", records[0]))
     return ids
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.errors import ConfigError
-from soups import pull
+from soups import pull, registry
 from soups.analysis import soft_vote
 from soups.common import NO_URLS, best_first, json_safe, quiet_run_urls, soft_vote_logits
 from soups.evaluate import EvalSpec
@@ -151,11 +151,10 @@ def _pulled(tmp_path: Path) -> pull.Pulled:
 
 
 def test_a_verified_checkpoint_is_not_hashed_again_but_a_changed_one_is_refused(tmp_path, monkeypatch):
-    import ich.checkpoint
     p = _pulled(tmp_path)
     hashed = []
-    real = ich.checkpoint.sha256_file
-    monkeypatch.setattr(ich.checkpoint, "sha256_file", lambda path, *a: hashed.append(path) or real(path, *a))
+    real = registry.read_hashed  # verify_pulled's one read, hashed
+    monkeypatch.setattr(registry, "read_hashed", lambda path: hashed.append(path) or real(path))
     for _ in range(3):
         assert set(p.load()) == {"w", "b"}
     assert hashed == []  # verified on pull: loads read the weights once each, without hashing them
