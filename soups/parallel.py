@@ -64,12 +64,15 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
     a note says how many families ran in how many worker processes."""
     import ray
     import torch
+
+    from soups import recipes
     started = not ray.is_initialized()
     if started:  # no Ray yet (`ich soup` alone): a local one, or the cluster RAY_ADDRESS names
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
         gpus = ray.cluster_resources().get("GPU", 0) if builder.opts.device != "cpu" else 0
-        task = ray.remote(num_cpus=1, num_gpus=1 / builder.opts.parallel if gpus else 0, max_retries=1)(_cook)
+        task = ray.remote(num_cpus=1, num_gpus=1 / builder.opts.parallel if gpus else 0, max_retries=1,
+                          runtime_env=recipes.ray_runtime_env())(_cook)  # a cluster's nodes see ICH_RECIPES too
         threads = torch.get_num_threads()
         dataset = ray.put(builder.dataset)  # once in the object store, mapped by every task on a node
         window: deque = deque()

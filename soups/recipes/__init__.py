@@ -92,6 +92,13 @@ def names() -> list[str]:
     return list(_recipes)
 
 
+def ray_runtime_env() -> dict | None:
+    """What Ray tasks on other nodes need to see the same recipes: ICH_RECIPES (the modules themselves must be
+    importable there, like the project's own code). None when it is unset."""
+    modules = os.environ.get(RECIPES_ENV)
+    return {"env_vars": {RECIPES_ENV: modules}} if modules else None
+
+
 _env_imported: set[str] = set()
 
 
