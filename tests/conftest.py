@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.fixtures_data import digits_data, digits_dataset  # noqa: F401  (session fixtures)
-from tests.fixtures_sweep import ich_home, monkeypatch_session, ray_local, tiny_sweep  # noqa: F401
+from tests.fixtures_sweep import demo_sweep_output, ich_home, monkeypatch_session, ray_local, tiny_sweep  # noqa: F401
 from tests.netns import ns_cluster, ns_ray_cluster  # noqa: F401  (SSH nodes in namespaces, session)
 
 

@@ -90,3 +90,31 @@ def tiny_sweep(ray_local, mlflow_server, digits_dataset, ich_home):
     config = write_sweep_config(ich_home, "tiny-sweep")
     summary = run_sweep(sweep_args(config, digits_dataset), ich_home)
     return {**summary, "experiment": "tiny-sweep", "config": config, "home": ich_home, "data": digits_dataset}
+
+
+# Small enough for minutes on 2 cores, big enough for ASHA to stop a trial and for soups to have ingredients.
+DEMO_EDITS = {"num_samples: 4": "num_samples: 3", "epochs: 3": "epochs: 2", "epochs: 4, lr": "epochs: 1, lr"}
+
+
+@pytest.fixture(scope="session")
+def demo_sweep_output(mlflow_server, digits_dataset, tmp_path_factory) -> dict:
+    """`ich sweep --demo` run once as a user's cron or `ray job logs` sees it (a subprocess, stdout a pipe, its own
+    ICH_HOME and local Ray, the session's MLflow server, experiment `face-output`): sweep, soups (--set
+    soups.scope=across) and report. Shared by the quiet-logs test (no traceback) and the CLI-face test (a line
+    per trial, no Ray noise, the record complete): one sweep for both claims. Ray's log deduplication is off so
+    that no repeated traceback hides behind "[repeated 3x across cluster]". Returns rc and the combined output."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    home = tmp_path_factory.mktemp("demo-sweep-home")
+    config = write_sweep_config(home, "face-output", **DEMO_EDITS)
+    env = {**os.environ, "ICH_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server, "RAY_DEDUP_LOGS": "0",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, never the test session's
+    out = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "--demo", "--config", str(config), "--data",
+                          str(digits_dataset), "--set", "soups.scope=across"], env=env, cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=840)
+    (root / "test-artifacts").mkdir(exist_ok=True)
+    (root / "test-artifacts" / "cli-face-output.log").write_text(out.stdout)
+    return {"returncode": out.returncode, "stdout": out.stdout, "experiment": "face-output"}

@@ -3,24 +3,19 @@ overrides of any config key, help for every option, one exit code for one user e
 can follow (a line per finished trial, no Ray tables, no bar redrawn into a log).
 
 The --set, help and exit-code cases run in-process (argparse and load_config); the output case runs a tiny
-real sweep (local Ray of its own, the session's MLflow server) as a subprocess whose stdout is a pipe."""
+real sweep (local Ray of its own, the session's MLflow server) as a subprocess whose stdout is a pipe: the
+session's `demo_sweep_output`, shared with tests/test_quiet_logs.py."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from ich.errors import ConfigError
 from sweeps.config import load_config, parse_set
 from tests.fixtures_sweep import write_sweep_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------ --set parsing
@@ -261,21 +256,12 @@ RAY_NOISE = ("╭", "│", "Trial status", "Configuration for experiment", "Chec
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_tiny_sweep_prints_a_line_per_trial_then_soups_and_report(tmp_path, mlflow_server, mlflow_client,
-                                                                   digits_dataset):
+def test_tiny_sweep_prints_a_line_per_trial_then_soups_and_report(demo_sweep_output, mlflow_client):
     """`ich sweep` with stdout a pipe (cron, `ray job logs`): no bar, no Ray tables or info logs, a line per
-    trial, the soup table, the report (built by default) and the UI address; the MLflow record is complete."""
-    home = tmp_path / "home"
-    home.mkdir()
-    config = write_sweep_config(home, "face-output", **{"num_samples: 4": "num_samples: 3",
-                                                         "epochs: 3": "epochs: 2", "epochs: 4, lr": "epochs: 1, lr"})
-    env = {**os.environ, "ICH_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, never the test session's
-    out = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "--config", str(config), "--data",
-                          str(digits_dataset), "--set", "soups.scope=across"], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-    (ROOT / "test-artifacts").mkdir(exist_ok=True)
-    (ROOT / "test-artifacts" / "cli-face-output.log").write_text(out.stdout)
+    trial, the soup table, the report (built by default) and the UI address; the MLflow record is complete.
+    The sweep is the session's `ich sweep --demo ... --set soups.scope=across` (tests/fixtures_sweep.py), whose
+    output tests/test_quiet_logs.py also reads."""
+    out = types.SimpleNamespace(returncode=demo_sweep_output["returncode"], stdout=demo_sweep_output["stdout"])
     assert out.returncode == 0, out.stdout[-4000:]
     lines = out.stdout.splitlines()
     trials = [line for line in lines if re.match(r"trial [123]/3 [0-9a-f]{8} (finished|stopped by ASHA) ", line)]

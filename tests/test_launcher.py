@@ -1,6 +1,7 @@
 """The production path as users run it: `ray up` of the project's own cluster.yaml (on-prem `local` provider)
 on two SSH "machines" (network namespaces with sshd, tests/netns.py), `ray submit cluster.yaml
-sweeps/coatnet.py`, `ray job submit` through the `ray dashboard` tunnel with token auth, `ray down`.
+sweeps/coatnet.py`, the `ray dashboard` tunnel with token auth (a client without the token refused; the `ray job
+submit` runs through it are tests/test_schedule_cluster.py's, on the same session cluster), `ray down`.
 
 Asserts: trials ran on the worker node (ich.node tag = the worker's address), one checkpoint per (trial, epoch)
 in MLflow for every epoch Tune's results show although the head's MLflow server was killed mid-sweep (its
@@ -82,9 +83,9 @@ def _save(name: str, text: str) -> None:
     (netns.ROOT / "test-artifacts" / name).write_text(text)
 
 
-# ray up + worker (~5 min here) and two sweeps on a busy 2-core machine: above the suite's 15-min default.
+# ray up + worker (~5 min here) and a sweep on a busy 2-core machine: above the suite's 15-min default.
 @pytest.mark.timeout(2400)
-def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
+def test_ray_up_submit_and_token_auth_on_ssh_nodes(ns_ray_cluster, monkeypatch):
     from tests.test_sweep import _all_checkpoint_models, _trial_runs, assert_exactly_once
     t0 = time.time()
     launched, cluster = ns_ray_cluster, ns_ray_cluster.cluster
@@ -98,7 +99,10 @@ def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
     assert len(_supervised_server(cluster)) == 1, netns.mlflow_processes(cluster)
 
     # 1. `ray submit cluster.yaml sweeps/coatnet.py -- ...`: the driver runs on the head over SSH.
-    config = write_sweep_config(cluster.shared, "launcher")
+    # Two epochs and a one-epoch warm start: enough for a checkpoint before and after the server is killed, ASHA's
+    # rung at epoch 1, and exactly-once over several epochs; the 2 shared cores spend no more on training.
+    config = write_sweep_config(cluster.shared, "launcher", **{"epochs: 3": "epochs: 2",
+                                                               "warm_start: {epochs: 4": "warm_start: {epochs: 1"})
     # One soup family (uniform across the trials' best checkpoints) keeps the soups step short on 2 CPUs.
     config.write_text(config.read_text() + "soups:\n  scope: across\n  recipe: uniform\n  bn: average\n")
     # Mid-sweep, once the first checkpoint is recorded, the head's MLflow server is killed: its supervisor starts it
@@ -145,8 +149,9 @@ def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
     assert soups, "no soup runs after `ray submit`"
     t_submit = time.time() - t0
 
-    # 2. `ray job submit` through the `ray dashboard` tunnel; token auth: no token, no entry. The job runs on the
-    # head in the uploaded working dir, on the dataset the demo run ingested there (~/ich-home, root's home).
+    # 2. The `ray dashboard` tunnel with token auth: no token, no entry. The jobs submitted through it (`ray job submit`
+    # of the project as working dir, trials on the worker) are tests/test_schedule_cluster.py's two scheduled runs on
+    # this same cluster: one sweep per claim.
     with launched.dashboard() as url:
         no_token = {k: v for k, v in launched.env.items() if not k.startswith("RAY_AUTH_TOKEN")}
         no_token["RAY_AUTH_TOKEN_PATH"] = str(cluster.base / "no-such-token")
@@ -154,15 +159,9 @@ def test_ray_up_submit_and_job_submit_on_ssh_nodes(ns_ray_cluster, monkeypatch):
                                  text=True, timeout=120)
         assert refused.returncode != 0
         assert "auth" in (refused.stdout + refused.stderr).lower(), refused.stderr[-2000:]
-        job = launched.ray("job", "submit", "--address", url, "--working-dir", ".", "--", "python",
-                           "sweeps/coatnet.py", "--data", "/root/ich-home/demo/digits-ds", "--config", str(config),
-                           "--num-samples", "1",
-                           "--experiment", "launcher-job", "--no-soups", timeout=1500, check=False)
-    _save("launcher-job-submit.log", job.stdout + job.stderr)
-    assert job.returncode == 0 and "succeeded" in (job.stdout + job.stderr).lower(), (job.stdout + job.stderr)[-5000:]
-    job_exp = client.get_experiment_by_name("launcher-job").experiment_id
-    job_runs = _trial_runs(client, job_exp, "launcher-job")
-    assert len(job_runs) == 1 and job_runs[0].data.tags["ich.node"].endswith("/" + cluster.worker.addr)
+        # Control: the same call with the token is let in.
+        allowed = launched.ray("job", "list", "--address", url, timeout=120, check=False)
+        assert allowed.returncode == 0, (allowed.stdout + allowed.stderr)[-2000:]
 
     # 3. Least privilege: the workers' MLflow user is not an admin, and no worker file holds the admin password.
     from mlflow.server import get_app_client

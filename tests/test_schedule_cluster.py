@@ -3,7 +3,9 @@ the project's cluster.yaml (local provider, token auth), tests/netns.py.
 
 - Two runs of the job script that `ich schedule --address` installs, each under cron's bare environment
   (`env -i HOME=... PATH=/usr/bin:/bin SHELL=/bin/sh`), extend one sweep: the second adds trials to the
-  same sweep and Optuna study, trials run on the worker machine, soups are rebuilt.
+  same sweep and Optuna study (no proposal replayed), trials run on the worker machine, every epoch recorded
+  once, soups are rebuilt over all four trials and `champion` moves only when the new soup beats it on val.
+  (These two runs serve every two-runs claim; tests/test_schedule.py runs no pair of its own.)
 - The worker machine cannot reach the head's loopback; the sweep refuses a loopback tracking URI there in
   one line and hands no trial 127.0.0.1.
 """
@@ -22,6 +24,7 @@ import pytest
 
 from tests.fixtures_sweep import write_sweep_config
 from tests.netns import node_exec  # ns_ray_cluster: the session's namespace cluster, from conftest.py
+from tests.test_sweep import assert_exactly_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.launcher, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +107,9 @@ def test_two_cron_runs_extend_one_sweep_on_the_cluster(ns_ray_cluster, digits_da
     c = launched.cluster
     data, config = _shared_inputs(launched, digits_dataset, "sched-cluster",
                                   **{"grace_period: 1": "grace_period: 2", "epochs: 3": "epochs: 2",
-                                     "warm_start: {epochs: 4": "warm_start: {epochs: 2"})
+                                     "warm_start: {epochs: 4": "warm_start: {epochs: 1"})
+    # Soups across the trials (uniform and greedy): what this test claims of them; within-trial soups have theirs.
+    config.write_text(config.read_text() + "soups:\n  scope: across\n")
     home = tmp_path / "ich-home"  # this machine's: job script, lock and log
     client = _client(launched)
     study_db = c.head.home / "ich-home" / "optuna.db"  # ICH_HOME of the head (cluster.yaml's env.sh)
@@ -142,13 +147,37 @@ def test_two_cron_runs_extend_one_sweep_on_the_cluster(ns_ray_cluster, digits_da
     (ARTIFACTS / "schedule-cluster.json").write_text(json.dumps(record, indent=1))
 
     assert seen[0] < seen[1]
-    # Trials ran on the worker machine.
-    assert any(c.worker.addr in n for n in record["runs"][1]["nodes"]), record
+    # Trials ran on the worker machine (the head advertises 0 CPUs): every one of them.
+    assert record["runs"][1]["nodes"] and all(n.endswith("/" + c.worker.addr) for n in record["runs"][1]["nodes"]), \
+        record
     # The submitted job: the project's code shipped as the working dir, a relative entrypoint, no credentials.
     assert "entrypoint='python sweeps/coatnet.py --experiment sched-cluster" in jobs, jobs[-2000:]
     assert "gcs://_ray_pkg_" in jobs and str(sys.executable) not in jobs, jobs[-2000:]
     # The dashboard's job records carry no credentials and no tracking URI (trials get it in the sweep context).
     assert launched.admin[1] not in jobs and "MLFLOW_TRACKING_URI" not in jobs and "PASSWORD" not in jobs
     # Soups rebuilt by each run, the second over the checkpoints of all four trials.
-    versions = client.search_model_versions("name = 'sched-cluster-soup'")
+    versions = sorted(client.search_model_versions("name = 'sched-cluster-soup'"), key=lambda v: int(v.version))
     assert len(versions) == 2, [v.version for v in versions]
+
+    # What the local twin of this test asserted (merged here: one pair of scheduled runs for both): the continued
+    # study did not replay the first proposals, every trial's epochs recorded once, the alias followed the rule,
+    # and the across soup of run 2 saw all four trials.
+    configs = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(configs)) == len(configs), configs
+    assert_exactly_once(client, exp, "sched-cluster", {t: 2 for t in seen[1]})  # grace_period = epochs = 2
+    record["versions"] = [{"run": i + 1, "new_version": v.version, "val_macro_f1": v.tags.get("ich.val_macro_f1"),
+                           "decision": v.tags.get("ich.champion_decision"),
+                           "reason": v.tags.get("ich.champion_reason")} for i, v in enumerate(versions)]
+    (ARTIFACTS / "schedule-cluster.json").write_text(json.dumps(record, indent=1))
+    assert versions[0].tags["ich.champion_decision"] == "moved"  # no champion yet
+    champion = client.get_model_version_by_alias("sched-cluster-soup", "champion")
+    new_val = float(versions[1].tags["ich.val_macro_f1"])
+    old_val = float(versions[0].tags["ich.val_macro_f1"])
+    expected = "moved" if new_val > old_val else "kept"
+    assert versions[1].tags["ich.champion_decision"] == expected, versions[1].tags
+    assert champion.version == (versions[1].version if expected == "moved" else versions[0].version)
+    latest_across = client.search_runs([exp], "tags.`ich.kind` = 'soup' AND tags.`ich.scope` = 'across'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)[0]
+    table = client.download_artifacts(latest_across.info.run_id, "", str(tmp_path / "across"))
+    text = "".join(p.read_text() for p in Path(table).rglob("*.csv"))
+    assert sum(t in text for t in seen[1]) == 4, "the across soup of run 2 did not see all four trials"
