@@ -5,8 +5,9 @@ rebuilt over all checkpoints so far, `champion` moved only when the new best sou
 The job script takes a lock, so a run that is still going when the next one is due is not doubled.
 
 Locally the job runs this machine's `python sweeps/coatnet.py`. With `--address` it submits the project to
-the cluster's Jobs API: `ray job submit --working-dir <project> -- python sweeps/coatnet.py ...`, a relative
-entrypoint run by the cluster's Python (neither this machine's venv nor its paths exist on a remote head),
+the cluster's Jobs API: `ray job submit --working-dir <project> -- python sweeps/coatnet.py ...` from a clone
+(from an installed wheel only the packages ich, soups and sweeps travel, as py_modules, and the entrypoint is
+`python -m sweeps.coatnet`), run by the cluster's Python (neither this machine's venv nor its paths exist there),
 with token auth from `RAY_AUTH_TOKEN_PATH`. The script works in cron's bare environment (`env -i HOME PATH
 SHELL`): it exports what it needs and calls `ray` by its absolute path.
 
@@ -140,14 +141,29 @@ def sweep_args(spec: JobSpec) -> list[str]:
     return args + (["--config", spec.config] if spec.config else [])
 
 
+PACKAGES = ("ich", "soups", "sweeps")  # what the job needs of the project (configs are sweeps' package data)
+
+
+def is_source_checkout(root: Path) -> bool:
+    """The project as a folder of its own (a clone), not installed into a site-packages shared with others."""
+    return (root / "pyproject.toml").is_file() and (root / "sweeps" / "coatnet.py").is_file()
+
+
 def job_command(spec: JobSpec) -> list[str]:
-    """The command one run executes (as argv; the script shell-quotes it)."""
+    """The command one run executes (as argv; the script shell-quotes it). With --address from a clone, the
+    clone is the job's working dir; from an installed wheel the folder above `sweeps` is site-packages
+    (gigabytes of other packages), so only the project's packages travel, as py_modules."""
     if not spec.address:
         return [spec.python, str(spec.root / "sweeps" / "coatnet.py"), *sweep_args(spec)]
     ray = str(Path(spec.python).with_name("ray"))  # this machine's venv: cron's PATH has no venv
-    return [ray, "job", "submit", "--address", spec.address, "--working-dir", str(spec.root),
-            "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES}),
-            "--", "python", "sweeps/coatnet.py", *sweep_args(spec)]
+    submit = [ray, "job", "submit", "--address", spec.address]
+    if is_source_checkout(spec.root):
+        return [*submit, "--working-dir", str(spec.root),
+                "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES}),
+                "--", "python", "sweeps/coatnet.py", *sweep_args(spec)]
+    modules = [str(spec.root / p) for p in PACKAGES]
+    return [*submit, "--runtime-env-json", json.dumps({"py_modules": modules, "excludes": ["**/__pycache__"]}),
+            "--", "python", "-m", "sweeps.coatnet", *sweep_args(spec)]
 
 
 def job_script(spec: JobSpec) -> str:
@@ -274,7 +290,8 @@ def build_spec(a, home: Path) -> JobSpec:
         spec.token_path = token
         if config:
             local = Path(config).resolve()
-            # Inside the project it travels with --working-dir: pass it relative to the project root.
+            # Inside the project it travels with the job (working dir or the sweeps package): relative to the root,
+            # which sweeps/config.load_config also resolves against the shipped package.
             spec.config = str(local.relative_to(ROOT)) if local.is_file() and local.is_relative_to(ROOT) else config
         return spec
     local_data = Path(data).resolve()
