@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 export ICH_HOME ?= $(CURDIR)/.ich
 
-.PHONY: install demo test bench ui clean
+.PHONY: install demo test bench ui clean lock
 
 # dev: the tests; head: the cluster head's extras (mlflow[auth], boto3), so nodes that reuse this venv run its commands.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -41,6 +41,25 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/ich ui
+
+# A full lock: constraints.txt pins every distribution of a fresh venv built with the install's steps (through the
+# current constraints, then pip check), so CI installs exactly what was tested. Pins keep their place and comments;
+# the rest are listed at the end; torch's line stays a version without a build label (tools/lock.py). A new
+# dependency comes in at the newest version its range allows; to move a pin, edit or delete its line, `make lock`,
+# then `make install`. tests/test_lock.py checks that this venv holds nothing the lock does not pin. LOCK_FILE is
+# the file rewritten (default: the constraints installed through).
+LOCK_VENV ?= /tmp/ich-lock-venv
+LOCK_FILE ?= $(CONSTRAINTS)
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) $(TORCH_SPEC) $(TORCH_INDEX)
+	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) -e '.[dev,head]'
+	$(LOCK_VENV)/bin/pip check
+	$(LOCK_VENV)/bin/pip freeze --all --exclude-editable > $(LOCK_VENV)/frozen.txt
+	$(PYTHON) tools/lock.py $(LOCK_FILE) < $(LOCK_VENV)/frozen.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf .ich .pytest_cache

@@ -200,6 +200,15 @@ def _die_with_parent():
 def cmd_ui(a) -> None:
     from soups.tracking_server import main_ui
     rc = main_ui((["--stop"] if a.stop else []) + (["--data-dir", a.data_dir] if a.data_dir else []))
+    if a.optuna:  # optuna-dashboard on the sweep's study storage, started and stopped like the MLflow UI
+        from sweeps.optuna_ui import run
+        rc = run(data_dir=a.data_dir, stop=a.stop, storage=a.storage, sweep_run=a.sweep_run, host=a.host,
+                 port=a.port)
+        if rc:
+            raise SystemExit(rc)
+        return
+    if a.storage or a.sweep_run or a.port is not None or a.host != "127.0.0.1":
+        raise SystemExit("ich ui: --storage, --sweep-run, --host and --port go with --optuna")
     if rc:
         raise SystemExit(rc)
 
@@ -322,9 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_args(s)
     s.set_defaults(func=cmd_schedule)
 
-    s = sub.add_parser("ui", help="start (or reuse) the local MLflow server and print its UI address")
+    s = sub.add_parser("ui", help="start (or reuse) the local MLflow server and print its UI address; with "
+                                  "--optuna, the Optuna dashboard of the sweep's study")
     s.add_argument("--data-dir", help="project data folder (default $ICH_HOME or ./.ich)")
-    s.add_argument("--stop", action="store_true", help="stop the local MLflow server")
+    s.add_argument("--stop", action="store_true", help="stop the local MLflow server (with --optuna: the dashboard)")
+    s.add_argument("--optuna", action="store_true",
+                   help="start (or reuse) optuna-dashboard on the sweep's Optuna study storage instead, and print its "
+                        "address; `ich ui --optuna --stop` stops it")
+    s.add_argument("--storage", default=None,
+                   help="with --optuna: the study storage URL (default: sqlite:///<data dir>/optuna.db, where "
+                        "sweeps keep their studies)")
+    s.add_argument("--sweep-run", default=None,
+                   help="with --optuna: a sweep run id; its ich.optuna_storage tag must name the data folder's "
+                        "study database (another is shown, never followed: give it with --storage)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="with --optuna: the address the dashboard listens on (default %(default)s: loopback only; "
+                        "it has no login)")
+    s.add_argument("--port", type=int, default=None,
+                   help="with --optuna: its port (default 8080 when free, else any free port)")
     s.set_defaults(func=cmd_ui)
     help_formatter(p)  # every option's default in every --help
     return p
