@@ -1,19 +1,21 @@
 """`ich ui --optuna`: optuna-dashboard on the sweep's Optuna study storage, run the way `ich ui` runs the MLflow UI.
 
-    <data_dir>/optuna-dashboard/server.json   {pid, port, uri, storage} of the running dashboard
+    <data_dir>/optuna-dashboard/server.json   {pid, start_time, command, port, uri, storage} of the running dashboard
     <data_dir>/optuna-dashboard/server.log    its output
 
 The storage: --storage URL, else sweeps/study.py's default (sqlite:///<data_dir>/optuna.db); --sweep-run checks that
 the run's ich.optuna_storage tag names that one (a tag naming another is shown, never followed: anyone who can write
 a tag could point the dashboard at any database). The dashboard listens on 127.0.0.1 unless --host says otherwise
 (it has no login: anyone who reaches it can read and edit the study), runs in its own session so it outlives the
-command, and a later `ich ui --optuna` reuses it (pid alive, /api/studies answering); `ich ui --optuna --stop`
-stops it (SIGTERM to its process group, SIGKILL after 15 s).
+command, and a later `ich ui --optuna` reuses it when the record proves it (the pid leads its own session, started
+at the recorded time, runs the recorded command, and /api/studies answers); `ich ui --optuna --stop` stops a proven
+one only (SIGTERM to its process group, SIGKILL after 15 s). A stale record is dropped, its pid never signalled.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import subprocess
 import sys
@@ -73,12 +75,29 @@ def dashboard_executable() -> str:
     return str(exe)
 
 
-def _is_dashboard_process(pid: int) -> bool:
-    """Guards against a recycled pid; where /proc is missing, trust the pid."""
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22); None without /proc."""
     try:
-        return b"optuna-dashboard" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_recorded_dashboard(record: dict) -> bool:
+    """The recorded pid is still the dashboard this project started: alive, leading its own session, started at the
+    recorded time and running the recorded command. A recycled pid (after a reboot, or a crash) fails one of them
+    and is never reused nor signalled."""
+    pid, command = record.get("pid"), record.get("command")
+    if not isinstance(pid, int) or not isinstance(command, list) or not _pid_alive(pid):
+        return False
+    try:
+        if os.getsid(pid) != pid:
+            return False
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
     except OSError:
-        return not Path("/proc").is_dir()
+        return False
+    return [c.decode(errors="replace") for c in cmdline][-len(command):] == command and (
+        record.get("start_time") == _start_time(pid))
 
 
 def studies_answer(uri: str, timeout: float = 2.0) -> list[dict] | None:
@@ -130,7 +149,7 @@ def _check_storage(storage: str) -> None:
 def _running(data_dir: Path) -> dict | None:
     record = _read_record(data_dir)
     pid, uri = record.get("pid"), record.get("uri")
-    if not isinstance(pid, int) or not isinstance(uri, str) or not _pid_alive(pid) or not _is_dashboard_process(pid):
+    if not isinstance(uri, str) or not _is_recorded_dashboard(record):
         return None
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while studies_answer(uri) is None:
@@ -172,7 +191,8 @@ def start_dashboard(data_dir: Path, storage: str, *, host: str = "127.0.0.1", po
                                     f"{'exited' if process.returncode is not None else 'did not answer'} "
                                     f"before answering {uri}/api/studies; see {log_path}")
             time.sleep(0.25)
-    record = {"pid": process.pid, "port": port, "uri": uri, "storage": storage, "data_dir": str(data_dir)}
+    record = {"pid": process.pid, "start_time": _start_time(process.pid), "command": command, "port": port,
+              "uri": uri, "storage": storage, "data_dir": str(data_dir)}
     _record_path(data_dir).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
@@ -195,7 +215,7 @@ def stop_dashboard(data_dir: Path) -> bool:
     with _lock(data_dir):
         record = _read_record(data_dir)
         pid = record.get("pid")
-        running = isinstance(pid, int) and _pid_alive(pid) and _is_dashboard_process(pid)
+        running = _is_recorded_dashboard(record)
         if running:
             _stop_pid(pid, None, 15.0)
         _record_path(data_dir).unlink(missing_ok=True)

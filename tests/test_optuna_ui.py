@@ -92,7 +92,7 @@ def test_ich_ui_optuna_serves_the_sweeps_study_on_loopback_and_stops(tmp_path, d
         record = json.loads((home / "optuna-dashboard" / "server.json").read_text())
         pid = record["pid"]
         assert record["uri"] == uri and _alive(pid)
-        assert b"optuna-dashboard" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert b"optuna-dashboard" in Path(f"/proc/{pid}/cmdline").read_bytes() and os.getsid(pid) == pid
         assert _listening_addresses(port) == {"127.0.0.1"}  # loopback only
 
         # optuna-dashboard's own API lists the study by name; its page is the dashboard's app
@@ -133,6 +133,20 @@ def test_a_missing_study_database_or_dashboard_is_one_line(tmp_path, monkeypatch
     assert r.returncode == 2 and "no Optuna study database at" in r.stderr, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not missing.exists() and not (tmp_path / "optuna-dashboard" / "server.json").exists()
+
+    # A stale record (the pid now belongs to another process: a reboot, a crash) is neither reused nor signalled.
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        record = tmp_path / "optuna-dashboard" / "server.json"
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(json.dumps({"pid": other.pid, "start_time": 1, "command": ["sleep", "60"], "port": 1,
+                                      "uri": "http://127.0.0.1:1", "storage": "sqlite:///x.db"}))
+        r = _ich("ui", "--optuna", "--stop", "--data-dir", str(tmp_path), home=tmp_path)
+        assert r.stdout.strip() == "no Optuna dashboard was running" and other.poll() is None, r.stdout + r.stderr
+        assert not record.exists()
+    finally:
+        other.kill()
+        other.wait()
 
     from sweeps import optuna_ui
     monkeypatch.setattr(optuna_ui.sys, "executable", str(tmp_path / "bin" / "python"))
