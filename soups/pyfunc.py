@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import os
 import stat
 import tempfile
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 
@@ -47,34 +49,67 @@ PATH_ROOT_ENV = "ICH_SERVE_PATH_ROOT"  # unset: the `path` column is refused
 MAX_BYTES_ENV = "ICH_SERVE_MAX_BYTES"
 DEFAULT_MAX_BYTES = 20 << 20  # one image file or decoded base64 value
 MAX_PIXELS = 40_000_000  # width x height from the header; a 40 MP RGB image is 120 MB once decoded
+# Per request: rows, and the sum over rows of bytes read and of header pixels (one path named 100 times is read
+# 100 times). Checked for every row before any is decoded, so a refused request costs header reads only.
+MAX_ROWS_ENV, DEFAULT_MAX_ROWS = "ICH_SERVE_MAX_ROWS", 256
+MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES = "ICH_SERVE_MAX_REQUEST_BYTES", 64 << 20
+MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS = "ICH_SERVE_MAX_REQUEST_PIXELS", 100_000_000
 MAX_ASPECT_RATIO = 20.0  # longer side / shorter side; a 100000x1 image would ask for a ~24 GiB resize
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+class RequestRefused(ValueError):
+    """A request the served model refuses (one line naming the row or the cap). The scoring server answers an
+    MlflowException with its message alone (400); any other exception would carry a stack trace to the client."""
+
+    def as_mlflow(self) -> "RefusedByServer":
+        return RefusedByServer(str(self))
+
+
+class RefusedByServer(MlflowException, ValueError):
+    """What predict raises for a refused request: a 400 for the scoring server, a ValueError for in-process
+    callers (`ich predict` prints its one line)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _env_cap(environ, name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    try:
+        cap = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: not a whole number") from None
+    if cap < 1:
+        raise ValueError(f"{name}={raw!r}: must be at least 1")
+    return cap
+
+
 @dataclass(frozen=True)
 class InputPolicy:
-    """What a served model may read: `path` values only under path_root (None: never), at most max_bytes."""
+    """What a served model may read: `path` values only under path_root (None: never), at most max_bytes per
+    image; per request at most max_rows rows, max_request_bytes bytes and max_request_pixels header pixels."""
     path_root: Path | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
 
     @classmethod
     def from_env(cls, environ=None) -> "InputPolicy":
         environ = os.environ if environ is None else environ
-        raw_cap = environ.get(MAX_BYTES_ENV, "").strip()
-        try:
-            cap = int(raw_cap) if raw_cap else DEFAULT_MAX_BYTES
-        except ValueError:
-            raise ValueError(f"{MAX_BYTES_ENV}={raw_cap!r}: not a whole number of bytes") from None
-        if cap < 1:
-            raise ValueError(f"{MAX_BYTES_ENV}={raw_cap!r}: must be at least 1")
+        caps = dict(max_bytes=_env_cap(environ, MAX_BYTES_ENV, DEFAULT_MAX_BYTES),
+                    max_rows=_env_cap(environ, MAX_ROWS_ENV, DEFAULT_MAX_ROWS),
+                    max_request_bytes=_env_cap(environ, MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
+                    max_request_pixels=_env_cap(environ, MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS))
         raw_root = environ.get(PATH_ROOT_ENV, "").strip()
         if not raw_root:
-            return cls(None, cap)
+            return cls(None, **caps)
         root = Path(os.path.realpath(raw_root))
         if not root.is_dir():
             raise ValueError(f"{PATH_ROOT_ENV}={raw_root!r}: not a folder")
-        return cls(root, cap)
+        return cls(root, **caps)
 
 
 def _inside(path: str, root: Path) -> bool:
@@ -116,7 +151,7 @@ def read_confined(path: str, policy: InputPolicy, where: str) -> bytes:
     return data
 
 
-def check_image_header(data: bytes, where: str) -> None:
+def check_image_header(data: bytes, where: str) -> int:
     """Refuse, from the header alone, images whose decode or resize would be unbounded: decompression-bomb
     warnings are errors, and pixel count and aspect ratio are capped before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
@@ -136,10 +171,36 @@ def check_image_header(data: bytes, where: str) -> None:
         raise ValueError(f"{where}: {w}x{h} is {w * h} pixels, over the {MAX_PIXELS} limit; refusing")
     if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
         raise ValueError(f"{where}: {w}x{h} has an aspect ratio over {MAX_ASPECT_RATIO:g}:1; refusing before resizing")
+    return w * h
 
 
-def _image_bytes(row: pd.Series, i: int, policy: InputPolicy) -> tuple[bytes, str]:
-    """One row's image bytes (read under the policy) and the name to show in errors; header checked."""
+def request_images(frame: pd.DataFrame, policy: InputPolicy) -> list[tuple[bytes, str]]:
+    """A request's rows -> checked image bytes and names, every row and the request's totals within the policy's
+    caps before anything is decoded; else RequestRefused naming the row or the cap."""
+    if "path" not in frame.columns and "image" not in frame.columns:
+        raise RequestRefused(f"input needs a 'path' or an 'image' column, got {list(frame.columns)}")
+    if len(frame) > policy.max_rows:
+        raise RequestRefused(f"{len(frame)} rows, over the {policy.max_rows}-row cap per request ({MAX_ROWS_ENV})")
+    images, total_bytes, total_pixels = [], 0, 0
+    for i, (_, row) in enumerate(frame.iterrows()):
+        row = row.where(row.notna(), None)  # a missing cell reads as None, not NaN
+        try:
+            data, where, pixels = _image_bytes(row, i, policy)
+        except ValueError as e:
+            raise RequestRefused(str(e)) from None
+        total_bytes, total_pixels = total_bytes + len(data), total_pixels + pixels
+        if total_bytes > policy.max_request_bytes:
+            raise RequestRefused(f"rows 0-{i}: {total_bytes} bytes, over the {policy.max_request_bytes}-byte cap per "
+                                 f"request ({MAX_REQUEST_BYTES_ENV})")
+        if total_pixels > policy.max_request_pixels:
+            raise RequestRefused(f"rows 0-{i}: {total_pixels} pixels, over the {policy.max_request_pixels}-pixel cap "
+                                 f"per request ({MAX_REQUEST_PIXELS_ENV})")
+        images.append((data, where))
+    return images
+
+
+def _image_bytes(row: pd.Series, i: int, policy: InputPolicy) -> tuple[bytes, str, int]:
+    """One row's image bytes (read under the policy), the name to show in errors and its header's pixel count."""
     path, image = row.get("path"), row.get("image")
     if isinstance(path, str) and path:
         data, where = read_confined(path, policy, f"row {i}"), f"row {i} ({path})"
@@ -157,8 +218,7 @@ def _image_bytes(row: pd.Series, i: int, policy: InputPolicy) -> tuple[bytes, st
         raise ValueError(f"row {i}: needs an 'image' (base64 bytes) or a 'path' (image file) value")
     if len(data) > policy.max_bytes:
         raise ValueError(f"{where}: image is {len(data)} bytes, over the {policy.max_bytes}-byte cap")
-    check_image_header(data, where)
-    return data, where
+    return data, where, check_image_header(data, where)
 
 
 def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
@@ -191,13 +251,14 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "path" not in frame.columns and "image" not in frame.columns:
-            raise ValueError(f"input needs a 'path' or an 'image' column, got {list(frame.columns)}")
-        images = []
-        for i, (_, row) in enumerate(frame.iterrows()):
-            row = row.where(row.notna(), None)  # a missing cell reads as None, not NaN
-            images.append(_image_bytes(row, i, self.policy))
-        probs = self.probabilities(images)
+        try:
+            images = request_images(frame, self.policy)
+            probs = self.probabilities(images)
+        except ValueError as e:  # refused, or an image that fails to decode: a 400 with the one line
+            raise RequestRefused(str(e)).as_mlflow() from None
+        except Exception as e:  # ours to debug, not the client's to read: the trace goes to the server's log only
+            traceback.print_exc()
+            raise MlflowException(f"internal error ({type(e).__name__}); see the server's log") from None
         top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
         return pd.DataFrame({
             "class": [self.classes[k] for k in top],

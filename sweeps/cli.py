@@ -145,13 +145,15 @@ def cmd_serve(a) -> None:
     import tempfile
 
     from ich.errors import ConfigError
-    from soups.pyfunc import MAX_BYTES_ENV, PATH_ROOT_ENV, InputPolicy, fetch_verified
+    from soups.pyfunc import MAX_BYTES_ENV, MAX_ROWS_ENV, PATH_ROOT_ENV, InputPolicy, fetch_verified
     from soups.tracking_server import ensure_tracking_uri
     env = dict(os.environ)
     if a.path_root is not None:
         env[PATH_ROOT_ENV] = a.path_root
     if a.max_bytes is not None:
         env[MAX_BYTES_ENV] = str(a.max_bytes)
+    if a.max_rows is not None:
+        env[MAX_ROWS_ENV] = str(a.max_rows)
     try:
         policy = InputPolicy.from_env(env)  # checked here so a bad root fails before anything starts
     except ValueError as e:
@@ -198,8 +200,6 @@ def _die_with_parent():
 
 
 def cmd_ui(a) -> None:
-    from soups.tracking_server import main_ui
-    rc = main_ui((["--stop"] if a.stop else []) + (["--data-dir", a.data_dir] if a.data_dir else []))
     if a.optuna:  # optuna-dashboard on the sweep's study storage, started and stopped like the MLflow UI
         from sweeps.optuna_ui import run
         rc = run(data_dir=a.data_dir, stop=a.stop, storage=a.storage, sweep_run=a.sweep_run, host=a.host,
@@ -209,6 +209,8 @@ def cmd_ui(a) -> None:
         return
     if a.storage or a.sweep_run or a.port is not None or a.host != "127.0.0.1":
         raise SystemExit("ich ui: --storage, --sweep-run, --host and --port go with --optuna")
+    from soups.tracking_server import main_ui
+    rc = main_ui((["--stop"] if a.stop else []) + (["--data-dir", a.data_dir] if a.data_dir else []))
     if rc:
         raise SystemExit(rc)
 
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $ICH_SERVE_PATH_ROOT, else the column is refused)")
     s.add_argument("--max-bytes", type=int, default=None,
                    help="largest image file or base64 value accepted (default: $ICH_SERVE_MAX_BYTES, else 20 MiB)")
+    s.add_argument("--max-rows", type=int, default=None,
+                   help="rows per request (default: $ICH_SERVE_MAX_ROWS, else 256; a request also stops at "
+                        "$ICH_SERVE_MAX_REQUEST_BYTES, else 64 MiB, and $ICH_SERVE_MAX_REQUEST_PIXELS, else 100 MP)")
     s.set_defaults(func=cmd_serve)
 
     from sweeps.schedule import add_schedule_args, cmd_schedule

@@ -47,12 +47,13 @@ def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path)
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([str(Path(sys.executable).with_name("ich")), "serve", "--model", MODEL, "--port",
-                               str(port)], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+                               str(port)], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
+                                                "ICH_SERVE_MAX_ROWS": "4"},
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_served(url, server, tmp_path / "serve.log")
-        pngs = _digit_pngs(tiny_sweep)
+        pngs = _digit_pngs(tiny_sweep)  # 4 rows: at the row cap, answered (the control of the refusal below)
         payload = {"dataframe_split": {"columns": ["image"],
                                        "data": [[base64.b64encode(p.read_bytes()).decode()] for p in pngs]}}
         answer = requests.post(f"{url}/invocations", json=payload, timeout=120)
@@ -83,7 +84,13 @@ def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path)
         # A bad request is an error answer, not a crash of the server; the path column is off by default.
         bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"], "data": [["!!"]]}},
                             timeout=60)
-        assert bad.status_code >= 400 and server.poll() is None
+        assert bad.status_code == 400 and server.poll() is None
+        assert "not valid base64" in bad.text and "stack_trace" not in bad.json() and "Traceback" not in bad.text
+        # One row over the server's cap: one 400 naming the cap, no stack trace (issue 23 item 3).
+        over = requests.post(f"{url}/invocations", timeout=60, json={"dataframe_split": {
+            "columns": ["image"], "data": payload["dataframe_split"]["data"] * 2}})
+        assert over.status_code == 400 and "8 rows, over the 4-row cap per request" in over.text, over.text[:500]
+        assert "stack_trace" not in over.json() and "Traceback" not in over.text
         by_path = requests.post(f"{url}/invocations", timeout=60,
                                 json={"dataframe_split": {"columns": ["path"], "data": [[str(pngs[0])]]}})
         assert by_path.status_code >= 400 and "the 'path' column is off" in by_path.text
