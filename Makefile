@@ -16,12 +16,14 @@ export ICH_HOME ?= $(CURDIR)/.ich
 
 .PHONY: install demo test bench ui clean lock
 
-# dev: the tests; head: the cluster head's extras (mlflow[auth], boto3), so nodes that reuse this venv run its commands.
+# dev: the tests; head: the cluster head's extras (mlflow[auth], boto3), so nodes that reuse this venv run its commands;
+# system: MLflow's system metrics on trial runs (psutil, nvidia-ml-py; the GPU configs turn them on).
+EXTRAS := dev,head,system
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH_SPEC) $(TORCH_INDEX)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,head]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -55,7 +57,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) $(TORCH_SPEC) $(TORCH_INDEX)
-	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) -e '.[dev,head]'
+	$(LOCK_VENV)/bin/pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(LOCK_VENV)/bin/pip check
 	$(LOCK_VENV)/bin/pip freeze --all --exclude-editable > $(LOCK_VENV)/frozen.txt
 	$(PYTHON) tools/lock.py $(LOCK_FILE) < $(LOCK_VENV)/frozen.txt

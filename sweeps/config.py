@@ -71,6 +71,9 @@ class SweepConfig:
     seed: int = 0  # Optuna's TPE sampler seed
     optuna_storage: str | None = None  # Optuna study DB (default sqlite:///$ICH_HOME/optuna.db): later runs continue it
     storage: str | None = None  # Ray Tune storage: local path, s3://..., gs://... (default $ICH_HOME/ray_results)
+    # seconds between samples of MLflow's system metrics on every trial run (CPU, memory, disk, network; GPU with
+    # nvidia-ml-py); 0 = off. Needs psutil: `pip install '.[system]'` (the GPU configs turn it on)
+    system_metrics: float = 0.0
     train: dict = field(default_factory=dict)  # fixed TrainConfig fields
     search: dict = field(default_factory=dict)  # TrainConfig field -> distribution
     grid: dict = field(default_factory=dict)  # TrainConfig field -> list of values; every combination is a trial
@@ -341,6 +344,8 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
     if cfg.gc.keep_top_k < 0 or cfg.gc.keep_last_k < 0:
         raise ConfigError(f"{where}: gc.keep_top_k and gc.keep_last_k must be >= 0")
     import timm  # unknown models fail here, not in a worker
+
+    import ich.models  # noqa: F401  (registers the project's own architectures with timm: coatnet_tiny_ich, ...)
     for m in cfg.models:
         if not timm.is_model(m):
             raise ConfigError(f"{where}: unknown model {m!r} (not a timm architecture)")

@@ -233,7 +233,7 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
     from sweeps.init_weights import shared_inits
     from sweeps.progress import progress_callbacks
     from sweeps.study import optuna_study_storage, study_size
-    from sweeps.trainable import SweepContext, faults_from_env, train_trial
+    from sweeps.trainable import SweepContext, faults_from_env, system_metrics_interval, train_trial
 
     sweep = cfg.sweep or cfg.experiment
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
@@ -245,7 +245,8 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
     ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        tracking_uri=tracking_uri, train=dict(cfg.train),
                        faults=faults_from_env(),
-                       fault_marker_dir=str(home / "faults" / sweep), objective=cfg.objective)
+                       fault_marker_dir=str(home / "faults" / sweep), objective=cfg.objective,
+                       system_metrics_s=system_metrics_interval(cfg))
     # Dataset and inits go into the object store once; every trial on a node maps the same copy.
     trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=dataset, inits=inits, ctx=ctx), resources)
 

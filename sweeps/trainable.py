@@ -81,6 +81,7 @@ class SweepContext:
     faults: list[Fault] = field(default_factory=list)  # tests only (faults_from_env)
     fault_marker_dir: str = ""  # where a fired fault leaves its marker, so it fires once per trial
     objective: str = "single"  # trajectory_soup: also evaluate and report the trial's running soup (soup_objective.py)
+    system_metrics_s: float = 0.0  # MLflow system metrics on the trial run, every this many seconds; 0: off
 
 
 @dataclass
@@ -175,6 +176,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     retries_at_start = registry.retry_count() + uploader.retries
     run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
     start = record_start(client, run_id, trainer.epoch)
+    monitor = system_monitor(run_id, ctx)
     pending: tuple[Upload, Path, dict, dict] | None = None
     overhead = {"report_s": 0.0, "write_s": 0.0}  # sweep-side cost per epoch, reported as metrics
 
@@ -237,6 +239,8 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         report_pending(True)
         registry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
     finally:
+        if monitor is not None:  # its last samples flushed while the run is still there to take them
+            monitor.finish()
         if pending is not None:  # a failing trial still lets its last upload finish (it may be reported on retry)
             pending[0].wait()
             _remove_folder(pending[1])
@@ -246,6 +250,41 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             registry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
         except registry.RegistryError as e:  # never hide why the trial failed
             print(f"trial {trial_id}: {e}", file=sys.stderr, flush=True)
+
+
+def system_metrics_missing() -> str | None:
+    """Why MLflow's system metrics cannot be sampled here (psutil missing), else None."""
+    import importlib.util
+    if importlib.util.find_spec("psutil") is None:
+        return "system_metrics needs psutil (and nvidia-ml-py for GPUs): pip install 'ich-soups[system]'"
+    return None
+
+
+def system_metrics_interval(cfg) -> float:
+    """The sweep config's system_metrics interval for the trials; 0 with one line on the driver when psutil is
+    missing (the sweep runs on without them: a monitor is not worth failing a scheduled run for)."""
+    interval = float(cfg.system_metrics or 0)
+    if interval < 0:
+        from ich.errors import ConfigError
+        raise ConfigError(f"system_metrics: {cfg.system_metrics!r} seconds; give an interval > 0, or 0 for off")
+    if interval and (why := system_metrics_missing()):
+        print(f"sweep: {why}; trials run without system metrics", file=sys.stderr, flush=True)
+        return 0.0
+    return interval
+
+
+def system_monitor(run_id: str, ctx: SweepContext):
+    """MLflow's system-metrics monitor on the trial's run (system/cpu_utilization_percentage, memory, disk,
+    network, and gpu_* where nvidia-ml-py sees a GPU), sampled every ctx.system_metrics_s seconds; a retried
+    trial continues the steps where the last start stopped. None when off or when psutil is missing (the driver
+    said so once)."""
+    if not ctx.system_metrics_s or system_metrics_missing():
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=ctx.system_metrics_s, samples_before_logging=1,
+                                   resume_logging=True, tracking_uri=ctx.tracking_uri)
+    monitor.start()
+    return monitor
 
 
 # Checkpoint folders of this process not yet removed. Every path out of train_trial removes its own; the exit

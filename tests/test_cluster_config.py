@@ -155,7 +155,8 @@ def test_project_is_synced_and_installed_on_every_node():
     assert remote, "the repository ('.') is not in file_mounts (remote path: local path)"
     project = remote[0]
     common = "\n".join(config["setup_commands"])
-    install = re.search(rf"pip install[^\n]*-e\s+{re.escape(project)}\b", common)
+    home_form = re.escape(project.replace("~", "$HOME", 1))  # quoted, with extras: "$HOME/ich-soups[system]"
+    install = re.search(rf'pip install[^\n]*-e\s+(?:{re.escape(project)}\b|"{home_form}(?:\[[\w,]+\])?")', common)
     assert install, f"setup_commands do not `pip install -e {project}`"
     torch = re.search(r"pip install[^\n]*\btorch\b", common)
     assert torch and torch.start() < install.start(), "torch must be installed (right build) before the project"

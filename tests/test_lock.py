@@ -87,7 +87,7 @@ def test_the_lock_keeps_its_header_and_torch_line_and_make_lock_writes_it():
     target = make.split("\nlock:\n", 1)[1].split("\n\n", 1)[0]
     assert "pip freeze --all --exclude-editable" in target and "tools/lock.py $(LOCK_FILE)" in target
     assert re.search(r"^LOCK_FILE \?= \$\(CONSTRAINTS\)$", make, re.M)
-    assert "pip check" in target and "-e '.[dev,head]'" in target
+    assert "pip check" in target and "-e '.[$(EXTRAS)]'" in target
     assert all("-c $(CONSTRAINTS)" in line for line in target.splitlines() if "pip install" in line)
 
 
