@@ -237,8 +237,9 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
                    help="registered model holding the champion alias (default: the one the soups were registered "
                         "under, from their ich.registered_model tag, else <experiment>-soup)")
     p.add_argument("--optuna-storage", dest="optuna_storage",
-                   help="the sweep's Optuna database URL for the study figures (default: the sweep run's "
-                        "ich.optuna_storage tag; e.g. sqlite:///$ICH_HOME/optuna.db)")
+                   help="the sweep's Optuna database URL for the study figures, opened read-only (default: "
+                        "sqlite:///$ICH_HOME/optuna.db when the sweep run's ich.optuna_storage tag names it; a tag "
+                        "naming another database is shown, never opened)")
 
 
 def add_gc_args(p: argparse.ArgumentParser) -> None:

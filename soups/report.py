@@ -14,8 +14,9 @@ Three phases, so the math is testable without a server:
        `soup_so_far_val_<metric>` history;
      - the `champion` alias of the registered model the soups were registered under (--registered-model; by
        default the name on the newest soup run's ich.registered_model tag, else "<experiment>-soup");
-     - the sweep's Optuna study, when its storage is known (--optuna-storage, or the sweep run's
-       ich.optuna_storage tag): its trials, copied out of the database.
+     - the sweep's Optuna study, when its storage is known (--optuna-storage, or $ICH_HOME/optuna.db when the
+       sweep run's ich.optuna_storage tag names it; another tag is shown, never opened): its trials, copied out of
+       the database, opened read-only.
   2. compute_report: selection by val, logits (cached per model id; weights pulled and sha256-verified only for
      models not cached yet), every section as data: title, text, tables, figures, files.
   3. render: one Markdown and one HTML renderer over the same sections; then the report run in MLflow.
@@ -823,8 +824,9 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
     """Build the report of an experiment from MLflow, write it to out_dir (a temp folder if None) and log it
     as the artifacts of a report run; returns the summary (also written as report.json).
     registered_model: where the champion alias lives (default: the soups' ich.registered_model tag, else
-    "<experiment>-soup"); optuna_storage: the sweep's Optuna database URL (default: the sweep run's
-    ich.optuna_storage tag; without one the report says so and has no Optuna figures)."""
+    "<experiment>-soup"); optuna_storage: the sweep's Optuna database URL, opened read-only (default: the sweep
+    run's ich.optuna_storage tag when it names $ICH_HOME/optuna.db; without one the report says so, naming any
+    other tag, and has no Optuna figures)."""
     from mlflow.entities import Metric
 
     from ich.home import ich_home

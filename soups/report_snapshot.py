@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from ich.checkpoint import META
 from ich.errors import IchError
+from ich.home import own_optuna_storage
 from ich.models import family
 from soups import registry
 from soups.champion import ALIAS, current_champion, registered_model_name
@@ -225,8 +226,55 @@ def _masked(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
+def _read_only_storage(storage: str):
+    """An Optuna RDBStorage that cannot write. Opening one creates its tables and version rows when missing
+    (`sqlite:///` to any SQLite file gained 12 of them), so: no table creation, and a connection that refuses
+    writes (SQLite: mode=ro, which never creates the file either; PostgreSQL/MySQL: a read-only session)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    import optuna
+    from sqlalchemy.engine import make_url
+    url = make_url(storage)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        ro = f"file:{quote(str(Path(url.database).resolve()))}?mode=ro"
+        storage, engine_kwargs = "sqlite://", {"creator": lambda: sqlite3.connect(ro, uri=True)}
+    elif backend == "postgresql":
+        engine_kwargs = {"connect_args": {"options": "-c default_transaction_read_only=on"}}
+    elif backend == "mysql":
+        engine_kwargs = {"connect_args": {"init_command": "SET SESSION TRANSACTION READ ONLY"}}
+    else:  # no read-only connection we know how to ask for
+        raise ReportError(f"{_masked(storage)} cannot be opened read-only (a {backend} database)")
+    return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, skip_table_creation=True)
+
+
+def _is_own_store(storage: str) -> bool:
+    """The project's own study database, sqlite:///$ICH_HOME/optuna.db (however the path is spelt)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        url, own = make_url(storage), make_url(own_optuna_storage())
+    except ArgumentError:
+        return False
+    return (url.get_backend_name() == "sqlite" and bool(url.database) and not url.query
+            and Path(url.database).resolve() == Path(own.database).resolve())
+
+
+def optuna_source(given: str | None, tag: str | None, notes: list[str]) -> str | None:
+    """The storage the report may open: the one given on the command line, or the sweep run's tag when it names
+    the project's own store under ICH_HOME. Any other tag is shown in a note, never followed: a run tag is
+    anyone's to write, and following it created databases and connected out."""
+    if given or not tag or _is_own_store(tag):
+        return given or tag
+    notes.append(f"no Optuna figures: the sweep run's {TAG_OPTUNA_STORAGE} tag names {_masked(tag)}, which is not "
+                 f"this project's store ({own_optuna_storage()}); a tag is not followed, pass --optuna-storage to "
+                 "read it")
+    return None
+
+
 def _read_optuna(storage: str | None, study_name: str | None, notes: list[str]) -> OptunaRecord | None:
-    """The study's trials, or a note saying why there are none; never creates a database."""
+    """The study's trials, or a note saying why there are none; opens the database read-only, never creates one."""
     if not storage:
         notes.append("no Optuna figures: the study's storage is unknown (pass --optuna-storage, e.g. "
                      "sqlite:///$ICH_HOME/optuna.db)")
@@ -234,19 +282,31 @@ def _read_optuna(storage: str | None, study_name: str | None, notes: list[str]) 
     if not study_name:
         notes.append("no Optuna figures: no sweep run names the study")
         return None
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        url = make_url(storage)
+    except ArgumentError:
+        notes.append(f"no Optuna figures: {_masked(storage)} is not a database URL")
+        return None
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
         notes.append(f"no Optuna figures: {_masked(storage)} does not exist")
         return None
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = optuna.load_study(study_name=study_name, storage=_read_only_storage(storage))
         direction = study.direction.name.lower()
         trials = study.get_trials(deepcopy=True)
+    except ReportError as e:
+        notes.append(f"no Optuna figures: {e}")
+        return None
     except KeyError:
         notes.append(f"no Optuna figures: no study {study_name!r} in {_masked(storage)}")
         return None
     except Exception as e:  # a database that cannot be read is a note, not a failed report
+        while e.__cause__ or e.__context__:  # the database's own words (Optuna wraps them)
+            e = e.__cause__ or e.__context__
         notes.append(f"no Optuna figures: study {study_name!r} in {_masked(storage)} cannot be read "
                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return None
@@ -288,6 +348,8 @@ def read_snapshot(experiment: str, *, tracking_uri: str | None = None, metric: s
             snap.soup_so_far = _history(client, snap.sweep_run_id, snap.soup_so_far_key)
     snap.registered_model = registered_model or _registered_model(client, experiment_id, experiment, snap.sweep)
     snap.champion = _read_champion(client, snap.registered_model, {s.model_id for s in snap.soups}, snap.notes)
-    storage = optuna_storage or snap.sweep_tags.get(TAG_OPTUNA_STORAGE)
-    snap.optuna = _read_optuna(storage, snap.sweep, snap.notes)
+    tag = snap.sweep_tags.get(TAG_OPTUNA_STORAGE)
+    storage = optuna_source(optuna_storage, tag, snap.notes)
+    if storage or not tag:  # a tag not followed has its note already
+        snap.optuna = _read_optuna(storage, snap.sweep, snap.notes)
     return client, snap

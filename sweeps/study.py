@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ich.home import own_optuna_storage
 from soups.tags import TAG_OPTUNA_STORAGE
 
+
 def optuna_storage_url(cfg, home: Path) -> str:
-    return cfg.optuna_storage or f"sqlite:///{home / 'optuna.db'}"
+    return cfg.optuna_storage or own_optuna_storage(home)
 
 
 def optuna_storage_tag(cfg, home: Path) -> dict:
