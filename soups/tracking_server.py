@@ -5,11 +5,17 @@ With no MLFLOW_TRACKING_URI the project starts, or reuses, one `mlflow server` p
     <data_dir>/mlflow/mlflow.db       SQLite backend store
     <data_dir>/mlflow/artifacts/      artifacts, served by the server itself (proxied artifact access),
                                       so workers only ever talk HTTP, never to a file store
-    <data_dir>/mlflow/server.json     {pid, port, uri, data_dir} of the running server
+    <data_dir>/mlflow/server.json     {pid, start_time, port, uri, data_dir, backend_store_uri} of the running
+                                      server (0600)
     <data_dir>/mlflow/server.log      its output
+    <data_dir>/mlflow/server.lock     one start (or stop) of this store at a time
 
-The server runs in its own session so it outlives the command that started it; later commands find it
-through server.json (pid alive and /health answering) and reuse it. `ich ui --stop` stops it.
+The server runs in its own session so it outlives the command that started it; later commands reuse it through
+server.json only when the record proves it: its data_dir is this one, its pid is the process that started then,
+leading its own session and running the exact `mlflow server` command for this store, and that session listens on
+the recorded port. Anything else is stale, said in one line, and never reused or signalled. `ich ui --stop` stops a
+proven server only. Starts pick a port one at a time per user (a lock in the user's runtime folder); every lock
+gives up after ICH_LOCK_TIMEOUT_S seconds (default 300) naming its holder.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,9 +38,11 @@ from urllib.parse import urlsplit
 
 from ich.errors import IchError
 from ich.home import ich_home
+from soups.supervise import start_time
 
 DEFAULT_PORT = 5000
 HEALTH_TIMEOUT_S = 90.0  # it answers in ~5 s here with one worker; a loaded machine can take much longer
+LOCK_TIMEOUT_S = 300.0  # a start holds its locks while waiting for /health: longer than two of those waits
 
 # No network: no telemetry, in the server and in its clients.
 TELEMETRY_OFF_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -101,12 +110,81 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _is_mlflow_process(pid: int) -> bool:
-    """Guards against a recycled pid after a reboot; where /proc is missing, trust the pid."""
+def _server_command(data_dir: Path, port: int, host: str, backend_store_uri: str | None) -> list[str]:
+    """The exact `mlflow server` command for data_dir's store: what a start runs and what a record must show."""
+    mlflow_dir = _mlflow_dir(data_dir)
+    return [_mlflow_executable(), "server",
+            "--backend-store-uri", backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination", str(mlflow_dir / "artifacts"),
+            "--host", host, "--port", str(port),
+            "--workers", "1"]  # one uvicorn process: starts in ~5 s instead of ~11 s, light on 2 cores
+
+
+def _unproven(data_dir: Path, record: dict) -> str | None:
+    """Why server.json does not prove a running server of data_dir, or None when it does: its data_dir is this one,
+    and its pid is the process that started then (start_time), leading its own session (as started) and running
+    the exact command for this store. A copied data folder, a recycled pid, or a record naming any other process
+    (anyone can write this file) fails here; nothing is reused or signalled on it."""
+    pid, port, uri = record.get("pid"), record.get("port"), record.get("uri")
+    if not (isinstance(pid, int) and isinstance(port, int) and isinstance(uri, str)):
+        return "it has no pid, port and uri"
+    if record.get("data_dir") != str(data_dir):
+        return f"it is the record of {record.get('data_dir')}, not of {data_dir}"
+    started = start_time(pid)
+    if started is None:
+        return f"no process {pid}"
+    if started != record.get("start_time"):
+        return f"process {pid} is not the one recorded (started at another time)"
     try:
-        return b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
-        return not Path("/proc").is_dir()
+        return f"process {pid} cannot be read in /proc"
+    if int(stat_fields[3]) != pid:
+        return f"process {pid} does not lead its own session, as the server started here does"
+    expected = _server_command(data_dir, port, urlsplit(uri).hostname or "", record.get("backend_store_uri"))
+    # The mlflow script runs under its shebang's interpreter: argv is [python, mlflow, server, ...].
+    if cmdline[-len(expected):] != expected or len(cmdline) - len(expected) > 2:
+        return f"process {pid} is not the MLflow server of this store ({' '.join(cmdline)[:120]})"
+    return None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes LISTENing on port (any address), from /proc/net/tcp and tcp6."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _session_listens(sid: int, port: int) -> bool:
+    """Some process of session sid (the server and its uvicorn child) holds a LISTEN socket on port: the answer on
+    the port is this server's, not another's."""
+    sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not sockets:
+        return False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) != sid:
+                continue
+            if any(os.readlink(fd) in sockets for fd in (proc / "fd").iterdir()):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return False
+
+
+def _say_stale(data_dir: Path, why: str) -> None:
+    print(f"{_record_path(data_dir)} is stale ({why}): not used", file=sys.stderr, flush=True)
 
 
 def health_ok(uri: str, timeout: float = 2.0) -> bool:
@@ -144,9 +222,11 @@ def _mlflow_executable() -> str:
 
 
 def _wait_healthy(uri: str, pid: int, process: subprocess.Popen | None, log_path: Path, timeout: float) -> None:
+    """Until /health answers from pid's own session listening on the URI's port (not whoever else holds it)."""
+    port = urlsplit(uri).port
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if health_ok(uri):
+        if health_ok(uri) and _session_listens(pid, port):
             return
         exited = process.poll() is not None if process is not None else not _pid_alive(pid)
         if exited:
@@ -200,16 +280,9 @@ def _start_on_port(data_dir: Path, port: int | None, backend_store_uri: str | No
         port = DEFAULT_PORT if _port_free(DEFAULT_PORT, host) else free_port()
     elif not _port_free(port, host):
         raise MlflowServerError(f"port {port} on {host} is already in use; cannot start the MLflow server there")
-    backend_store_uri = backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
     uri = f"http://{host}:{port}"
     log_path = mlflow_dir / "server.log"
-    command = [
-        _mlflow_executable(), "server",
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", str(mlflow_dir / "artifacts"),
-        "--host", host, "--port", str(port),
-        "--workers", "1",  # one uvicorn process: starts in ~5 s instead of ~11 s, light on 2 cores
-    ]
+    command = _server_command(data_dir, port, host, backend_store_uri)
     env = {**os.environ, **SERVER_ENV}
     env.pop("MLFLOW_TRACKING_URI", None)  # the server must not talk to another server
     with open(log_path, "ab") as log:
@@ -224,41 +297,93 @@ def _start_on_port(data_dir: Path, port: int | None, backend_store_uri: str | No
     except BaseException:
         _stop_pid(process.pid, process, 5.0)
         raise
-    record = {"pid": process.pid, "port": port, "uri": uri, "data_dir": str(data_dir)}
-    _record_path(data_dir).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    record = {"pid": process.pid, "start_time": start_time(process.pid), "port": port, "uri": uri,
+              "data_dir": str(data_dir), "backend_store_uri": backend_store_uri}
+    path = _record_path(data_dir)
+    path.unlink(missing_ok=True)  # 0600 from creation: a PostgreSQL URI in it may hold a password
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
     return handle
+
+
+def lock_timeout() -> float:
+    """ICH_LOCK_TIMEOUT_S, else LOCK_TIMEOUT_S: how long a start waits for another one's lock."""
+    try:
+        return float(os.environ.get("ICH_LOCK_TIMEOUT_S") or LOCK_TIMEOUT_S)
+    except ValueError:
+        raise MlflowServerError(f"ICH_LOCK_TIMEOUT_S={os.environ['ICH_LOCK_TIMEOUT_S']!r} is not a number of "
+                                "seconds") from None
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive flock on path (0600, created if missing), given up after lock_timeout() with one line naming
+    the holder, whose pid and command it writes into the file once it holds it."""
+    timeout = lock_timeout()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise MlflowServerError(f"{path}: cannot open the lock ({e.strerror})") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "a process that has not said"
+                    raise MlflowServerError(f"{path} is held by pid {holder} for more than {timeout:g} s "
+                                            "(ICH_LOCK_TIMEOUT_S); wait for it or end it") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _runtime_dir() -> Path:
+    """This user's runtime folder for ich ($XDG_RUNTIME_DIR/ich, else <tmp>/ich-<uid>), 0700 and the user's own."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    folder = Path(base) / "ich" if base else Path(tempfile.gettempdir()) / f"ich-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+    except OSError as e:
+        raise MlflowServerError(f"{folder}: cannot make this user's runtime folder ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise MlflowServerError(f"{folder} is not a private folder of this user (uid {os.getuid()}); remove it")
+    return folder
 
 
 @contextmanager
 def _port_lock():
-    """Machine-wide: two commands with different data folders starting at once both saw port 5000 free, and the
-    second then trusted the first one's /health, writing into the other store. One start at a time picks a port."""
-    fd = os.open(os.path.join(tempfile.gettempdir(), "ich-mlflow-port.lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    """Per user: two commands with different data folders starting at once both saw port 5000 free, and the
+    second then trusted the first one's /health, writing into the other store. One start at a time picks a port
+    (another user's server on the port is told apart by _wait_healthy: its socket is not in our session)."""
+    with _file_lock(_runtime_dir() / "mlflow-port.lock"):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextmanager
 def _start_lock(data_dir: Path):
     # Two commands starting at once must end up sharing one server, not racing for the port.
     _mlflow_dir(data_dir).mkdir(parents=True, exist_ok=True)
-    with open(_mlflow_dir(data_dir) / "server.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _file_lock(_mlflow_dir(data_dir) / "server.lock"):
+        yield
 
 
 def _running_server(data_dir: Path) -> dict | None:
-    """The recorded server of data_dir if its process is alive (waits for it to answer /health)."""
+    """The recorded server of data_dir when the record proves it (_unproven), after it answers /health from its
+    own socket; a record that proves nothing is stale: said in one line, and a fresh server is started."""
     record = _read_record(data_dir)
-    pid, uri = record.get("pid"), record.get("uri")
-    if not isinstance(pid, int) or not isinstance(uri, str) or not _pid_alive(pid) or not _is_mlflow_process(pid):
+    if not record:
         return None
+    if why := _unproven(data_dir, record):
+        _say_stale(data_dir, why)
+        return None
+    pid, uri = record["pid"], record["uri"]
     try:
         _wait_healthy(uri, pid, _started.get(pid), _mlflow_dir(data_dir) / "server.log", HEALTH_TIMEOUT_S)
     except MlflowServerError as e:
@@ -293,16 +418,18 @@ def ensure_tracking_uri(data_dir: str | os.PathLike | None = None, *, quiet: boo
 
 
 def stop_local_server(data_dir: str | os.PathLike | None = None) -> bool:
-    """Stop the recorded server of data_dir; True if one was running."""
+    """Stop the recorded server of data_dir; True if one was running. Only a server the record proves
+    (_unproven) is signalled; a stale record is said to be (one line) and removed, its process left alone."""
     data_dir = Path(data_dir).resolve() if data_dir is not None else default_data_dir()
     with _start_lock(data_dir):
         record = _read_record(data_dir)
-        pid = record.get("pid")
-        running = isinstance(pid, int) and _pid_alive(pid) and _is_mlflow_process(pid)
-        if running:
-            _stop_pid(pid, None, 15.0)
+        why = _unproven(data_dir, record) if record else "absent"
+        if record and why:
+            _say_stale(data_dir, why)
+        if not why:
+            _stop_pid(record["pid"], None, 15.0)
         _record_path(data_dir).unlink(missing_ok=True)
-    return running
+    return not why
 
 
 def password_in_uri(uri: str) -> str | None:
