@@ -22,6 +22,23 @@ from soups.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_
 ALIAS = "champion"
 
 
+def soup_card(ctx: Context, best: SoupEntry, metric: str, decision: dict) -> str:
+    """The registered version's model card (soups/lineage.py): figures, ingredients, input, decision, limits."""
+    from ich.checkpoint import read_meta
+    from soups import provenance
+    from soups.lineage import model_card
+    from soups.tags import TAG_SOURCE_HASH, TAG_VERSION
+    meta = read_meta(best.ckpt)
+    code = provenance.run_tags("soups/champion.py")
+    return model_card(name=best.name, recipe=best.recipe, scope=best.scope, experiment_id=ctx.experiment_id,
+                      ingredients=best.ingredients, val=best.val, test=best.test, vs_best_single=best.vs_best_single,
+                      best_single=best.best_single, metric=metric, bn_mode=best.bn_mode, preprocess=meta.preprocess,
+                      dataset_fingerprint=ctx.dataset.fingerprint,
+                      code_version=f"{code.get(TAG_VERSION, '?')} (source {str(code.get(TAG_SOURCE_HASH, '?'))[:12]})",
+                      decision=("moved `champion` here: " if decision["moved"] else "kept `champion` where it was: ")
+                      + decision["reason"])
+
+
 def registered_model_name(experiment: str, registered_model: str | None = None) -> str:
     """The registered model a sweep's soups go to: the one given, else "<experiment>-soup"."""
     return registered_model or f"{experiment}-soup"
@@ -151,7 +168,8 @@ def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np
                        if decision[k] is not None}}
     version = registry.call_with_retry(
         f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{info.model_id}",
-        run_id=best.run_id, tags=version_tags, model_id=info.model_id)
+        run_id=best.run_id, tags=version_tags, model_id=info.model_id,
+        description=soup_card(ctx, best, metric, decision))
     if decision["moved"]:
         registry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
     run_tags = {k: v for k, v in version_tags.items() if k.startswith(TAG_CHAMPION_PREFIX)}  # decision, reason, figures

@@ -49,6 +49,7 @@ from soups.tags import (INIT_TRIAL, KIND_CHECKPOINT, KIND_INIT, KIND_SOUP, LEGAC
                         TAG_DATASET, TAG_EPOCH, TAG_KIND,
                         TAG_SHA256, TAG_SUPERSEDED_BY, TAG_SWEEP, TAG_TRIAL, TAG_WARM_START_RECIPE, CheckpointRecord,
                         model_tags, record_of)
+from soups.lineage import dataset_link
 from soups.supervise import FIRST_DELAY_S
 from soups.tracking_server import HEALTH_TIMEOUT_S
 
@@ -255,7 +256,8 @@ def _push_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_d
                         str(ckpt_dir), retry=retry)
         # One timestamp for all attempts: a retried log_batch then repeats identical rows, not new points.
         timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
+        batch = [Metric(key, float(value), timestamp, step, model_id=model_id,  # val/test name their split's data
+                        **dataset_link(key, tags.get(TAG_DATASET))) for key, value in metrics.items()]
         if batch:
             call_with_retry(f"log metrics of model {model_id}", client.log_batch, run_id, metrics=batch, retry=retry)
         call_with_retry(f"link model {model_id} to run {run_id}", client.log_outputs, run_id,

@@ -25,6 +25,7 @@ from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_GROUP, TAG_INGRE
                         TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags)
 from soups.build import Soup, SoupBuilder
 from soups.common import json_safe, soft_vote_logits
+from soups.lineage import run_inputs
 from soups.evaluate import Evaluator
 from soups.options import SoupOptions
 from soups.pull import Family, Pulled
@@ -187,6 +188,12 @@ def log_soup(ctx: Context, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     run = registry.call_with_retry("create soup run", client.create_run, ctx.experiment_id, run_name=entry.name,
                                    tags=run_tags)
     run_id = run.info.run_id
+    # Lineage: the splits it was evaluated on (and fitted BN on), its accepted ingredients as input models (its
+    # LoggedModel's val metrics name their split's dataset: registry._push_model).
+    splits = ("val", "test") + (("train",) if entry.bn_mode == "recalibrate" else ())
+    registry.call_with_retry("log soup inputs", client.log_inputs, run_id, **run_inputs(
+        ctx.dataset.fingerprint, splits, model_ids=[i["model_id"] for i in entry.ingredients if i["accepted"]],
+        classes=ctx.dataset.classes, sizes={k: len(v) for k, v in ctx.dataset.splits.items()}))
     metrics = flat_metrics(entry)
     now = int(time.time() * 1000)
     registry.call_with_retry("log soup metrics", client.log_batch, run_id,

@@ -164,7 +164,7 @@ def reuse_warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: 
         return None
     with tempfile.TemporaryDirectory() as tmp:
         sd, _ = registry.load_record(client, found[0], tmp)
-    return Init(sd, found[0].sha256, f"warm start (reused, model {found[0].model_id})")
+    return Init(sd, found[0].sha256, f"warm start (reused, model {found[0].model_id})", model_id=found[0].model_id)
 
 
 def record_warm_start(tc: TrainConfig, sd: dict, metrics: dict, dataset: ICHDataset, client: MlflowClient,
@@ -178,7 +178,7 @@ def record_warm_start(tc: TrainConfig, sd: dict, metrics: dict, dataset: ICHData
         sha = save_checkpoint(folder, sd, meta)
         # its tags (sweep, architecture, dataset, recipe, epoch) and metrics come from the folder's checkpoint.json
         model_id = registry.log_init_model(client, [experiment_id, parent_run_id], folder)
-    return Init(sd, sha, f"warm start (trained, model {model_id})")
+    return Init(sd, sha, f"warm start (trained, model {model_id})", model_id=model_id)
 
 
 def check_resources(cfg: SweepConfig, local: bool) -> None:

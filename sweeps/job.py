@@ -147,6 +147,7 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     print(f"sweep {sweep} took {time.time() - t_start:.0f} s; MLflow UI: {tracking_uri}/#/experiments/{experiment_id}",
           flush=True)
     soups = None if args.no_soups else soups_and_report(cfg, args, home, sweep, tracking_uri, parent_run_id)
+    note_sweep_run(client, parent_run_id, sweep, cfg, summary, soups)
     exit_code = 0
     if failed:  # last, after what could be built: the line an unattended run's log ends with
         exit_code = sweep_exit_code(len(failed), cfg.allow_failed_trials)
@@ -246,7 +247,7 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
                        tracking_uri=tracking_uri, train=dict(cfg.train),
                        faults=faults_from_env(),
                        fault_marker_dir=str(home / "faults" / sweep), objective=cfg.objective,
-                       system_metrics_s=system_metrics_interval(cfg))
+                       system_metrics_s=system_metrics_interval(cfg), data=str(cfg.data or ""))
     # Dataset and inits go into the object store once; every trial on a node maps the same copy.
     trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=dataset, inits=inits, ctx=ctx), resources)
 
@@ -286,11 +287,24 @@ def soups_and_report(cfg, args: argparse.Namespace, home: Path, sweep: str, trac
         from soups.report import build_report
         from sweeps.study import optuna_storage_url
         out = home / "reports" / cfg.experiment
-        build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data,
-                     registered_model=cfg.soups.registered_model,  # where the champion alias lives
-                     optuna_storage=optuna_storage_url(cfg, home))  # the study's figures
+        report = build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data,
+                              registered_model=cfg.soups.registered_model,  # where the champion alias lives
+                              optuna_storage=optuna_storage_url(cfg, home))  # the study's figures
+        soups["report_run_id"] = report.get("run_id")  # the sweep run's note points to it
         print(f"report: {out / 'report.md'} (and report.html); also logged to MLflow", flush=True)
     return soups
+
+
+def note_sweep_run(client, parent_run_id: str, sweep: str, cfg, summary: list[dict], soups: dict | None) -> None:
+    """The sweep run's description in the MLflow UI: the trials, the soups and where the report is."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from soups import registry
+    from soups.lineage import sweep_note
+    report_run = (soups or {}).get("report_run_id")
+    where = f"run {report_run} (artifacts report.md, report.html)" if report_run else None
+    registry.call_with_retry("note sweep run", client.set_tag, parent_run_id, MLFLOW_RUN_NOTE,
+                             sweep_note(sweep, cfg.metric, summary, (soups or {}).get("soups"), where))
 
 
 def soup_callbacks(cfg, tracking_uri: str, experiment_id: str, sweep: str, parent_run_id: str) -> list:

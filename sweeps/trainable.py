@@ -32,6 +32,7 @@ from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
 from soups import provenance, registry
+from soups.lineage import run_inputs
 from soups.tags import (KIND_TRIAL, TAG_KIND, TAG_NODE, TAG_NODE_ID, TAG_PID, TAG_SWEEP, TAG_TRIAL,
                         TAG_TRIAL_NAME)
 from soups.worker_exit import quiet_sigterm_exit
@@ -82,6 +83,7 @@ class SweepContext:
     fault_marker_dir: str = ""  # where a fired fault leaves its marker, so it fires once per trial
     objective: str = "single"  # trajectory_soup: also evaluate and report the trial's running soup (soup_objective.py)
     system_metrics_s: float = 0.0  # MLflow system metrics on the trial run, every this many seconds; 0: off
+    data: str = ""  # the ingested dataset folder (the source of the trial run's dataset inputs)
 
 
 @dataclass
@@ -91,10 +93,13 @@ class Init:
     fingerprint: str
     source: str
     preprocess: dict | None = None  # the init's preprocessing fields (ich.preprocess.resolve); None: dataset defaults
+    model_id: str | None = None  # its LoggedModel (kind init) where MLflow holds it: every trial's input model
 
 
-def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name: str, cfg: TrainConfig) -> str:
-    """The trial's MLflow child run, created once; a retried or resumed trial finds it again by tag."""
+def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name: str, cfg: TrainConfig,
+              dataset: ICHDataset | None = None, init_model_id: str | None = None) -> str:
+    """The trial's MLflow child run, created once; a retried or resumed trial finds it again by tag. A new run
+    records its lineage: the dataset's train/val/test splits and the shared init as its input model."""
     tags = {TAG_KIND: KIND_TRIAL, TAG_SWEEP: ctx.sweep, TAG_TRIAL: trial_id}
     run = registry.find_run_by_tags(client, ctx.experiment_id, tags)
     node = {TAG_NODE: f"{socket.gethostname()}/{_node_ip()}", TAG_NODE_ID: _node_id(), TAG_PID: str(os.getpid())}
@@ -105,6 +110,10 @@ def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name
                   **provenance.run_tags("sweeps/trainable.py")})
         params = [Param(k, str(v)) for k, v in asdict(cfg).items()]
         registry.call_with_retry("log trial params", client.log_batch, run.info.run_id, params=params)
+        if dataset is not None:
+            registry.call_with_retry("log trial inputs", client.log_inputs, run.info.run_id, **run_inputs(
+                dataset.fingerprint, ("train", "val", "test"), source=ctx.data, model_ids=[init_model_id],
+                classes=dataset.classes, sizes={k: len(v) for k, v in dataset.splits.items()}))
     else:  # retried / resumed: running again, maybe on another node (and code)
         registry.call_with_retry("tag trial run", client.log_batch, run.info.run_id, tags=[
             RunTag(k, v) for k, v in {**node, **provenance.run_tags("sweeps/trainable.py")}.items()])
@@ -174,7 +183,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     client = MlflowClient(ctx.tracking_uri)
     uploader = _uploader()
     retries_at_start = registry.retry_count() + uploader.retries
-    run_id = trial_run(client, ctx, trial_id, trial_name, cfg)
+    run_id = trial_run(client, ctx, trial_id, trial_name, cfg, dataset, init.model_id)
     start = record_start(client, run_id, trainer.epoch)
     monitor = system_monitor(run_id, ctx)
     pending: tuple[Upload, Path, dict, dict] | None = None

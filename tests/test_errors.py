@@ -24,9 +24,16 @@ PACKAGES = ("ich", "soups", "sweeps")
 NOT_USER_ERRORS = {
     "sweeps.uploader.UploadError": "a checkpoint upload that failed for good inside a trial: Ray records it as "
                                    "the trial's failure (with its traceback), it never reaches an entry point",
+    "soups.pyfunc.RequestRefused": "a served request refused (a row or a per-request cap): the scoring server "
+                                   "answers it as one 400 line; `ich predict` prints it as the ValueError it is",
+    "soups.pyfunc.RefusedByServer": "RequestRefused as the scoring server needs it (an MlflowException: a 400 "
+                                    "without a stack trace); never raised at an entry point",
 }
-# `except ImportError` blocks whose import can genuinely fail (path -> why). None today.
-ALLOWED_IMPORT_FALLBACKS: dict[str, str] = {}
+# `except ImportError` blocks whose import can genuinely fail (path -> why).
+ALLOWED_IMPORT_FALLBACKS: dict[str, str] = {
+    "soups/recipes/__init__.py": "ICH_RECIPES names the user's own modules: one that cannot be imported is a "
+                                 "ConfigError naming it (exit 2), not a fallback",
+}
 
 
 def project_modules() -> list:
