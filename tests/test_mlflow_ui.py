@@ -237,3 +237,34 @@ def test_each_trial_run_page_lists_its_checkpoints(page, recorded):
         expect(heading).to_be_visible(timeout=TIMEOUT_MS)
         _expect_texts(page, recorded["checkpoints"][run_id])
         _screenshot(page, f"trial-{run_name}", show=heading)
+
+
+def test_a_registered_soup_shows_its_data_ingredients_and_model_card(page, recorded):
+    """Lineage (issue 24 item 1) as a user clicks through it: the registered soup's run page names the dataset
+    splits it was evaluated on; its version page shows the model card, whose ingredient links are the
+    checkpoints' model ids."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import expect
+
+    client = MlflowClient(recorded["uri"])
+    version = client.get_model_version_by_alias("tiny-sweep-soup", "champion")
+    fp12 = version.tags["ich.dataset_fingerprint"][:12]
+    run = client.get_run(version.run_id)
+    _open(page, recorded, f"runs/{version.run_id}")
+    _close_assistant(page)
+    expect(page.get_by_text(run.info.run_name, exact=True).first).to_be_visible(timeout=TIMEOUT_MS)
+    datasets = [f"val@{fp12}", f"test@{fp12}"]
+    expect(page.get_by_text(re.compile("|".join(map(re.escape, datasets)))).first,
+           f"a dataset of {datasets} on the soup's run page").to_be_visible(timeout=TIMEOUT_MS)
+    _screenshot(page, "soup-lineage")
+
+    page.goto(f"{recorded['uri']}/#/models/tiny-sweep-soup/versions/{version.version}",
+              wait_until="domcontentloaded", timeout=TIMEOUT_MS)
+    _close_assistant(page)
+    accepted = [m.model_id for m in (run.inputs.model_inputs or [])] or \
+        [line.split("](")[0].lstrip("| [") for line in version.description.splitlines() if "](#/experiments" in line]
+    assert accepted, version.description
+    _expect_texts(page, ["Ingredients", "Limits"])
+    expect(page.get_by_text(accepted[0]).first, f"ingredient {accepted[0]} in the model card").to_be_visible(
+        timeout=TIMEOUT_MS)
+    _screenshot(page, "model-card", show=page.get_by_text("Ingredients", exact=True).first)
