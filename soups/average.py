@@ -1,5 +1,6 @@
 """Weight averaging over streams of state dicts: the running sum (every uniform soup: soups/build.py, the trajectory
-soup of sweeps/soup_objective.py) and greedy selection.
+soup of sweeps/soup_objective.py), greedy selection and Model Stock (ModelStockSum: the soup pulled toward the
+shared init).
 
 Memory stays flat in the number of ingredients (docs/design.md#6): a float64 running sum, one candidate,
 the ingredient in hand and at most `prefetch_depth` loaded ahead. Loading the next checkpoint runs in a
@@ -173,6 +174,88 @@ def _mean_with(s: torch.Tensor, e: torch.Tensor, n: int, dtype: torch.dtype) -> 
         j = min(i + _CHUNK, sf.numel())
         torch.div(torch.add(sf[i:j], ef[i:j], out=buf[:j - i]), n, out=of[i:j])
     return out
+
+
+BN_STATISTICS = ("running_mean", "running_var")  # float buffers the soups average like uniform, never pull to the init
+
+
+def is_bn_statistic(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in BN_STATISTICS
+
+
+def model_stock_ratio(mean_cos: float, n: int) -> float:
+    """Model Stock's interpolation ratio t = N·c / (1 + (N-1)·c) for N ingredients whose deltas from the init have
+    mean pairwise cosine c (Jang et al. 2024, eq. 5). c is clamped to [0, 1]: the paper's angle lies in [0, π/2]
+    (deltas of fine-tuned models from one init are never seen to point apart); below 0 the formula leaves [0, 1]
+    and at c = -1/(N-1) divides by zero, so deltas that disagree give t = 0, the init. N = 1: no pair to measure
+    an angle on, t = 1 (the one ingredient, as c = cos 0 = 1 would give)."""
+    if n <= 1:
+        return 1.0
+    c = min(max(mean_cos, 0.0), 1.0)
+    return n * c / (1 + (n - 1) * c)
+
+
+class ModelStockSum:
+    """Model Stock (Jang et al. 2024) over a stream of state dicts, memory flat in N: per floating tensor a float64
+    sum of the weights (a RunningSum: uniform's own) and a float64 sum of the unit deltas u_i = d_i/|d_i|,
+    d_i = w_i - w_init, from which the mean pairwise cosine needs no pair: sum_{i<j} cos_ij = (|sum u_i|^2 - M)/2,
+    M the number of nonzero deltas. result(): per tensor w = w_init + t·(mean w - w_init), i.e.
+    t·w_avg + (1-t)·w_init with t = model_stock_ratio(c, N).
+
+    BatchNorm running statistics and integer tensors are what the uniform soup makes of them (the RunningSum's
+    mean; num_batches_tracked: the first ingredient's). A zero delta (a tensor an ingredient left at the init, e.g. a
+    frozen layer) has no direction: it counts as orthogonal to every other delta (u = 0, cos = 0), so it pulls t
+    toward the init; a tensor no ingredient moved stays the init, with no division by zero.
+    """
+
+    def __init__(self, anchor: StateDict, anchor_name: str = "the shared init", threads: int | None = None) -> None:
+        self.anchor, self.anchor_name = anchor, anchor_name
+        self.total = RunningSum(threads)
+        self._keys = [k for k, v in anchor.items() if v.is_floating_point() and not is_bn_statistic(k)]
+        self._units: StateDict = {}
+        self._moved: dict[str, int] = dict.fromkeys(self._keys, 0)
+
+    @property
+    def count(self) -> int:
+        return self.total.count
+
+    def add(self, sd: StateDict, name: str = "ingredient") -> None:
+        check_state_dicts_match(self.anchor, sd, name, ref_name=self.anchor_name)
+        self.total.add(sd, name)
+
+        def unit(k: str) -> None:
+            d = sd[k].detach().to(torch.float64, copy=True).sub_(self.anchor[k].detach().to(sd[k].device))
+            norm = float(torch.linalg.vector_norm(d))
+            if k not in self._units:
+                self._units[k] = torch.zeros_like(d)
+            if norm > 0:
+                self._units[k].add_(d.div_(norm))
+                self._moved[k] += 1
+        _by_key(self._keys, lambda k: sd[k].numel(), self.total.threads, unit)
+
+    def mean_cosines(self) -> dict[str, float]:
+        """Per tensor, the mean over the N(N-1)/2 pairs of ingredients of the cosine of their deltas (N >= 2)."""
+        n = self.count
+        if n < 2:
+            raise ValueError(f"ModelStockSum: {n} state dict(s), no pair to measure an angle on")
+        return {k: (float(self._units[k].square().sum()) - self._moved[k]) / (n * (n - 1)) for k in self._keys}
+
+    def ratios(self) -> dict[str, float]:
+        """Per tensor, t (model_stock_ratio)."""
+        if self.count == 1:
+            return dict.fromkeys(self._keys, 1.0)
+        return {k: model_stock_ratio(c, self.count) for k, c in self.mean_cosines().items()}
+
+    def result(self) -> StateDict:
+        if self.count == 0:
+            raise ValueError("ModelStockSum.result: no state dict added yet")
+        out, ratios = self.total.mean(), self.ratios()
+        sums, n = self.total._sum, self.count
+        for k, t in ratios.items():
+            a = self.anchor[k].detach().to(torch.float64, copy=True)  # a copy: the anchor is shared by every family
+            w = a.add_(torch.div(sums[k], n).sub_(a), alpha=t) if t else a  # w_init + t·(mean - w_init)
+            out[k] = w.to(self.total._dtypes[k])
+        return out
 
 
 @dataclass

@@ -104,13 +104,15 @@ def cook_family(builder: SoupBuilder, family: Family):
     del uniform_sd
     if "uniform" not in family.recipes:
         uniform.state_dict = {}  # only its predictions are reported: keep memory flat during the other recipes
+    anchor = family.anchor  # set by pull.families only where a recipe of the family needs it
     inputs = recipes.RecipeInputs(
-        family=family.name, members=family.members, ingredients=builder.stream, evaluator=ev, anchor=None,
-        uniform=uniform, opts=builder.opts, finish=lambda sd: builder.finish(sd, ev),
-        skip=lambda p, reason: builder.pool.skip(p.record, reason))
+        family=family.name, members=family.members, ingredients=builder.stream, evaluator=ev,
+        anchor=anchor.load() if anchor else None, uniform=uniform, opts=builder.opts,
+        finish=lambda sd: builder.finish(sd, ev), skip=lambda p, reason: builder.pool.skip(p.record, reason),
+        anchor_name=f"the shared init (model {anchor.record.model_id})" if anchor else "the shared init")
     for name in family.recipes:
         recipe = recipes.get(name)
-        if recipe.needs_anchor and inputs.anchor is None:  # pull.families leaves these out (no anchor recorded yet)
+        if recipe.needs_anchor and inputs.anchor is None:  # pull.families leaves these out where none is found
             raise SoupError(f"{family.name}: recipe {name} needs the shared init, which this family has not")
         cooked = recipe.cook(inputs)
         yield name, cooked.soup, uniform, cooked.accepted, cooked.tries

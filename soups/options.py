@@ -136,6 +136,11 @@ def _positive_int(value) -> str | None:
     return None if isinstance(value, int) and value >= 1 else "must be a whole number >= 1"
 
 
+def _all_or_pair(value) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value >= 2)
+    return None if ok else "must be 0 (all) or a whole number >= 2 (an angle needs two ingredients)"
+
+
 @dataclass
 class SoupOptions:
     experiment: str = _option(help="MLflow experiment of the sweep", check=_nonempty)
@@ -163,6 +168,8 @@ class SoupOptions:
                                "trial's best such epoch; other schedules are left out with a note)",
                                choices=INGREDIENT_POOLS, sweep=True)
     k: int = _option(8, "pool size of --ingredients top_k (the paper's 8)", sweep=True, check=_positive_int)
+    model_stock_k: int = _option(0, "model_stock: soup only each family's k best ingredients by val (0: all of them; "
+                                 "Model Stock's paper uses 2 or 3)", sweep=True, check=_all_or_pair, metavar="K")
     parallel: int = _option(1, "build up to N soup families at once as Ray tasks (default 1: one after another)",
                             sweep=True, check=_positive_int, metavar="N")
 

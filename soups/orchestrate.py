@@ -9,8 +9,10 @@
 2. Group (soups/pull.py). Checkpoints average only within a group (soups/compat.group_key): same architecture,
    init and dataset, img size, class map and preprocessing; a member that differs from its group's first is
    refused.
-3. Build (soups/build.py). within: uniform and greedy over each trial's epochs (the paper). across: uniform and
-   greedy over each trial's best checkpoint (Wortsman), plus a greedy over every checkpoint of the group. The
+3. Build (soups/build.py). within: the recipes (uniform, greedy, model_stock: soups/recipes/) over each trial's
+   epochs (the paper). across: the recipes over each trial's best checkpoint (Wortsman), plus a greedy over every
+   checkpoint of the group. model_stock's anchor, the shared init, is pulled from MLflow by the checkpoints' init
+   fingerprint (soups/pull.py); where MLflow holds none, a note says so and the other recipes run. The
    ingredient pool (--ingredients all | top_k | cycle_end, soups/pool.py) chooses which checkpoints each family
    offers; the rule and the pool's size go on every soup and in the table.
 4. Record (soups/soup_record.py). Each soup is a run under the sweep run with its figures, artifacts and weights.

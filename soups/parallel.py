@@ -5,7 +5,8 @@ one family's soups with the serial path's own code (build.cook_family) on the sa
 order, so parallel and serial give the same soups, weights bitwise equal (the float64 running sum does not
 depend on where or on how many threads it runs). The driver pulls and verifies the checkpoints as before,
 keeps at most N tasks in flight, and records the results (reports, MLflow runs, champion) in family order.
-A task on a node without the driver's checkpoint cache downloads (and verifies) its members itself.
+A task on a node without the driver's checkpoint cache downloads (and verifies) its members itself, and the
+family's shared init (the anchor of model_stock) the same way: a Family carries the pulled records, not tensors.
 
 `cook_within`: one trial's within soups as a task started by the sweep's SoupSoFar callback (sweeps/soup_callback.py).
 """
@@ -44,7 +45,7 @@ def _cook(opts, dataset, family, tracking_uri: str, threads: int):
     torch.set_num_threads(threads)
     tmp = None
     try:
-        for p in family.members:
+        for p in (*family.members, *([family.anchor] if family.anchor is not None else [])):  # the init too
             if not p.folder.is_dir():  # another node: fetch it here (sha256 verified again on load)
                 tmp = tmp or Path(tempfile.mkdtemp(prefix="ich-soup-task-"))
                 p.folder = registry.download_checkpoint(MlflowClient(tracking_uri), p.record, tmp)

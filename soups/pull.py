@@ -32,7 +32,8 @@ from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
 from soups.pool import Schedule
-from soups.tags import GC_DELETED, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_KIND, TAG_SWEEP
+from soups.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND, TAG_SHA256,
+                         TAG_SWEEP)
 
 CACHE_MB_ENV = "ICH_SOUP_CACHE_MB"  # verified ingredients kept in memory (MB) so each file is read once
 DEFAULT_CACHE_MB = 256
@@ -173,6 +174,7 @@ class CheckpointPool:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soups-pull")
         self._futures: dict[str, Future] = {r.model_id: self._executor.submit(self._pull, r, s) for r, s in pulls}
         self._done: dict[str, Pulled | None] = {}
+        self._anchors: dict[str, Pulled | None] = {}  # init fingerprint -> the shared init, pulled (or None)
         self._bar = tqdm(total=len(pulls), desc="pull checkpoints", unit="ckpt", file=sys.stderr, disable=None)
 
     def _pull(self, record: registry.CheckpointRecord, score: float) -> Pulled:
@@ -196,6 +198,34 @@ class CheckpointPool:
             self._bar.update(1)
         return self._done[record.model_id]
 
+    def anchor(self, record: registry.CheckpointRecord, notes: list[str], needing: list[str]) -> Pulled | None:
+        """The shared init of the record's family, the anchor of the recipes `needing` it: the READY `init`
+        LoggedModel of the record's experiment whose ich.sha256 is the record's ich.init_fingerprint, downloaded and
+        verified once per fingerprint. None where there is none, with one note per fingerprint."""
+        fingerprint = record.init_fingerprint
+        if fingerprint in self._anchors:
+            return self._anchors[fingerprint]
+        self._anchors[fingerprint] = None
+        no_soup = f"no {' or '.join(needing)} soup"
+        if not fingerprint:
+            notes.append(f"{no_soup} of the families of checkpoint {record.label()}: it records no {TAG_INIT}, so its "
+                         "shared init cannot be found")
+            return None
+        found = registry.search_init_by_fingerprint(self.client, [record.experiment_id], fingerprint)
+        if not found:
+            notes.append(f"{no_soup} for init fingerprint {fingerprint}: this experiment holds no `{KIND_INIT}` "
+                         f"LoggedModel with {TAG_SHA256}={fingerprint}, the shared init (warm-start sweeps log "
+                         "theirs; else log it with soups.registry.log_init_model(client, sweep_run, folder), the "
+                         "folder's weights hashing to that fingerprint)")
+            return None
+        try:
+            self._anchors[fingerprint] = self._pull(found[0], math.nan)
+        except (CheckpointError, MlflowException, OSError) as e:
+            why = short_reason(e, f"checkpoint {found[0].label()}", str(self.folder / found[0].model_id))
+            notes.append(f"{no_soup} for init fingerprint {fingerprint}: its init model {found[0].model_id} "
+                         f"cannot be used ({why})")
+        return self._anchors[fingerprint]
+
     def skip(self, record: registry.CheckpointRecord, reason: str) -> None:
         if any(s["model_id"] == record.model_id for s in self.skipped):
             return
@@ -205,7 +235,7 @@ class CheckpointPool:
     def close(self) -> None:
         self._bar.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        for pulled in self._done.values():  # the soups are built: the kept tensors go
+        for pulled in (*self._done.values(), *self._anchors.values()):  # the soups are built: the kept tensors go
             if pulled is not None:
                 pulled.state_dict = None
 
@@ -223,6 +253,7 @@ class Family:
     trial: str | None = None
     pool: str = "all"  # the ingredient pool's rule (soups/pool.label): "all", "top_k:8", "cycle_end"
     family_size: int | None = None  # checkpoints (across-best: trials) the rule chose from; None: len(members)
+    anchor: Pulled | None = None  # the shared init, when a recipe of the family needs it (Recipe.needs_anchor)
 
 
 def group_id(key: tuple) -> str:
@@ -259,12 +290,15 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
     """Yield the families to soup, within first (so later trials keep downloading meanwhile), then across.
     The ingredient pool (opts.ingredients, soups/pool.py) chooses each family's members among the usable ones."""
     rule = ingredient_pool.label(opts.ingredients, opts.k)
-    cookable = [r for r in opts.recipes if not recipes.get(r).needs_anchor]
-    notes.extend(f"recipe {r} needs the sweep's shared init (the anchor), which sweeps do not record yet: no {r} soup"
-                 for r in opts.recipes if r not in cookable)
-    if not cookable:
-        return
-    every_checkpoint = [r for r in cookable if recipes.get(r).every_checkpoint]  # the recipes that choose
+    anchored = [r for r in opts.recipes if recipes.get(r).needs_anchor]
+    every_checkpoint = [r for r in opts.recipes if recipes.get(r).every_checkpoint]  # the recipes that choose
+
+    def family(scope: str, name: str, group: str, members: list[Pulled], cookable: list[str], **kw) -> Family | None:
+        """The family with the recipes it can be cooked with: those that need the anchor only where it is found
+        (pool.anchor: by the members' init fingerprint, once per fingerprint, a note where there is none)."""
+        anchor = pool.anchor(members[0].record, notes, anchored) if set(cookable) & set(anchored) else None
+        cookable = [r for r in cookable if anchor is not None or r not in anchored]
+        return Family(scope, name, group, members, cookable, anchor=anchor, **kw) if cookable else None
     trials: OrderedDict[str, list[registry.CheckpointRecord]] = OrderedDict()
     for record, _ in records:
         trials.setdefault(record.trial, []).append(record)
@@ -287,8 +321,9 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
                     notes.append(f"trial {trial}: pool {rule} holds {len(members)} of its {len(usable)} usable "
                                  f"checkpoint(s){epochs}, no within-trial soup")
                 continue
-            yield Family("within", f"within-{trial}", group_id(members[0].group_key()), members, cookable, trial,
-                         pool=rule, family_size=len(usable))
+            if f := family("within", f"within-{trial}", group_id(members[0].group_key()), members, opts.recipes,
+                           trial=trial, pool=rule, family_size=len(usable)):
+                yield f
     if "across" in opts.scopes:
         groups: OrderedDict[tuple, list[Pulled]] = OrderedDict()
         for record, _ in records:
@@ -308,9 +343,10 @@ def families(opts: SoupOptions, records: list[tuple[registry.CheckpointRecord, f
                 notes.append(f"group {group}: checkpoints of {len(best_per_trial)} trial(s)"
                              f"{'' if rule == 'all' else f' in pool {rule}'}, no across-run soup")
                 continue
-            yield Family("across", f"across-best{suffix}", group, best_per_trial, cookable, pool=rule,
-                         family_size=n_trials)
-            if every_checkpoint:
-                every = pulled_best_first(chosen.every, opts.metric)
-                yield Family("across", f"across-all{suffix}", group, every, every_checkpoint, pool=rule,
-                             family_size=len(members))
+            if f := family("across", f"across-best{suffix}", group, best_per_trial, opts.recipes, pool=rule,
+                           family_size=n_trials):
+                yield f
+            every = pulled_best_first(chosen.every, opts.metric)
+            if every_checkpoint and (f := family("across", f"across-all{suffix}", group, every, every_checkpoint,
+                                                 pool=rule, family_size=len(members))):
+                yield f

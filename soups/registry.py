@@ -381,8 +381,21 @@ def search_init_models(client: MlflowClient, experiment_ids: list[str], *, sweep
         models = [m for m in found if _is_ready(m)]
         if models:
             break
-    models.sort(key=lambda m: (m.creation_timestamp or 0, m.model_id), reverse=True)
+    return _records_newest_first(models)
+
+
+def _records_newest_first(models: list[LoggedModel]) -> list[CheckpointRecord]:
+    models = sorted(models, key=lambda m: (m.creation_timestamp or 0, m.model_id), reverse=True)
     return [r for m in models if (r := record_of(m)) is not None]
+
+
+def search_init_by_fingerprint(client: MlflowClient, experiment_ids: list[str], fingerprint: str, *,
+                               retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
+    """READY init models (ich.kind=init) whose weights' sha256 is `fingerprint`: the shared init that the
+    checkpoints tagged ich.init_fingerprint=fingerprint started from (the anchor of Model Stock); newest first."""
+    found = _search_models(client, [str(e) for e in experiment_ids],
+                           _tag_filter({TAG_KIND: KIND_INIT, TAG_SHA256: fingerprint}), retry)
+    return _records_newest_first([m for m in found if _is_ready(m)])
 
 
 # ---------------------------------------------------------------------------------------------- pull

@@ -229,7 +229,9 @@ def _block(arch: str, checkpoints: list[Candidate], soups: list[Candidate], metr
         if competing:
             block.soups[recipe] = _best(competing, metric)
         else:
-            notes.append(f"no {recipe} soup of {arch} in MLflow (run `ich soup` first)")
+            needs = "; it needs the sweep's shared init logged as an `init` model" if recipes.get(recipe).needs_anchor \
+                else ""
+            notes.append(f"no {recipe} soup of {arch} in MLflow (run `ich soup` first{needs})")
     return block
 
 

@@ -24,7 +24,7 @@ TAG_ARCHITECTURE = "ich.architecture"
 TAG_SUPERSEDED_BY = "ich.superseded_by"  # on a record replaced by a newer one (then FAILED)
 TAG_WARM_START_RECIPE = "ich.warm_start_recipe"  # on init models: hash of the warm-start training recipe
 # "ich.recipe" holds two meanings, told apart by ich.kind: the warm-start recipe hash on init models logged before
-# the rename (read only), and the soup recipe (uniform | greedy) on soups and soup runs.
+# the rename (read only), and the soup recipe (uniform | greedy | model_stock...) on soups and soup runs.
 LEGACY_TAG_WARM_START_RECIPE = "ich.recipe"
 TAG_SOUP_RECIPE = "ich.recipe"
 

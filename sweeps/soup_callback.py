@@ -1,7 +1,7 @@
 """Soups while the sweep runs (issue 14, item 1): a Tune callback on the driver. `soup_so_far: true` in a sweep config.
 
 When a trial finishes or ASHA stops it:
-- its within-trajectory soups (uniform and greedy over its own checkpoints) are built as a Ray task
+- its within-trajectory soups (every recipe's, over its own checkpoints) are built as a Ray task
   (soups/parallel.py: cook_within, the orchestrator's own pull/family/build code, with a GPU fraction when the
   cluster has GPUs, and no CPU reserved so that it runs beside the trials). The task is submitted here and
   collected on later callbacks, so the driver's loop never waits for it. Each result goes on the sweep run:

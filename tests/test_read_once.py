@@ -21,12 +21,11 @@ import torch
 from mlflow import MlflowClient
 
 import ich.checkpoint
-from ich.checkpoint import WEIGHTS, CheckpointMeta, save_checkpoint
+from ich.checkpoint import WEIGHTS
 from ich.models import create_model
-from soups import registry, tags
 from soups.orchestrate import SoupOptions, run_soups
+from tests.logged_sweep import ARCH, log_sweep
 
-ARCH = "coatnet_tiny_ich"
 EXPERIMENT = "read-once"
 SCORES = {"a": [0.50, 0.70, 0.60], "b": [0.40, 0.45, 0.80]}  # val_macro_f1 per epoch
 
@@ -34,28 +33,11 @@ SCORES = {"a": [0.50, 0.70, 0.60], "b": [0.40, 0.45, 0.80]}  # val_macro_f1 per 
 @pytest.fixture(scope="module")
 def logged(mlflow_server, digits_data, digits_dataset, tmp_path_factory) -> dict[str, str]:
     """Two trials x three epochs of tiny checkpoints near one init; returns {sha256: model id}."""
-    tmp = tmp_path_factory.mktemp("read-once")
-    client = MlflowClient(mlflow_server)
-    eid = registry.get_or_create_experiment(client, EXPERIMENT)
-    sweep_run = client.create_run(eid, run_name=EXPERIMENT, tags={
-        tags.TAG_KIND: tags.KIND_SWEEP, tags.TAG_SWEEP: EXPERIMENT, tags.TAG_DATA: str(digits_dataset)})
     torch.manual_seed(0)
     base = create_model(ARCH, digits_data.num_classes, 32).state_dict()
-    gen = torch.Generator().manual_seed(1)
-    shas = {}
-    for trial, scores in SCORES.items():
-        run = client.create_run(eid, run_name=trial, tags={
-            tags.TAG_KIND: tags.KIND_TRIAL, tags.TAG_SWEEP: EXPERIMENT, tags.TAG_TRIAL: trial,
-            "mlflow.parentRunId": sweep_run.info.run_id})
-        for epoch, score in enumerate(scores, start=1):
-            sd = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
-                  for k, v in base.items()}
-            meta = CheckpointMeta(ARCH, 32, digits_data.num_classes, digits_data.classes, digits_data.fingerprint,
-                                  "read-once-init", epoch, {"val_macro_f1": score, "val_accuracy": score},
-                                  extra={"sweep": EXPERIMENT, "trial": trial})
-            sha = save_checkpoint(tmp / f"{trial}-{epoch}", sd, meta)
-            shas[sha] = registry.log_checkpoint(client, run, tmp / f"{trial}-{epoch}")
-    return shas
+    _, logged = log_sweep(MlflowClient(mlflow_server), EXPERIMENT, digits_dataset, digits_data,
+                          tmp_path_factory.mktemp("read-once"), base, SCORES, "read-once-init", scale=1e-3)
+    return {sha: model_id for sha, (model_id, _) in logged.items()}
 
 
 class Spy:

@@ -204,7 +204,9 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
     for row in rows:
         during = _artifact_json(mlflow_client, parent, f"soups_so_far/within-{row['trial']}.json", tmp_path / "w")
         assert during["step"] == state["trial_steps"][row["trial"]]
-        assert [s["name"] for s in during["soups"]] == [f"within-{row['trial']}-{r}" for r in ("uniform", "greedy")]
+        # every recipe, model_stock too: the sweep's warm start is logged as its init (the anchor)
+        assert [s["name"] for s in during["soups"]] == [f"within-{row['trial']}-{r}"
+                                                        for r in ("uniform", "greedy", "model_stock")]
         for s in during["soups"]:
             p = posthoc[s["name"]]
             assert [(i["model_id"], i["accepted"]) for i in s["ingredients"]] == \
@@ -302,6 +304,7 @@ def test_within_soups_are_built_while_trials_hold_every_cpu(tiny_sweep, mlflow_c
         done, _ = ray.wait([cb._refs[trial]], timeout=180)
         assert done, "the within-soup task waited for a CPU that the trials hold"
         result = ray.get(done[0])
-        assert result["trial"] == trial and {s["recipe"] for s in result["soups"]} == {"uniform", "greedy"}, result
+        assert result["trial"] == trial and {s["recipe"] for s in result["soups"]} == {
+            "uniform", "greedy", "model_stock"}, result
     finally:
         ray.kill(holder)

@@ -6,7 +6,7 @@ report and the plots iterate the registry (docs/design.md#15).
     def cook(inputs: RecipeInputs) -> CookedSoup: ...
     register(Recipe("best_two", needs_anchor=False, cook=cook))
 
-The built-in recipes (uniform.py, greedy.py) are imported below. More modules come from ICH_RECIPES
+The built-in recipes (uniform.py, greedy.py, model_stock.py) are imported below. More modules come from ICH_RECIPES
 (comma-separated module names, e.g. `ICH_RECIPES=mypkg.model_stock`), imported when the recipes are first asked
 for, so that `ich soup --help`, `ich soup`, `ich report` and the Ray tasks they start see the same recipes. A
 recipe is found only by the name it registered: a tag read from MLflow (ich.recipe) never imports anything.
@@ -41,11 +41,13 @@ class RecipeInputs:
     ingredients: Callable[[list[Pulled]], Iterator[tuple[Pulled, dict]]]  # (member, state dict) streamed, loaded
     # ahead in a thread; a member whose file fails is skipped (and reported) on the way
     evaluator: Evaluator  # the family's val/test logits and scores
-    anchor: dict | None  # the shared init's state dict (issue 21); None while sweeps do not record it
+    anchor: dict | None  # the shared init's state dict (soups/pull.py finds it by the family's init fingerprint);
+    # None where it was not asked for or not found (a recipe that needs it is then not cooked)
     uniform: Soup  # the family's uniform soup: logits and BN mode (its weights are released once it is recorded)
     opts: SoupOptions
     finish: Callable[[dict], Soup]  # a soup's weights -> Soup: the BN option applied (decided on val), val/test logits
     skip: Callable[[Pulled, str], None]  # report an ingredient left out (NaN/Inf...), naming why
+    anchor_name: str = "the shared init"  # names the anchor (its init model) in a recipe's messages
 
 
 @dataclass
@@ -60,7 +62,7 @@ class CookedSoup:
 @dataclass(frozen=True)
 class Recipe:
     name: str  # the ich.recipe tag value, `--recipe` choice and soup name suffix (<family>-<name>)
-    needs_anchor: bool  # pulls toward the shared init: skipped, with a note, where there is none
+    needs_anchor: bool  # pulls toward the shared init: skipped, with a note, where MLflow holds none
     cook: Callable[[RecipeInputs], CookedSoup]
     every_checkpoint: bool = False  # also cooked over every checkpoint of a group (across-all): recipes that choose
     style: tuple[str, str] | None = None  # matplotlib (marker, colour) in the plots; None: one is generated
@@ -117,5 +119,6 @@ def _import_env_modules() -> None:
                               f"({e})") from None
 
 
-for _builtin in ("uniform", "greedy"):  # they register themselves, in this order (the table's, the report's)
+# they register themselves, in this order (the table's, the report's)
+for _builtin in ("uniform", "greedy", "model_stock"):
     importlib.import_module(f"soups.recipes.{_builtin}")
