@@ -87,12 +87,18 @@ def _record_path(data_dir: Path) -> Path:
     return _mlflow_dir(data_dir) / "server.json"
 
 
-def _read_record(data_dir: Path) -> dict:
+def read_json_record(path: Path) -> dict:
+    """A server's JSON record file ({} when missing, unreadable or not an object): the MLflow server's here, the
+    Optuna dashboard's in sweeps/optuna_ui.py."""
     try:
-        record = json.loads(_record_path(data_dir).read_text(encoding="utf-8"))
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _read_record(data_dir: Path) -> dict:
+    return read_json_record(_record_path(data_dir))
 
 
 def _pid_alive(pid: int) -> bool:

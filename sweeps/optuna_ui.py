@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 from ich.errors import IchError
 from ich.home import ich_home
-from soups.tracking_server import _pid_alive, _port_free, _port_lock, _stop_pid, free_port
+from soups.tracking_server import _pid_alive, _port_free, _port_lock, _stop_pid, free_port, read_json_record
 
 DEFAULT_PORT = 8080
 HEALTH_TIMEOUT_S = 60.0
@@ -47,11 +47,7 @@ def _record_path(data_dir: Path) -> Path:
 
 
 def _read_record(data_dir: Path) -> dict:
-    try:
-        record = json.loads(_record_path(data_dir).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_record(_record_path(data_dir))
 
 
 @contextmanager

@@ -8,9 +8,9 @@ import json
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from soups.lineage import model_card, split_dataset_name, split_digest, split_of, sweep_note
+from tests.test_serving import champion  # noqa: F401  (the tiny sweep's champion soup, built there if need be)
 
 EXPERIMENT = "tiny-sweep"
 
@@ -37,18 +37,6 @@ def test_model_card_and_note_say_what_they_should():
     note = sweep_note("s", "val_macro_f1", [{"trial": "t1", "status": "FINISHED", "epochs": 3, "val_macro_f1": 0.5}],
                       [{"name": "x", "recipe": "greedy", "val": {"macro_f1": 0.7}, "test": {"accuracy": 0.6}}], None)
     assert "| t1 | finished | 3 | 0.5000 |" in note and "| x | greedy | 0.7000 | 0.6000 [, ] |" in note
-
-
-@pytest.fixture(scope="module")
-def champion(tiny_sweep, mlflow_server):
-    """The tiny sweep's champion soup (built here, as tests/test_serving.py does, if no other test built it)."""
-    client = MlflowClient(mlflow_server)
-    try:
-        return client.get_model_version_by_alias("tiny-sweep-soup", "champion")
-    except MlflowException:
-        from soups.orchestrate import SoupOptions, run_soups
-        run_soups(SoupOptions(experiment=EXPERIMENT, scope="across", recipe="greedy", n_resamples=200))
-        return client.get_model_version_by_alias("tiny-sweep-soup", "champion")
 
 
 def _inputs(run) -> tuple[dict[str, str], set[str]]:
