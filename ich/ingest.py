@@ -76,7 +76,7 @@ class IngestError(IchError):
 
 
 @dataclass
-class Candidate:
+class FoundImage:
     """One file found under a class folder, before decoding."""
     split: str | None  # presplit layout: the split folder it came from; flat: None until split
     cls: str  # NFC class name
@@ -161,7 +161,7 @@ def _walk_class(cls_dir: Path, src: Path, root_real: str, skipped: list[dict]) -
     return found
 
 
-def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[str], list[Candidate]]:
+def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[str], list[FoundImage]]:
     """Detect the layout and list every candidate file.
 
     Returns (layout, splits present (flat: [None]), NFC class names sorted, candidates)."""
@@ -173,7 +173,7 @@ def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[st
     if not presplit:
         dirs = _class_dirs(src, root_real, "", skipped)
         classes = sorted(dirs)
-        cands = [Candidate(None, c, rel, p) for c in classes
+        cands = [FoundImage(None, c, rel, p) for c in classes
                  for rel, p in _walk_class(dirs[c], src, root_real, skipped)]
         return "flat", [None], classes, cands
 
@@ -190,7 +190,7 @@ def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[st
             missing, extra = sorted(set(classes) - set(dirs)), sorted(set(dirs) - set(classes))
             raise IngestError(f"{src / seen[split]}: class folders differ from train's "
                               f"(missing: {missing or 'none'}; extra: {extra or 'none'})")
-    cands = [Candidate(split, c, rel, p) for split in SPLITS if split in per_split for c in classes
+    cands = [FoundImage(split, c, rel, p) for split in SPLITS if split in per_split for c in classes
              for rel, p in _walk_class(per_split[split][c], src, root_real, skipped)]
     return "presplit", [s for s in SPLITS if s in per_split], classes, cands
 
@@ -198,7 +198,7 @@ def _find_candidates(src: Path, skipped: list[dict]) -> tuple[str, list, list[st
 # ----------------------------------------------------------------------------------------------
 # Dedupe, split, write
 
-def _dedupe(cands: list[Candidate], shas: list[str], skipped: list[dict]) -> list[int]:
+def _dedupe(cands: list[FoundImage], shas: list[str], skipped: list[dict]) -> list[int]:
     """Indices of the decoded candidates to keep: one copy per sha256; all copies when labels conflict."""
     split_rank = {s: i for i, s in enumerate(SPLITS)}
     by_sha: dict[str, list[int]] = {}
@@ -218,7 +218,7 @@ def _dedupe(cands: list[Candidate], shas: list[str], skipped: list[dict]) -> lis
     return sorted(keep)
 
 
-def _split_flat(cands: list[Candidate], keep: list[int], classes: list[str],
+def _split_flat(cands: list[FoundImage], keep: list[int], classes: list[str],
                 val_frac: float, test_frac: float, seed: int) -> None:
     """Assign train/val/test per class (stratified). Seeded per class, so adding a class moves nothing else."""
     need = 1 + (val_frac > 0) + (test_frac > 0)

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from soups import registry
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
-from soups.soup_record import Context, SoupEntry
+from soups.soup_record import SoupCall, SoupEntry
 from soups.stats import mcnemar_exact
 from soups.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_DECISION, TAG_DECISION_REASON,
                         TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_PYFUNC_MODEL, TAG_REGISTERED_MODEL,
@@ -22,7 +22,7 @@ from soups.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_
 ALIAS = "champion"
 
 
-def soup_card(ctx: Context, best: SoupEntry, metric: str, decision: dict) -> str:
+def soup_card(ctx: SoupCall, best: SoupEntry, metric: str, decision: dict) -> str:
     """The registered version's model card (soups/lineage.py): figures, ingredients, input, decision, limits."""
     from ich.checkpoint import read_meta
     from soups import provenance
@@ -73,7 +73,7 @@ def _better(new: float, old: float, metric: str) -> bool:
     return new > old if higher_is_better(metric) else new < old
 
 
-def _champion_val_logits(ctx: Context, version) -> tuple[np.ndarray | None, str]:
+def _champion_val_logits(ctx: SoupCall, version) -> tuple[np.ndarray | None, str]:
     """The champion's val logits from its own weights (sha256 verified), or None and why not."""
     model_id = (version.tags or {}).get(TAG_SOUP_MODEL)
     if not model_id:
@@ -85,7 +85,7 @@ def _champion_val_logits(ctx: Context, version) -> tuple[np.ndarray | None, str]
     return Evaluator(ctx.dataset, EvalSpec.of(meta), device=ctx.opts.device).logits(state_dict, "val"), ""
 
 
-def decide_champion(ctx: Context, best: SoupEntry, best_val_logits: np.ndarray, current) -> dict:
+def decide_champion(ctx: SoupCall, best: SoupEntry, best_val_logits: np.ndarray, current) -> dict:
     """Whether alias `champion` moves to the new best soup; the figures behind the decision."""
     opts, metric = ctx.opts, ctx.opts.metric
     new_val = best.val[metric]
@@ -138,7 +138,7 @@ def best_soup(soups: list[SoupEntry], metric: str) -> SoupEntry:
     return max(soups, key=lambda e: sign * e.val[metric])  # max() keeps the first of equals
 
 
-def register_best(ctx: Context, soups: list[SoupEntry], val_logits: dict[str, np.ndarray]) -> dict:
+def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, np.ndarray]) -> dict:
     """Log the best soup (val) as a pyfunc model, register it, and move `champion` only if it wins."""
     import mlflow
 

@@ -64,7 +64,7 @@ class GcPolicy:
 
 
 @dataclass
-class Candidate:
+class CheckpointState:
     """One checkpoint record as gc sees it (pure data: the planner needs no MLflow)."""
     model_id: str
     sweep: str
@@ -87,7 +87,7 @@ class Plan:
     delete: dict[str, str] = field(default_factory=dict)  # model id -> why it goes
 
 
-def plan(candidates: list[Candidate], protected: dict[str, str], policy: GcPolicy) -> Plan:
+def plan(candidates: list[CheckpointState], protected: dict[str, str], policy: GcPolicy) -> Plan:
     """Which records keep their weights and why, and which lose them: pure, no MLflow.
 
     protected: model id -> why (soup or champion ingredient); always kept, whatever the policy says."""
@@ -97,7 +97,7 @@ def plan(candidates: list[Candidate], protected: dict[str, str], policy: GcPolic
     def keep(mid: str, why: str) -> None:
         out.keep.setdefault(mid, []).append(why)
 
-    trials: dict[tuple[str, str], list[Candidate]] = {}
+    trials: dict[tuple[str, str], list[CheckpointState]] = {}
     for c in candidates:
         if c.model_id in protected:
             keep(c.model_id, protected[c.model_id])
@@ -227,7 +227,7 @@ def _delete_files(client, artifact_uri: str, paths: list[str]) -> None:
         registry.call_with_retry(f"delete {path} of {artifact_uri}", repo.delete_artifacts, path)
 
 
-def _candidates(client, experiment_id: str, metric: str) -> tuple[list[Candidate], dict[str, object]]:
+def _candidates(client, experiment_id: str, metric: str) -> tuple[list[CheckpointState], dict[str, object]]:
     """Every checkpoint LoggedModel of the experiment, READY or not (searches elsewhere see READY only)."""
     from mlflow.entities import LoggedModelStatus
     models = registry._search_models(client, [experiment_id], registry._tag_filter(
@@ -243,7 +243,7 @@ def _candidates(client, experiment_id: str, metric: str) -> tuple[list[Candidate
         ready = registry._is_ready(m)
         failed = m.status == LoggedModelStatus.FAILED
         label = f"trial {tags.get(TAG_TRIAL, '?')} epoch {epoch} (model {m.model_id})"
-        out.append(Candidate(m.model_id, tags.get(TAG_SWEEP, ""), tags.get(TAG_TRIAL, ""), epoch,
+        out.append(CheckpointState(m.model_id, tags.get(TAG_SWEEP, ""), tags.get(TAG_TRIAL, ""), epoch,
                              score, ready, tags.get(TAG_GC) == GC_DELETED, label, failed))
         by_id[m.model_id] = m
     return out, by_id

@@ -126,3 +126,8 @@ def soft_vote_stream(logit_sets: Iterable[np.ndarray]) -> np.ndarray:
     if total is None:
         raise ValueError("soft voting of no models")
     return softmax(total / n)
+
+
+def soft_vote_logits(logit_sets: Iterable[np.ndarray]) -> np.ndarray:
+    """Log of soft voting's probabilities (the evaluator's metrics take logits), one model's logits at a time."""
+    return np.log(np.clip(soft_vote_stream(logit_sets), 1e-300, None))

@@ -41,14 +41,13 @@ from mlflow import MlflowClient
 from ich.data import load_dataset
 from soups.build import Soup, SoupBuilder, cook_family
 from soups.champion import register_best
-from soups.common import json_safe, quiet_run_urls
 from soups.options import SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
 from soups.pool import label as pool_label
 from soups.pull import CheckpointPool, Family, families, read_sweep, usable_records
-from soups.soup_record import Context, SoupEntry, log_soup, pool_text, report_soup
+from soups.soup_record import SoupCall, SoupEntry, json_safe, log_soup, pool_text, quiet_run_urls, report_soup
 
 
-def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str, soup: Soup, uniform: Soup,
+def _record_soup(ctx: SoupCall, builder: SoupBuilder, family: Family, recipe: str, soup: Soup, uniform: Soup,
                  accepted: set[str], tries: dict[str, float], soups: list[SoupEntry],
                  val_logits: dict[str, np.ndarray]) -> None:
     """Report one built soup, log it to MLflow and keep its val predictions for the champion decision."""
@@ -62,7 +61,7 @@ def _record_soup(ctx: Context, builder: SoupBuilder, family: Family, recipe: str
     soups.append(entry)
 
 
-def _cooked(builder: SoupBuilder, opts: SoupOptions, records, pool: CheckpointPool, uri: str, notes: list[str]):
+def cooked_families(builder: SoupBuilder, opts: SoupOptions, records, pool: CheckpointPool, uri: str, notes: list[str]):
     """(family, one built soup) in family order: built here one after another, or as Ray tasks (--parallel N)."""
     if opts.parallel > 1:  # families as Ray tasks; recorded here in the same order as the serial path
         from soups.parallel import cook_families
@@ -113,11 +112,11 @@ def run_soups(opts: SoupOptions) -> dict:
     champion = None
     tmp = Path(tempfile.mkdtemp(prefix="ich-soups-"))
     pool = CheckpointPool(client, records, tmp / "pulled")
-    ctx = Context(client, opts, snap.experiment_id, snap.sweep, snap.sweep_run_id, dataset, tmp)
+    ctx = SoupCall(client, opts, snap.experiment_id, snap.sweep, snap.sweep_run_id, dataset, tmp)
     try:
         with quiet_run_urls():
             builder = SoupBuilder(opts, dataset, pool)
-            for family, cooked in _cooked(builder, opts, records, pool, uri, notes):
+            for family, cooked in cooked_families(builder, opts, records, pool, uri, notes):
                 _record_soup(ctx, builder, family, *cooked, soups, val_logits)
             pool.close()
             if soups:

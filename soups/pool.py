@@ -18,20 +18,27 @@ Across runs (one candidate per trial, per compatible group):
 The greedy over every checkpoint of a group (across-all) takes the group's k best for top_k and every cycle-end
 checkpoint for cycle_end.
 
-Pure: items in, chosen items out, with accessors for score/epoch/trial (like soups.common.best_first), so the
+Pure: items in, chosen items out, with accessors for score/epoch/trial (like best_first below), so the
 orchestrator (Pulled members), the report and the sweep can share it. Scores are recorded val figures: test
 never chooses.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from soups.common import best_first
+from soups.evaluate import higher_is_better
 from soups.options import INGREDIENT_POOLS, SoupError
 
 T = TypeVar("T")
+
+
+def best_first(items: Iterable[T], metric: str, score: Callable[[T], float],
+               tiebreak: Callable[[T], tuple] = lambda _: ()) -> list[T]:
+    """Items sorted best `metric` first (high for accuracy/F1, low for loss); equal scores by tiebreak(item)."""
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    return sorted(items, key=lambda it: (sign * score(it), *tiebreak(it)))
 
 
 class PoolRefused(SoupError):

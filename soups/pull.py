@@ -27,16 +27,23 @@ from tqdm import tqdm
 from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_weights
 from soups import pool as ingredient_pool
 from soups import recipes, registry
-from soups.common import best_first, find_experiment
 from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
-from soups.pool import Schedule
+from soups.pool import Schedule, best_first
 from soups.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND, TAG_SHA256,
                          TAG_SWEEP)
 
 CACHE_MB_ENV = "ICH_SOUP_CACHE_MB"  # verified ingredients kept in memory (MB) so each file is read once
 DEFAULT_CACHE_MB = 256
+
+
+def find_experiment(client, name: str, uri: str):
+    """The live experiment `name` on the server at `uri`; SoupError naming it when missing or deleted."""
+    experiment = registry.call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        raise SoupError(f"experiment {name!r}: not found on the MLflow server at {uri}")
+    return experiment
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -74,7 +81,7 @@ def skip_entry(record: registry.CheckpointRecord, reason: str) -> dict:
 
 
 @dataclass
-class Usable:
+class PullPlan:
     """usable_records' verdict: the records to pull with their val score, the skipped ones, the collected ones."""
     records: list[tuple[registry.CheckpointRecord, float]] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -82,10 +89,10 @@ class Usable:
 
 
 def usable_records(records: list[registry.CheckpointRecord], metric: str, dataset_fingerprint: str,
-                   data: str, warn: bool = True) -> Usable:
+                   data: str, warn: bool = True) -> PullPlan:
     """Checks that need no download: a finite val figure to rank by, and the dataset we evaluate on.
     Records whose weights `ich gc` deleted are kept apart (no warning each)."""
-    out = Usable()
+    out = PullPlan()
     key = f"val_{metric}"
     for r in records:
         if r.tags.get(TAG_GC) == GC_DELETED:

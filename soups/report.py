@@ -72,13 +72,14 @@ from ich.metrics import METRICS, classification_metrics, confusion_matrix, metri
 from soups import provenance, recipes, registry
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, softmax
 from soups.champion import ALIAS
-from soups.common import json_safe, soft_vote_logits
+from soups.logit_store import soft_vote_logits
 from soups.evaluate import EvalSpec, Evaluator
 from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_learning_curves, plot_mds,
                          plot_optuna_history, plot_param_importances, plot_val_test, trial_labels)
 from soups.report_snapshot import (RUNS_PAGE, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,  # noqa: F401 re-exported
                                     TRIAL_STATUS, Candidate, ChampionRef, OptunaRecord, ReportError, Snapshot,
                                     TrialRun, _best, _read_optuna, read_snapshot)
+from soups.soup_record import json_safe
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 from soups.tags import (GC_DELETED, KIND_REPORT, TAG_EXPERIMENT, TAG_GC, TAG_INGREDIENTS, TAG_KIND, TAG_METRIC,
                         TAG_SPLIT, TAG_SWEEP)

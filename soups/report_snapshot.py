@@ -23,7 +23,8 @@ from ich.home import own_optuna_storage
 from ich.models import family
 from soups import registry
 from soups.champion import ALIAS, current_champion, registered_model_name
-from soups.common import best_first, find_experiment
+from soups.pool import best_first
+from soups.pull import find_experiment
 from soups.options import SoupError
 from soups.tags import (GC_DELETED, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL, TAG_SCOPE,  # noqa: F401
                         TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS)  # report.py imports the two storage tags from here

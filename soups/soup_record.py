@@ -6,10 +6,13 @@ table, a curve plot, and the weights as a LoggedModel.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +27,45 @@ from soups import provenance, registry
 from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND, TAG_METRIC,
                         TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags)
 from soups.build import Soup, SoupBuilder
-from soups.common import json_safe, soft_vote_logits
+from soups.logit_store import soft_vote_logits
 from soups.lineage import run_inputs
 from soups.evaluate import Evaluator
 from soups.options import SoupOptions
 from soups.pull import Family, Pulled
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 
+NO_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 CI_ALPHA = 0.05  # the reported intervals are 95%; opts.alpha is the champion test's level
 SEED = 0  # bootstrap resamples: the same images for every model of a call
 
+
+
+def json_safe(x):
+    """JSON-safe: numpy scalars to Python, NaN/Inf to None, private keys (leading _) dropped."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items() if not (isinstance(k, str) and k.startswith("_"))}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+@contextlib.contextmanager
+def quiet_run_urls() -> Iterator[None]:
+    """MLflow prints a "View run" line (after an extra get_run) for every run it ends: noise when runs are
+    recorded in bulk. Off inside the block; the caller's setting is restored after."""
+    before = os.environ.get(NO_URLS)
+    os.environ[NO_URLS] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NO_URLS, None)
+        else:
+            os.environ[NO_URLS] = before
 
 
 @dataclass
@@ -159,8 +191,9 @@ def write_artifacts(folder: Path, entry: SoupEntry, metric: str) -> None:
 
 
 @dataclass
-class Context:
-    """Where a call's soups are recorded: its client and options, the sweep, the dataset, a scratch folder."""
+class SoupCall:
+    """One `ich soup` call, as recording its soups needs it: the client and options, the sweep, the dataset, a
+    scratch folder."""
     client: MlflowClient
     opts: SoupOptions
     experiment_id: str
@@ -170,7 +203,7 @@ class Context:
     tmp: Path
 
 
-def log_soup(ctx: Context, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
+def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     """The soup's run (child of the sweep run) with metrics, artifacts and its weights as a LoggedModel."""
     client, opts = ctx.client, ctx.opts
     tags = {TAG_KIND: KIND_SOUP, TAG_SWEEP: ctx.sweep, TAG_SOUP_RECIPE: entry.recipe,

@@ -28,6 +28,8 @@ IMPORTED_ELSEWHERE = {
     "boto3": "the Ray autoscaler's AWS API and MLflow's S3 artifact store (head)",
     "psycopg2-binary": "MLflow's PostgreSQL backend store (head); imported by tests/test_load.py (dev)",
     "pytest-timeout": "a pytest plugin (pyproject's timeout setting)",
+    "psutil": "MLflow's system-metrics monitor on trial runs (sweeps/trainable.system_monitor; the system extra)",
+    "nvidia-ml-py": "MLflow's GPU monitor (pynvml) when system metrics are on (the system extra)",
 }
 
 

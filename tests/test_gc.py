@@ -20,22 +20,22 @@ from sweeps.cli import main as ich_main
 from ich.errors import ConfigError
 from ich.models import create_model
 from soups import registry, tags
-from soups.gc import Candidate, GcError, GcPolicy, plan
+from soups.gc import CheckpointState, GcError, GcPolicy, plan
 
 ARCH = "coatnet_tiny_ich"
 
 
 # ---------------------------------------------------------------------------------------------- planner (pure)
 
-def _c(trial: str, epoch: int, score: float, ready: bool = True, mid: str | None = None) -> Candidate:
-    return Candidate(mid or f"{trial}{epoch}{'' if ready else 'x'}", "s", trial, epoch, score, ready)
+def _c(trial: str, epoch: int, score: float, ready: bool = True, mid: str | None = None) -> CheckpointState:
+    return CheckpointState(mid or f"{trial}{epoch}{'' if ready else 'x'}", "s", trial, epoch, score, ready)
 
 
 def test_plan_keeps_top_k_last_k_and_protected_and_drops_superseded():
     cands = [_c("a", 1, 0.5), _c("a", 2, 0.9), _c("a", 3, 0.7), _c("a", 4, 0.6), _c("a", 3, 0.99, ready=False),
              _c("b", 1, 0.4), _c("b", 2, math.nan), _c("b", 3, 0.3)]
-    cands.append(Candidate("b9", "s", "b", 9, 0.95, True, collected=True))  # weights gone: ranks nowhere
-    cands.append(Candidate("b5p", "s", "b", 5, 0.1, False, failed=False))  # PENDING: may be uploading now
+    cands.append(CheckpointState("b9", "s", "b", 9, 0.95, True, collected=True))  # weights gone: ranks nowhere
+    cands.append(CheckpointState("b5p", "s", "b", 5, 0.1, False, failed=False))  # PENDING: may be uploading now
     out = plan(cands, {"a1": "ingredient of soup x"}, GcPolicy(keep_top_k=1, keep_last_k=1))
     assert set(out.keep) == {"a1", "a2", "a4", "b1", "b3", "b5p"}
     assert out.keep["b5p"] == ["pending (being logged)"]

@@ -71,7 +71,7 @@ def test_a_registered_metric_is_scored_and_bootstrapped_by_its_one_definition(re
 
 
 def test_directions_come_from_the_registry():
-    from soups.common import best_first
+    from soups.pool import best_first
 
     scores = {"a": 0.2, "b": 0.9, "c": 0.5}
     assert best_first(scores, "loss", score=scores.get) == ["a", "c", "b"]  # lower is better

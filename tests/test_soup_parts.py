@@ -17,7 +17,9 @@ from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.errors import ConfigError
 from soups import pull, registry
 from soups.analysis import soft_vote
-from soups.common import NO_URLS, best_first, json_safe, quiet_run_urls, soft_vote_logits
+from soups.logit_store import soft_vote_logits
+from soups.pool import best_first
+from soups.soup_record import NO_URLS, json_safe, quiet_run_urls
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions, add_soup_args, option_problem
 from soups.registry import CheckpointRecord
