@@ -101,13 +101,15 @@ def recorded(chromium, tiny_sweep, mlflow_server) -> dict:
     trials = {r.info.run_id: r.info.run_name for r in children if r.data.tags.get("ich.kind") == "trial"}
     soups = sorted({r.info.run_name for r in children if r.data.tags.get("ich.kind") == "soup"})
     checkpoints: dict[str, list[str]] = {run_id: [] for run_id in trials}
-    logged: dict[str, int] = {run_id: 0 for run_id in trials}  # every LoggedModel of the run, checkpoint or not
+    logged: dict[str, int] = {run_id: 0 for run_id in trials}  # every LoggedModel of the run (output or input)
     models = client.search_logged_models([experiment_id], max_results=1000)
     for model in models:
         if model.source_run_id in checkpoints:
             logged[model.source_run_id] += 1
             if model.tags.get("ich.kind") == "checkpoint":
                 checkpoints[model.source_run_id].append(model.name)
+    for run_id in trials:  # the run page counts its input models too: the shared init (lineage)
+        logged[run_id] += len(client.get_run(run_id).inputs.model_inputs or [])
     assert len(trials) == 4 and soups, (trials, soups)
     assert all(checkpoints.values()), f"a trial without checkpoints: {checkpoints}"
     n_runs = len(client.search_runs([experiment_id], max_results=1000))
