@@ -39,14 +39,37 @@ def cmd_train(a) -> None:
     from ich.checkpoint import CheckpointMeta, save_checkpoint
     from ich.data import load_dataset
     from ich.train import Trainer
+    from ich.errors import ConfigError
     from ich.train_config import RETIRED_OPTIONS, TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)} | set(RETIRED_OPTIONS)  # a retired one: from_dict says how
-    overrides = {k: v for k, v in vars(a).items() if k in names and v is not None}
-    cfg = TrainConfig.from_dict(overrides)
+    flags = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    options, init_source = {}, a.init
+    if a.set and not a.config:
+        raise ConfigError("ich train: --set changes a sweep config's keys; give the config with --config")
+    sources = []  # lowest first: the config's train: block, the trial's recorded params; the flags win
+    if a.config:
+        from sweeps.reproduce import from_config
+        sources.append(from_config(a.config, a.set or ()))
+    if a.trial:
+        from mlflow import MlflowClient
+
+        from soups.tracking_server import ensure_tracking_uri
+        from sweeps.reproduce import from_trial
+        experiment = a.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        if not experiment:
+            raise ConfigError("ich train --trial: name the sweep's experiment (--experiment or $MLFLOW_EXPERIMENT_NAME)")
+        sources.append(from_trial(MlflowClient(ensure_tracking_uri(ich_home(), quiet=True)), experiment, a.trial))
+    for source in sources:
+        options.update(source.options)
+        for line in source.said:
+            print(line)
+    if init_source is None:  # the trial's init first, else the config's
+        init_source = next((s.init for s in reversed(sources) if s.init), None)
+    cfg = TrainConfig.from_dict({**options, **flags})
     data = load_dataset(a.data)
     from sweeps.init_weights import resolve_init_source
-    init = str(resolve_init_source(a.init)) if a.init else None  # an MLflow URI downloads here
+    init = str(resolve_init_source(init_source)) if init_source else None  # an MLflow URI downloads here
     trainer = Trainer(cfg, data, init_weights=init)
     if a.resume:
         trainer.load_state(a.resume)
@@ -61,7 +84,8 @@ def cmd_train(a) -> None:
         if out:
             meta = CheckpointMeta.for_training(cfg, data, init_fingerprint=trainer.init_fingerprint, epoch=r.epoch,
                                                metrics={k: float(v) for k, v in m.items()},
-                                               preprocess=trainer.preprocess)
+                                               preprocess=trainer.preprocess,
+                                               extra={"config": dataclasses.asdict(cfg), "init": init_source})
             save_checkpoint(out / f"epoch_{r.epoch:03d}", r.weights(), meta)
             trainer.save_state(out / "state")
     test = trainer.evaluate("test")
@@ -279,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", help="initial weights: a .safetensors file, a checkpoint folder or an MLflow model URI")
     s.add_argument("--out", help="write a checkpoint per epoch here")
     s.add_argument("--resume", help="training-state folder to resume from (OUT/state)")
+    s.add_argument("--config", default=None, help="a sweep YAML: its train: block and init.weights (default: none)")
+    s.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a key of --config, dotted, repeatable: --set train.lr=3e-4 (default: none)")
+    s.add_argument("--trial", default=None, help="reproduce this trial of a sweep: its recorded params and its "
+                                                 "shared init from MLflow (default: none)")
+    s.add_argument("--experiment", default=None, help="the sweep's experiment, for --trial "
+                                                      "(default: $MLFLOW_EXPERIMENT_NAME)")
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}[f.type]
         s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
