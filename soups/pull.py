@@ -31,7 +31,7 @@ from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
 from soups.pool import Schedule, best_first
-from soups.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND, TAG_SHA256,
+from soups.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND,
                          TAG_SWEEP)
 
 CACHE_MB_ENV = "ICH_SOUP_CACHE_MB"  # verified ingredients kept in memory (MB) so each file is read once
@@ -207,8 +207,9 @@ class CheckpointPool:
 
     def anchor(self, record: registry.CheckpointRecord, notes: list[str], needing: list[str]) -> Pulled | None:
         """The shared init of the record's family, the anchor of the recipes `needing` it: the READY `init`
-        LoggedModel of the record's experiment whose ich.sha256 is the record's ich.init_fingerprint, downloaded and
-        verified once per fingerprint. None where there is none, with one note per fingerprint."""
+        LoggedModel of the record's experiment for the record's ich.init_fingerprint (registry.search_init_by_fingerprint:
+        a warm start's sha256, a named init's own fingerprint tag), downloaded and verified once per fingerprint.
+        None where there is none, with one note per fingerprint."""
         fingerprint = record.init_fingerprint
         if fingerprint in self._anchors:
             return self._anchors[fingerprint]
@@ -221,9 +222,9 @@ class CheckpointPool:
         found = registry.search_init_by_fingerprint(self.client, [record.experiment_id], fingerprint)
         if not found:
             notes.append(f"{no_soup} for init fingerprint {fingerprint}: this experiment holds no `{KIND_INIT}` "
-                         f"LoggedModel with {TAG_SHA256}={fingerprint}, the shared init (warm-start sweeps log "
-                         "theirs; else log it with soups.registry.log_init_model(client, sweep_run, folder), the "
-                         "folder's weights hashing to that fingerprint)")
+                         f"LoggedModel of it (sweeps log their init since this version: run the sweep again, or "
+                         f"log it with soups.registry.log_init_model(client, sweep_run, folder), the folder's "
+                         f"checkpoint.json with {TAG_INIT}={fingerprint})")
             return None
         try:
             self._anchors[fingerprint] = self._pull(found[0], math.nan)

@@ -46,7 +46,7 @@ from ich.checkpoint import (META, WEIGHTS, CheckpointError, CheckpointMeta, firs
                             sha256_file, weights_from_bytes)
 from ich.errors import IchError
 from soups.tags import (INIT_TRIAL, KIND_CHECKPOINT, KIND_INIT, KIND_SOUP, LEGACY_TAG_WARM_START_RECIPE, TAG_ARCHITECTURE,
-                        TAG_DATASET, TAG_EPOCH, TAG_KIND,
+                        TAG_DATASET, TAG_EPOCH, TAG_INIT, TAG_KIND,
                         TAG_SHA256, TAG_SUPERSEDED_BY, TAG_SWEEP, TAG_TRIAL, TAG_WARM_START_RECIPE, CheckpointRecord,
                         model_tags, record_of)
 from soups.lineage import dataset_link
@@ -391,11 +391,16 @@ def _records_newest_first(models: list[LoggedModel]) -> list[CheckpointRecord]:
 
 def search_init_by_fingerprint(client: MlflowClient, experiment_ids: list[str], fingerprint: str, *,
                                retry: RetryPolicy | None = None) -> list[CheckpointRecord]:
-    """READY init models (ich.kind=init) whose weights' sha256 is `fingerprint`: the shared init that the
-    checkpoints tagged ich.init_fingerprint=fingerprint started from (the anchor of Model Stock); newest first."""
-    found = _search_models(client, [str(e) for e in experiment_ids],
-                           _tag_filter({TAG_KIND: KIND_INIT, TAG_SHA256: fingerprint}), retry)
-    return _records_newest_first([m for m in found if _is_ready(m)])
+    """READY init models (ich.kind=init) of the shared init that the checkpoints tagged
+    ich.init_fingerprint=fingerprint started from (the anchor of Model Stock); newest first. A warm start's
+    fingerprint is its weights' sha256; a named init (hub tag, file, MLflow URI: sweeps/init_weights.py
+    record_given_init) carries the fingerprint as its own ich.init_fingerprint."""
+    for key in (TAG_SHA256, TAG_INIT):
+        found = _search_models(client, [str(e) for e in experiment_ids],
+                               _tag_filter({TAG_KIND: KIND_INIT, key: fingerprint}), retry)
+        if ready := [m for m in found if _is_ready(m)]:
+            return _records_newest_first(ready)
+    return []
 
 
 # ---------------------------------------------------------------------------------------------- pull

@@ -30,7 +30,7 @@ from ich.errors import ConfigError
 from ich.models import (MLFLOW_URI_PREFIXES, ModelError, create_model, hub_tag, load_init_weights,
                         resolve_init_weights)
 from ich.init_source import hub_preprocess, init_preprocess
-from ich.preprocess import DATASET_DEFAULT, PreprocessError
+from ich.preprocess import DATASET_DEFAULT, PreprocessError, resolve
 from ich.train import TrainConfig, Trainer
 from soups import registry
 from sweeps.config import SweepConfig
@@ -124,6 +124,8 @@ def shared_inits(cfg: SweepConfig, models: list[str], dataset: ICHDataset, clien
         init = inits[model]
         if init.preprocess is None:
             init.preprocess = _with_overrides(None, cfg)
+        if init.model_id is None:  # a named init (hub tag, file, MLflow URI): in MLflow too, found by fingerprint
+            record_given_init(init, cfg, model, dataset, client, experiment_id, parent_run_id, sweep)
         print(f"init for {model}: {init.source} (fingerprint {init.fingerprint[:16]}); eval preprocessing "
               f"{describe_preprocess(init.preprocess, TrainConfig.from_dict({**cfg.train, 'model': model}))}", flush=True)
     return inits
@@ -179,6 +181,28 @@ def record_warm_start(tc: TrainConfig, sd: dict, metrics: dict, dataset: ICHData
         # its tags (sweep, architecture, dataset, recipe, epoch) and metrics come from the folder's checkpoint.json
         model_id = registry.log_init_model(client, [experiment_id, parent_run_id], folder)
     return Init(sd, sha, f"warm start (trained, model {model_id})", model_id=model_id)
+
+
+def record_given_init(init: Init, cfg: SweepConfig, model: str, dataset: ICHDataset, client: MlflowClient,
+                      experiment_id: str, parent_run_id: str, sweep: str) -> Init:
+    """A named init as the sweep's `init` LoggedModel, once per fingerprint (a later sweep finds it again): the
+    exact weights every trial starts from (the loaded or hub weights with the seeded fresh head), tagged
+    ich.init_fingerprint = the trials' fingerprint. Trials list it as their input model; Model Stock pulls it as
+    its anchor (registry.search_init_by_fingerprint)."""
+    found = registry.search_init_by_fingerprint(client, [experiment_id], init.fingerprint)
+    if found:
+        init.model_id = found[0].model_id
+        return init
+    tc = TrainConfig.from_dict({**cfg.train, "model": model})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "init"
+        pre = resolve(tc.img_size, dataset.image_size, tc.eval_crop_pct, init.preprocess)  # what the trials record
+        meta = CheckpointMeta.for_training(tc, dataset, init_fingerprint=init.fingerprint, epoch=0, metrics={},
+                                           preprocess=pre,
+                                           extra={"sweep": sweep, "recipe": f"given:{init.source}", "source": init.source})
+        save_checkpoint(folder, {k: v.contiguous() for k, v in init.state_dict.items()}, meta)
+        init.model_id = registry.log_init_model(client, [experiment_id, parent_run_id], folder)
+    return init
 
 
 def check_resources(cfg: SweepConfig, local: bool) -> None:

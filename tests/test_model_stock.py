@@ -270,9 +270,9 @@ def test_without_the_init_one_note_names_the_fingerprint_and_the_other_soups_are
     assert fingerprint == control["fingerprint"]
     about = [n for n in mine["summary"]["notes"] if "model_stock" in n]
     assert about == [f"no model_stock soup for init fingerprint {fingerprint}: this experiment holds no `init` "
-                     f"LoggedModel with ich.sha256={fingerprint}, the shared init (warm-start sweeps log theirs; else "
-                     "log it with soups.registry.log_init_model(client, sweep_run, folder), the folder's weights "
-                     "hashing to that fingerprint)"]
+                     "LoggedModel of it (sweeps log their init since this version: run the sweep again, or log it "
+                     "with soups.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
+                     f"with ich.init_fingerprint={fingerprint})"]
     others = {n: s for n, s in control["soups"].items() if s["recipe"] != "model_stock"}
     assert set(mine["soups"]) == set(others) == {
         "within-a-uniform", "within-a-greedy", "within-b-uniform", "within-b-greedy", "across-best-uniform",
