@@ -60,7 +60,10 @@ SEARCH_PAGE_SIZE = 500
 TRANSIENT_HTTP_STATUSES = {408, 429, 500, 502, 503, 504}
 # An overloaded server answers some of these as 400 BAD_REQUEST (its database connection pool or SQLite lock
 # timed out under load): the request was fine, so these are tried again too.
-TRANSIENT_SERVER_MESSAGES = ("QueuePool limit", "database is locked")
+# An overloaded store, and two runs logging the same new dataset at once: MLflow checks, then inserts, so the loser of
+# that race gets a UNIQUE violation on `datasets`; tried again, it finds the winner's row.
+TRANSIENT_SERVER_MESSAGES = ("QueuePool limit", "database is locked",
+                             "UNIQUE constraint failed: datasets.", 'unique constraint "dataset_pk"')
 
 # MLflow's client retries 7 times with backoff factor 2 (minutes per call when the server is down);
 # one quick inner retry (a stale keep-alive connection) is enough, RetryPolicy does the waiting.

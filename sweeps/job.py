@@ -191,6 +191,7 @@ def open_sweep_run(client, experiment_id: str, cfg, args: argparse.Namespace, ho
     from ray import tune
     from ich.errors import ConfigError
     from soups import provenance, registry
+    from soups.lineage import run_inputs
     from sweeps.study import optuna_storage_tag
 
     sweep = cfg.sweep or cfg.experiment
@@ -209,6 +210,11 @@ def open_sweep_run(client, experiment_id: str, cfg, args: argparse.Namespace, ho
         tags={TAG_KIND: KIND_SWEEP, TAG_SWEEP: sweep, TAG_TUNE_PATH: tune_path, TAG_DATA: cfg.data,
               TAG_DATASET: dataset.fingerprint, **({} if cfg.grid else optuna_storage_tag(cfg, home)),
               **provenance.run_tags("sweeps/coatnet.py")})
+    # The dataset's splits first, on the sweep run: its lineage, and the rows the trials' inputs then find (MLflow
+    # inserts a new dataset check-then-write: parallel trials would race to create it).
+    registry.call_with_retry("log sweep inputs", client.log_inputs, parent.info.run_id, **run_inputs(
+        dataset.fingerprint, ("train", "val", "test"), source=str(cfg.data or ""), classes=dataset.classes,
+        sizes={k: len(v) for k, v in dataset.splits.items()}))
     registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
         Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
                                               ("objective", cfg.objective),

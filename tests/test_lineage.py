@@ -63,6 +63,7 @@ def test_trial_runs_name_their_data_and_their_init(tiny_sweep, mlflow_server):
         assert datasets == {split_dataset_name(fp, s): s for s in ("train", "val", "test")}, datasets
         assert models == {inits[0].model_id}, (models, inits[0].model_id)
         assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {split_digest(fp)}
+    assert _inputs(sweep_run)[0] == {split_dataset_name(fp, s): s for s in ("train", "val", "test")}  # logged first
     note = sweep_run.data.tags["mlflow.note.content"]  # --no-soups here: the trials and 'no report'
     assert all(f"| {t['trial']} | " in note for t in tiny_sweep["trials"]), note
 

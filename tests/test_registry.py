@@ -100,6 +100,10 @@ def test_an_overloaded_server_is_retried_and_a_bad_request_is_not():
     assert overloaded.get_http_status_code() == 400
     assert registry.is_transient(overloaded)
     assert registry.is_transient(rest("(sqlite3.OperationalError) database is locked"))
+    # two trials logging the same new dataset at once (seen in a CI run): the loser's retry finds the row
+    assert registry.is_transient(rest("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                      "datasets.name, datasets.digest"))
+    assert not registry.is_transient(rest("(sqlite3.IntegrityError) UNIQUE constraint failed: runs.run_uuid"))
     assert not registry.is_transient(rest("Invalid value 'x' for parameter 'max_results'"))
 
 
