@@ -91,7 +91,7 @@ def pretrain(size: int, per_class: int, epochs: int, seed: int) -> dict:
     """The stand-in for ImageNet weights: trained on disjoint images, classifier then replaced (paper: new head)."""
     import torch
 
-    from ich.models import _classifier_keys, create_model
+    from ich.models import classifier_keys, create_model
     from ich.train import TrainConfig, Trainer
 
     data = pretraining_dataset(size, per_class, seed)
@@ -104,7 +104,7 @@ def pretrain(size: int, per_class: int, epochs: int, seed: int) -> dict:
     state = trainer.weights()
     torch.manual_seed(seed)
     fresh = create_model("coatnet_tiny_ich", data.num_classes, size)
-    for k in _classifier_keys(fresh):  # a new classifier, as the paper's replaced ImageNet head
+    for k in classifier_keys(fresh):  # a new classifier, as the paper's replaced ImageNet head
         state[k] = fresh.state_dict()[k].clone()
     print(f"  pretraining took {time.perf_counter() - t0:.0f} s", flush=True)
     return state

@@ -163,7 +163,9 @@ def _create_pretrained(hub_tag: str, kwargs: dict) -> torch.nn.Module:
         ) from None
 
 
-def _classifier_keys(model: torch.nn.Module) -> set[str]:
+def classifier_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of the model's classifier head (timm's pretrained_cfg["classifier"]): what a fresh init
+    replaces, and what WiSE-FT keeps from the fine-tuned side (soups/recipes/wise_ft.py)."""
     head = getattr(model, "pretrained_cfg", {}).get("classifier", "head.fc")
     heads = head if isinstance(head, (list, tuple)) else [head]
     return {k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)}
@@ -202,7 +204,7 @@ def load_init_weights(model: torch.nn.Module, source: str, cache_dir=None) -> tu
     if (bad := first_nonfinite(state)) is not None:
         raise ModelError(f"init weights {path}: tensor {bad} holds NaN/Inf")
     own = model.state_dict()
-    head = _classifier_keys(model)
+    head = classifier_keys(model)
     skipped = [k for k in head if k in state and state[k].shape != own[k].shape]
     for k in skipped:
         del state[k]

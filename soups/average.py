@@ -1,6 +1,6 @@
 """Weight averaging over streams of state dicts: the running sum (every uniform soup: soups/build.py, the trajectory
-soup of sweeps/soup_objective.py), greedy selection and Model Stock (ModelStockSum: the soup pulled toward the
-shared init).
+soup of sweeps/soup_objective.py), greedy selection, Model Stock (ModelStockSum: the soup pulled toward the
+shared init) and WiSE-FT's interpolation between the shared init and a fine-tuned model (wise_ft).
 
 Memory stays flat in the number of ingredients (docs/design.md#6): a float64 running sum, one candidate,
 the ingredient in hand and at most `prefetch_depth` loaded ahead. Loading the next checkpoint runs in a
@@ -256,6 +256,35 @@ class ModelStockSum:
             w = a.add_(torch.div(sums[k], n).sub_(a), alpha=t) if t else a  # w_init + t·(mean - w_init)
             out[k] = w.to(self.total._dtypes[k])
         return out
+
+
+def wise_ft(init: StateDict, fine_tuned: StateDict, alpha: float, *, keep: Iterable[str] = (),
+            init_name: str = "the shared init", name: str = "the fine-tuned model") -> StateDict:
+    """WiSE-FT (Wortsman et al., CVPR 2022): w(α) = (1-α)·w_init + α·w_ft, tensor by tensor, in float64, rounded
+    once into the fine-tuned model's dtype. Floating buffers (BatchNorm's running statistics) are interpolated like
+    the weights, as the uniform soup averages them; integer tensors (num_batches_tracked) cannot be, so they are the
+    nearer endpoint's (the init's for α < 0.5, as the uniform soup keeps one ingredient's). `keep`: keys that stay
+    w_ft's whatever α (the classifier head, by default: soups/recipes/wise_ft.py). α = 0 and α = 1 are the
+    endpoints themselves (copies), bitwise; any other α in [0, 1] is the formula."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"WiSE-FT alpha {alpha}: must lie in [0, 1]")
+    check_state_dicts_match(init, fine_tuned, name, ref_name=init_name)
+    keep = set(keep)
+    unknown = sorted(keep - fine_tuned.keys())
+    if unknown:
+        raise ValueError(f"WiSE-FT keep: {unknown[0]!r} is not a key of {name}")
+    out: StateDict = {}
+    for k, ft in fine_tuned.items():
+        a = init[k].detach()
+        ft = ft.detach()
+        if k in keep or alpha == 1.0 or (not ft.is_floating_point() and alpha >= 0.5):
+            out[k] = ft.clone()
+        elif alpha == 0.0 or not ft.is_floating_point():
+            out[k] = a.to(ft.device, ft.dtype if ft.is_floating_point() else a.dtype, copy=True)
+        else:
+            w = torch.mul(a.to(ft.device, torch.float64), 1.0 - alpha).add_(ft.to(torch.float64), alpha=alpha)
+            out[k] = w.to(ft.dtype)
+    return out
 
 
 @dataclass

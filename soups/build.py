@@ -2,8 +2,9 @@
 
 within: the recipes over each trial's epochs (the paper). across: the recipes over each trial's best checkpoint
 (Wortsman), plus the recipes that choose (greedy) over every checkpoint of the group. The recipes are data
-(soups/recipes/): cook_family hands each one the family's RecipeInputs. Greedy ranks ingredients by their recorded
-val metric and selects on val; test is only reported. BatchNorm statistics are recalibrated on train when asked
+(soups/recipes/): cook_family hands each one the family's RecipeInputs (and the soup of the recipe it starts from:
+Recipe.starts_from, WiSE-FT's fine-tuned side). Greedy ranks ingredients by their recorded val metric and selects on
+val; test is only reported. BatchNorm statistics are recalibrated on train when asked
 ('auto' keeps what is better on val), once per finished soup.
 
 cook_family is shared by the serial path (soups/orchestrate.py records each soup before the next is built)
@@ -34,6 +35,10 @@ class Soup:
     state_dict: dict
     bn_mode: str
     logits: dict[str, np.ndarray]  # split -> (N, C)
+    params: dict[str, str] = field(default_factory=dict)  # the recipe's parameters (CookedSoup.params)
+    # a parameter the recipe swept on val: {"x": name, "chosen": value, "points": [{x: value, "step": int,
+    # "val": {metric: value}, "test": {metric: value}}]}, logged as metrics <x>_<split>_<metric> by step
+    curve: dict | None = None
 
 
 @dataclass
@@ -102,17 +107,36 @@ def cook_family(builder: SoupBuilder, family: Family):
     family.members = members
     uniform = builder.finish(uniform_sd, ev)
     del uniform_sd
-    if "uniform" not in family.recipes:
+    # the soups another recipe of the family starts from (Recipe.starts_from: WiSE-FT's fine-tuned side), kept
+    # until the family is done; the others' weights go once they are recorded
+    wanted = {r for name in family.recipes
+              if (start := recipes.get(name).starts_from) is not None and (r := start(builder.opts)) is not None}
+    if "uniform" not in family.recipes and "uniform" not in wanted:
         uniform.state_dict = {}  # only its predictions are reported: keep memory flat during the other recipes
+    # recipe -> its soup's weights (the dict itself: recording empties Soup.state_dict) and accepted ingredients
+    kept: dict[str, tuple[dict, set[str]]] = {}
+
+    def soup_weights(name: str) -> tuple[dict, set[str]]:
+        if name not in kept:  # not cooked in this family (not one of its recipes, or later in the order): now
+            cooked = recipes.get(name).cook(inputs)
+            kept[name] = (cooked.soup.state_dict, cooked.accepted)
+        return kept[name]
+
     anchor = family.anchor  # set by pull.families only where a recipe of the family needs it
     inputs = recipes.RecipeInputs(
         family=family.name, members=family.members, ingredients=builder.stream, evaluator=ev,
         anchor=anchor.load() if anchor else None, uniform=uniform, opts=builder.opts,
         finish=lambda sd: builder.finish(sd, ev), skip=lambda p, reason: builder.pool.skip(p.record, reason),
-        anchor_name=f"the shared init (model {anchor.record.model_id})" if anchor else "the shared init")
+        anchor_name=f"the shared init (model {anchor.record.model_id})" if anchor else "the shared init",
+        soup_weights=soup_weights)
     for name in family.recipes:
         recipe = recipes.get(name)
         if recipe.needs_anchor and inputs.anchor is None:  # pull.families leaves these out where none is found
             raise SoupError(f"{family.name}: recipe {name} needs the shared init, which this family has not")
         cooked = recipe.cook(inputs)
-        yield name, cooked.soup, uniform, cooked.accepted, cooked.tries
+        if name in wanted:
+            kept[name] = (cooked.soup.state_dict, cooked.accepted)
+        soup = cooked.soup
+        if cooked.params or cooked.curve is not None:
+            soup.params, soup.curve = dict(cooked.params), cooked.curve
+        yield name, soup, uniform, cooked.accepted, cooked.tries

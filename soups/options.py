@@ -136,6 +136,42 @@ def _positive_int(value) -> str | None:
     return None if isinstance(value, int) and value >= 1 else "must be a whole number >= 1"
 
 
+WISE_ALPHAS = ",".join(f"{i / 10:g}" for i in range(11))  # 0,0.1,...,0.9,1: WiSE-FT's grid
+WISE_HEADS = ("keep", "interpolate")
+
+
+def alpha_grid(value) -> list[float]:
+    """--wise-alphas ("0,0.5,1", or a list from a sweep config) -> sorted distinct floats; ValueError naming why."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not items:
+        raise ValueError("must be comma-separated numbers in [0, 1], e.g. 0,0.1,...,1")
+    try:
+        alphas = sorted({float(x) for x in items if not isinstance(x, bool)})
+    except (TypeError, ValueError):
+        raise ValueError("must be comma-separated numbers in [0, 1], e.g. 0,0.1,...,1") from None
+    if len(alphas) != len(items):
+        raise ValueError("must be distinct numbers in [0, 1]")
+    if not all(0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"{next(a for a in alphas if not 0.0 <= a <= 1.0):g} lies outside [0, 1]")
+    steps = [round(100 * a) for a in alphas]
+    if len(set(steps)) != len(steps):
+        raise ValueError("two values closer than 0.01 would share a metric step (step = round(100*alpha))")
+    return alphas
+
+
+def _alpha_grid_problem(value) -> str | None:
+    try:
+        alpha_grid(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def wise_from_choices() -> tuple[str, ...]:
+    """--wise-from's choices: best (the family's best single), or a registered recipe that starts from no other."""
+    return ("best", *(r for r in recipe_registry.names() if recipe_registry.get(r).starts_from is None))
+
+
 def _all_or_pair(value) -> str | None:
     ok = isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value >= 2)
     return None if ok else "must be 0 (all) or a whole number >= 2 (an angle needs two ingredients)"
@@ -170,6 +206,13 @@ class SoupOptions:
     k: int = _option(8, "pool size of --ingredients top_k (the paper's 8)", sweep=True, check=_positive_int)
     model_stock_k: int = _option(0, "model_stock: soup only each family's k best ingredients by val (0: all of them; "
                                  "Model Stock's paper uses 2 or 3)", sweep=True, check=_all_or_pair, metavar="K")
+    wise_alphas: str = _option(WISE_ALPHAS, "wise_ft: the grid of alpha, w = (1-alpha)*init + alpha*fine-tuned, "
+                               "comma-separated values in [0, 1] (each logged at step round(100*alpha))", sweep=True,
+                               check=_alpha_grid_problem, metavar="A,B,...")
+    wise_head: str = _option("keep", "wise_ft: keep the fine-tuned classifier head, or interpolate it too",
+                             choices=WISE_HEADS, sweep=True)
+    wise_from: str = _option("best", "wise_ft: the fine-tuned side: each family's best single checkpoint by val, or "
+                             "that family's soup of the recipe named", choices=wise_from_choices, sweep=True)
     parallel: int = _option(1, "build up to N soup families at once as Ray tasks (default 1: one after another)",
                             sweep=True, check=_positive_int, metavar="N")
 

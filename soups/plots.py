@@ -327,6 +327,31 @@ def plot_val_test(path: str | Path, checkpoints: list[tuple[float, float]], mark
     return _save(fig, path)
 
 
+def plot_parameter_curve(path: str | Path, series: dict[str, list[tuple[float, float]]], *, x: str,
+                         chosen: float | None, title: str) -> Path | None:
+    """A recipe's parameter swept on val (WiSE-FT's α): one line per series ("val accuracy", "test accuracy"...),
+    val solid, test dashed, and the chosen value marked (chosen on val; test is only read off)."""
+    parsed = {name: sorted((float(a), float(v)) for a, v in pts or [] if _finite(a) and _finite(v))
+              for name, pts in (series or {}).items()}
+    parsed = {k: v for k, v in parsed.items() if v}
+    if not parsed:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=DPI)
+    cmap = plt.get_cmap("tab10")
+    for i, (name, pts) in enumerate(parsed.items()):
+        ax.plot(*zip(*pts), "--" if name.startswith("test") else "-", marker="o", ms=3.5, lw=1.3,
+                color=cmap(i % 10), label=name)
+    if _finite(chosen):
+        ax.axvline(float(chosen), color="#d62728", lw=1.1, ls=":", label=f"chosen on val: {x} = {float(chosen):g}")
+    ax.set_xlabel(x)
+    ax.set_ylabel("score")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------- learning curves
 
 def _curve(value) -> tuple[list[tuple[float, float]], bool]:

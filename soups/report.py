@@ -31,6 +31,8 @@ What it writes (to DIR, and as artifacts of a report run: ich.kind=report, child
   forest.png              every soup's and soft voting's Δ accuracy vs its block's best single, paired 95% interval
   val_test.png            val vs test accuracy of every checkpoint of the focus architecture (grey), its best single,
                           soups and soft voting marked (the model-soups paper's Fig. 1)
+  <recipe>_curve.png      for a recipe that sweeps a parameter on val (wise_ft: α), its focus-block soup's val and
+                          test accuracy along it (logged on the soup's run by step), the chosen value marked
   learning_curves.png     val metric per epoch of every trial of the sweep run (ASHA stops marked) and the soup
                           so far after each finished trial
   optuna_history.png, optuna_importances.png   the sweep's Optuna study (when its storage is reachable)
@@ -75,7 +77,8 @@ from soups.champion import ALIAS
 from soups.logit_store import soft_vote_logits
 from soups.evaluate import EvalSpec, Evaluator
 from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_learning_curves, plot_mds,
-                         plot_optuna_history, plot_param_importances, plot_val_test, trial_labels)
+                         plot_optuna_history, plot_parameter_curve, plot_param_importances, plot_val_test,
+                         trial_labels)
 from soups.report_snapshot import (RUNS_PAGE, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,  # noqa: F401 re-exported
                                     TRIAL_STATUS, Candidate, ChampionRef, OptunaRecord, ReportError, Snapshot,
                                     TrialRun, _best, _read_optuna, read_snapshot)
@@ -499,6 +502,29 @@ def val_test_section(sel: Selection, preds: Predictions, out: Path) -> tuple[dic
                            files=["val_test.json"])
 
 
+def parameter_curve_sections(sel: Selection, snap: Snapshot, out: Path) -> tuple[dict, list[Section]]:
+    """For each recipe soup of the focus block whose recipe swept a parameter on val (WiSE-FT's α): val and test
+    accuracy (and val of the selection metric) along it, the chosen value marked; one figure per recipe."""
+    block, data, sections = sel.focus, {}, []
+    for recipe, soup in block.soups.items():
+        curve = snap.curves.get(soup.id)
+        if not curve:
+            continue
+        name = f"{recipe}_curve.png"
+        x, chosen = curve["x"], curve["chosen"]
+        if plot_parameter_curve(out / name, curve["series"], x=x, chosen=chosen,
+                                title=f"{recipe} soup {soup.record.name}: scores along {x}") is None:
+            continue
+        data[recipe] = {"model_id": soup.id, "soup": soup.record.name, "x": x, "chosen": chosen,
+                        "series": curve["series"], "figure": name}
+        text = (f"The {recipe} soup of {block.architecture} ({_where(soup)}, {soup.record.name}): val and test "
+                f"accuracy at every {x} of its grid, as logged on its run (metrics {x}_<split>_<metric>, step = "
+                f"round(100·{x})); {x} = {chosen if chosen is None else f'{chosen:g}'} was chosen on val, test is "
+                "only read off.")
+        sections.append(Section(f"{recipe}: the {x} curve", text, figures=[(name, f"{recipe} {x} curve")]))
+    return data, sections
+
+
 def learning_curves_section(snap: Snapshot, out: Path) -> tuple[dict | None, Section | None]:
     """Each trial's val curve (an x where ASHA stopped it) and the soup so far after each finished trial."""
     trials = [t for t in snap.trials if t.history]
@@ -717,6 +743,8 @@ def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str 
     sections += [section] if section else []
     val_test, section = val_test_section(sel, preds, out)
     sections += [section] if section else []
+    parameter_curves, curve_sections = parameter_curve_sections(sel, snap, out)
+    sections += curve_sections
     curves, section = learning_curves_section(snap, out)
     if section:
         sections.append(section)
@@ -761,7 +789,7 @@ def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str 
         "sweep_run_id": snap.sweep_run_id, "best_single": f"{sel.best.record.architecture}_single",
         "blocks": [{"architecture": b.architecture, "keys": [r["key"] for r in rows if r.get("block") == b.architecture]}
                    for b in sel.blocks], "table": rows, "forest": forest, "val_test": val_test,
-        "learning_curves": curves, "optuna": optuna, "mds": mds, "bias_variance": bv, "champion": champion,
+        "learning_curves": curves, "parameter_curves": parameter_curves, "optuna": optuna, "mds": mds, "bias_variance": bv, "champion": champion,
         "notes": notes})
     return Report(f"Model soups report: {snap.experiment}", summary, sections)
 

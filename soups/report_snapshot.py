@@ -26,8 +26,8 @@ from soups.champion import ALIAS, current_champion, registered_model_name
 from soups.pool import best_first
 from soups.pull import find_experiment
 from soups.options import SoupError
-from soups.tags import (GC_DELETED, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL, TAG_SCOPE,  # noqa: F401
-                        TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS)  # report.py imports the two storage tags from here
+from soups.tags import (GC_DELETED, TAG_CURVE, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,  # noqa: F401
+                        TAG_SCOPE, TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS, recipe_param_tag)  # report.py imports the two storage tags from here
 
 TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
 RUNS_PAGE = 5000
@@ -118,6 +118,9 @@ class Snapshot:
     checkpoints: list[registry.CheckpointRecord]
     soups: list[registry.CheckpointRecord] = field(default_factory=list)
     ingredients: dict[str, list[str] | None] = field(default_factory=dict)  # soup model id -> accepted ingredients
+    # soup model id -> the parameter its recipe swept on val (ich.curve): {"x", "chosen", "series": {"val accuracy":
+    # [(x, value)], "test accuracy": [...], "val <metric>": [...]}} from its run's <x>_<split>_<metric> by step
+    curves: dict[str, dict] = field(default_factory=dict)
     sweep: str | None = None
     sweep_run_id: str | None = None
     sweep_tags: dict[str, str] = field(default_factory=dict)
@@ -177,6 +180,21 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     for m in sorted(rows, key=lambda m: m.timestamp):
         by_step[int(m.step)] = float(m.value)
     return sorted(by_step.items())
+
+
+def _soup_curve(client, soup: registry.CheckpointRecord, metric: str) -> dict:
+    """The parameter curve a soup's recipe logged on its run (step = round(100·x)): val and test accuracy, and val
+    of the selection metric; the chosen value from the recipe's tag."""
+    x = soup.tags[TAG_CURVE]
+    series = {}
+    for split, m in (("val", "accuracy"), ("test", "accuracy"), ("val", metric)):
+        if f"{split} {m}" not in series:
+            series[f"{split} {m}"] = [(step / 100, v) for step, v in _history(client, soup.run_id, f"{x}_{split}_{m}")]
+    try:
+        chosen = float(soup.tags.get(recipe_param_tag(soup.tags.get(TAG_SOUP_RECIPE, ""), x), "nan"))
+    except ValueError:
+        chosen = math.nan
+    return {"x": x, "chosen": chosen if math.isfinite(chosen) else None, "series": series}
 
 
 def _trial_runs(client, experiment_id: str, sweep_run_id: str, key: str) -> list[TrialRun]:
@@ -335,6 +353,8 @@ def read_snapshot(experiment: str, *, tracking_uri: str | None = None, metric: s
                             if family(s.architecture) == "coatnet" and s.tags.get(TAG_GC) != GC_DELETED}
     finally:
         shutil.rmtree(tmp if own_tmp else tmp / "soup-meta", ignore_errors=True)
+    snap.curves = {s.model_id: _soup_curve(client, s, metric) for s in snap.soups
+                   if s.tags.get(TAG_CURVE) and s.run_id and family(s.architecture) == "coatnet"}
 
     sweep_run = _sweep_run(client, experiment_id, top.record.sweep if top else None)
     if sweep_run is not None:

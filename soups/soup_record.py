@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,9 @@ from ich.checkpoint import save_checkpoint
 from ich.data import ICHDataset
 from ich.metrics import metric_names
 from soups import provenance, registry
-from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND, TAG_METRIC,
-                        TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags)
+from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_CURVE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND,
+                        TAG_METRIC, TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags,
+                        recipe_param_tag)
 from soups.build import Soup, SoupBuilder
 from soups.logit_store import soft_vote_logits
 from soups.lineage import run_inputs
@@ -89,6 +90,8 @@ class SoupEntry:
     model_id: str | None = None
     ckpt: str | None = None  # local folder of the weights, for the pyfunc model
     pool: dict | None = None  # rule ("top_k:8"), size (its ingredients), family_size (what the rule chose from)
+    params: dict = field(default_factory=dict)  # the recipe's parameters (wise_ft: alpha, head, from...)
+    curve: dict | None = None  # a parameter the recipe swept on val, every point's val and test (build.Soup.curve)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "ckpt"}
@@ -136,6 +139,8 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Soup, members: 
         vs_best_single=_paired(y, soup_pred, best_pred, opts, k),
         soft_vote_vs_best_single=_paired(y, soft_pred, best_pred, opts, k),
         pool=pool_entry(family),
+        params=dict(soup.params),
+        curve=soup.curve,
     )
 
 
@@ -171,6 +176,16 @@ def flat_metrics(entry: SoupEntry) -> dict[str, float]:
     if entry.pool:
         out["family_size"] = float(entry.pool["family_size"])
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+
+def curve_metrics(curve: dict | None) -> list[tuple[str, float, int]]:
+    """A recipe's curve as (key, value, step): <x>_<split>_<metric> at the point's step, every registered metric of
+    val and test (test for the report only: the recipe chose on val)."""
+    if not curve:
+        return []
+    x = curve["x"]
+    return [(f"{x}_{split}_{k}", float(v), int(point["step"])) for point in curve["points"] for split in ("val", "test")
+            for k, v in point[split].items() if v is not None and math.isfinite(float(v))]
 
 
 def write_artifacts(folder: Path, entry: SoupEntry, metric: str) -> None:
@@ -212,6 +227,9 @@ def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
             TAG_POOL: f"{entry.pool['size']}/{entry.pool['family_size']}"}
     if entry.trial:
         tags[TAG_TRIAL] = entry.trial
+    tags.update({recipe_param_tag(entry.recipe, k): str(v) for k, v in entry.params.items()})
+    if entry.curve:
+        tags[TAG_CURVE] = entry.curve["x"]
     if ctx.sweep_run_id:
         tags["mlflow.parentRunId"] = ctx.sweep_run_id
     # Traceable: this code and environment, and the distinct code versions that trained the ingredients.
@@ -231,6 +249,9 @@ def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     now = int(time.time() * 1000)
     registry.call_with_retry("log soup metrics", client.log_batch, run_id,
                              metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    curve = [Metric(k, v, now, step) for k, v, step in curve_metrics(entry.curve)]
+    for i in range(0, len(curve), 1000):  # MLflow takes at most 1000 metrics per batch
+        registry.call_with_retry("log soup curve", client.log_batch, run_id, metrics=curve[i:i + 1000])
     folder = ctx.tmp / "runs" / entry.name
     write_artifacts(folder, entry, opts.metric)
     registry.call_with_retry("log soup artifacts", client.log_artifacts, run_id, str(folder))
@@ -241,7 +262,7 @@ def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
         extra={"soup": entry.name, "sweep": ctx.sweep, "scope": entry.scope, "recipe": entry.recipe,
                "bn_mode": entry.bn_mode, "metric": opts.metric, "tie_rule": opts.tie_rule, "pool": entry.pool,
                "ingredients": [i["model_id"] for i in entry.ingredients if i["accepted"]],
-               "image_size": ctx.dataset.image_size},
+               "image_size": ctx.dataset.image_size, **({"recipe_params": entry.params} if entry.params else {})},
         preprocess=ref.spec.preprocess)  # the ingredients' (compatible by construction)
     ckpt = ctx.tmp / "soups" / entry.name
     sha256 = save_checkpoint(ckpt, soup.state_dict, soup_meta)

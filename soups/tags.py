@@ -61,6 +61,12 @@ TAG_BN_MODE = "ich.bn_mode"
 TAG_GROUP = "ich.group"
 TAG_INGREDIENTS = "ich.ingredients"  # the ingredient pool's rule (soups/pool.py): all | top_k:<k> | cycle_end
 TAG_POOL = "ich.pool"  # "<checkpoints in the pool>/<family size>", e.g. 2/3
+TAG_CURVE = "ich.curve"  # the parameter a recipe swept on val (wise_ft: alpha): metrics <x>_<split>_<metric> by step
+
+
+def recipe_param_tag(recipe: str, name: str) -> str:
+    """The tag of one of a recipe's parameters on its soups (CookedSoup.params): ich.wise_ft.alpha..."""
+    return f"ich.{recipe}.{name}"
 
 # ------------------------------------------------------------------ the registered soup (versions, the soup's run)
 TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it

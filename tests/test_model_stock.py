@@ -184,10 +184,10 @@ def test_an_ingredient_that_does_not_fit_the_init_is_refused_naming_both():
 
 
 def test_model_stock_is_a_registered_recipe_with_its_k_option():
-    assert recipes.names()[:3] == ["uniform", "greedy", "model_stock"]
+    assert recipes.names()[:4] == ["uniform", "greedy", "model_stock", "wise_ft"]
     recipe = recipes.get("model_stock")
     assert recipe.needs_anchor and not recipe.every_checkpoint
-    assert SoupOptions(experiment="e").recipes == ["uniform", "greedy", "model_stock"]  # --recipe all
+    assert SoupOptions(experiment="e").recipes == ["uniform", "greedy", "model_stock", "wise_ft"]  # --recipe all
     for bad in (1, -1, True, 2.5):
         with pytest.raises(SoupError, match=r"model_stock_k=.*: must be 0 \(all\) or a whole number >= 2"):
             SoupOptions(experiment="e", model_stock_k=bad).validate()
@@ -269,11 +269,11 @@ def test_without_the_init_one_note_names_the_fingerprint_and_the_other_soups_are
     fingerprint = mine["fingerprint"]
     assert fingerprint == control["fingerprint"]
     about = [n for n in mine["summary"]["notes"] if "model_stock" in n]
-    assert about == [f"no model_stock soup for init fingerprint {fingerprint}: this experiment holds no `init` "
+    assert about == [f"no model_stock or wise_ft soup for init fingerprint {fingerprint}: this experiment holds no `init` "
                      "LoggedModel of it (sweeps log their init since this version: run the sweep again, or log it "
                      "with soups.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
                      f"with ich.init_fingerprint={fingerprint})"]
-    others = {n: s for n, s in control["soups"].items() if s["recipe"] != "model_stock"}
+    others = {n: s for n, s in control["soups"].items() if s["recipe"] not in ("model_stock", "wise_ft")}
     assert set(mine["soups"]) == set(others) == {
         "within-a-uniform", "within-a-greedy", "within-b-uniform", "within-b-greedy", "across-best-uniform",
         "across-best-greedy", "across-all-greedy"}

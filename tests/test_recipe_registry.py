@@ -43,19 +43,20 @@ def scratch_registry(monkeypatch):
 # ---------------------------------------------------------------------------------------------- no server
 
 def test_builtins_registered_in_order_and_names_checked(scratch_registry):
-    assert recipes.names() == ["uniform", "greedy", "model_stock"]  # the session never imports the toy module
-    assert [recipes.get(n).every_checkpoint for n in recipes.names()] == [False, True, False]
-    assert [recipes.get(n).needs_anchor for n in recipes.names()] == [False, False, True]
+    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft"]  # the session never imports the toy
+    assert [recipes.get(n).every_checkpoint for n in recipes.names()] == [False, True, False, False]
+    assert [recipes.get(n).needs_anchor for n in recipes.names()] == [False, False, True, True]
     with pytest.raises(ValueError, match="recipe name 'all'"):
         recipes.register(recipes.Recipe("all", needs_anchor=False, cook=lambda inputs: None))
     with pytest.raises(ValueError, match="recipe name 'single'"):  # a report kind: its rows would collide
         recipes.register(recipes.Recipe("single", needs_anchor=False, cook=lambda inputs: None))
     from ich.errors import ConfigError
     with pytest.raises(ConfigError,
-                       match=r"^unknown soup recipe 'wise_ft' \(registered: uniform, greedy, model_stock;"):
-        recipes.get("wise_ft")
-    recipes.register(recipes.Recipe("wise_ft", needs_anchor=True, cook=lambda inputs: None))
-    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft"] and recipes.get("wise_ft").needs_anchor
+                       match=r"^unknown soup recipe 'learned' \(registered: uniform, greedy, model_stock, wise_ft;"):
+        recipes.get("learned")
+    recipes.register(recipes.Recipe("learned", needs_anchor=True, cook=lambda inputs: None))
+    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft", "learned"]
+    assert recipes.get("learned").needs_anchor
 
 
 def test_a_recipe_without_a_style_gets_a_generated_one(scratch_registry, tmp_path):
@@ -84,8 +85,8 @@ def test_ray_tasks_of_ich_soup_parallel_are_handed_the_recipe_modules(monkeypatc
 def test_the_toy_recipe_is_an_ich_soup_choice_only_where_its_module_is_named():
     toy, plain = _ich(["soup", "--help"], toy=True), _ich(["soup", "--help"], toy=False)
     assert toy.returncode == plain.returncode == 0, toy.stderr + plain.stderr
-    assert "{uniform,greedy,model_stock,best_two,all}" in toy.stdout.replace("\n", "").replace(" ", "")
-    assert "{uniform,greedy,model_stock,all}" in plain.stdout.replace("\n", "").replace(" ", "")
+    assert "{uniform,greedy,model_stock,wise_ft,best_two,all}" in toy.stdout.replace("\n", "").replace(" ", "")
+    assert "{uniform,greedy,model_stock,wise_ft,all}" in plain.stdout.replace("\n", "").replace(" ", "")
     assert TOY not in plain.stdout
     bad = subprocess.run([sys.executable, "-m", "sweeps.cli", "soup", "--help"], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, recipes.RECIPES_ENV: "tests.no_such_recipe"}, timeout=300)

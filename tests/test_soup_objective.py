@@ -204,9 +204,9 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
     for row in rows:
         during = _artifact_json(mlflow_client, parent, f"soups_so_far/within-{row['trial']}.json", tmp_path / "w")
         assert during["step"] == state["trial_steps"][row["trial"]]
-        # every recipe, model_stock too: the sweep's warm start is logged as its init (the anchor)
+        # every recipe, model_stock and wise_ft too: the sweep's warm start is logged as its init (the anchor)
         assert [s["name"] for s in during["soups"]] == [f"within-{row['trial']}-{r}"
-                                                        for r in ("uniform", "greedy", "model_stock")]
+                                                        for r in ("uniform", "greedy", "model_stock", "wise_ft")]
         for s in during["soups"]:
             p = posthoc[s["name"]]
             assert [(i["model_id"], i["accepted"]) for i in s["ingredients"]] == \
@@ -225,7 +225,7 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
     assert vs["so_far"]["val"] == so_far[1].value and vs["posthoc"]["val"] == across["val"]["macro_f1"]
     assert set(vs["only_so_far"]) == set(state["accepted"]) - set(theirs)
     assert set(vs["only_posthoc"]) == set(theirs) - set(state["accepted"])
-    assert len(vs["within"]) == 3 * len(rows) and all(w["same_ingredients"] for w in vs["within"])  # 3 recipes
+    assert len(vs["within"]) == 4 * len(rows) and all(w["same_ingredients"] for w in vs["within"])  # 4 recipes
     tag = mlflow_client.get_run(parent).data.tags[TAG_VS_POSTHOC]
     assert tag == ("same ingredients" if vs["same_ingredients"] else
                    f"differ: {len(vs['only_so_far'])} only so far, {len(vs['only_posthoc'])} only post hoc")
@@ -305,6 +305,6 @@ def test_within_soups_are_built_while_trials_hold_every_cpu(tiny_sweep, mlflow_c
         assert done, "the within-soup task waited for a CPU that the trials hold"
         result = ray.get(done[0])
         assert result["trial"] == trial and {s["recipe"] for s in result["soups"]} == {
-            "uniform", "greedy", "model_stock"}, result
+            "uniform", "greedy", "model_stock", "wise_ft"}, result
     finally:
         ray.kill(holder)

@@ -50,10 +50,11 @@ def test_parallel_and_serial_soups_are_identical(small_sweep, mlflow_client, tmp
 
     names = [s["name"] for s in serial["soups"]]
     assert names == [s["name"] for s in parallel["soups"]]
-    # 2 trials x 3 recipes: the sweep's warm start is logged as its init, so model_stock is cooked, in the Ray tasks too
-    assert sum(n.startswith("within-") for n in names) == 6 and "across-all-greedy" in names
-    assert sorted(n for n in names if n.endswith("-model_stock") and not n.startswith("within-")) == [
-        "across-best-model_stock"]
+    # 2 trials x 4 recipes: the sweep's warm start is logged as its init, so model_stock and wise_ft are cooked, in
+    # the Ray tasks too
+    assert sum(n.startswith("within-") for n in names) == 8 and "across-all-greedy" in names
+    assert sorted(n for n in names if n.endswith(("-model_stock", "-wise_ft")) and not n.startswith("within-")) == [
+        "across-best-model_stock", "across-best-wise_ft"]
     note = [n for n in parallel["notes"] if "Ray tasks" in n]
     assert len(note) == 1 and re.match(r"4 soup families built as Ray tasks, up to 2 at once", note[0]), note
     assert not any("Ray tasks" in n for n in serial["notes"])

@@ -72,7 +72,7 @@ def test_sweep_config_soups_block_is_derived_from_the_options(tmp_path):
     from sweeps.config import DEFAULT_CONFIG, SoupConfig, load_config
     sweep_fields = {f.name for f in dataclasses.fields(SoupConfig)}
     assert {"scope", "recipe", "metric", "tie_rule", "bn", "registered_model", "parallel", "champion_rule", "alpha",
-            "n_resamples", "ingredients", "k", "model_stock_k"} == sweep_fields
+            "n_resamples", "ingredients", "k", "model_stock_k", "wise_alphas", "wise_head", "wise_from"} == sweep_fields
     for f in dataclasses.fields(SoupConfig):
         assert f.default == SoupOptions.__dataclass_fields__[f.name].default, f.name
     text = DEFAULT_CONFIG.read_text()
@@ -135,7 +135,7 @@ def test_soup_entry_json_row_keeps_the_old_keys_without_the_local_folder():
                       soft_vote_vs_best_single={}, ckpt="/tmp/x")
     assert list(entry.to_dict()) == ["name", "scope", "recipe", "group", "trial", "ingredients", "bn_mode", "val",
                                      "test", "best_single", "uniform", "soft_vote", "vs_best_single",
-                                     "soft_vote_vs_best_single", "run_id", "model_id", "pool"]
+                                     "soft_vote_vs_best_single", "run_id", "model_id", "pool", "params", "curve"]
 
 
 # ---------------------------------------------------------------------------------------------- read once

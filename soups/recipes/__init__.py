@@ -6,7 +6,7 @@ report and the plots iterate the registry (docs/design.md#15).
     def cook(inputs: RecipeInputs) -> CookedSoup: ...
     register(Recipe("best_two", needs_anchor=False, cook=cook))
 
-The built-in recipes (uniform.py, greedy.py, model_stock.py) are imported below. More modules come from ICH_RECIPES
+The built-in recipes (uniform.py, greedy.py, model_stock.py, wise_ft.py) are imported below. More modules come from ICH_RECIPES
 (comma-separated module names, e.g. `ICH_RECIPES=mypkg.model_stock`), imported when the recipes are first asked
 for, so that `ich soup --help`, `ich soup`, `ich report` and the Ray tasks they start see the same recipes. A
 recipe is found only by the name it registered: a tag read from MLflow (ich.recipe) never imports anything.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ich.errors import ConfigError
@@ -48,15 +48,22 @@ class RecipeInputs:
     finish: Callable[[dict], Soup]  # a soup's weights -> Soup: the BN option applied (decided on val), val/test logits
     skip: Callable[[Pulled, str], None]  # report an ingredient left out (NaN/Inf...), naming why
     anchor_name: str = "the shared init"  # names the anchor (its init model) in a recipe's messages
+    soup_weights: Callable[[str], tuple[dict, set[str]]] | None = None  # recipe name -> that recipe's soup of this
+    # family: its weights and accepted model ids (the one cooked before in this call, else cooked now); for
+    # Recipe.starts_from
 
 
 @dataclass
 class CookedSoup:
     """A recipe's soup and what it chose: the accepted ingredients' model ids, and for the ingredients it tried one
-    by one, the candidate soup's val score (greedy's curve; empty for recipes that do not try)."""
+    by one, the candidate soup's val score (greedy's curve; empty for recipes that do not try). params: what the
+    recipe chose or was told (name -> text), tags `ich.<recipe>.<name>` on the soup's run and LoggedModel; curve: a
+    parameter swept on val (soups/build.Soup.curve's shape), logged as metrics by step."""
     soup: Soup
     accepted: set[str]
     tries: dict[str, float]
+    params: dict[str, str] = field(default_factory=dict)
+    curve: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,9 @@ class Recipe:
     cook: Callable[[RecipeInputs], CookedSoup]
     every_checkpoint: bool = False  # also cooked over every checkpoint of a group (across-all): recipes that choose
     style: tuple[str, str] | None = None  # matplotlib (marker, colour) in the plots; None: one is generated
+    # starts_from(opts): the recipe whose soup of the same family this one starts from (its weights come through
+    # RecipeInputs.soup_weights), or None; a recipe with one is not itself a choice of another's
+    starts_from: Callable[[SoupOptions], str | None] | None = None
 
 
 _recipes: dict[str, Recipe] = {}
@@ -120,5 +130,5 @@ def _import_env_modules() -> None:
 
 
 # they register themselves, in this order (the table's, the report's)
-for _builtin in ("uniform", "greedy", "model_stock"):
+for _builtin in ("uniform", "greedy", "model_stock", "wise_ft"):
     importlib.import_module(f"soups.recipes.{_builtin}")
