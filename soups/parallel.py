@@ -30,13 +30,15 @@ class _Skips:
         self.skipped.append((record.model_id, reason))
 
 
-def _cook(opts, dataset, family, tracking_uri: str, threads: int):
+def _cook(opts, dataset, family, tracking_uri: str, threads: int, trusted: list[str] | None = None):
     """One family, inside a Ray task: (member ids after skips, [(recipe, soup, uniform, accepted, tries)],
-    member logits for soft voting, skips, the worker's pid)."""
+    member logits for soft voting, skips, the worker's pid). `trusted`: the driver's trusted public keys (a pull
+    here verifies signatures against those, not against whatever key the worker's environment names)."""
     import torch
     from mlflow import MlflowClient
 
-    from soups import registry
+    from soups import registry, signing
+    signing.use_only(trusted)
     from soups.build import SoupBuilder, cook_family
     from soups.worker_exit import quiet_sigterm_exit
     quiet_sigterm_exit()
@@ -66,7 +68,7 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
     import ray
     import torch
 
-    from soups import recipes
+    from soups import recipes, signing
     started = not ray.is_initialized()
     if started:  # no Ray yet (`ich soup` alone): a local one, or the cluster RAY_ADDRESS names
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
@@ -75,6 +77,7 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
         task = ray.remote(num_cpus=1, num_gpus=1 / builder.opts.parallel if gpus else 0, max_retries=1,
                           runtime_env=recipes.ray_runtime_env())(_cook)  # a cluster's nodes see ICH_RECIPES too
         threads = torch.get_num_threads()
+        trusted = signing.trusted_texts()  # public keys: the tasks verify against the driver's trust
         dataset = ray.put(builder.dataset)  # once in the object store, mapped by every task on a node
         window: deque = deque()
         pids: list[int] = []
@@ -97,7 +100,7 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
         def submit() -> None:
             family = next(pending, None)
             if family is not None:
-                window.append((family, task.remote(builder.opts, dataset, family, tracking_uri, threads)))
+                window.append((family, task.remote(builder.opts, dataset, family, tracking_uri, threads, trusted)))
 
         for _ in range(builder.opts.parallel):
             submit()
@@ -125,7 +128,8 @@ def state_dict_sha256(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, tracking_uri: str, threads: int) -> dict:
+def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, tracking_uri: str, threads: int,
+                trusted: list[str] | None = None) -> dict:
     """One trial's within-trajectory soups, inside a Ray task started while the sweep runs (sweeps/soup_callback.py).
 
     The trial's READY checkpoint records are searched here (not on the driver), then go through `ich soup`'s own
@@ -139,13 +143,14 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     import torch
     from mlflow import MlflowClient
 
-    from soups import registry
+    from soups import registry, signing
     from soups.build import SoupBuilder, cook_family
     from soups.pull import CheckpointPool, families, usable_records
     from soups.soup_record import pool_entry
     from soups.worker_exit import quiet_sigterm_exit
 
     quiet_sigterm_exit()
+    signing.use_only(trusted)  # the driver's trusted keys (signatures are checked on every pull)
     torch.set_num_threads(threads)
     client = MlflowClient(tracking_uri)
     records = registry.search_checkpoints(client, [experiment_id], sweep=sweep, trial=trial)

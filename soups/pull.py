@@ -31,6 +31,7 @@ from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
 from soups.pool import Schedule, best_first
+from soups.signing import SignatureError
 from soups.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND,
                          TAG_SWEEP)
 
@@ -198,7 +199,7 @@ class CheckpointPool:
         if record.model_id not in self._done:
             try:
                 self._done[record.model_id] = self._futures[record.model_id].result()
-            except (CheckpointError, MlflowException, OSError) as e:
+            except (CheckpointError, SignatureError, MlflowException, OSError) as e:
                 self._done[record.model_id] = None
                 reason = short_reason(e, f"checkpoint {record.label()}", str(self.folder / record.model_id))
                 self.skip(record, reason)
@@ -228,7 +229,7 @@ class CheckpointPool:
             return None
         try:
             self._anchors[fingerprint] = self._pull(found[0], math.nan)
-        except (CheckpointError, MlflowException, OSError) as e:
+        except (CheckpointError, SignatureError, MlflowException, OSError) as e:
             why = short_reason(e, f"checkpoint {found[0].label()}", str(self.folder / found[0].model_id))
             notes.append(f"{no_soup} for init fingerprint {fingerprint}: its init model {found[0].model_id} "
                          f"cannot be used ({why})")

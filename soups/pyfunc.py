@@ -24,6 +24,7 @@ import binascii
 import io
 import os
 import stat
+import sys
 import tempfile
 import traceback
 import warnings
@@ -336,13 +337,33 @@ def recorded_hashes(ckpt_dir: str | Path) -> dict[str, str]:
 def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None = None,
                example_pixels: np.ndarray | None = None):
     """Log the soup at ckpt_dir as a Models-from-Code pyfunc model of the active run (no pickle; the sha256
-    of its weights, metadata and code as tags of the LoggedModel); returns MLflow's ModelInfo."""
+    of its weights, metadata and code as tags of the LoggedModel), signed (sign_logged); returns MLflow's
+    ModelInfo."""
     example = None if example_pixels is None else pd.DataFrame({"image": [example_image(example_pixels)]})
-    return mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(
         name=name, python_model=str(CODE_FILE), artifacts={ARTIFACT: str(ckpt_dir)},
         signature=signature(), input_example=example, pip_requirements=pip_requirements(),
         tags={**{k: str(v) for k, v in (tags or {}).items()}, **recorded_hashes(ckpt_dir)},
         model_type="soup-pyfunc", metadata={"classes": _classes(ckpt_dir)})
+    sign_logged(info.model_id)
+    return info
+
+
+def sign_logged(model_id: str) -> dict[str, str]:
+    """Sign a logged soup pyfunc model as it is stored: MLflow writes the folder (MLmodel with the model id, the
+    python_model file, requirements.txt, conda.yaml, python_env.yaml, the input example, the checkpoint) and uploads
+    it inside log_model, so the manifest is taken from one download of exactly what a verifier will download."""
+    from mlflow import MlflowClient
+
+    from soups import registry, signing
+
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="ich-sign-") as tmp:
+        local = _download_model(model_id, Path(tmp) / "model", f"model {model_id}")
+        tags = registry.call_with_retry(f"get model {model_id}", client.get_logged_model, model_id).tags or {}
+        signature_tags = signing.sign(model_id, tags, local)
+    registry.call_with_retry(f"sign model {model_id}", client.set_logged_model_tags, model_id, signature_tags)
+    return signature_tags
 
 
 def _classes(ckpt_dir: str | Path) -> list[str]:
@@ -457,6 +478,45 @@ def _check_mlmodel(local: Path, label: str) -> str:
     return folder
 
 
+def _check_env_files(local: Path, label: str) -> None:
+    """requirements.txt, conda.yaml's pip list and python_env.yaml's dependencies hold plain requirements only:
+    MLflow reads them when `ich serve` loads the model and follows `-r`/`-c` includes (itself: RecursionError; a
+    FIFO: a hang; /dev/zero: unbounded memory), so an include, an option or a URL is refused. python_env.yaml's one
+    `-r requirements.txt` is MLflow's own line and the file it names is checked here."""
+    import yaml
+
+    def check(line: str, where: str) -> None:
+        text = line.split("#", 1)[0].strip()
+        if text and (text.startswith("-") or "://" in text or text.startswith((".", "/", "~")) or " @ " in text):
+            raise UntrustedModel(f"{label}: {where} line {text[:80]!r} is an include, an option or a URL "
+                                 "(only plain requirements are allowed); refusing")
+
+    def load(name: str):
+        try:
+            return yaml.safe_load((local / name).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError):
+            raise UntrustedModel(f"{label}: {name} is not valid YAML; refusing") from None
+
+    if (local / "requirements.txt").is_file():
+        try:
+            lines = (local / "requirements.txt").read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UntrustedModel(f"{label}: requirements.txt is not UTF-8 text; refusing") from None
+        for line in lines:
+            check(line, "requirements.txt")
+    if (local / "python_env.yaml").is_file():
+        env = load("python_env.yaml")
+        deps = env.get("dependencies") if isinstance(env, dict) else None
+        for dep in deps or []:
+            if dep != "-r requirements.txt":
+                check(str(dep), "python_env.yaml")
+    if (local / "conda.yaml").is_file():
+        env = load("conda.yaml")
+        for dep in (env.get("dependencies") if isinstance(env, dict) else None) or []:
+            for line in (dep.get("pip") or []) if isinstance(dep, dict) else [dep]:
+                check(str(line), "conda.yaml")
+
+
 def verify_soup_model(local: str | Path, recorded: dict[str, str] | None, label: str) -> Path:
     """Check, without importing or unpickling anything from it, that a model folder is one of our soups:
     the whole MLmodel against the allowlist, every file (no pickles, no symlinks, nothing unexpected), the
@@ -482,6 +542,7 @@ def verify_soup_model(local: str | Path, recorded: dict[str, str] | None, label:
     for rel in ("MLmodel", CODE_FILE.name, f"{folder}/{WEIGHTS_FILE}", f"{folder}/{META_FILE}"):
         if not (local / rel).is_file():
             raise UntrustedModel(f"{label}: {rel} is missing; refusing")
+    _check_env_files(local, label)
     if (local / CODE_FILE.name).read_bytes() != CODE_FILE.read_bytes():
         raise UntrustedModel(f"{label}: {CODE_FILE.name} differs from the installed soups/{CODE_FILE.name} "
                              f"(sha256 {_sha256(local / CODE_FILE.name)[:12]}…); refusing")
@@ -504,6 +565,7 @@ class ModelSource:
     local: Path | None = None  # a local folder (nothing recorded to check the weights against)
     model_id: str | None = None
     recorded: dict[str, str] | None = None
+    note: str | None = None  # e.g. an alias on an older version than the newest signed one (a rollback)
 
 
 def resolve_model(uri: str) -> ModelSource:
@@ -524,6 +586,7 @@ def resolve_model(uri: str) -> ModelSource:
         if spec.startswith("m-") and "/" not in spec and "@" not in spec:
             model_id, label = spec, uri
         else:
+            alias = None
             if "@" in spec:
                 name, alias = spec.rsplit("@", 1)
                 version = client.get_model_version_by_alias(name, alias)
@@ -539,9 +602,48 @@ def resolve_model(uri: str) -> ModelSource:
             if not model_id or "/" in model_id:
                 raise UntrustedModel(f"{label}: source {source!r} is not a logged soup model (models:/m-…); refusing")
         logged = client.get_logged_model(model_id)
+        note = _rollback_note(client, uri, name, version) if not spec.startswith("m-") and alias else None
     except MlflowException as e:
         raise UntrustedModel(f"{uri}: {str(e).splitlines()[0]}") from None
-    return ModelSource(label=label, model_id=model_id, recorded=dict(logged.tags or {}))
+    return ModelSource(label=label, model_id=model_id, recorded=dict(logged.tags or {}), note=note)
+
+
+def _rollback_note(client, uri: str, name: str, version) -> str | None:
+    """One note when the alias points at a version older than the newest one signed by a trusted key: allowed
+    (any version that verifies may be served; rolling back is how a bad champion is undone), and said."""
+    from soups import signing
+
+    trusted = signing.trusted_keys()
+    newer = [v for v in client.search_model_versions(f"name = '{name}'") if int(v.version) > int(version.version)]
+    for v in sorted(newer, key=lambda v: -int(v.version)):
+        source = v.source or ""
+        model_id = v.model_id or (source[len("models:/"):] if source.startswith("models:/m-") else None)
+        if not model_id or "/" in model_id:
+            continue
+        tags = client.get_logged_model(model_id).tags or {}
+        if tags.get(signing.TAG_SIGNATURE) and tags.get(signing.TAG_SIGNED_BY) in trusted:
+            return (f"note: {uri} is version {version.version}; version {v.version} is newer and signed by a trusted "
+                    "key (a rollback: allowed, the older version is verified like any other)")
+    return None
+
+
+def _download_model(model_id: str, dst: Path, label: str) -> Path:
+    """models:/<model_id> under dst; returns the local model folder."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # refusals stay one line on stderr
+    try:
+        got = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst))
+    except (MlflowException, OSError) as e:
+        raise UntrustedModel(f"{label}: cannot download model ({str(e).splitlines()[0]})") from None
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+    return Path(got)
 
 
 def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
@@ -549,8 +651,7 @@ def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
     checkpoint folder). What is used afterwards is exactly this verified copy."""
     import shutil
 
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
+    from soups import signing
 
     source = resolve_model(uri)
     local = Path(dst) / "verified-model"  # not an importable name: nothing can `import` it from a cwd
@@ -558,19 +659,14 @@ def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
         verify_soup_model(source.local, None, source.label)  # before copying: no FIFO or device is opened
         shutil.copytree(source.local, local, symlinks=True)
     else:
-        quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # refusals stay one line on stderr
-        try:
-            got = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{source.model_id}", dst_path=str(local))
-        except (MlflowException, OSError) as e:
-            raise UntrustedModel(f"{source.label}: cannot download model ({str(e).splitlines()[0]})") from None
-        finally:
-            if quiet is None:
-                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-            else:
-                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
-        local = Path(got)
+        local = _download_model(source.model_id, local, source.label)
     ckpt = verify_soup_model(local, source.recorded, source.label)
+    # The tags above are anyone's to rewrite: what proves the model is the owner's signature over its id, every
+    # file (env files included) and those tags (docs/design.md#14). A local folder is the user's own files.
+    if source.model_id is not None:
+        signing.verify(source.model_id, source.recorded or {}, local, label=source.label)
+    if source.note:
+        print(source.note, file=sys.stderr)
     return source, local, ckpt
 
 

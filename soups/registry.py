@@ -14,9 +14,13 @@ the folder's checkpoint.json):
     ich.init_fingerprint      fingerprint of the shared initialization
     ich.architecture          model architecture name
     ich.superseded_by         set on a record replaced by a newer one (which is then marked FAILED)
+    ich.signature, ich.signed_by  the owner's ed25519 signature over the model id, every file and the tags above
+                              (soups/signing.py, docs/design.md#14), set after the upload, before READY
 
 A pull verifies what it reads in one place (verify_pulled): one read of the weights file, hashed against the
-recorded sha256, parsed as safetensors, checked finite, its checkpoint.json checked against the tags.
+recorded sha256, parsed as safetensors, checked finite, its checkpoint.json checked against the tags, and the
+signature over all of it checked against the keys this user trusts (the tags alone prove nothing: whoever can
+write to the tracking server can rewrite them).
 
 Exactly once: a (sweep, trial, epoch) has one READY record. Logging it again with the same sha256
 returns the existing id; records left PENDING by a crash, or READY with other weights (a resumed trial
@@ -47,8 +51,9 @@ from ich.checkpoint import (META, WEIGHTS, CheckpointError, CheckpointMeta, firs
 from ich.errors import IchError
 from soups.tags import (INIT_TRIAL, KIND_CHECKPOINT, KIND_INIT, KIND_SOUP, LEGACY_TAG_WARM_START_RECIPE, TAG_ARCHITECTURE,
                         TAG_DATASET, TAG_EPOCH, TAG_INIT, TAG_KIND,
-                        TAG_SHA256, TAG_SUPERSEDED_BY, TAG_SWEEP, TAG_TRIAL, TAG_WARM_START_RECIPE, CheckpointRecord,
+                        TAG_SHA256, TAG_SIGNATURE, TAG_SUPERSEDED_BY, TAG_SWEEP, TAG_TRIAL, TAG_WARM_START_RECIPE, CheckpointRecord,
                         model_tags, record_of)
+from soups import signing
 from soups.lineage import dataset_link
 from soups.supervise import FIRST_DELAY_S
 from soups.tracking_server import HEALTH_TIMEOUT_S
@@ -240,8 +245,10 @@ def _retire(client: MlflowClient, models: list[LoggedModel], keep_id: str, retry
 
 def _push_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_dir: Path, name: str, kind: str,
                 tags: dict[str, str], metrics: dict[str, float], step: int,
-                retry: RetryPolicy | None) -> tuple[str, bool]:
-    """Create, upload (one PUT per file), log metrics (one log_batch), link the step, finalize READY.
+                retry: RetryPolicy | None, signing_key: str | None = None) -> tuple[str, bool]:
+    """Create, upload (one PUT per file), sign (the model id is known after create; signing.sign over the
+    uploaded folder and the tags; signing_key: the key file, else this process's own, made on first use), log
+    metrics (one log_batch), link the step, finalize READY.
 
     Returns (model_id, create_was_retried): a retried create may have left an orphan PENDING model.
     """
@@ -257,6 +264,8 @@ def _push_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckpt_d
     try:
         call_with_retry(f"upload {ckpt_dir} to model {model_id}", client.log_model_artifacts, model_id,
                         str(ckpt_dir), retry=retry)
+        call_with_retry(f"sign model {model_id}", client.set_logged_model_tags, model_id,
+                        signing.sign(model_id, tags, ckpt_dir, key_file=signing_key), retry=retry)
         # One timestamp for all attempts: a retried log_batch then repeats identical rows, not new points.
         timestamp = int(time.time() * 1000)
         batch = [Metric(key, float(value), timestamp, step, model_id=model_id,  # val/test name their split's data
@@ -303,14 +312,15 @@ def _read_folder(folder: str | os.PathLike) -> tuple[Path, CheckpointMeta, str]:
 
 
 def log_checkpoint(client: MlflowClient, run: Run | tuple[str, str], folder: str | os.PathLike, *,
-                   retry: RetryPolicy | None = None) -> str:
+                   retry: RetryPolicy | None = None, signing_key: str | None = None) -> str:
     """Log one epoch's checkpoint folder of a trial as a READY LoggedModel of `run` (the trial's run, or its
     (experiment_id, run_id)), exactly once; returns its model id. What identifies it (sweep, trial, epoch,
     fingerprints, architecture) and its metrics are read from the folder's checkpoint.json, its sha256 from the file.
 
     The metrics are logged on the trial's run at step=epoch and linked to the model, so the caller
-    should not log them to the run again. Cost: 7 HTTP requests (search, create, 2 uploads, log_batch,
+    should not log them to the run again. Cost: 8 HTTP requests (search, create, 2 uploads, sign, log_batch,
     log_outputs, finalize), ~50 ms for a 1 MB checkpoint against a local server on an idle 2-core machine.
+    signing_key: the key file that signs it (a trial: the sweep driver's, which exists; None: this process's own).
     """
     experiment_id, run_id = _run_ids(run)
     ckpt_dir, meta, sha256 = _read_folder(folder)
@@ -322,7 +332,8 @@ def log_checkpoint(client: MlflowClient, run: Run | tuple[str, str], folder: str
     key_filter = _tag_filter(key)
 
     existing = _search_models(client, [experiment_id], key_filter, retry)
-    same = [m for m in existing if _is_ready(m) and (m.tags or {}).get(TAG_SHA256) == sha256]
+    same = [m for m in existing if _is_ready(m) and (m.tags or {}).get(TAG_SHA256) == sha256
+            and (m.tags or {}).get(TAG_SIGNATURE)]  # an unsigned record (an older version's) is logged again
     if same:
         keep = _newest(same).model_id
         _retire(client, existing, keep, retry)
@@ -331,7 +342,7 @@ def log_checkpoint(client: MlflowClient, run: Run | tuple[str, str], folder: str
     name = _model_name(f"{tags[TAG_TRIAL]}-e{meta.epoch:03d}")
     model_id, create_retried = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir,
                                            name=name, kind=KIND_CHECKPOINT, tags=tags, metrics=meta.metrics,
-                                           step=meta.epoch, retry=retry)
+                                           step=meta.epoch, retry=retry, signing_key=signing_key)
     if create_retried:  # a create that reached the server before its answer was lost left an orphan
         existing = _search_models(client, [experiment_id], key_filter, retry)
     _retire(client, existing, model_id, retry)
@@ -352,7 +363,8 @@ def log_soup_model(client: MlflowClient, *, experiment_id: str, run_id: str, ckp
     same_name = (f"name = {_quoted('name', name)} AND source_run_id = {_quoted('run_id', run_id)} AND "
                  + _tag_filter({TAG_KIND: KIND_SOUP}))
     existing = _search_models(client, [experiment_id], same_name, retry)
-    same = [m for m in existing if _is_ready(m) and (m.tags or {}).get(TAG_SHA256) == sha256]
+    same = [m for m in existing if _is_ready(m) and (m.tags or {}).get(TAG_SHA256) == sha256
+            and (m.tags or {}).get(TAG_SIGNATURE)]
     if same:
         return _newest(same).model_id
     model_id, _ = _push_model(client, experiment_id=experiment_id, run_id=run_id, ckpt_dir=ckpt_dir, name=name,
@@ -472,8 +484,11 @@ def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, d
 
 def verify_pulled(record: CheckpointRecord, folder: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
     """The one check of a pulled checkpoint, on the one read of its weights file: (state_dict, meta) when the file's
-    sha256 is the recorded one, it is safetensors with finite weights, and its checkpoint.json agrees with the
-    record's tags. Raises CheckpointError naming the checkpoint and what is wrong."""
+    sha256 is the recorded one, it is safetensors with finite weights, its checkpoint.json agrees with the
+    record's tags, and the owner's signature over the model id, every file and the tags verifies against the
+    trusted keys (signing.verify; the weights' hash is this read's). Raises CheckpointError naming the checkpoint
+    and what is wrong, signing.SignatureError/SigningKeyError for the signature; nothing is returned (used)
+    before all pass."""
     folder = Path(folder)
     data, actual = read_hashed(folder / WEIGHTS)
     if actual != record.sha256:
@@ -487,6 +502,8 @@ def verify_pulled(record: CheckpointRecord, folder: str | os.PathLike) -> tuple[
     # The tags were written from the same metadata: disagreement means a mixed-up record.
     if (mismatch := record.identity_mismatch(meta)) is not None:
         raise CheckpointError(f"checkpoint {record.label()}: {mismatch}")
+    signing.verify(record.model_id, record.tags, folder, label=f"checkpoint {record.label()}",
+                   known={WEIGHTS: actual})  # the hash of this read: the weights are not read twice
     return state_dict, meta
 
 

@@ -21,6 +21,8 @@ TAG_SHA256 = "ich.sha256"  # sha256 of model.safetensors, verified on every pull
 TAG_DATASET = "ich.dataset_fingerprint"
 TAG_INIT = "ich.init_fingerprint"
 TAG_ARCHITECTURE = "ich.architecture"
+TAG_SIGNATURE = "ich.signature"  # ed25519 signature of the model's manifest (soups/signing.py, docs/design.md#14)
+TAG_SIGNED_BY = "ich.signed_by"  # the id of the key that signed it
 TAG_SUPERSEDED_BY = "ich.superseded_by"  # on a record replaced by a newer one (then FAILED)
 TAG_WARM_START_RECIPE = "ich.warm_start_recipe"  # on init models: hash of the warm-start training recipe
 # "ich.recipe" holds two meanings, told apart by ich.kind: the warm-start recipe hash on init models logged before

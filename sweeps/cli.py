@@ -223,6 +223,34 @@ def _die_with_parent():
     return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
+def add_trust_key_arg(p) -> None:
+    p.add_argument("--trust-key", action="append", default=[], metavar="KEY",
+                   help="also trust models signed by this public key (base64 as `ich key show` prints it, or a file "
+                        "holding it); repeatable. Always trusted: this machine's key and $ICH_HOME/trusted_keys")
+
+
+def run_command(args) -> None:
+    if not getattr(args, "trust_key", None):
+        return args.func(args)
+    from soups.signing import trust
+    trust(getattr(args, "trust_key", None) or [])  # a bad key is one line, before anything is pulled
+    args.func(args)
+
+
+def cmd_key(a) -> None:
+    """`ich key show` / `ich key trust KEY` (soups/signing.py)."""
+    from soups import signing
+    if a.key_command == "show":
+        path = signing.key_path()
+        made = not path.exists()
+        print(signing.public_text(signing.own_key(path).public_key()))
+        print(f"{'made' if made else 'kept'} at {path}; give the line above to whoever verifies this key's models "
+              "(`ich key trust LINE`)", file=sys.stderr)
+    else:
+        kid, new = signing.add_trusted(a.key)
+        print(f"{'trusted' if new else 'already trusted'}: key {kid} ({signing.trusted_file()})")
+
+
 def cmd_ui(a) -> None:
     if a.optuna:  # optuna-dashboard on the sweep's study storage, started and stopped like the MLflow UI
         from sweeps.optuna_ui import run
@@ -328,10 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     from soups.options import add_gc_args, add_report_args, add_soup_args
     s = sub.add_parser("soup", help="uniform and greedy soups from a sweep's checkpoints in MLflow")
     add_soup_args(s)
+    add_trust_key_arg(s)
     s.set_defaults(func=cmd_soup)
 
     s = sub.add_parser("report", help="the paper's tables and figures from one sweep's MLflow records")
     add_report_args(s)
+    add_trust_key_arg(s)
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("gc", help="delete the weights of checkpoints no soup uses beyond each trial's top-k/last-k "
@@ -345,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", help="image files to classify")
     s.add_argument("--top", type=int, default=3, help="probabilities shown per image")
     s.add_argument("--json", action="store_true", help="one JSON object per image: class, probabilities, logits")
+    add_trust_key_arg(s)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("serve", help="verify a registered soup, then serve it over HTTP (mlflow models serve)")
@@ -360,7 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rows", type=int, default=None,
                    help="rows per request (default: $ICH_SERVE_MAX_ROWS, else 256; a request also stops at "
                         "$ICH_SERVE_MAX_REQUEST_BYTES, else 64 MiB, and $ICH_SERVE_MAX_REQUEST_PIXELS, else 100 MP)")
+    add_trust_key_arg(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("key", help="this machine's signing key: show its public half, trust another's "
+                                   "(docs/cluster.md, Keys)")
+    key_sub = s.add_subparsers(dest="key_command", required=True)
+    key_sub.add_parser("show", help="print the public key line to give to others (makes the key on first use: "
+                                    "$ICH_SIGNING_KEY, else $ICH_HOME/keys/signing_key)")
+    t = key_sub.add_parser("trust", help="trust a public key (base64, or a file holding one): appended to "
+                                         "$ICH_HOME/trusted_keys")
+    t.add_argument("key", help="the public key line `ich key show` printed, or a file holding it")
+    s.set_defaults(func=cmd_key)
 
     from sweeps.schedule import add_schedule_args, cmd_schedule
     s = sub.add_parser("schedule", help="run a sweep on a schedule (cron or systemd timer); each run extends it")
@@ -401,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run_cli(f"ich {args.command}", lambda: args.func(args))  # bad input: one line, exit 2
+        return run_cli(f"ich {args.command}", lambda: run_command(args))  # bad input: one line, exit 2
     except KeyboardInterrupt:
         return 130
 

@@ -249,11 +249,14 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
     registry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
         RunTag(f"{TAG_INIT_PREFIX}{m}", i.fingerprint) for m, i in inits.items()])
 
+    from soups.signing import key_path, own_key
+    own_key()  # made here, once, before any trial signs with it (docs/design.md#14)
     ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        tracking_uri=tracking_uri, train=dict(cfg.train),
                        faults=faults_from_env(),
                        fault_marker_dir=str(home / "faults" / sweep), objective=cfg.objective,
-                       system_metrics_s=system_metrics_interval(cfg), data=str(cfg.data or ""))
+                       system_metrics_s=system_metrics_interval(cfg), data=str(cfg.data or ""),
+                       signing_key=str(key_path()))
     # Dataset and inits go into the object store once; every trial on a node maps the same copy.
     trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=dataset, inits=inits, ctx=ctx), resources)
 

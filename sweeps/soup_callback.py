@@ -170,8 +170,9 @@ class SoupSoFar(tune.Callback):
         gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
         task = ray.remote(**within_task_resources(gpus, opts.parallel))(cook_within)
         # the driver's intra-op threads: the post-hoc `ich soup` on this machine adds in the same order
+        from soups.signing import trusted_texts
         self._refs[trial_id] = task.remote(opts, self._dataset_ref, self.experiment_id, self.sweep, trial_id, self.uri,
-                                           torch.get_num_threads())
+                                           torch.get_num_threads(), trusted_texts())  # the task trusts the driver's keys
 
     def _collect(self, block: bool) -> None:
         import ray

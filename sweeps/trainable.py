@@ -84,6 +84,7 @@ class SweepContext:
     objective: str = "single"  # trajectory_soup: also evaluate and report the trial's running soup (soup_objective.py)
     system_metrics_s: float = 0.0  # MLflow system metrics on the trial run, every this many seconds; 0: off
     data: str = ""  # the ingested dataset folder (the source of the trial run's dataset inputs)
+    signing_key: str = ""  # the driver's signing key file (a path, never the key); a node without it uses its own
 
 
 @dataclass
@@ -232,7 +233,8 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
             save_checkpoint(folder / CKPT_SUBDIR, weights, meta)
             trainer.save_state(folder, with_model=False)
             # log_checkpoint reads what identifies the checkpoint from its checkpoint.json
-            upload = uploader.submit(ctx.tracking_uri, run=[ctx.experiment_id, run_id], folder=folder / CKPT_SUBDIR)
+            upload = uploader.submit(ctx.tracking_uri, run=[ctx.experiment_id, run_id], folder=folder / CKPT_SUBDIR,
+                                     signing_key=signing_key(ctx))
             soup_metrics = {}
             if soup is not None:  # the running soup, evaluated while the upload runs; a trial metric, not the checkpoint's
                 soup.add(weights, result.epoch)
@@ -316,6 +318,17 @@ def _remove_folder(folder: Path) -> None:
 def _remove_folders_at_exit() -> None:
     for folder in list(_FOLDERS):
         _remove_folder(folder)
+
+
+def signing_key(ctx: SweepContext) -> str:
+    """The key file that signs this trial's checkpoints: the driver's where this node has that file (one machine,
+    or a cluster whose nodes keep it at the same path), else the node's own ($ICH_SIGNING_KEY or
+    $ICH_HOME/keys/signing_key, shipped by cluster.yaml). A trial never makes a key: a missing one fails the upload
+    in one line."""
+    if ctx.signing_key and Path(ctx.signing_key).is_file():
+        return ctx.signing_key
+    from soups.signing import key_path
+    return str(key_path())
 
 
 _UPLOADER: UploadProcess | None = None

@@ -687,7 +687,8 @@ def _wheel_from_installed(dist, dest: Path) -> Path:
 
 
 def write_client_home(c: NsCluster, admin: tuple[str, str]) -> tuple[Path, Path]:
-    """The `ray up` user's home: ~/.ich/secrets.env and ~/.ich/ray_auth_token, as docs/cluster.md says."""
+    """The `ray up` user's home: ~/.ich/secrets.env, ~/.ich/ray_auth_token and ~/.ich/signing_key (the sweep
+    owner's key, made as `ich key show` makes it), as docs/cluster.md says."""
     import sysconfig
     home = c.base / "client-home"
     ich = home / ".ich"
@@ -707,6 +708,8 @@ def write_client_home(c: NsCluster, admin: tuple[str, str]) -> tuple[Path, Path]
         """))
     for f in (token, secrets_env):
         os.chmod(f, 0o600)
+    from soups.signing import own_key
+    own_key(ich / "signing_key")
     return home, token
 
 

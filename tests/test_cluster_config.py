@@ -190,6 +190,12 @@ def test_token_auth_on_head_workers_and_in_the_environment():
     token_mounts = [r for r in config["file_mounts"] if r.endswith("ray_auth_token")]
     assert token_mounts and token_path.replace("$HOME", "~") == token_mounts[0]
     assert config["file_mounts"][token_mounts[0]].startswith("~/")
+    # The sweep owner's signing key reaches every node the same way (file_mounts, outside the repo), and every
+    # process there signs with it (env.sh's ICH_SIGNING_KEY); never through a runtime_env (docs/design.md#14).
+    assert config["file_mounts"].get("~/.ich/signing_key") == "~/.ich/signing_key"
+    common = "\n".join(config["setup_commands"])
+    assert 'export ICH_SIGNING_KEY="\\$HOME/.ich/signing_key"' in common
+    assert re.search(r"chmod 600 [^\n]*~/\.ich/signing_key", common)
     # The dashboard / Jobs API stays on the head's loopback (reach it with `ray dashboard cluster.yaml`).
     assert "--dashboard-host=127.0.0.1" in head_start[0]
 
