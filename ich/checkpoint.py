@@ -7,6 +7,13 @@ A checkpoint is a folder:
 
 Format 2 added `preprocess` (ich/preprocess.py). Format-1 checkpoints still load: their preprocessing is
 what they were evaluated with (ImageNet mean/std, bilinear, their eval crop).
+
+checkpoint.json comes from the registry or a user's folder, so `read_meta` (every reader: pull, predict, serve,
+the report) bounds it before anything is built from it: the file's length and JSON nesting depth before parsing,
+then every field's type and range (`CheckpointMeta.from_dict`): the architecture from an allowlist
+(`allowed_architectures`: the project's own models, extended by $ICH_ALLOWED_ARCHITECTURES), image sizes and the
+class count bounded whole numbers, class names short printable strings, one per class. Each violation is one
+line naming the file and the field.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
-from ich.errors import IchError
+from ich.errors import CONTROL_CHARS, IchError
 from ich.preprocess import Preprocess, PreprocessError, legacy_dict
 
 WEIGHTS = "model.safetensors"
@@ -34,6 +42,69 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # Fields that must agree for two checkpoints to be averaged (docs/design.md#7).
 COMPAT_FIELDS = ("architecture", "img_size", "num_classes", "class_names", "dataset_fingerprint", "init_fingerprint")
+
+# The architectures the product trains (ich/models.py builds them; the tiny ones it registers with timm): every
+# timm name of sweeps/configs/*.yaml is here (tests/test_checkpoint_bounds.py). A checkpoint naming another one is
+# refused: its name alone would make the reader build any of timm's ~1,000 models (a vit_giant is gigabytes).
+COATNETS = ("coatnet_tiny_ich", "coatnet_pico_rw_224", "coatnet_nano_rw_224", "coatnet_0_rw_224",
+            "coatnet_1_rw_224", "coatnet_2_rw_224", "coatnet_rmlp_nano_rw_224", "coatnet_rmlp_1_rw_224",
+            "coatnet_rmlp_2_rw_224")
+BASELINES = ("resnet50", "densenet121", "vit_base_patch16_224", "vit_small_patch16_224",
+             "resnet_tiny_ich", "densenet_tiny_ich", "vit_tiny_ich")
+ARCHITECTURES_ENV = "ICH_ALLOWED_ARCHITECTURES"  # comma-separated timm names added to the allowlist
+# Bounds on checkpoint.json: what its values may ask a reader to allocate (an img_size of 20000 asked torch for
+# 19.5 TB, a stored_size of 60000 for an 11 GB decode, 10**6 classes for +0.6 GB of head).
+MAX_META_BYTES = 1 << 20
+MAX_META_DEPTH = 32  # JSON nesting: a soup's metadata is 4 levels deep; 200,000 made json.loads recurse out
+MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 1024  # network input side: the tiny models run at 32, the paper's at 224
+MAX_STORED_SIZE = 2048  # side of the stored image serving decodes to (0: img_size)
+MAX_CLASSES = 10_000
+MAX_NAME_CHARS = 256  # a class name, a fingerprint, a metric name
+MAX_EPOCH = 1_000_000
+
+
+def allowed_architectures(environ=None) -> tuple[str, ...]:
+    """The project's architectures plus those named in $ICH_ALLOWED_ARCHITECTURES (comma-separated)."""
+    extra = (os.environ if environ is None else environ).get(ARCHITECTURES_ENV, "")
+    return COATNETS + BASELINES + tuple(n.strip() for n in extra.split(",") if n.strip())
+
+
+def has_control_chars(text: str) -> bool:
+    return bool(CONTROL_CHARS.search(text))
+
+
+def json_depth(text: str, limit: int) -> int:
+    """How deep the JSON text nests arrays and objects (strings skipped), counted without recursion; stops
+    counting once past `limit`."""
+    brackets = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    depth = deepest = 0
+    for c in brackets:
+        if c in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def bounded_json(data: bytes, where, *, max_bytes: int = MAX_META_BYTES, max_depth: int = MAX_META_DEPTH):
+    """Parse checkpoint.json's bytes: at most max_bytes, nested at most max_depth (checked before parsing: json.loads
+    recursed out at ~1,000), else a CheckpointError naming `where`."""
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{where}: {len(data)} bytes, over the {max_bytes}-byte limit for metadata")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if json_depth(text, max_depth) > max_depth:
+        raise CheckpointError(f"{where}: JSON nested over {max_depth} levels deep; refusing to parse it")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer of over 4,300 digits
+        raise CheckpointError(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
 
 
 class CheckpointError(IchError):
@@ -87,12 +158,15 @@ class CheckpointMeta:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "checkpoint") -> "CheckpointMeta":
+        """Metadata read from a file: every field typed and bounded (check_fields), else one line naming `where`."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: metadata is not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         version = d.get("format_version", FORMAT_VERSION)
-        if version not in READABLE_VERSIONS:
-            raise CheckpointError(f"{where}: format_version {version}, expected one of "
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{where}: format_version {_shown(version)}, expected one of "
                                   f"{', '.join(map(str, READABLE_VERSIONS))}")
         if version == FORMAT_VERSION:
             required.add("preprocess")  # first-class since format 2; format 1 gets the defaults it was used with
@@ -103,16 +177,82 @@ class CheckpointMeta:
             raise CheckpointError(f"{where}: metadata lacks {', '.join(missing)}")
         unknown = sorted(d.keys() - names)
         if unknown:
-            raise CheckpointError(f"{where}: metadata has unknown fields {', '.join(unknown)}")
+            raise CheckpointError(f"{where}: metadata has unknown fields {', '.join(unknown)[:200]}")
+        if version == FORMAT_VERSION and not isinstance(d["preprocess"], dict):  # None would mean "the defaults"
+            raise CheckpointError(f"{where}: preprocess must be a JSON object, not {_shown(d['preprocess'])}")
+        check_fields(d, where)
         try:
             meta = cls(**d)
         except PreprocessError as e:
             raise CheckpointError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:  # format 1: extra's eval crop or image size is not a number
+            raise CheckpointError(f"{where}: unusable format-1 preprocessing in extra ({e})") from None
         meta.format_version = FORMAT_VERSION  # read as the current format (format 1 got its preprocess above)
-        if len(meta.class_names) != meta.num_classes:
-            raise CheckpointError(
-                f"{where}: num_classes={meta.num_classes} but class_names has {len(meta.class_names)} entries")
         return meta
+
+
+def _shown(value, limit: int = 80) -> str:
+    """A value as it may appear in a one-line error: repr (control characters escaped), cut to `limit`."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _whole(d: dict, name: str, lo: int, hi: int, where) -> None:
+    v = d[name]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CheckpointError(f"{where}: {name} must be a whole number from {lo} to {hi}, got {_shown(v)}")
+
+
+def _name(v, what: str, where) -> None:
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME_CHARS or has_control_chars(v):
+        raise CheckpointError(f"{where}: {what} must be a string of 1 to {MAX_NAME_CHARS} printable characters, "
+                              f"got {_shown(v)}")
+
+
+def check_fields(d: dict, where) -> None:
+    """The types and bounds of checkpoint.json's fields (the keys are known to be there)."""
+    allowed = allowed_architectures()
+    if d["architecture"] not in allowed:
+        raise CheckpointError(f"{where}: architecture {_shown(d['architecture'])} is not one of the project's "
+                              f"({', '.join(allowed)}); add it to ${ARCHITECTURES_ENV} to allow it")
+    _whole(d, "img_size", MIN_IMG_SIZE, MAX_IMG_SIZE, where)
+    _whole(d, "num_classes", 1, MAX_CLASSES, where)
+    _whole(d, "epoch", 0, MAX_EPOCH, where)
+    names = d["class_names"]
+    if not isinstance(names, list) or len(names) != d["num_classes"]:
+        raise CheckpointError(f"{where}: num_classes={d['num_classes']} but class_names "
+                              f"{'has ' + str(len(names)) + ' entries' if isinstance(names, list) else 'is not a list'}")
+    for n in names:
+        _name(n, "a class name", where)
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: class_names repeat a name")
+    for key in ("dataset_fingerprint", "init_fingerprint"):
+        _name(d[key], key, where)
+    metrics = d.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{where}: metrics must be a JSON object, not {type(metrics).__name__}")
+    for k, v in metrics.items():
+        _name(k, "a metric name", where)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise CheckpointError(f"{where}: metric {k} must be a number, got {_shown(v)}")
+    if not isinstance(d.get("extra", {}), dict):
+        raise CheckpointError(f"{where}: extra must be a JSON object, not {type(d['extra']).__name__}")
+    pre = d.get("preprocess")
+    if isinstance(pre, dict) and "stored_size" in pre:
+        stored = pre["stored_size"]
+        if isinstance(stored, bool) or not isinstance(stored, int) or not 0 <= stored <= MAX_STORED_SIZE:
+            raise CheckpointError(f"{where}: preprocess.stored_size must be 0 or a whole number up to "
+                                  f"{MAX_STORED_SIZE}, got {_shown(stored)}")
+    if isinstance(pre, dict) and "source" in pre and (not isinstance(pre["source"], str)
+                                                      or len(pre["source"]) > MAX_NAME_CHARS):
+        raise CheckpointError(f"{where}: preprocess.source must be a string of at most {MAX_NAME_CHARS} characters")
+    extra = d.get("extra", {})
+    if pre is None and "image_size" in extra:  # format 1: the stored size comes from extra
+        stored = extra["image_size"]
+        if stored is not None and (isinstance(stored, bool) or not isinstance(stored, int)
+                                   or not 0 <= stored <= MAX_STORED_SIZE):
+            raise CheckpointError(f"{where}: extra.image_size must be a whole number up to {MAX_STORED_SIZE}, "
+                                  f"got {_shown(stored)}")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -147,13 +287,16 @@ def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Te
 
 
 def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
+    """A checkpoint folder's checkpoint.json, bounded (length, nesting), typed and checked (from_dict)."""
     path = Path(directory) / META
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(MAX_META_BYTES + 1)  # never more than the bound, whatever the file's size
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: no {META}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: metadata is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    d = bounded_json(data, path)
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: metadata is not a JSON object")
     return CheckpointMeta.from_dict(d, where=str(directory))

@@ -6,6 +6,7 @@ The bottom of the house: this module imports nothing from the project, and every
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable, Iterator
 
@@ -24,9 +25,31 @@ USER_OS_ERRORS = (FileNotFoundError, FloatingPointError)
 USER_ERRORS = (IchError,) + USER_OS_ERRORS
 
 
+# C0/C1 controls (ESC, CR, BEL... rewrite a terminal's line), line and paragraph separators (a second line for
+# splitlines), bidirectional overrides (text shown in another order than it is stored). Names holding them are
+# refused where they enter (ingest, checkpoint.json) and escaped wherever one could still be printed.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """Each control character as its escape (ESC -> \\x1b): the text stays on one line and shows what it holds."""
+    return CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def printable(name: str) -> str:
+    """A name as it may be printed: itself, or its repr (escaped, quoted) when it holds a control character."""
+    return repr(name) if CONTROL_CHARS.search(name) else name
+
+
+MAX_MESSAGE_CHARS = 1000  # a message quoting what it refuses (a 10 kB name from a model file) is cut here
+
+
 def error_line(prog: str, error: BaseException) -> str:
-    """`<prog>: error: <message>` on one line (a message that spans lines is joined)."""
-    message = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    """`<prog>: error: <message>` on one line (a message that spans lines is joined, control characters escaped,
+    anything past MAX_MESSAGE_CHARS cut)."""
+    message = escape_controls(" ".join(part.strip() for part in str(error).splitlines() if part.strip()))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + f"… ({len(message) - MAX_MESSAGE_CHARS} more characters)"
     return f"{prog}: error: {message or type(error).__name__}"
 
 

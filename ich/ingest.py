@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ich.decode import DECODE_TIMEOUT, MAX_ASPECT, MAX_FILE_BYTES, DecoderFailed, decode_all
-from ich.errors import IchError
+from ich.errors import CONTROL_CHARS, IchError
 
 FORMAT_VERSION = 1
 IMAGE_FORMAT = "rgb8"
@@ -95,6 +95,13 @@ def _printable(name: str) -> str:
 JUNK = {"thumbs.db", "desktop.ini", "__macosx"}  # OS litter, e.g. from unzipping on a Mac
 
 
+def _refuse_control_chars(rel: str, src) -> None:
+    """A class, folder or file name holding a control character (ESC, CR, BEL, ...) is refused, shown escaped: printed
+    raw it would rewrite the terminal's line (a name once cleared the line and printed a fake "all good")."""
+    if CONTROL_CHARS.search(rel):
+        raise IngestError(f"{src}: the name {rel!r} holds control characters; rename it (nothing was written)")
+
+
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK
 
@@ -118,6 +125,7 @@ def _class_dirs(parent: Path, root_real: str, rel_prefix: str, skipped: list[dic
             continue
         if not entry.is_dir():
             continue  # loose files beside the class folders (README, labels.csv) are not images of a class
+        _refuse_control_chars(rel, parent)  # a class name is printed in every table and report
         nfc = unicodedata.normalize("NFC", _printable(entry.name))
         if nfc in by_nfc:
             a, b = (f"{n!r} ({'NFC' if unicodedata.is_normalized('NFC', n) else 'NFD'})"
@@ -139,6 +147,7 @@ def _walk_class(cls_dir: Path, src: Path, root_real: str, skipped: list[dict]) -
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         for d in dirnames:  # os.walk lists symlinked folders here but does not descend into them
             p = os.path.join(dirpath, d)
+            _refuse_control_chars(_printable(Path(p).relative_to(src).as_posix()), src)
             if os.path.islink(p) and not _inside(p, root_real):
                 skipped.append({"path": _printable(Path(p).relative_to(src).as_posix()), "reason": "outside source"})
         for name in sorted(filenames):
@@ -146,6 +155,7 @@ def _walk_class(cls_dir: Path, src: Path, root_real: str, skipped: list[dict]) -
                 continue
             p = os.path.join(dirpath, name)
             rel = _printable(Path(p).relative_to(src).as_posix())
+            _refuse_control_chars(rel, src)
             if not _inside(p, root_real):
                 skipped.append({"path": rel, "reason": "outside source"})
                 continue

@@ -15,7 +15,8 @@ import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, maxxvit, register_model
 
-from ich.checkpoint import WEIGHTS, CheckpointError, first_nonfinite, load_weights, read_meta, sha256_file
+from ich.checkpoint import (BASELINES, COATNETS, WEIGHTS, CheckpointError, CheckpointMeta, first_nonfinite, load_weights,
+                            read_meta, sha256_file)
 from ich.errors import IchError
 
 
@@ -78,12 +79,8 @@ def vit_tiny_ich(pretrained: bool = False, **kwargs):
                                 num_heads=2, mlp_ratio=2.0, **kwargs)
 
 
-# The architectures the product trains. Any other timm name works too, but these are the supported set.
-COATNETS = ("coatnet_tiny_ich", "coatnet_pico_rw_224", "coatnet_nano_rw_224", "coatnet_0_rw_224",
-            "coatnet_1_rw_224", "coatnet_2_rw_224", "coatnet_rmlp_nano_rw_224", "coatnet_rmlp_1_rw_224",
-            "coatnet_rmlp_2_rw_224")
-BASELINES = ("resnet50", "densenet121", "vit_base_patch16_224", "vit_small_patch16_224",
-             "resnet_tiny_ich", "densenet_tiny_ich", "vit_tiny_ich")
+# The architectures the product trains (COATNETS, BASELINES) are listed in ich/checkpoint.py: a checkpoint naming
+# another is refused unless $ICH_ALLOWED_ARCHITECTURES adds it.
 # Models whose positional tables are fixed to the image size they are built for.
 _FIXED_SIZE = ("coatnet", "vit_")
 
@@ -228,3 +225,41 @@ def random_init_fingerprint(name: str, num_classes: int, img_size: int | None, i
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# Errors timm and torch raise for a network that cannot be built or run at a size (a feature map shrunk to 0 x 0,
+# tensors that do not broadcast).
+BUILD_ERRORS = (RuntimeError, ValueError, AssertionError, TypeError, IndexError, ZeroDivisionError)
+
+
+def model_for_checkpoint(state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, where) -> torch.nn.Module:
+    """The network a checkpoint's metadata describes, with its weights in, in eval mode: what `ich predict` and `ich
+    serve` load. Weights that do not fit (another architecture, a classifier of another class count,
+    tables of another image size) or a network that cannot run at the checkpoint's img_size: one line naming it."""
+    what = f"{meta.architecture} ({meta.num_classes} classes, {meta.img_size} px)"
+    try:
+        net = create_model(meta.architecture, meta.num_classes, meta.img_size)
+    except BUILD_ERRORS as e:
+        raise CheckpointError(f"{where}: cannot build {what} ({_first_line(e)})") from None
+    own = net.state_dict()
+    unexpected, missing = sorted(set(state_dict) - set(own)), sorted(set(own) - set(state_dict))
+    if unexpected or missing:
+        raise CheckpointError(f"{where}: weights do not fit {what} ({'unexpected' if unexpected else 'missing'} keys, "
+                              f"e.g. {', '.join(map(repr, (unexpected or missing)[:3]))})")
+    for k, v in own.items():  # in the model's order: a classifier's weight before its bias
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{where}: weights do not fit {what}: {k} has shape {tuple(state_dict[k].shape)}, "
+                                  f"the model's is {tuple(v.shape)}")
+    net.load_state_dict(state_dict)
+    net.eval()
+    try:
+        with torch.no_grad():  # one blank image: a network that cannot run at this size fails here, in one line
+            net(torch.zeros(1, 3, meta.img_size, meta.img_size))
+    except BUILD_ERRORS as e:
+        raise CheckpointError(f"{where}: {what} cannot run at img_size {meta.img_size} ({_first_line(e)})") from None
+    return net
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__

@@ -238,16 +238,14 @@ class SoupClassifier(mlflow.pyfunc.PythonModel):
         import torch
 
         from ich.checkpoint import load_checkpoint
-        from ich.models import create_model
+        from ich.models import model_for_checkpoint
         from ich.preprocess import Preprocess
 
         self.policy = InputPolicy.from_env()  # the server's environment decides what `path` may read
-        state_dict, meta = load_checkpoint(context.artifacts[ARTIFACT])  # safetensors only
+        state_dict, meta = load_checkpoint(context.artifacts[ARTIFACT])  # bounded, typed metadata; safetensors only
         self.classes = list(meta.class_names)
         self.preprocess = Preprocess.from_meta(meta)  # what training evaluated with (ich/preprocess.py)
-        self.model = create_model(meta.architecture, meta.num_classes, meta.img_size)
-        self.model.load_state_dict(state_dict)
-        self.model.eval()
+        self.model = model_for_checkpoint(state_dict, meta, context.artifacts[ARTIFACT])  # misfit: one line
         self.torch = torch
 
     def predict(self, context, model_input, params=None):
@@ -418,7 +416,7 @@ def _check_mlmodel(local: Path, label: str) -> str:
         refuse(f"is over {MAX_MLMODEL_BYTES} bytes")
     try:
         mlmodel = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError):
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError):  # RecursionError: nested ~1,000 deep
         refuse("is not valid YAML")
     if not isinstance(mlmodel, dict):
         refuse("is not a mapping")
@@ -532,6 +530,8 @@ def verify_soup_model(local: str | Path, recorded: dict[str, str] | None, label:
             if path.is_symlink():
                 raise UntrustedModel(f"{label}: {rel} is a symlink; refusing")
             if path.is_dir():
+                if rel not in ("artifacts", folder):  # refused before os.walk descends (a 1,100-deep tree recursed out)
+                    raise UntrustedModel(f"{label}: unexpected folder {rel} (not part of a soup model); refusing")
                 continue
             if not path.is_file():
                 raise UntrustedModel(f"{label}: {rel} is not a regular file; refusing")

@@ -6,7 +6,6 @@ and re-exports the names here, so `from soups.report import Snapshot, read_snaps
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from ich.checkpoint import META
+from ich.checkpoint import MAX_META_BYTES, META, CheckpointError, bounded_json
 from ich.errors import IchError
 from ich.home import own_optuna_storage
 from ich.models import family
@@ -167,9 +166,12 @@ def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> lis
     try:
         path = registry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
                                         artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri)
-        meta = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (MlflowException, registry.RegistryError, OSError, ValueError):
+        with open(path, "rb") as f:
+            meta = bounded_json(f.read(MAX_META_BYTES + 1), path)  # bounded like read_meta
+    except (MlflowException, registry.RegistryError, OSError, CheckpointError):
         return None  # selection notes the soup without a soft-voting row
+    if not isinstance(meta, dict) or not isinstance(meta.get("extra") or {}, dict):
+        return None
     return list((meta.get("extra") or {}).get("ingredients") or [])
 
 

@@ -30,8 +30,9 @@ def cmd_ingest(a) -> None:
     n = m["num_images"]
     print(f"{a.out}: {m['num_classes']} classes, train/val/test = {n.get('train', 0)}/{n.get('val', 0)}/"
           f"{n.get('test', 0)}, {len(m['skipped'])} skipped, fingerprint {m['fingerprint'][:16]}")
+    from ich.errors import printable
     for s in m["skipped"]:
-        print(f"  skipped {s['path']}: {s['reason']}")
+        print(f"  skipped {printable(s['path'])}: {s['reason']}")
 
 
 def cmd_train(a) -> None:
@@ -95,27 +96,17 @@ def cmd_train(a) -> None:
 def cmd_predict(a) -> None:
     """Classify image files with a served soup (a pyfunc model: URI or folder, verified before loading) or a
     checkpoint folder (checkpoint.json + model.safetensors). Both apply the preprocessing the model records."""
-    missing = [p for p in a.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]}: no such image file")
     import json
 
-    import numpy as np
-    images = [(Path(p).read_bytes(), p) for p in a.images]
-    from soups.pyfunc import check_image_header
-    for data, path in images:  # bounded before any decode or resize: pixel count, aspect ratio, bombs
-        try:
-            check_image_header(data, path)
-        except ValueError as e:
-            raise FileNotFoundError(str(e)) from None
+    from ich.errors import printable
+    images = [(_read_image(p), p) for p in a.images]
     folder = Path(a.model)
     if (folder / "checkpoint.json").is_file():  # one checkpoint, straight from its folder
         from ich.checkpoint import load_checkpoint
-        from ich.models import create_model
+        from ich.models import model_for_checkpoint
         from ich.preprocess import Preprocess
-        state_dict, meta = load_checkpoint(folder)  # safetensors only, finite weights
-        net = create_model(meta.architecture, meta.num_classes, meta.img_size)
-        net.load_state_dict(state_dict)
+        state_dict, meta = load_checkpoint(folder)  # bounded, typed metadata; safetensors only, finite weights
+        net = model_for_checkpoint(state_dict, meta, folder)  # weights that do not fit: one line naming it
         classes, pre = list(meta.class_names), Preprocess.from_meta(meta)
         logits = _checked_logits(net, pre, images)
         probs = _softmax(logits)
@@ -138,8 +129,36 @@ def cmd_predict(a) -> None:
             print(json.dumps({"image": path, "class": classes[top[0]], "probabilities": [float(v) for v in probs[i]],
                               "logits": [float(v) for v in logits[i]]}, ensure_ascii=False))
         else:
-            shown = ", ".join(f"{classes[k]}: {probs[i][k]:.3f}" for k in top)
-            print(f"{path}: {classes[top[0]]}  ({shown})")
+            shown = ", ".join(f"{classes[k]}: {probs[i][k]:.3f}" for k in top)  # class names: checked printable
+            print(f"{printable(path)}: {classes[top[0]]}  ({shown})")
+
+
+def _read_image(path: str) -> bytes:
+    """An image file's bytes, bounded before it is read whole: a regular file of at most ingest's size cap (a 2 GB
+    sparse "png" is refused from its size, unread), then its header checked (pixel count, aspect ratio, bombs)."""
+    import stat
+
+    from ich.decode import MAX_FILE_BYTES
+    from soups.pyfunc import check_image_header
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: {'no such image file' if isinstance(e, FileNotFoundError) else e.strerror}") \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(f"{path}: not a regular file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise FileNotFoundError(f"{path}: {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap on an image file; "
+                                f"not read")
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)  # never more than the cap, even if the file grew since the stat
+    if len(data) > MAX_FILE_BYTES:
+        raise FileNotFoundError(f"{path}: over the {MAX_FILE_BYTES}-byte cap on an image file")
+    try:
+        check_image_header(data, path)
+    except ValueError as e:
+        raise FileNotFoundError(str(e)) from None
+    return data
 
 
 def _checked_logits(net, pre, images):
@@ -158,7 +177,8 @@ def _softmax(logits):
 
 
 def cmd_serve(a) -> None:
-    """Verify a soup model, then serve exactly that verified copy with `mlflow models serve --env-manager local`.
+    """Verify a soup model, then serve exactly that verified copy as `mlflow models serve --env-manager local` does
+    (MLflow's scoring server under uvicorn), behind soups.serving_app's guard on request bodies.
 
     The copy lives in a private temporary folder (removed on exit); the server runs with that folder's parent
     as its working directory, so nothing beside the model is importable from it. SIGTERM/SIGINT stop the server
@@ -193,11 +213,18 @@ def cmd_serve(a) -> None:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
     try:
-        source, local, _ = fetch_verified(a.model, tmp)
+        source, local, ckpt = fetch_verified(a.model, tmp)
+        _check_servable(ckpt, source.label)  # what the server's load would trip on, refused here in one line
         roots = f"path column under {policy.path_root}" if policy.path_root else "path column off"
         print(f"verified {source.label}; serving it on http://{a.host}:{a.port}/invocations ({roots})", flush=True)
-        cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", str(local), "--env-manager",
-               "local", "--host", a.host, "--port", str(a.port), "--workers", str(a.workers)]
+        # What `mlflow models serve --env-manager local` runs (uvicorn on MLflow's scoring server, the model folder
+        # in its variable), with soups.serving_app in front: a body MLflow's parser would 500 on is one 400.
+        from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+        from mlflow.pyfunc import scoring_server
+        env[scoring_server._SERVER_MODEL_PATH] = str(local)
+        env[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+        cmd = [sys.executable, "-P", "-m", "uvicorn", "--host", a.host, "--port", str(a.port), "--workers",
+               str(a.workers), "soups.serving_app:app"]  # -P: the private working folder is not on sys.path
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         server = subprocess.Popen(cmd, env=env, cwd=tmp, start_new_session=True, preexec_fn=_die_with_parent())
@@ -209,6 +236,18 @@ def cmd_serve(a) -> None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_servable(ckpt: Path, label: str) -> None:
+    """Load the verified checkpoint as the scoring server will (bounded metadata, finite safetensors weights, the
+    network they fit), so a bad one is refused here in one line naming the model, not in the server's traceback."""
+    from ich.checkpoint import CheckpointError, load_checkpoint
+    from ich.models import model_for_checkpoint
+    try:
+        state_dict, meta = load_checkpoint(ckpt)
+        model_for_checkpoint(state_dict, meta, ckpt)
+    except CheckpointError as e:  # named by the model, not by the private copy's path
+        raise CheckpointError(str(e).replace(str(ckpt), f"{label}: {ckpt.parent.name}/{ckpt.name}")) from None
 
 
 def _die_with_parent():
@@ -442,10 +481,31 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error("ich"):  # e.g. a module named in ICH_RECIPES (soups/recipes/) that cannot be imported
         parser = build_parser()
     args = parser.parse_args(argv)
+    args.func = _garbled_answers_in_one_line(args.func)
     try:
         return run_cli(f"ich {args.command}", lambda: run_command(args))  # bad input: one line, exit 2
     except KeyboardInterrupt:
         return 130
+
+
+def _garbled_answers_in_one_line(func):
+    """A command whose MLflow server answered with a body MLflow's client cannot read into its protobuf messages
+    (google.protobuf's ParseError: a broken or impersonated server) fails in one line naming the server, exit 2,
+    as a refused connection does; a garbled JSON body is already an MlflowException each command reports."""
+    def run(a):
+        try:
+            return func(a)
+        except Exception as e:
+            parse_error = getattr(sys.modules.get("google.protobuf.json_format"), "ParseError", None)
+            if parse_error is None or not isinstance(e, parse_error):
+                raise
+            from soups.registry import RegistryError
+            mlflow = sys.modules.get("mlflow")
+            server = mlflow.get_tracking_uri() if mlflow is not None else "the MLflow server"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise RegistryError(f"{server}: the MLflow server's answer is not a valid MLflow response ({reason})") \
+                from None
+    return run
 
 
 if __name__ == "__main__":

@@ -346,9 +346,13 @@ def validate(cfg: SweepConfig, where: str = "config") -> None:
     import timm  # unknown models fail here, not in a worker
 
     import ich.models  # noqa: F401  (registers the project's own architectures with timm: coatnet_tiny_ich, ...)
+    from ich.checkpoint import ARCHITECTURES_ENV, allowed_architectures
     for m in cfg.models:
         if not timm.is_model(m):
             raise ConfigError(f"{where}: unknown model {m!r} (not a timm architecture)")
+        if m not in allowed_architectures():  # its checkpoints would be refused by every reader (ich/checkpoint.py)
+            raise ConfigError(f"{where}: model {m!r} is not one of the project's architectures; add it to "
+                              f"${ARCHITECTURES_ENV} (on every machine that reads its checkpoints) to allow it")
 
 
 def _scale_problem(train: dict) -> str | None:

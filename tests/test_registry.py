@@ -27,7 +27,7 @@ def make_checkpoint(folder: Path, trial: str, epoch: int, seed: int, sweep: str 
     state = {"stem.weight": torch.randn(64, 3, 3, 3, generator=gen), "head.weight": torch.randn(2, 1024, generator=gen),
              "blocks.0.fc.weight": torch.randn(64, 1024, generator=gen),
              "stem.bn.num_batches_tracked": torch.tensor(epoch * 10, dtype=torch.int64)}
-    meta = CheckpointMeta(architecture="tiny_coatnet", img_size=32, num_classes=2, class_names=CLASSES,
+    meta = CheckpointMeta(architecture="coatnet_tiny_ich", img_size=32, num_classes=2, class_names=CLASSES,
                           dataset_fingerprint="ds-1", init_fingerprint="init-1", epoch=epoch,
                           metrics={"val_accuracy": 0.5 + epoch / 10, "val_macro_f1": 0.4 + epoch / 20},
                           extra={"sweep": sweep, "trial": trial, **extra})
@@ -123,7 +123,7 @@ def test_search_returns_one_record_per_trial_epoch_with_metrics(mlflow_client, e
         model_id, sha, _, _, run_id = logged_sweep[(r.trial, r.epoch)]
         assert (r.model_id, r.sha256, r.run_id, r.sweep) == (model_id, sha, run_id, "sweep-a")
         assert r.metrics == pytest.approx({"val_accuracy": 0.5 + r.epoch / 10, "val_macro_f1": 0.4 + r.epoch / 20})
-        assert (r.architecture, r.dataset_fingerprint, r.init_fingerprint) == ("tiny_coatnet", "ds-1", "init-1")
+        assert (r.architecture, r.dataset_fingerprint, r.init_fingerprint) == ("coatnet_tiny_ich", "ds-1", "init-1")
     assert len(search_checkpoints(mlflow_client, [experiment], trial="trial_00001")) == 3
     assert search_checkpoints(mlflow_client, [experiment], sweep="another-sweep") == []
     # The metrics also reach the trial's run, at step = epoch.
@@ -189,7 +189,7 @@ def test_altered_artifact_on_the_server_is_refused(mlflow_client, mlflow_server_
 def test_soup_is_logged_once_per_name(mlflow_client, experiment, tmp_path):
     run_id = mlflow_client.create_run(experiment).info.run_id
     ckpt_dir, sha, _ = make_checkpoint(tmp_path, "soup", 0, seed=5)
-    tags = {registry.TAG_SWEEP: "sweep-a", registry.TAG_ARCHITECTURE: "tiny_coatnet"}
+    tags = {registry.TAG_SWEEP: "sweep-a", registry.TAG_ARCHITECTURE: "coatnet_tiny_ich"}
     first = registry.log_soup_model(mlflow_client, experiment_id=experiment, run_id=run_id, ckpt_dir=ckpt_dir,
                                     name="greedy.f1", tags=tags, metrics={"val_accuracy": 0.8})
     again = registry.log_soup_model(mlflow_client, experiment_id=experiment, run_id=run_id, ckpt_dir=ckpt_dir,
@@ -290,7 +290,7 @@ def test_init_model_is_found_under_the_new_recipe_tag_and_the_old_one(mlflow_cli
 
     def search(recipe):
         return [r.model_id for r in registry.search_init_models(
-            mlflow_client, [experiment], sweep="sweep-a", architecture="tiny_coatnet", dataset_fingerprint="ds-1",
+            mlflow_client, [experiment], sweep="sweep-a", architecture="coatnet_tiny_ich", dataset_fingerprint="ds-1",
             recipe=recipe)]
     assert search("r-new") == [found["new"]]
     assert search("r-old") == [found["old"]]

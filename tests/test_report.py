@@ -6,6 +6,7 @@ from MLflow records alone. Plus cheap unit checks of the pieces. Real MLflow, re
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -150,6 +151,8 @@ def _register_shallow() -> None:
 
     if timm.is_model(SHALLOW):
         return
+    from ich.checkpoint import ARCHITECTURES_ENV
+    os.environ[ARCHITECTURES_ENV] = ",".join(filter(None, [os.environ.get(ARCHITECTURES_ENV), SHALLOW]))  # readable
     maxxvit.model_cfgs[SHALLOW] = dataclasses.replace(maxxvit.model_cfgs["coatnet_tiny_ich"], depths=(1, 1, 1, 1))
 
     def coatnet_shallow_ich(pretrained: bool = False, **kwargs):
