@@ -105,6 +105,11 @@ SERVER_RESTART_S = FIRST_DELAY_S + HEALTH_TIMEOUT_S
 DEFAULT_RETRY = RetryPolicy()
 
 
+def is_garbled_answer(error: BaseException) -> bool:
+    """MLflow's error for an answer whose status was 200 but whose body is not JSON."""
+    return isinstance(error, MlflowException) and "response body was not in a valid JSON format" in str(error.message)
+
+
 def is_transient(error: BaseException) -> bool:
     """Connection refused/reset, timeouts and 5xx/429 answers: worth retrying. Anything else is not."""
     seen = error
@@ -116,6 +121,8 @@ def is_transient(error: BaseException) -> bool:
         if isinstance(seen, RestException):
             return (seen.get_http_status_code() in TRANSIENT_HTTP_STATUSES
                     or any(m in str(seen.message) for m in TRANSIENT_SERVER_MESSAGES))
+        if is_garbled_answer(seen):
+            return False  # a 200 whose body is not JSON: a broken or impersonated server, not an outage
         if isinstance(seen, MlflowException) and str(seen.message).startswith("API request to"):
             return True  # MLflow wraps connection errors in this message (without a cause, sometimes)
         seen = seen.__cause__ or seen.__context__
@@ -140,6 +147,8 @@ def call_with_retry(what: str, fn: Callable[..., T], *args: Any, retry: RetryPol
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            if is_garbled_answer(e):  # one line, not 96 s of retries nor a traceback
+                raise RegistryError(f"MLflow {what}: {str(e).strip().splitlines()[0][:300]}") from None
             if not is_transient(e):
                 raise
             if attempt == policy.attempts:

@@ -268,40 +268,76 @@ def test_error_lines_escape_control_characters():
 
 # ---------------------------------------------------------------------------------------------- a garbled server
 
-class _Garbled(http.server.BaseHTTPRequestHandler):
-    """Answers every MLflow REST call with 200 and a body MLflow's client cannot read into its protobuf message."""
-    def _answer(self):
-        body = b'{"model_version": {"version": {"x": 1}, "aliases": 5}}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = _answer
-
-    def log_message(self, *args):
-        pass
+PROTOBUF_MISMATCH = b'{"model_version": {"version": {"x": 1}, "aliases": 5}}'  # JSON MLflow cannot read as protobuf
+NOT_JSON = b"<html>not json"
 
 
-def test_a_malformed_server_response_is_one_line(good, tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbled)
+def _garbled_server(body: bytes) -> http.server.ThreadingHTTPServer:
+    """Answers every MLflow REST call with 200 and `body`."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("body,raised,message", [
+    (PROTOBUF_MISMATCH, ("google.protobuf.json_format", "ParseError"),
+     "{uri}: the MLflow server's answer is not a valid MLflow response (Failed to parse model_version field"),
+    (NOT_JSON, ("mlflow.exceptions", "MlflowException"),
+     "models:/x@champion: API request to endpoint was successful but the response body was not in a valid JSON"),
+])
+def test_a_malformed_server_response_is_one_line_for_predict(body, raised, message, good, tmp_path, monkeypatch):
+    server = _garbled_server(body)
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         from mlflow import MlflowClient
-        with pytest.raises(Exception) as raised:  # control: what MLflow's client raises (HEAD: a 70-line traceback)
+        with pytest.raises(Exception) as caught:  # control: what MLflow's client raises (ParseError: HEAD's traceback)
             MlflowClient(uri).get_model_version_by_alias("x", "champion")
-        assert (type(raised.value).__module__, type(raised.value).__name__) == ("google.protobuf.json_format",
-                                                                                "ParseError")
+        assert (type(caught.value).__module__, type(caught.value).__name__) == raised
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
         rc, err, _ = predict("models:/x@champion", good["image"])
     finally:
         server.shutdown()
     assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith(f"ich predict: error: {uri}: the MLflow server's answer is not a valid MLflow response "
-                             "(Failed to parse model_version field"), err[0]
+    assert err[0].startswith("ich predict: error: " + message.format(uri=uri)), err[0]
+
+
+def test_a_server_answering_non_json_fails_ich_soup_in_one_line_without_retrying(tmp_path, monkeypatch):
+    from soups import registry
+    server = _garbled_server(NOT_JSON)
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    retries = registry.retry_count()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(["soup", "--experiment", "x"])
+            except SystemExit as e:  # cmd_soup exits 2 itself (exit_on_user_error) after its line
+                rc = e.code
+    finally:
+        server.shutdown()
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines  # HEAD: 13 retry warnings over 96 s, then the line
+    assert lines[0].startswith("ich soup: error: MLflow get experiment 'x': API request to endpoint was successful "
+                               "but the response body was not in a valid JSON format"), lines[0]
+    assert registry.retry_count() == retries
+    # Control: a refused connection is still transient (retried), only the garbled answer is not.
+    import requests
+    assert registry.is_transient(requests.ConnectionError("refused"))
 
 
 def test_a_sweep_of_an_architecture_outside_the_allowlist_is_refused_before_it_starts(monkeypatch):

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.integration]
 ICH = str(Path(sys.executable).with_name("ich"))
 SEED = 23
 MAX_EXTRA_MB = 400  # peak RSS of this process above its size before the in-process cases (a model is ~1 MB)
+MAX_SERVER_MB = 2048  # peak RSS of the scoring server after every body (idle, with the tiny model: ~0.9 GB)
 DEEP = 100_000  # nesting of the deep cases: Python's parsers recurse out at ~1,000
 
 
@@ -279,6 +280,13 @@ def run_main(argv: list[str]) -> tuple[int, list[str], str]:
     return rc, err.getvalue().strip().splitlines(), out.getvalue()
 
 
+def _peak_rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(pid)
+
+
 def _rss_kb(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -507,6 +515,10 @@ def test_fuzzed_requests_and_a_few_cli_runs_are_refused(soup, tmp_path):
         # Control, after all of them: the server still answers a valid request.
         assert requests.post(f"{url}/invocations", data=good, headers=headers, timeout=120).status_code == 200
         assert server.poll() is None
+        scoring = [int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+        assert len(scoring) == 1  # the uvicorn process `ich serve` started
+        peak_mb = _peak_rss_kb(scoring[0]) / 1024
+        assert peak_mb < MAX_SERVER_MB, peak_mb  # the scoring server's own peak (torch and MLflow: ~0.9 GB)
     finally:
         for p in procs.values():
             if p.poll() is None:
