@@ -7,7 +7,7 @@ LoggedModel at logging time. Before `ich predict` or `ich serve` loads a soup py
 `verify_soup_model` checks the whole MLmodel against an allowlist, every file of the folder, the code file
 against the installed one and the weights against the recorded sha256; `ich predict` then builds
 SoupClassifier itself (nothing from the model folder is imported), `ich serve` hands the verified copy to
-`mlflow models serve`. (The champion rule reads the soup's own checkpoint record, sha256-verified by
+MLflow's scoring server (soups/serving_app.py). (The champion rule reads the soup's own checkpoint record, sha256-verified by
 soups.registry, not this model.)
 
 Input: a pandas DataFrame with an `image` column (base64 bytes, for REST calls) or a `path` column (image

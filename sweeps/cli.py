@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_key_arg(s)
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("serve", help="verify a registered soup, then serve it over HTTP (mlflow models serve)")
+    s = sub.add_parser("serve", help="verify a registered soup, then serve it over HTTP (MLflow's scoring server)")
     s.add_argument("--model", required=True, help="e.g. models:/ich17-soup@champion, or a local pyfunc folder")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: loopback only)")
     s.add_argument("--port", type=int, default=5001, help="port to listen on (default 5001)")
