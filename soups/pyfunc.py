@@ -676,7 +676,16 @@ def load_soup_model(uri: str) -> SoupClassifier:
     from mlflow.pyfunc import PythonModelContext
 
     with tempfile.TemporaryDirectory(prefix="ich-model-") as tmp:
-        _, _, ckpt = fetch_verified(uri, tmp)
+        source, _, ckpt = fetch_verified(uri, tmp)
         model = SoupClassifier()
-        model.load_context(PythonModelContext(artifacts={ARTIFACT: str(ckpt)}, model_config=None))
+        try:
+            model.load_context(PythonModelContext(artifacts={ARTIFACT: str(ckpt)}, model_config=None))
+        except CheckpointError as e:
+            raise named_by_model(e, ckpt, source.label) from None
     return model
+
+
+def named_by_model(error: CheckpointError, ckpt: Path, label: str) -> CheckpointError:
+    """A refusal about the verified private copy's checkpoint, named by the model it came from (the copy's path is
+    a temporary folder, gone when the line is read)."""
+    return CheckpointError(str(error).replace(str(ckpt), f"{label}: {ckpt.parent.name}/{ckpt.name}"))

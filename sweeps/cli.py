@@ -243,11 +243,12 @@ def _check_servable(ckpt: Path, label: str) -> None:
     network they fit), so a bad one is refused here in one line naming the model, not in the server's traceback."""
     from ich.checkpoint import CheckpointError, load_checkpoint
     from ich.models import model_for_checkpoint
+    from soups.pyfunc import named_by_model
     try:
         state_dict, meta = load_checkpoint(ckpt)
         model_for_checkpoint(state_dict, meta, ckpt)
-    except CheckpointError as e:  # named by the model, not by the private copy's path
-        raise CheckpointError(str(e).replace(str(ckpt), f"{label}: {ckpt.parent.name}/{ckpt.name}")) from None
+    except CheckpointError as e:
+        raise named_by_model(e, ckpt, label) from None
 
 
 def _die_with_parent():

@@ -382,6 +382,10 @@ def test_fuzzed_model_folders_are_refused_by_serve_in_one_line(soup, tmp_path, c
         listing = _listing(folder)
         rc, err, out = run_main(["serve", "--model", str(folder), "--port", "1"])
         _assert_refused(rc, err, out, "serve", folder, name)
+        if rel != "MLmodel":  # ich predict loads the same verified copy: the same refusal, named by the folder
+            rc, err, out = run_main(["predict", "--model", str(folder), str(soup["image"])])
+            _assert_refused(rc, err, out, "predict", folder, name)
+            assert err[0].startswith(f"ich predict: error: {folder}: artifacts/soup"), err[0]
         assert _listing(folder) == listing, name
     # A 1,100-level empty folder tree inside the model folder (os.walk recursed out on HEAD).
     folder = tmp_path / "models" / "deep-tree"
