@@ -208,6 +208,7 @@ def _champion_soups(client, experiment: str) -> list[tuple[str, str]]:
 def _artifact_files(client, artifact_uri: str) -> list[tuple[str, int]]:
     """(path, bytes) of every file under a LoggedModel's artifact folder."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    registry.check_artifact_location(artifact_uri, client.tracking_uri, "ich gc")
     repo = get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri)
     files, todo = [], [None]
     while todo:
@@ -222,6 +223,7 @@ def _artifact_files(client, artifact_uri: str) -> list[tuple[str, int]]:
 
 def _delete_files(client, artifact_uri: str, paths: list[str]) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    registry.check_artifact_location(artifact_uri, client.tracking_uri, "ich gc")
     repo = get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri)
     for path in paths:
         registry.call_with_retry(f"delete {path} of {artifact_uri}", repo.delete_artifacts, path)

@@ -605,6 +605,9 @@ def resolve_model(uri: str) -> ModelSource:
         note = _rollback_note(client, uri, name, version) if not spec.startswith("m-") and alias else None
     except MlflowException as e:
         raise UntrustedModel(f"{uri}: {str(e).splitlines()[0]}") from None
+    from soups.registry import artifact_location_problem
+    if (problem := artifact_location_problem(logged.artifact_location, client.tracking_uri)) is not None:
+        raise UntrustedModel(f"{label}: {problem}")  # before anything is downloaded from it
     return ModelSource(label=label, model_id=model_id, recorded=dict(logged.tags or {}), note=note)
 
 

@@ -466,6 +466,35 @@ def get_model_record(client: MlflowClient, model_id: str, *, retry: RetryPolicy 
     return record
 
 
+ARTIFACT_SCHEMES_ENV = "ICH_ARTIFACT_SCHEMES"  # e.g. "s3,gs": a store the server hands out unproxied, by its scheme
+
+
+def artifact_location_problem(uri: str, tracking_uri: str | None) -> str | None:
+    """Why a model's artifact location, as a tracking server states it, is not one to download from or delete in;
+    None when it is. Against a server (http/https tracking URI) only its artifact proxy is trusted: mlflow-artifacts:
+    URIs (or the same host's http form), or a scheme the user named in $ICH_ARTIFACT_SCHEMES. A server could
+    otherwise name any local folder (file:///usr) and have it copied, or deleted by `ich gc --apply`. A local store
+    (sqlite:, a folder) is the user's own files, its file: locations included."""
+    from urllib.parse import urlparse
+    where, server = urlparse(uri or ""), urlparse(tracking_uri or "")
+    if server.scheme not in ("http", "https"):
+        return None
+    allowed = {s.strip().lower() for s in os.environ.get(ARTIFACT_SCHEMES_ENV, "").split(",") if s.strip()}
+    if where.scheme == "mlflow-artifacts" or where.scheme.lower() in allowed:
+        return None
+    if where.scheme in ("http", "https") and where.netloc == server.netloc:
+        return None
+    return (f"artifact location {uri!r} is not under the tracking server's artifact proxy (mlflow-artifacts:); "
+            f"refusing to read or delete it (an object store of your own: name its scheme in {ARTIFACT_SCHEMES_ENV})")
+
+
+def check_artifact_location(uri: str, tracking_uri: str | None, label: str) -> str:
+    """uri, when artifact_location_problem finds nothing; else RegistryError naming label."""
+    if (problem := artifact_location_problem(uri, tracking_uri)) is not None:
+        raise RegistryError(f"{label}: {problem}")
+    return uri
+
+
 def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, dst_dir: str | os.PathLike, *,
                         retry: RetryPolicy | None = None) -> Path:
     """Download the record's checkpoint folder under dst_dir; returns the folder. Nothing is verified here:
@@ -479,6 +508,7 @@ def download_checkpoint(client: MlflowClient | None, record: CheckpointRecord, d
     if not artifact_uri:
         artifact_uri = call_with_retry(f"get model {record.model_id}", client.get_logged_model, record.model_id,
                                        retry=retry).artifact_location
+    check_artifact_location(artifact_uri, client.tracking_uri, f"checkpoint {record.label()}")
     folder = Path(dst_dir) / record.model_id
     if folder.exists():
         shutil.rmtree(folder)  # never mix files of an earlier, partial download

@@ -163,6 +163,8 @@ def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> lis
     dst = tmp / "soup-meta" / soup.model_id
     dst.mkdir(parents=True, exist_ok=True)
     uri = f"{soup.artifact_uri.rstrip('/')}/{META}"
+    if registry.artifact_location_problem(uri, client.tracking_uri) is not None:
+        return None  # a location outside the server's artifact proxy is never read (registry.check_artifact_location)
     try:
         path = registry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
                                         artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri)
