@@ -33,6 +33,7 @@ from ich.init_source import hub_preprocess, init_preprocess
 from ich.preprocess import DATASET_DEFAULT, PreprocessError, resolve
 from ich.train import TrainConfig, Trainer
 from soups import registry
+from soups.tags import TAG_SIGNATURE
 from sweeps.config import SweepConfig
 from sweeps.trainable import Init
 
@@ -164,8 +165,13 @@ def reuse_warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: 
                                         dataset_fingerprint=dataset.fingerprint, recipe=_recipe_key(tc))
     if not found:
         return None
+    from soups.signing import SignatureError
     with tempfile.TemporaryDirectory() as tmp:
-        sd, _ = registry.load_record(client, found[0], tmp)
+        try:
+            sd, _ = registry.load_record(client, found[0], tmp)
+        except SignatureError as e:  # unsigned (an older version's) or not the owner's: trained again, signed
+            print(f"warm start not reused: {e}", flush=True)
+            return None
     return Init(sd, found[0].sha256, f"warm start (reused, model {found[0].model_id})", model_id=found[0].model_id)
 
 
@@ -189,7 +195,8 @@ def record_given_init(init: Init, cfg: SweepConfig, model: str, dataset: ICHData
     exact weights every trial starts from (the loaded or hub weights with the seeded fresh head), tagged
     ich.init_fingerprint = the trials' fingerprint. Trials list it as their input model; Model Stock pulls it as
     its anchor (registry.search_init_by_fingerprint)."""
-    found = registry.search_init_by_fingerprint(client, [experiment_id], init.fingerprint)
+    found = [r for r in registry.search_init_by_fingerprint(client, [experiment_id], init.fingerprint)
+             if r.tags.get(TAG_SIGNATURE)]  # one an older version logged unsigned is logged again, signed
     if found:
         init.model_id = found[0].model_id
         return init

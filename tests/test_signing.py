@@ -135,6 +135,17 @@ def test_tampering_any_file_or_signed_tag_or_replaying_fails(key, tmp_path):
         signing.verify("m-1", tags, folder, trusted={})
 
 
+def test_a_signer_given_a_key_file_never_makes_one(tmp_path):
+    """A trial signs with the driver's key file (sweeps/trainable.py): a missing one is one line, never a new key
+    (which would sign with a key nobody trusts). Control: a key file that exists signs."""
+    folder = _folder(tmp_path / "m")
+    with pytest.raises(signing.SigningKeyError, match=f"no signing key at {tmp_path / 'missing'}"):
+        signing.sign("m-1", TAGS, folder, key_file=tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    made = signing.own_key(tmp_path / "made")
+    assert signing.sign("m-1", TAGS, folder, key=made)[TAG_SIGNED_BY] == signing.key_id(made.public_key())
+
+
 def test_trusted_keys_are_own_file_and_given(tmp_path, monkeypatch):
     monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv(signing.KEY_ENV, raising=False)
@@ -295,10 +306,13 @@ def test_issue_attack_reversed_classes_repinned_and_aliased_is_refused(served, h
         forged_answer = model.classes[int(probs[0].argmax())]
         assert forged_answer == CLASSES[::-1][CLASSES.index(honest["class"])] and forged_answer != honest["class"]
 
-        refused = _ich("predict", "--model", uri, str(image_file), mlflow_server=mlflow_server, home=home)
-        line = _one_line(refused, "predict")
-        assert f"{uri} (version {version})" in line and "signature does not match its files or tags" in line
-        assert not refused.stdout
+        from soups.tracking_server import free_port
+        for command in (["predict", "--model", uri, str(image_file)],
+                        ["serve", "--model", uri, "--port", str(free_port())]):  # refused before any server starts
+            refused = _ich(*command, mlflow_server=mlflow_server, home=home)
+            line = _one_line(refused, command[0])
+            assert f"{uri} (version {version})" in line and "signature does not match its files or tags" in line
+            assert not refused.stdout
     finally:
         client.set_registered_model_alias(MODEL, "champion", "1")
 
