@@ -263,8 +263,9 @@ def wise_ft(init: StateDict, fine_tuned: StateDict, alpha: float, *, keep: Itera
     """WiSE-FT (Wortsman et al., CVPR 2022): w(α) = (1-α)·w_init + α·w_ft, tensor by tensor, as torch.lerp in the
     weights' own precision (float32, float64; half types through float32, rounded once): within an ulp of the
     float64 formula, and about 5x faster than going through float64 (bench/wise_ft_cost.py). Floating buffers
-    (BatchNorm's running statistics) are interpolated like the weights, as the uniform soup averages them; integer tensors (num_batches_tracked) cannot be, so they are the
-    nearer endpoint's (the init's for α < 0.5, as the uniform soup keeps one ingredient's). `keep`: keys that stay
+    (BatchNorm's running statistics) are interpolated like the weights, as the uniform soup averages them; integer
+    tensors (num_batches_tracked) cannot be, so they are the nearer endpoint's (the init's for α < 0.5, as the
+    uniform soup keeps one ingredient's). `keep`: keys that stay
     w_ft's whatever α (the classifier head, by default: soups/recipes/wise_ft.py). α = 0 and α = 1 are the
     endpoints themselves (copies), bitwise; any other α in [0, 1] is the formula."""
     if not 0.0 <= alpha <= 1.0:
