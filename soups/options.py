@@ -136,6 +136,16 @@ def _positive_int(value) -> str | None:
     return None if isinstance(value, int) and value >= 1 else "must be a whole number >= 1"
 
 
+def _positive_number(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value < float("inf")
+    return None if ok else "must be a number > 0"
+
+
+def _whole_number(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "must be a whole number >= 0"
+
+
+LEARNED_BY = ("model", "layer")
 WISE_ALPHAS = ",".join(f"{i / 10:g}" for i in range(11))  # 0,0.1,...,0.9,1: WiSE-FT's grid
 WISE_HEADS = ("keep", "interpolate")
 
@@ -213,6 +223,16 @@ class SoupOptions:
                              choices=WISE_HEADS, sweep=True)
     wise_from: str = _option("best", "wise_ft: the fine-tuned side: each family's best single checkpoint by val, or "
                              "that family's soup of the recipe named", choices=wise_from_choices, sweep=True)
+    learned_by: str = _option("model", "learned: one mixing coefficient per ingredient, or per ingredient and tensor",
+                              choices=LEARNED_BY, sweep=True)
+    learned_max: int = _option(16, "learned: hold at most N ingredients (each family's N best by val)", sweep=True,
+                               check=_positive_int, metavar="N")
+    learned_steps: int = _option(30, "learned: passes of Adam over the fit half of val", sweep=True,
+                                 check=_positive_int, metavar="N")
+    learned_lr: float = _option(0.1, "learned: Adam's learning rate on the coefficients' logits", sweep=True,
+                                check=_positive_number)
+    learned_seed: int = _option(0, "learned: seed of the val halves (fit / held out) and the batch order", sweep=True,
+                                check=_whole_number)
     parallel: int = _option(1, "build up to N soup families at once as Ray tasks (default 1: one after another)",
                             sweep=True, check=_positive_int, metavar="N")
 

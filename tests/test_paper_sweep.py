@@ -67,9 +67,11 @@ def test_paper_config_runs_as_a_grid_with_soups_and_report(ray_local, mlflow_ser
 
     # Soups within each trajectory, from the top-2 of its 3 checkpoints
     soups = summary["soups"]["soups"]
-    # recipe all: the paper's two, model_stock and wise_ft (the warm start is logged as the sweep's init, their anchor)
+    # recipe all: the paper's two, model_stock and wise_ft (the warm start is logged as the sweep's init, their
+    # anchor) and learned
     assert {(s["scope"], s["recipe"]) for s in soups} == {("within", "uniform"), ("within", "greedy"),
-                                                          ("within", "model_stock"), ("within", "wise_ft")}, soups
+                                                          ("within", "model_stock"), ("within", "wise_ft"),
+                                                          ("within", "learned")}, soups
     assert {s["trial"] for s in soups} == {t["trial"] for t in trials}
     for s in soups:
         assert s["pool"] == {"rule": "top_k:2", "size": 2, "family_size": 3}, s["pool"]

@@ -43,20 +43,20 @@ def scratch_registry(monkeypatch):
 # ---------------------------------------------------------------------------------------------- no server
 
 def test_builtins_registered_in_order_and_names_checked(scratch_registry):
-    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft"]  # the session never imports the toy
-    assert [recipes.get(n).every_checkpoint for n in recipes.names()] == [False, True, False, False]
-    assert [recipes.get(n).needs_anchor for n in recipes.names()] == [False, False, True, True]
+    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft", "learned"]  # never the toy here
+    assert [recipes.get(n).every_checkpoint for n in recipes.names()] == [False, True, False, False, False]
+    assert [recipes.get(n).needs_anchor for n in recipes.names()] == [False, False, True, True, False]
     with pytest.raises(ValueError, match="recipe name 'all'"):
         recipes.register(recipes.Recipe("all", needs_anchor=False, cook=lambda inputs: None))
     with pytest.raises(ValueError, match="recipe name 'single'"):  # a report kind: its rows would collide
         recipes.register(recipes.Recipe("single", needs_anchor=False, cook=lambda inputs: None))
     from ich.errors import ConfigError
     with pytest.raises(ConfigError,
-                       match=r"^unknown soup recipe 'learned' \(registered: uniform, greedy, model_stock, wise_ft;"):
-        recipes.get("learned")
-    recipes.register(recipes.Recipe("learned", needs_anchor=True, cook=lambda inputs: None))
-    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft", "learned"]
-    assert recipes.get("learned").needs_anchor
+                       match=r"^unknown soup recipe 'dare' \(registered: uniform, greedy, model_stock, wise_ft, learned;"):
+        recipes.get("dare")
+    recipes.register(recipes.Recipe("dare", needs_anchor=True, cook=lambda inputs: None))
+    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft", "learned", "dare"]
+    assert recipes.get("dare").needs_anchor
 
 
 def test_a_recipe_without_a_style_gets_a_generated_one(scratch_registry, tmp_path):
@@ -85,8 +85,8 @@ def test_ray_tasks_of_ich_soup_parallel_are_handed_the_recipe_modules(monkeypatc
 def test_the_toy_recipe_is_an_ich_soup_choice_only_where_its_module_is_named():
     toy, plain = _ich(["soup", "--help"], toy=True), _ich(["soup", "--help"], toy=False)
     assert toy.returncode == plain.returncode == 0, toy.stderr + plain.stderr
-    assert "{uniform,greedy,model_stock,wise_ft,best_two,all}" in toy.stdout.replace("\n", "").replace(" ", "")
-    assert "{uniform,greedy,model_stock,wise_ft,all}" in plain.stdout.replace("\n", "").replace(" ", "")
+    assert "{uniform,greedy,model_stock,wise_ft,learned,best_two,all}" in toy.stdout.replace("\n", "").replace(" ", "")
+    assert "{uniform,greedy,model_stock,wise_ft,learned,all}" in plain.stdout.replace("\n", "").replace(" ", "")
     assert TOY not in plain.stdout
     bad = subprocess.run([sys.executable, "-m", "sweeps.cli", "soup", "--help"], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, recipes.RECIPES_ENV: "tests.no_such_recipe"}, timeout=300)
@@ -136,7 +136,9 @@ def test_the_toy_recipe_is_cooked_into_the_soup_table_and_mlflow(toy_soups):
     by_family: dict[str, dict] = {}
     for s in soups:
         by_family.setdefault(s["name"].rsplit("-", 1)[0], {})[s["recipe"]] = s
-    assert by_family and all(list(mine) == ["uniform", "greedy", TOY] for mine in by_family.values()), by_family
+    # the built-ins that need no init (the copies here have none: model_stock and wise_ft are left out), then the toy
+    assert by_family and all(list(mine) == ["uniform", "greedy", "learned", TOY] for mine in by_family.values()), \
+        by_family
     table = toy_soups["soup_stdout"]
     for family, mine in by_family.items():
         toy = mine[TOY]
@@ -159,7 +161,8 @@ def test_the_toy_recipe_has_its_rows_in_the_report_and_the_forest_plot(toy_soups
     rows = {r["key"]: r for r in report["table"]}
     arch = report["blocks"][0]["architecture"]
     assert [b["keys"] for b in report["blocks"]] == [[f"{arch}_{k}" for k in (
-        "single", "uniform_soup", "greedy_soup", f"{TOY}_soup", "uniform_vote", "greedy_vote", f"{TOY}_vote")]]
+        "single", "uniform_soup", "greedy_soup", "learned_soup", f"{TOY}_soup", "uniform_vote", "greedy_vote",
+        "learned_vote", f"{TOY}_vote")]]
     toy_ids = {s["model_id"] for s in toy_soups["soups"]["soups"] if s["recipe"] == TOY}
     assert rows[f"{arch}_{TOY}_soup"]["model_id"] in toy_ids and rows[f"{arch}_{TOY}_soup"]["recipe"] == TOY
     assert rows[f"{arch}_{TOY}_vote"]["n_ingredients"] == 2

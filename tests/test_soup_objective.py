@@ -205,8 +205,8 @@ def test_trajectory_soup_sweep_reports_and_selects_on_the_soup(ray_local, mlflow
         during = _artifact_json(mlflow_client, parent, f"soups_so_far/within-{row['trial']}.json", tmp_path / "w")
         assert during["step"] == state["trial_steps"][row["trial"]]
         # every recipe, model_stock and wise_ft too: the sweep's warm start is logged as its init (the anchor)
-        assert [s["name"] for s in during["soups"]] == [f"within-{row['trial']}-{r}"
-                                                        for r in ("uniform", "greedy", "model_stock", "wise_ft")]
+        assert [s["name"] for s in during["soups"]] == [
+            f"within-{row['trial']}-{r}" for r in ("uniform", "greedy", "model_stock", "wise_ft", "learned")]
         for s in during["soups"]:
             p = posthoc[s["name"]]
             assert [(i["model_id"], i["accepted"]) for i in s["ingredients"]] == \
@@ -305,6 +305,6 @@ def test_within_soups_are_built_while_trials_hold_every_cpu(tiny_sweep, mlflow_c
         assert done, "the within-soup task waited for a CPU that the trials hold"
         result = ray.get(done[0])
         assert result["trial"] == trial and {s["recipe"] for s in result["soups"]} == {
-            "uniform", "greedy", "model_stock", "wise_ft"}, result
+            "uniform", "greedy", "model_stock", "wise_ft", "learned"}, result
     finally:
         ray.kill(holder)

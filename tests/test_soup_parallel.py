@@ -50,9 +50,9 @@ def test_parallel_and_serial_soups_are_identical(small_sweep, mlflow_client, tmp
 
     names = [s["name"] for s in serial["soups"]]
     assert names == [s["name"] for s in parallel["soups"]]
-    # 2 trials x 4 recipes: the sweep's warm start is logged as its init, so model_stock and wise_ft are cooked, in
+    # 2 trials x 5 recipes: the sweep's warm start is logged as its init, so model_stock and wise_ft are cooked, in
     # the Ray tasks too
-    assert sum(n.startswith("within-") for n in names) == 8 and "across-all-greedy" in names
+    assert sum(n.startswith("within-") for n in names) == 10 and "across-all-greedy" in names
     assert sorted(n for n in names if n.endswith(("-model_stock", "-wise_ft")) and not n.startswith("within-")) == [
         "across-best-model_stock", "across-best-wise_ft"]
     note = [n for n in parallel["notes"] if "Ray tasks" in n]
@@ -60,10 +60,21 @@ def test_parallel_and_serial_soups_are_identical(small_sweep, mlflow_client, tmp
     assert not any("Ray tasks" in n for n in serial["notes"])
     for a, b in zip(serial["soups"], parallel["soups"]):
         assert a["ingredients"] == b["ingredients"] and a["bn_mode"] == b["bn_mode"], a["name"]
-        assert a["val"] == b["val"] and a["test"] == b["test"], a["name"]
+        # the learned soup's gradient steps round differently in a Ray task's process (CPU kernels chosen for its
+        # thread layout): equal to float32 rounding there, bitwise for every other recipe
+        fitted = a["recipe"] == "learned"
+        if fitted:
+            for split in ("val", "test"):
+                assert a[split].keys() == b[split].keys(), a["name"]
+                for k, v in a[split].items():
+                    assert v == pytest.approx(b[split][k], rel=1e-5), (a["name"], split, k)
+        else:
+            assert a["val"] == b["val"] and a["test"] == b["test"], a["name"]
         assert a["model_id"] != b["model_id"]  # two separate soups, logged twice
         wa = _weights(mlflow_client, a["model_id"], tmp_path / "serial")
         wb = _weights(mlflow_client, b["model_id"], tmp_path / "parallel")
         assert set(wa) == set(wb)
         for k in wa:
-            assert wa[k].dtype == wb[k].dtype and torch.equal(wa[k], wb[k]), (a["name"], k)
+            same = torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) if fitted and wa[k].is_floating_point() \
+                else torch.equal(wa[k], wb[k])
+            assert wa[k].dtype == wb[k].dtype and same, (a["name"], k)

@@ -72,7 +72,8 @@ def test_sweep_config_soups_block_is_derived_from_the_options(tmp_path):
     from sweeps.config import DEFAULT_CONFIG, SoupConfig, load_config
     sweep_fields = {f.name for f in dataclasses.fields(SoupConfig)}
     assert {"scope", "recipe", "metric", "tie_rule", "bn", "registered_model", "parallel", "champion_rule", "alpha",
-            "n_resamples", "ingredients", "k", "model_stock_k", "wise_alphas", "wise_head", "wise_from"} == sweep_fields
+            "n_resamples", "ingredients", "k", "model_stock_k", "wise_alphas", "wise_head", "wise_from", "learned_by", "learned_max", "learned_steps",
+            "learned_lr", "learned_seed"} == sweep_fields
     for f in dataclasses.fields(SoupConfig):
         assert f.default == SoupOptions.__dataclass_fields__[f.name].default, f.name
     text = DEFAULT_CONFIG.read_text()

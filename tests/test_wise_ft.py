@@ -164,7 +164,7 @@ def test_the_curve_holds_one_interpolated_model_at_a_time():
 
 
 def test_the_options_and_the_registry():
-    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft"]
+    assert recipes.names() == ["uniform", "greedy", "model_stock", "wise_ft", "learned"]
     recipe = recipes.get("wise_ft")
     assert recipe.needs_anchor and not recipe.every_checkpoint
     assert SoupOptions(experiment="e").recipes == recipes.names()  # --recipe all includes it
@@ -172,13 +172,14 @@ def test_the_options_and_the_registry():
     assert (opts.wise_alphas, opts.wise_head, opts.wise_from) == ("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "keep",
                                                                    "best")
     assert alpha_grid(opts.wise_alphas) == [i / 10 for i in range(11)] and alpha_grid([1, 0, 0.5]) == [0, 0.5, 1]
-    assert wise_from_choices() == ("best", "uniform", "greedy", "model_stock")  # not wise_ft itself
+    assert wise_from_choices() == ("best", "uniform", "greedy", "model_stock", "learned")  # not wise_ft itself
     assert recipe.starts_from(opts) is None and recipe.starts_from(SoupOptions(experiment="e", wise_from="greedy")) \
         == "greedy"
     for bad, why in (("0,1.5", "1.5 lies outside [0, 1]"), ("0,0.001", "share a metric step"), ("x", "numbers"),
                      ("0,0", "distinct")):
         assert why in option_problem("wise_alphas", bad), bad
-    with pytest.raises(SoupError, match=r"wise_from='wise_ft': must be one of best, uniform, greedy, model_stock"):
+    with pytest.raises(SoupError,
+                       match=r"wise_from='wise_ft': must be one of best, uniform, greedy, model_stock, learned"):
         SoupOptions(experiment="e", wise_from="wise_ft").validate()
     with pytest.raises(SoupError, match=r"wise_head='both': must be one of keep, interpolate"):
         SoupOptions(experiment="e", wise_head="both").validate()
@@ -322,4 +323,4 @@ def test_a_family_without_its_init_gets_one_line_and_the_other_recipes_run(tiny_
                      "it with soups.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
                      f"with ich.init_fingerprint={fingerprint})"]
     assert sorted(s["name"] for s in summary["soups"]) == ["across-all-greedy", "across-best-greedy",
-                                                           "across-best-uniform"]
+                                                           "across-best-learned", "across-best-uniform"]

@@ -6,7 +6,7 @@ report and the plots iterate the registry (docs/design.md#15).
     def cook(inputs: RecipeInputs) -> CookedSoup: ...
     register(Recipe("best_two", needs_anchor=False, cook=cook))
 
-The built-in recipes (uniform.py, greedy.py, model_stock.py, wise_ft.py) are imported below. More modules come from ICH_RECIPES
+The built-in recipes (uniform.py, greedy.py, model_stock.py, wise_ft.py, learned.py) are imported below. More modules come from ICH_RECIPES
 (comma-separated module names, e.g. `ICH_RECIPES=mypkg.model_stock`), imported when the recipes are first asked
 for, so that `ich soup --help`, `ich soup`, `ich report` and the Ray tasks they start see the same recipes. A
 recipe is found only by the name it registered: a tag read from MLflow (ich.recipe) never imports anything.
@@ -130,5 +130,5 @@ def _import_env_modules() -> None:
 
 
 # they register themselves, in this order (the table's, the report's)
-for _builtin in ("uniform", "greedy", "model_stock", "wise_ft"):
+for _builtin in ("uniform", "greedy", "model_stock", "wise_ft", "learned"):
     importlib.import_module(f"soups.recipes.{_builtin}")
