@@ -224,12 +224,31 @@ def soup_row(soup: dict) -> dict:
     }
 
 
+RECORDED_RECIPES = ("uniform", "greedy")  # the recipes the code before the refactor had: what the fixture compares
+
+
 def run_soups_cli(flags: list[str], json_path: Path) -> dict:
     """`ich soup --experiment <sweep> --json <path> <flags>` through the console script's entry (this process:
-    torch is imported once); MLFLOW_TRACKING_URI names the server."""
+    torch is imported once); MLFLOW_TRACKING_URI names the server. Only the recorded recipes are registered for the
+    call: a recipe added since (learned needs no init, so it would cook here) would add soups and could take the
+    champion, which is not a change in what the recorded ones make."""
     from sweeps.cli import main
 
-    code = main(["soup", "--experiment", SWEEP, "--json", str(json_path), *flags])
+    try:
+        from soups import recipes
+    except ImportError:  # the code before the refactor: no registry, only those recipes
+        recipes = None
+    saved = dict(recipes._recipes) if recipes is not None else None
+    if recipes is not None:
+        recipes.names()  # ICH_RECIPES imported first, so that it cannot add a recipe afterwards
+        recipes._recipes.clear()
+        recipes._recipes.update({k: v for k, v in saved.items() if k in RECORDED_RECIPES})
+    try:
+        code = main(["soup", "--experiment", SWEEP, "--json", str(json_path), *flags])
+    finally:
+        if recipes is not None:
+            recipes._recipes.clear()
+            recipes._recipes.update(saved)
     if code != 0:
         raise AssertionError(f"ich soup {' '.join(flags)} exited {code}")
     return json.loads(json_path.read_text(encoding="utf-8"))
