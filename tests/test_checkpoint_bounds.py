@@ -306,6 +306,9 @@ def test_a_malformed_server_response_is_one_line_for_predict(body, raised, messa
             MlflowClient(uri).get_model_version_by_alias("x", "champion")
         assert (type(caught.value).__module__, type(caught.value).__name__) == raised
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        # an earlier test of the session may have called mlflow.set_tracking_uri (in-process `ich soup` does), whose
+        # global wins over the variable: unset it for this test, as in a fresh `ich predict` process
+        monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
         monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
         rc, err, _ = predict("models:/x@champion", good["image"])
     finally:
