@@ -301,3 +301,24 @@ def test_model_stock_k_soups_the_k_best(stock_soups, mlflow_server, tmp_path):
         assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want), soup["name"]
     assert {s["name"] for s in summary["soups"]} == {"within-a-model_stock", "within-b-model_stock"}
     assert math.isfinite(summary["soups"][0]["val"]["macro_f1"])
+
+
+def test_the_soup_records_the_spread_of_its_t():
+    """cook() on planted tensors: one tensor whose two deltas are orthogonal (c = 0, t = 0), one whose deltas are the
+    same (c = 1, t = 1): the recorded spread is that of the closed form."""
+    from types import SimpleNamespace
+
+    from soups.build import Soup
+    from soups.recipes import RecipeInputs
+    from soups.recipes.model_stock import cook
+    anchor = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    sds = [{"a": torch.tensor([1.0, 0, 0, 0]), "b": torch.tensor([1.0, 0, 0, 0])},
+           {"a": torch.tensor([0, 1.0, 0, 0]), "b": torch.tensor([2.0, 0, 0, 0])}]
+    members = [SimpleNamespace(record=SimpleNamespace(model_id=f"m-{i}"), label=f"m-{i}") for i in range(2)]
+    inputs = RecipeInputs(family="within-a", members=members, ingredients=lambda ms: iter(zip(ms, sds)),
+                          evaluator=None, anchor=anchor, uniform=None, opts=SoupOptions(experiment="e"),
+                          finish=lambda sd: Soup(sd, "none", {}), skip=lambda p, why: None)
+    cooked = cook(inputs)
+    assert cooked.params == {"k": "0", "tensors": "2", "t_min": "0", "t_median": "1", "t_mean": "0.5", "t_max": "1"}
+    assert torch.equal(cooked.soup.state_dict["a"], anchor["a"])  # t = 0: the init
+    assert torch.allclose(cooked.soup.state_dict["b"], torch.tensor([1.5, 0, 0, 0]))  # t = 1: the average

@@ -6,6 +6,7 @@ w = t·w_avg + (1-t)·w_init, t = N·cosθ / (1 + (N-1)·cosθ), cosθ the mean 
 Needs the anchor: the family's shared init, the `init` LoggedModel whose sha256 is the family's
 ich.init_fingerprint (soups/pull.py finds it; a family without one gets a note instead). `--model-stock-k K`
 soups only the family's K best ingredients by val (the paper uses 2 or 3); 0, the default, soups them all.
+The soup records the spread of its per-tensor t as tags ich.model_stock.{t_min,t_median,t_mean,t_max,tensors,k}.
 """
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ def cook(inputs: RecipeInputs) -> CookedSoup:
         del sd
     if not used:
         raise SoupError(f"{inputs.family} model_stock: no usable ingredients")
-    return CookedSoup(inputs.finish(total.result()), used, {})
+    return CookedSoup(inputs.finish(total.result()), used, {}, params=t_summary(total.ratios(), k))
+
+
+def t_summary(ratios: dict[str, float], k: int) -> dict[str, str]:
+    """What the soup records of its per-tensor t (tags ich.model_stock.*): their spread over the tensors, and k."""
+    ts = sorted(ratios.values())
+    return {"k": str(k), "tensors": str(len(ts)), "t_min": f"{ts[0]:.6g}", "t_median": f"{ts[len(ts) // 2]:.6g}",
+            "t_mean": f"{sum(ts) / len(ts):.6g}", "t_max": f"{ts[-1]:.6g}"} if ts else {"k": str(k), "tensors": "0"}
 
 
 RECIPE = register(Recipe("model_stock", needs_anchor=True, cook=cook, style=("d", "#ff7f0e")))
