@@ -40,15 +40,32 @@ from sweeps.trainable import Init
 
 
 def resolve_init_source(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Every init source but `hub:` -> a local safetensors file: an MLflow model URI is downloaded (here, not in
-    ich/, which knows no MLflow), then the local path is checked by ich.models.resolve_init_weights."""
+    """Every init source but `hub:` -> a local safetensors file: an MLflow model is downloaded (here, not in ich/,
+    which knows no MLflow) and its signature verified against the trusted keys (docs/design.md#14: the sweep logs
+    these weights as its own signed init, so an unsigned or altered model must not become one), then the local path
+    is checked by ich.models.resolve_init_weights. runs:/ and mlflow-artifacts:/ URIs name files no signature
+    covers: refused in one line."""
     if source.startswith(MLFLOW_URI_PREFIXES):
+        if not source.startswith(("models:/", "m-")):
+            raise ModelError(f"init weights {source}: an init from MLflow is a LoggedModel (models:/NAME@ALIAS, "
+                             "models:/NAME/VERSION, models:/m-ID or m-ID) whose signature is checked; a "
+                             f"{source.split(':', 1)[0]}: URI names files no signature covers (download the file and "
+                             "name its path)")
         import mlflow.artifacts
+
+        from soups import signing
+        from soups.pyfunc import UntrustedModel, resolve_model
         uri = f"models:/{source}" if source.startswith("m-") else source
+        label = f"init weights {source}"
         try:
-            source = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=cache_dir)
+            model = resolve_model(uri)  # the LoggedModel's id and tags; its artifact location checked
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}", dst_path=cache_dir)
+            signing.verify(model.model_id, model.recorded or {}, folder, label=label)
+        except (UntrustedModel, signing.SignatureError, signing.SigningKeyError) as e:
+            raise ModelError(f"{label}: {e}" if not str(e).startswith(label) else str(e)) from None
         except Exception as e:  # MLflow raises several types; all mean the same to the user
-            raise ModelError(f"init weights {source}: cannot download from MLflow ({str(e).splitlines()[0]})") from None
+            raise ModelError(f"{label}: cannot download from MLflow ({str(e).splitlines()[0]})") from None
+        source = folder
     return resolve_init_weights(source)
 
 def _source_for(cfg: SweepConfig, model: str) -> str | None:
