@@ -243,9 +243,9 @@ def test_grid_becomes_grid_search(tmp_path):
     assert cfg.grid == {"seed": [0, 1], "lr": [1e-3, 3e-4]}  # typed: YAML 1.1 reads 3e-4 as a string
     assert cfg.num_trials == 2 * 2 * 2  # num_samples repeats the whole grid
     assert tune_space(cfg) == {"seed": {"grid_search": [0, 1]}, "lr": {"grid_search": [1e-3, 3e-4]}}
-    cfg = _grid_config(tmp_path, ["grid.seed=[5, 6, 7]", "grid.model=[coatnet_tiny_ich, resnet18]", "grid.lr=null"])
-    assert cfg.grid == {"seed": [5, 6, 7], "model": ["coatnet_tiny_ich", "resnet18"]}
-    assert cfg.models == ["coatnet_tiny_ich", "resnet18"]
+    cfg = _grid_config(tmp_path, ["grid.seed=[5, 6, 7]", "grid.model=[coatnet_tiny_ich, resnet50]", "grid.lr=null"])
+    assert cfg.grid == {"seed": [5, 6, 7], "model": ["coatnet_tiny_ich", "resnet50"]}
+    assert cfg.models == ["coatnet_tiny_ich", "resnet50"]
     assert _grid_config(tmp_path, ["grid.epochs=[2, 5]", "asha.grace_period=5"]).max_epochs == 5
 
 
