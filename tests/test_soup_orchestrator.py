@@ -218,7 +218,7 @@ def test_altered_and_nan_checkpoints_are_skipped_by_name(tiny_sweep, mlflow_serv
     assert set(reasons) == {altered, nan}
     assert "sha256 mismatch" in reasons[altered] and "NaN/Inf" in reasons[nan]
     built = {s["name"]: s for s in summary["soups"]}
-    assert set(built) == {"within-copy-uniform", "within-copy-greedy"}
+    assert set(built) == {"within-copy-uniform", "within-copy-greedy", "within-copy-learned"}  # learned needs no init
     for soup in built.values():
         used = {i["model_id"] for i in soup["ingredients"]}
         assert used == set(ids) - {altered, nan}
