@@ -240,7 +240,7 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     assert families == {"resnet", "densenet"}
     records = {"coatnet_tiny_ich": report_setup["records"], SHALLOW: report_setup["shallow"]}
     assert {r.architecture for r in report_setup["records"]} == {"coatnet_tiny_ich"} and len(records[SHALLOW]) == 4
-    layout = ("single", "uniform_soup", "greedy_soup", "uniform_vote", "greedy_vote")
+    layout = ("single", "uniform_soup", "greedy_soup", "learned_soup", "uniform_vote", "greedy_vote", "learned_vote")
     assert [b["architecture"] for b in summary["blocks"]] == sorted(records)
     assert list(rows) == [f"baseline_{f}" for f in sorted(families)] + [
         f"{arch}_{k}" for arch in sorted(records) for k in layout], list(rows)
@@ -322,14 +322,14 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     block = best_soup["block"]
     assert points == {("ingredient", i) for i in accepted[best_soup["model_id"]]} | {
         ("greedy", rows[f"{block}_greedy_soup"]["model_id"]), ("uniform", rows[f"{block}_uniform_soup"]["model_id"]),
-        ("soft_vote", None)} and len(mds["points"]) == len(points)
+        ("learned", rows[f"{block}_learned_soup"]["model_id"]), ("soft_vote", None)} and len(mds["points"]) == len(points)
     D = np.array(mds["matrix"])
     assert np.allclose(D, D.T) and np.all(np.diag(D) == 0) and np.all(D[~np.eye(len(D), dtype=bool)] > 0)
     assert all(0 <= p["val_accuracy"] <= 1 and len(p["mds"]) == 2 for p in mds["points"])
 
     # The forest plot's numbers are the table's: every soup and soft-voting row, Δ accuracy and its paired CI.
     compared = [r for r in summary["table"] if r["vs_best_single"]]
-    assert [f["key"] for f in summary["forest"]] == [r["key"] for r in compared] and len(compared) == 8  # 2 blocks
+    assert [f["key"] for f in summary["forest"]] == [r["key"] for r in compared] and len(compared) == 12  # 2 blocks x 3 recipes x (soup, vote)
     for f in summary["forest"]:
         vs = rows[f["key"]]["vs_best_single"]
         assert (f["delta"], f["lo"], f["hi"]) == (vs["acc_diff"], vs["acc_diff_low"], vs["acc_diff_high"])
