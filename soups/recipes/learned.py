@@ -24,7 +24,7 @@ import sys
 from soups.recipes import CookedSoup, Recipe, RecipeInputs, register
 
 NAME = "learned"
-EVAL_EVERY = 5  # steps between held-out scorings (and the curve's points)
+EVAL_EVERY = 5  # steps between held-out scorings (the points of the ich.learned.heldout_curve tag)
 
 
 def split_halves(labels, seed: int):
