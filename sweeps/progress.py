@@ -201,3 +201,13 @@ def quiet_driver(verbose: bool) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Validating input example ...", "Waiting up to 300 s ..."
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(drop_renamed_temp_file_sync_error)
+
+
+def drop_renamed_temp_file_sync_error(record: logging.LogRecord) -> bool:
+    """False for the one benign error of Tune's state sync: a searcher's `.<uuid>-tmp-...` file, listed by the
+    previous sync's copy and renamed into place before it was read (Tune writes atomically while its async copy
+    runs). The renamed file goes up with the next sync, which Tune forces and waits for at the end; any other
+    sync error is kept."""
+    err = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(err, FileNotFoundError) and "-tmp-" in str(err))
