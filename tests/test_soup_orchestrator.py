@@ -149,6 +149,50 @@ def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep,
 
 
 @pytest.mark.integration
+def test_recipe_all_makes_one_soup_per_recipe_and_family_all_in_the_report(first_run, tiny_sweep, mlflow_server,
+                                                                          mlflow_client, tmp_path):
+    """Issue 21's tournament on the shared tiny sweep (which logged its warm-start init, so the anchored recipes
+    cook too): `ich soup` with the default `--recipe all` made exactly one soup per registered recipe in every
+    family (across-all: the recipes that choose among every checkpoint), each a LoggedModel tagged with its recipe
+    and its parameters; the report built from MLflow has a soup row, a soft-vote row and a forest row for every
+    recipe; the champion is the val-best of them all."""
+    from soups import recipes
+    from soups.report import build_report
+    summary, _ = first_run
+    names = recipes.names()
+    assert {"uniform", "greedy", "model_stock", "wise_ft", "learned"} <= set(names)
+    by_family: dict[str, list[str]] = {}
+    for soup in summary["soups"]:
+        family, recipe = soup["name"].rsplit("-", 1) if soup["name"].rsplit("-", 1)[1] in names else (None, None)
+        assert recipe == soup["recipe"], soup["name"]
+        by_family.setdefault(family, []).append(recipe)
+    souped = [t for t, rs in _checkpoints_per_trial(mlflow_client, tiny_sweep).items() if len(rs) >= 2]
+    every = [r for r in names if recipes.get(r).every_checkpoint]
+    assert set(by_family) == {f"within-{t}" for t in souped} | {"across-best", "across-all"}
+    for family, cooked in by_family.items():
+        assert sorted(cooked) == sorted(every if family == "across-all" else names), family
+    for soup in summary["soups"]:
+        model = mlflow_client.get_logged_model(soup["model_id"])
+        assert model.tags["ich.recipe"] == soup["recipe"] and model.tags["ich.kind"] == "soup"
+        params = {k for k in model.tags if k.startswith(f"ich.{soup['recipe']}.")}
+        if soup["recipe"] in ("model_stock", "wise_ft", "learned"):  # t per layer, alpha, the coefficients
+            assert params, (soup["name"], sorted(model.tags))
+
+    best = max(summary["soups"], key=lambda s: s["val"]["macro_f1"])
+    assert summary["champion"]["soup"] == best["name"]  # chosen on val among every recipe's soups
+    report = build_report(tiny_sweep["experiment"], str(tmp_path / "report"), tracking_uri=mlflow_server,
+                          n_resamples=100, registered_model=MODEL_NAME)
+    arch = "coatnet_tiny_ich"
+    rows = {r["key"] for r in report["table"]}
+    forest = {r["key"] for r in report["forest"]}
+    for recipe in names:
+        assert {f"{arch}_{recipe}_soup", f"{arch}_{recipe}_vote"} <= rows & forest, (recipe, sorted(rows))
+    assert report["champion"]["model_id"] == best["model_id"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert all(recipe in md for recipe in names)
+
+
+@pytest.mark.integration
 def test_champion_stays_unless_beaten_and_the_decision_is_recorded(first_run, tiny_sweep, mlflow_server, mlflow_client):
     summary, _ = first_run
     first_version = summary["champion"]["version"]
