@@ -197,7 +197,8 @@ def model_stock_ratio(mean_cos: float, n: int) -> float:
 
 class ModelStockSum:
     """Model Stock (Jang et al. 2024) over a stream of state dicts, memory flat in N: per floating tensor a float64
-    sum of the weights (a RunningSum: uniform's own) and a float64 sum of the unit deltas u_i = d_i/|d_i|,
+    sum of the weights (a RunningSum: uniform's own) and a sum of the unit deltas u_i = d_i/|d_i| (in the weights'
+    precision),
     d_i = w_i - w_init, from which the mean pairwise cosine needs no pair: sum_{i<j} cos_ij = (|sum u_i|^2 - M)/2,
     M the number of nonzero deltas. result(): per tensor w = w_init + t·(mean w - w_init), i.e.
     t·w_avg + (1-t)·w_init with t = model_stock_ratio(c, N).
@@ -224,12 +225,15 @@ class ModelStockSum:
         self.total.add(sd, name)
 
         def unit(k: str) -> None:
-            d = sd[k].detach().to(torch.float64, copy=True).sub_(self.anchor[k].detach().to(sd[k].device))
+            # In the weights' own precision: the delta (a float32 difference of nearby weights is exact or within an
+            # ulp), its norm, and the sum of unit deltas (at most a few dozen terms of norm 1; only their angle is
+            # read). Three passes over the tensor, no float64 copy: bench/model_stock_cost.py.
+            d = torch.sub(sd[k].detach(), self.anchor[k].detach().to(sd[k].device))
             norm = float(torch.linalg.vector_norm(d))
             if k not in self._units:
                 self._units[k] = torch.zeros_like(d)
             if norm > 0:
-                self._units[k].add_(d.div_(norm))
+                self._units[k].add_(d, alpha=1.0 / norm)
                 self._moved[k] += 1
         _by_key(self._keys, lambda k: sd[k].numel(), self.total.threads, unit)
 
@@ -238,7 +242,8 @@ class ModelStockSum:
         n = self.count
         if n < 2:
             raise ValueError(f"ModelStockSum: {n} state dict(s), no pair to measure an angle on")
-        return {k: (float(self._units[k].square().sum()) - self._moved[k]) / (n * (n - 1)) for k in self._keys}
+        return {k: (float(self._units[k].to(torch.float64).square().sum()) - self._moved[k]) / (n * (n - 1))
+                for k in self._keys}
 
     def ratios(self) -> dict[str, float]:
         """Per tensor, t (model_stock_ratio)."""
@@ -249,12 +254,10 @@ class ModelStockSum:
     def result(self) -> StateDict:
         if self.count == 0:
             raise ValueError("ModelStockSum.result: no state dict added yet")
-        out, ratios = self.total.mean(), self.ratios()
-        sums, n = self.total._sum, self.count
-        for k, t in ratios.items():
-            a = self.anchor[k].detach().to(torch.float64, copy=True)  # a copy: the anchor is shared by every family
-            w = a.add_(torch.div(sums[k], n).sub_(a), alpha=t) if t else a  # w_init + t·(mean - w_init)
-            out[k] = w.to(self.total._dtypes[k])
+        out, ratios = self.total.mean(), self.ratios()  # the mean: rounded once from the float64 sum
+        for k, t in ratios.items():  # w_init + t·(mean - w_init) in the weights' precision (one pass; t = 0: the init)
+            a = self.anchor[k].detach().to(device=out[k].device, dtype=out[k].dtype)
+            out[k] = torch.lerp(a, out[k], t) if t else a.clone()  # a copy: the anchor is shared by every family
         return out
 
 
