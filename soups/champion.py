@@ -36,7 +36,7 @@ def soup_card(ctx: SoupCall, best: SoupEntry, metric: str, decision: dict) -> st
                       dataset_fingerprint=ctx.dataset.fingerprint,
                       code_version=f"{code.get(TAG_VERSION, '?')} (source {str(code.get(TAG_SOURCE_HASH, '?'))[:12]})",
                       decision=("moved `champion` here: " if decision["moved"] else "kept `champion` where it was: ")
-                      + decision["reason"])
+                      + decision["reason"], params=best.params)
 
 
 def registered_model_name(experiment: str, registered_model: str | None = None) -> str:

@@ -68,9 +68,10 @@ def dataset_link(metric_key: str, fingerprint: str | None) -> dict:
 
 def model_card(*, name: str, recipe: str, scope: str, experiment_id: str, ingredients: list[dict], val: dict,
                test: dict, vs_best_single: dict, best_single: dict, metric: str, bn_mode: str, preprocess: dict,
-               dataset_fingerprint: str, code_version: str, decision: str) -> str:
-    """A registered soup version's description (Markdown): what it is, what it was made of, how well it does with
-    what uncertainty, what it expects as input, and its limits."""
+               dataset_fingerprint: str, code_version: str, decision: str, params: dict | None = None) -> str:
+    """A registered soup version's description (Markdown): what it is, what it was made of (and what its recipe
+    chose: params, also the soup's ich.<recipe>.* tags), how well it does with what uncertainty, what it expects as
+    input, and its limits."""
     def pct(v) -> str:
         return "n/a" if v is None else f"{100 * float(v):.2f}"
 
@@ -94,6 +95,9 @@ def model_card(*, name: str, recipe: str, scope: str, experiment_id: str, ingred
                       f"{pct(vs_best_single.get('acc_diff'))} points [{pct(vs_best_single.get('acc_diff_low'))}, "
                       f"{pct(vs_best_single.get('acc_diff_high'))}], McNemar p = "
                       f"{'n/a' if p is None else f'{p:.3g}'}."]
+    if params:  # Model Stock's t per layer, WiSE-FT's alpha, the learned soup's coefficients
+        lines += ["", f"## What the {recipe} recipe chose", "", "| parameter | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(params.items())]
     lines += ["", "## Ingredients", "", "| trial | epoch | model | val score |", "|---|---|---|---|"]
     for i in accepted:
         link = f"[{i['model_id']}](#/experiments/{experiment_id}/models/{i['model_id']})"

@@ -22,18 +22,23 @@ def test_split_names_digests_and_keys():
                                   "val")] == ["val", "test", None, None, None]
 
 
+_CARD = dict(name="across-best-greedy", recipe="greedy", scope="across", experiment_id="3",
+             ingredients=[{"trial": "a", "epoch": 2, "model_id": "m-1", "accepted": True, "val_score": 0.9},
+                          {"trial": "b", "epoch": 1, "model_id": "m-2", "accepted": False}],
+             val={"accuracy": 0.9, "macro_f1": 0.8}, test={"accuracy": 0.85, "accuracy_ci": [0.8, 0.9], "macro_f1": 0.84},
+             vs_best_single={"acc_diff": 0.01, "acc_diff_low": -0.02, "acc_diff_high": 0.04, "mcnemar_p": 0.5},
+             best_single={"trial": "a", "epoch": 3}, metric="macro_f1", bn_mode="average",
+             preprocess={"mean": [0.5]}, dataset_fingerprint="fp", code_version="1.0", decision="moved")
+
+
 def test_model_card_and_note_say_what_they_should():
-    card = model_card(name="across-best-greedy", recipe="greedy", scope="across", experiment_id="3",
-                      ingredients=[{"trial": "a", "epoch": 2, "model_id": "m-1", "accepted": True, "val_score": 0.9},
-                                   {"trial": "b", "epoch": 1, "model_id": "m-2", "accepted": False}],
-                      val={"accuracy": 0.9, "macro_f1": 0.8}, test={"accuracy": 0.85, "accuracy_ci": [0.8, 0.9],
-                                                                    "macro_f1": 0.84},
-                      vs_best_single={"acc_diff": 0.01, "acc_diff_low": -0.02, "acc_diff_high": 0.04, "mcnemar_p": 0.5},
-                      best_single={"trial": "a", "epoch": 3}, metric="macro_f1", bn_mode="average",
-                      preprocess={"mean": [0.5]}, dataset_fingerprint="fp", code_version="1.0", decision="moved")
+    card = model_card(**_CARD)
     assert "| accuracy % | 90.00 | 85.00 [80.00, 90.00] |" in card
     assert "[m-1](#/experiments/3/models/m-1)" in card and "m-2" not in card  # accepted ingredients only
     assert "trial a epoch 3): 1.00 points [-2.00, 4.00], McNemar p = 0.5" in card and "## Limits" in card
+    assert "chose" not in card  # greedy records no parameters
+    wise = model_card(**{**_CARD, "recipe": "wise_ft"}, params={"alpha": "0.7", "head": "keep"})
+    assert "## What the wise_ft recipe chose" in wise and "| alpha | 0.7 |" in wise and "| head | keep |" in wise
     note = sweep_note("s", "val_macro_f1", [{"trial": "t1", "status": "FINISHED", "epochs": 3, "val_macro_f1": 0.5}],
                       [{"name": "x", "recipe": "greedy", "val": {"macro_f1": 0.7}, "test": {"accuracy": 0.6}}], None)
     assert "| t1 | finished | 3 | 0.5000 |" in note and "| x | greedy | 0.7000 | 0.6000 [, ] |" in note
