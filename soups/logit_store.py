@@ -131,3 +131,26 @@ def soft_vote_stream(logit_sets: Iterable[np.ndarray]) -> np.ndarray:
 def soft_vote_logits(logit_sets: Iterable[np.ndarray]) -> np.ndarray:
     """Log of soft voting's probabilities (the evaluator's metrics take logits), one model's logits at a time."""
     return np.log(np.clip(soft_vote_stream(logit_sets), 1e-300, None))
+
+
+# ------------------------------------------------------------------ the prediction cache the report reads
+# One .npy per (model id, split) under $ICH_HOME/cache/predictions/<dataset fingerprint>: `ich soup` writes the
+# logits it computed (every soup's, every ingredient's it evaluated) and `ich report` reads them instead of pulling
+# and running those models again. A model id names immutable weights (verified by sha256 when pulled), so its
+# logits on one dataset build never change; a file of another shape or with a non-finite value is not used.
+
+def prediction_cache(home: Path, dataset_fingerprint: str) -> Path:
+    return Path(home) / "cache" / "predictions" / dataset_fingerprint[:16]
+
+
+def cached_logits_path(folder: Path, model_id: str, split: str) -> Path:
+    return Path(folder) / f"{model_id}-{split}.npy"
+
+
+def save_cached_logits(folder: Path, model_id: str, split: str, logits: np.ndarray) -> None:
+    """Atomic: a concurrent reader sees the whole file or none."""
+    path = cached_logits_path(folder, model_id, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(f".{os.getpid()}.part.npy")
+    np.save(part, np.asarray(logits, dtype=np.float32))
+    part.replace(path)

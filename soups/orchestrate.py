@@ -39,8 +39,10 @@ import numpy as np
 from mlflow import MlflowClient
 
 from ich.data import load_dataset
+from ich.home import ich_home
 from soups.build import Soup, SoupBuilder, cook_family
 from soups.champion import register_best
+from soups.logit_store import prediction_cache
 from soups.options import SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
 from soups.pool import label as pool_label
 from soups.pull import CheckpointPool, Family, families, read_sweep, usable_records
@@ -57,6 +59,7 @@ def _record_soup(ctx: SoupCall, builder: SoupBuilder, family: Family, recipe: st
                         builder=builder, uniform=uniform, accepted=accepted, tries=tries)
     log_soup(ctx, entry, soup, members[0])
     soup.state_dict = {}  # on disk and in MLflow now; the next recipe needs the memory
+    ctx.cache_logits(entry.model_id, soup.logits)  # `ich report` reads them instead of running the soup again
     val_logits[name] = soup.logits["val"]
     soups.append(entry)
 
@@ -112,13 +115,16 @@ def run_soups(opts: SoupOptions) -> dict:
     champion = None
     tmp = Path(tempfile.mkdtemp(prefix="ich-soups-"))
     pool = CheckpointPool(client, records, tmp / "pulled")
-    ctx = SoupCall(client, opts, snap.experiment_id, snap.sweep, snap.sweep_run_id, dataset, tmp)
+    ctx = SoupCall(client, opts, snap.experiment_id, snap.sweep, snap.sweep_run_id, dataset, tmp,
+                   logit_cache=prediction_cache(ich_home(), dataset.fingerprint))
     try:
         with quiet_run_urls():
             builder = SoupBuilder(opts, dataset, pool)
             for family, cooked in cooked_families(builder, opts, records, pool, uri, notes):
                 _record_soup(ctx, builder, family, *cooked, soups, val_logits)
             pool.close()
+            for model_id, logits in builder.logits.items():  # the ingredients evaluated here (not in Ray tasks)
+                ctx.cache_logits(model_id, logits)
             if soups:
                 champion = register_best(ctx, soups, val_logits)
             else:

@@ -74,7 +74,7 @@ from ich.metrics import METRICS, classification_metrics, confusion_matrix, metri
 from soups import provenance, recipes, registry
 from soups.analysis import bias_variance_01, bias_variance_ce, ce_distance_matrix, mds_embed, softmax
 from soups.champion import ALIAS
-from soups.logit_store import soft_vote_logits
+from soups.logit_store import cached_logits_path, prediction_cache, save_cached_logits, soft_vote_logits
 from soups.evaluate import EvalSpec, Evaluator
 from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_learning_curves, plot_mds,
                          plot_optuna_history, plot_parameter_curve, plot_param_importances, plot_val_test,
@@ -108,7 +108,7 @@ class Predictions:
     evaluators: dict = field(default_factory=dict)
 
     def _path(self, model_id: str, split: str) -> Path:
-        return self.cache_dir / f"{model_id}-{split}.npy"
+        return cached_logits_path(self.cache_dir, model_id, split)
 
     def _cached(self, model_id: str, split: str) -> np.ndarray | None:
         key = (model_id, split)
@@ -146,9 +146,7 @@ class Predictions:
             for split in SPLITS:
                 logits = ev.logits(None, split)
                 self.mem[(record.model_id, split)] = logits
-                part = self._path(record.model_id, split).with_suffix(".part.npy")
-                np.save(part, logits)
-                part.replace(self._path(record.model_id, split))  # atomic: a concurrent report sees all or nothing
+                save_cached_logits(self.cache_dir, record.model_id, split, logits)
             shutil.rmtree(self.tmp / record.model_id, ignore_errors=True)
             self.computed += 1
 
@@ -885,7 +883,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         dataset = load_dataset(data)
         out = Path(out_dir) if out_dir else tmp / "report"
         out.mkdir(parents=True, exist_ok=True)
-        preds = Predictions(dataset, ich_home() / "cache" / "predictions" / dataset.fingerprint[:16], tmp / "pulled",
+        preds = Predictions(dataset, prediction_cache(ich_home(), dataset.fingerprint), tmp / "pulled",
                             load=lambda record, folder: registry.load_record(client, record, folder), device=device)
         report = compute_report(snap, preds, out, split=split_for_table, metric=metric, n_resamples=n_resamples,
                                 data=str(data))

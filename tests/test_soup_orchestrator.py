@@ -191,6 +191,26 @@ def test_recipe_all_makes_one_soup_per_recipe_and_family_all_in_the_report(first
     md = (tmp_path / "report" / "report.md").read_text()
     assert all(recipe in md for recipe in names)
 
+    # The logits `ich soup` computed are where the report looks first: every soup's val/test logits, equal to those
+    # of its weights as pulled back from MLflow (computed here from the download), and the report ran fewer models.
+    from ich.data import load_dataset
+    from ich.home import ich_home
+    from soups.evaluate import EvalSpec, Evaluator
+    from soups.logit_store import cached_logits_path, prediction_cache
+    dataset = load_dataset(tiny_sweep["data"])
+    cache = prediction_cache(ich_home(), dataset.fingerprint)
+    for soup in summary["soups"]:
+        assert all(cached_logits_path(cache, soup["model_id"], s).is_file() for s in ("val", "test")), soup["name"]
+    record = registry.get_model_record(mlflow_client, best["model_id"])
+    weights, meta = load_checkpoint(registry.download_checkpoint(mlflow_client, record, tmp_path / "champion"),
+                                    expected_sha256=record.sha256)
+    ev = Evaluator(dataset, EvalSpec.of(meta), device="cpu")
+    ev.load(weights)
+    for split in ("val", "test"):
+        assert np.array_equal(np.load(cached_logits_path(cache, best["model_id"], split)), ev.logits(None, split))
+    assert report["counts"]["from_cache"] > 0, report["counts"]
+    print("report models:", report["counts"])
+
 
 @pytest.mark.integration
 def test_champion_stays_unless_beaten_and_the_decision_is_recorded(first_run, tiny_sweep, mlflow_server, mlflow_client):
