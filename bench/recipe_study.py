@@ -31,6 +31,10 @@ What runs:
   evaluation at every alpha the product logs for its report). Pooled over seeds per data set: the mean of the
   per-seed differences, its interval from resampling the same test images for every seed (stratified), and
   McNemar's exact p over the discordant pairs of all seeds together (approximate: the seeds share the images).
+- Reference row `best_single_bn`: the best single through the same `finish` as the soups (the product's BN option,
+  `auto`: BN statistics recalibrated on train when val says so). The product compares its soups with the raw best
+  single; against this row the soup's own effect is seen apart from the BN recalibration's (`vs_reference`, and
+  the pooled table `pooled_vs_reference`).
 
 Selection (ranking, pools, greedy, alphas, learned coefficients, BN mode) uses val only; test only reports.
 Output: bench/out/recipe_study.json and .md (copy the json to docs/recipe_study.json). Not part of `make bench`.
@@ -158,6 +162,11 @@ def run_seed(data, init_state: dict, train: dict, seed: int, n_resamples: int) -
             "vs_best_single": paired_comparison(y_test, pred, best_pred, n_resamples=n_resamples, num_classes=k)}
         print(f"  seed {seed} {name}: test acc {pct(row['soups'][name]['test']['accuracy'][0])} "
               f"(best single {pct(row['best_single']['test']['accuracy'][0])}), {c['seconds']:.1f} s", flush=True)
+    ref_pred = preds[REFERENCE]
+    for name, e in row["soups"].items():  # vs the best single with the same BN option: the soup's own effect
+        if name != REFERENCE:
+            e["vs_reference"] = paired_comparison(y_test, preds[name], ref_pred, n_resamples=n_resamples,
+                                                  num_classes=k)
     return row, preds
 
 
@@ -176,12 +185,13 @@ def pooled_delta(y: np.ndarray, soup_preds: list[np.ndarray], best_preds: list[n
     return [point, float(low), float(high)]
 
 
-def pooled(y: np.ndarray, preds: list[dict], num_classes: int, n_resamples: int) -> dict:
-    """Per recipe, over the seeds: mean Δacc and ΔF1 with paired intervals, and McNemar over all seeds' pairs."""
+def pooled(y: np.ndarray, preds: list[dict], num_classes: int, n_resamples: int, against: str = "best_single") -> dict:
+    """Per recipe, over the seeds: mean Δacc and ΔF1 vs `against` (a key of preds) with paired intervals, and McNemar
+    over all seeds' pairs."""
     from soups.stats import mcnemar_exact
     out = {}
-    best = [p["best_single"] for p in preds]
-    for name in [n for n in preds[0] if n != "best_single"]:
+    best = [p[against] for p in preds]
+    for name in [n for n in preds[0] if n not in ("best_single", against)]:
         soup = [p[name] for p in preds]
         test = mcnemar_exact(np.tile(y, len(preds)), np.concatenate(soup), np.concatenate(best))
         out[name] = {"acc_diff": pooled_delta(y, soup, best, "accuracy", num_classes, n_resamples),
@@ -228,6 +238,13 @@ def markdown(result: dict) -> str:
                 cost = np.mean([s["soups"][name]["seconds"] for s in r["seeds"]])
                 lines.append(f"| {name} | {_delta(*v['acc_diff'])} | {_delta(*v['f1_diff'])} | "
                              f"{v['mcnemar_b']} / {v['mcnemar_c']} | {v['mcnemar_p']:.3g} | {cost:.1f} |")
+        if r.get("pooled_vs_reference"):
+            lines += ["", "Pooled, each soup − the best single with the same BN option (the reference row): the soup's "
+                      "own effect, the BN option's set aside:", "",
+                      "| recipe | Δacc [95% CI] | ΔF1 [95% CI] | b / c | McNemar p |", "|---|---|---|---|---|"]
+            for name, v in r["pooled_vs_reference"].items():
+                lines.append(f"| {name} | {_delta(*v['acc_diff'])} | {_delta(*v['f1_diff'])} | "
+                             f"{v['mcnemar_b']} / {v['mcnemar_c']} | {v['mcnemar_p']:.3g} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -295,6 +312,8 @@ def main(argv=None) -> int:
             entry["seeds"].append(row)
             preds.append(pr)
             entry["pooled"] = pooled(data.splits["test"].labels, preds, data.num_classes, a.n_resamples)
+            entry["pooled_vs_reference"] = pooled(data.splits["test"].labels, preds, data.num_classes,
+                                                  a.n_resamples, against=REFERENCE)
             (out / f"{name}.json").write_text(json.dumps(result, indent=1))  # partial results survive
     result["seconds"] = round(time.perf_counter() - t0)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
