@@ -241,10 +241,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_args(p: argparse.ArgumentParser, argv, quick_epochs) -> argparse.Namespace:
+    """The options of a CPU-scale trajectory study (this script's and bench/recipe_study.py's, which add --epochs
+    and their own before calling): parsed, torch's threads set, and --quick's smoke sizes applied."""
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--pretrain-per-class", type=int, default=2000)
     p.add_argument("--pretrain-epochs", type=int, default=6)
     p.add_argument("--n-resamples", type=int, default=2000)
@@ -255,7 +255,14 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(a.threads)
     if a.quick:
-        a.seeds, a.epochs, a.pretrain_per_class, a.pretrain_epochs, a.n_resamples = "0", 2, 100, 1, 200
+        a.seeds, a.epochs, a.pretrain_per_class, a.pretrain_epochs, a.n_resamples = "0", quick_epochs, 100, 1, 200
+    return a
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=50)
+    a = study_args(p, argv, quick_epochs=2)
 
     from bench.fashion_mnist import build_dataset
     from ich.data import load_dataset

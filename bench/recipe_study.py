@@ -53,11 +53,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.paper_replication import RANK_METRIC, TOP_K, figures, paper_train_block, pct, pretrain, trajectory  # noqa: E402
+from bench.paper_replication import (RANK_METRIC, TOP_K, figures, paper_train_block, pct, pretrain,  # noqa: E402
+                                     study_args, trajectory)
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "best_single_bn"  # the best single with the soups' BN option applied (auto: recalibrated if val says so)
-OUT = ROOT / "bench" / "out"
 
 
 @dataclass
@@ -269,20 +269,9 @@ def load_data(name: str, cache: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="fashion,digits")
-    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", default="fashion=15,digits=50",
                    help="epochs per trajectory: N, or per data set (name=N,...)")
-    p.add_argument("--pretrain-per-class", type=int, default=2000)
-    p.add_argument("--pretrain-epochs", type=int, default=6)
-    p.add_argument("--n-resamples", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
-    p.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, a small pretraining: a smoke run")
-    p.add_argument("--out", default=str(OUT))
-    a = p.parse_args(argv)
-    import torch
-    torch.set_num_threads(a.threads)
-    if a.quick:
-        a.seeds, a.epochs, a.pretrain_per_class, a.pretrain_epochs, a.n_resamples = "0", "2", 100, 1, 200
+    a = study_args(p, argv, quick_epochs="2")
     datasets = a.datasets.split(",")
     epochs = epochs_of(a.epochs, datasets)
 
