@@ -231,6 +231,7 @@ class Bench:
         from ich.models import create_model, random_init_fingerprint
         from ich.checkpoint import state_dict_to_cpu
         from soups import registry
+        from soups.signing import own_key
         from soups.tracking_server import start_server
         from sweeps.trainable import Init, SweepContext, train_trial
         import torch
@@ -253,8 +254,12 @@ class Bench:
                 exp = registry.get_or_create_experiment(client, "gpu-bench")
                 parent = client.create_run(exp, run_name="gpu-bench",
                                            tags={"ich.kind": "sweep", "ich.sweep": "gpu-bench"})
+                # The bench's own key, in its temp folder: the trials sign their checkpoints as a sweep's do
+                # (docs/design.md#14), whatever ICH_HOME is (unset: ./.ich, which a trial resolves in its own cwd).
+                key = Path(tmp) / "keys" / "signing_key"
+                own_key(key)
                 ctx = SweepContext(sweep="gpu-bench", experiment_id=exp, parent_run_id=parent.info.run_id,
-                                   tracking_uri=server.uri, train=dataclasses.asdict(cfg))
+                                   tracking_uri=server.uri, train=dataclasses.asdict(cfg), signing_key=str(key))
                 trainable = tune.with_resources(
                     tune.with_parameters(train_trial, dataset=data, inits=inits, ctx=ctx), per_trial)
                 tuner = tune.Tuner(trainable, param_space={"seed": tune.grid_search([1, 2])},

@@ -48,8 +48,11 @@ def sweep_epoch_times(data, cfg, uri: str, home: Path) -> list[float]:
     start = Trainer(cfg, data)  # the shared seeded random init every trial would get
     inits = {cfg.model: Init(start.weights(), start.init_fingerprint, "random")}
     from dataclasses import asdict
+    from soups.signing import own_key
+    key = home / "keys" / "signing_key"  # the bench's own key: trials sign their checkpoints as a sweep's do
+    own_key(key)
     ctx = SweepContext(sweep="bench-sweep", experiment_id=exp, parent_run_id=parent.info.run_id, tracking_uri=uri,
-                       train=asdict(cfg))
+                       train=asdict(cfg), signing_key=str(key))
     trainable = tune.with_resources(tune.with_parameters(train_trial, dataset=data, inits=inits, ctx=ctx), {"cpu": 1})
     tuner = tune.Tuner(trainable, param_space={}, tune_config=tune.TuneConfig(num_samples=1),
                        run_config=tune.RunConfig(name="bench", storage_path=str(home / "ray"), verbose=0))
