@@ -164,8 +164,17 @@ def record_start(client: MlflowClient, run_id: str, epoch: int) -> int:
     return starts
 
 
+# The last trial's objects on this worker, freed when the next trial starts here or by the process's own exit.
+# When Tune stops a trial, tune.report raises SystemExit in the trial's thread and Tune ends the actor without
+# waiting for that thread (FunctionTrainable.cleanup: timeout=0); a tensor freed by that thread while the
+# interpreter finalizes aborts the worker (SIGABRT in torch's dealloc retaking the GIL: a CI run's demo sweep
+# printed its stack). Kept alive here, the trial's tensors are never freed by that thread.
+_LAST_TRIAL: dict = {}
+
+
 def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ctx: SweepContext) -> None:
     """The Tune function trainable."""
+    _LAST_TRIAL.clear()  # the previous trial's tensors, freed here in an ordinary thread
     quiet_sigterm_exit()
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
@@ -250,6 +259,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         report_pending(True)
         registry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
     finally:
+        _LAST_TRIAL.update(locals())  # first: whatever ends this trial, its tensors outlive this thread (above)
         if monitor is not None:  # its last samples flushed while the run is still there to take them
             monitor.finish()
         if pending is not None:  # a failing trial still lets its last upload finish (it may be reported on retry)
