@@ -197,9 +197,9 @@ def model_stock_ratio(mean_cos: float, n: int) -> float:
 
 class ModelStockSum:
     """Model Stock (Jang et al. 2024) over a stream of state dicts, memory flat in N: per floating tensor a float64
-    sum of the weights (a RunningSum: uniform's own) and a sum of the unit deltas u_i = d_i/|d_i| (in the weights'
-    precision),
-    d_i = w_i - w_init, from which the mean pairwise cosine needs no pair: sum_{i<j} cos_ij = (|sum u_i|^2 - M)/2,
+    sum of the weights (a RunningSum: uniform's own) and a sum, in the weights' precision, of the unit deltas
+    u_i = d_i/|d_i|, d_i = w_i - w_init, from which the mean pairwise cosine needs no pair: sum_{i<j} cos_ij =
+    (|sum u_i|^2 - M)/2,
     M the number of nonzero deltas. result(): per tensor w = w_init + t·(mean w - w_init), i.e.
     t·w_avg + (1-t)·w_init with t = model_stock_ratio(c, N).
 
