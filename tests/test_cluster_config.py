@@ -18,6 +18,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from bench.auth_cache import write_head_auth_ini
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 INVALID = (jsonschema.ValidationError, ValueError, RuntimeError)
@@ -313,3 +315,35 @@ def test_workers_get_a_non_admin_mlflow_user():
     assert "create_user(name, password)" in start and "update_user_admin(name, False)" in start
     assert "default_permission = EDIT" in start  # runs and models: write, no delete, no user management
     assert "--num-cpus=0" in next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
+
+
+# -- the head's basic-auth config, as MLflow reads it --------------------------------------------------------
+# bench/auth_cache.write_head_auth_ini runs the head's own printf line (cluster.yaml) with HOME in a temp folder.
+
+
+@pytest.mark.parametrize(("extra_env", "ttl"), [({}, 60), ({"ICH_MLFLOW_AUTH_CACHE_S": "0"}, 0),
+                                                ({"ICH_MLFLOW_AUTH_CACHE_S": "300"}, 300)])
+def test_head_server_remembers_checked_passwords(tmp_path, monkeypatch, extra_env, ttl):
+    """The head's basic-auth config, read by MLflow's own reader: checked passwords are cached for 60 s by default
+    (each REST call otherwise pays a scrypt check on the head: bench/auth_cache.py), ICH_MLFLOW_AUTH_CACHE_S
+    changes it, 0 turns it off; the rest of the config is what the server needs."""
+    from mlflow.server.auth.config import read_auth_config
+
+    ini = write_head_auth_ini(tmp_path, extra_env)
+    assert ini.stat().st_mode & 0o077 == 0  # umask 077: the owner's only
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(ini))
+    config = read_auth_config()
+    assert config.auth_cache_ttl_seconds == ttl
+    assert config.admin_username == "admin" and config.default_permission == "EDIT"
+    assert config.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert config.database_uri == f"sqlite:///{tmp_path}/ich-mlflow/basic_auth.db"
+
+
+def test_auth_cache_control_mlflow_caches_nothing_without_the_line(tmp_path, monkeypatch):
+    """Control: MLflow's default is no cache (0), so the setting above is what turns it on."""
+    from mlflow.server.auth.config import read_auth_config
+
+    ini = write_head_auth_ini(tmp_path, {})
+    ini.write_text("".join(line for line in ini.read_text().splitlines(True) if not line.startswith("auth_cache")))
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(ini))
+    assert read_auth_config().auth_cache_ttl_seconds == 0
