@@ -123,28 +123,33 @@ def test_trials_are_children_with_statuses(tiny_sweep, mlflow_client):
 
 
 def test_retry_after_failure_keeps_exactly_once(ray_local, mlflow_client, digits_dataset, ich_home, monkeypatch):
-    """Each trial fails twice, on purpose, at two points (test hooks in the trainable, not timing):
+    """Each trial fails three times, on purpose, at three points (test hooks in the trainable, not timing):
     1. when epoch 2 starts, right after epoch 1 was reported to Tune: the retry must resume from epoch 1;
     2. when epoch 2's checkpoint is READY in MLflow but not yet reported to Tune: the retry resumes from epoch 1
-       again, trains epoch 2 again, and must keep the one record of epoch 2 already in MLflow."""
+       again, trains epoch 2 again, and must keep the one record of epoch 2 already in MLflow;
+    3. the trial's process SIGKILLs itself mid-way through epoch 3, right after epoch 2 was reported: the retry
+       runs in another process and resumes from epoch 2 (one sweep for the three claims)."""
     from sweeps.job import run_sweep
-    monkeypatch.setenv("ICH_FAULTS", "epoch_start:2,before_report:2")
+    monkeypatch.setenv("ICH_FAULTS", "epoch_start:2,before_report:2,mid_epoch:3:kill")
     config = write_sweep_config(ich_home, "retry-sweep", **{"num_samples: 4": "num_samples: 2",
-                                                             "grace_period: 1": "grace_period: 3"})
+                                                             "grace_period: 1": "grace_period: 3",
+                                                             "max_failures: 2": "max_failures: 3"})
     summary = run_sweep(sweep_args(config, digits_dataset), ich_home)
     exp = summary["experiment_id"]
     assert all(t["status"] == "FINISHED" and t["epochs"] == 3 for t in summary["trials"]), summary["trials"]
     faults = ich_home / "faults" / "retry-sweep"
     fired = {p.name for p in faults.iterdir()}
     trials = {t["trial"] for t in summary["trials"]}
-    assert fired == {f"{point}-{t}" for point in ("epoch_start", "before_report") for t in trials}, fired
+    assert fired == {f"{point}-{t}" for point in ("epoch_start", "before_report", "mid_epoch") for t in trials}, fired
     assert_exactly_once(mlflow_client, exp, "retry-sweep", {t: 3 for t in trials})
     ids = ready_ids(mlflow_client, exp, "retry-sweep")
     for run in _trial_runs(mlflow_client, exp, "retry-sweep"):
         trial = run.data.tags["ich.trial"]
-        # Where each start began: fresh, then twice from the epoch-1 checkpoint (a retry that ignored its
-        # checkpoint and retrained from the init would log 0 here, whatever the records say).
-        assert starts(mlflow_client, run.info.run_id) == [0, 1, 1], trial
+        # Where each start began: fresh, twice from the epoch-1 checkpoint, then after the kill from epoch 2's (a
+        # retry that ignored its checkpoint and retrained from the init would log 0 here, whatever the records say).
+        assert starts(mlflow_client, run.info.run_id) == [0, 1, 1, 2], trial
+        killed = json.loads((faults / f"mid_epoch-{trial}").read_text())
+        assert int(run.data.tags["ich.pid"]) != killed["pid"]  # after the kill it really ran again, in another process
         # The epoch-2 record READY when the second fault fired is still the one (the replay found it).
         ready_at_fault = json.loads((faults / f"before_report-{trial}").read_text())["model_id"]
         assert ids[(trial, 2)] == ready_at_fault, (trial, ids[(trial, 2)], ready_at_fault)
