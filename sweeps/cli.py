@@ -321,7 +321,7 @@ def cmd_soup(a) -> None:
 
 
 def cmd_report(a) -> None:
-    from soups.report import cmd_report as run_cmd_report
+    from soups.report.cli import cmd_report as run_cmd_report
     run_cmd_report(a)
 
 

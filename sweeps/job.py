@@ -293,7 +293,7 @@ def soups_and_report(cfg, args: argparse.Namespace, home: Path, sweep: str, trac
         from sweeps.soup_callback import compare_with_posthoc
         compare_with_posthoc(tracking_uri, parent_run_id, soups)
     if not args.no_report:  # --report is accepted, a no-op
-        from soups.report import build_report
+        from soups.report.build import build_report
         from sweeps.study import optuna_storage_url
         out = home / "reports" / cfg.experiment
         report = build_report(cfg.experiment, str(out), tracking_uri=tracking_uri, data=cfg.data,

@@ -185,7 +185,7 @@ def test_a_registered_metric_is_in_every_soups_figures_run_and_logged_model(swee
 
 @pytest.mark.integration
 def test_a_registered_metric_is_a_column_of_the_report(sweep, mlflow_server, tmp_path):
-    from soups.report import build_report
+    from soups.report.build import build_report
 
     out = tmp_path / "report"
     summary = build_report(EXPERIMENT, str(out), tracking_uri=mlflow_server, n_resamples=100)

@@ -156,7 +156,7 @@ def test_the_toy_recipe_is_cooked_into_the_soup_table_and_mlflow(toy_soups):
 
 @pytest.mark.integration
 def test_the_toy_recipe_has_its_rows_in_the_report_and_the_forest_plot(toy_soups, mlflow_server, tmp_path):
-    from soups.report import build_report
+    from soups.report.build import build_report
     report = toy_soups["report"]
     rows = {r["key"]: r for r in report["table"]}
     arch = report["blocks"][0]["architecture"]

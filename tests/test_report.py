@@ -54,7 +54,8 @@ def test_baseline_configs_load_and_their_seeds_give_every_family_a_trial():
 def test_selection_rows_and_tables_without_mlflow(tmp_path):
     from soups.plots import plot_bias_variance, plot_champion, plot_mds
     from soups.registry import CheckpointRecord
-    from soups.report import Candidate, _best, md_table, table_lines, table_row
+    from soups.report.sections import md_table, table_lines, table_row
+    from soups.report.snapshot import Candidate, _best
 
     def cand(trial, epoch, score):
         return Candidate(CheckpointRecord(f"m-{trial}{epoch}", "r", "1", "n", "s", trial, epoch, "sha", "d", "i",
@@ -223,7 +224,7 @@ def report_setup(tiny_sweep, ray_local, mlflow_server, digits_dataset, ich_home,
 @pytest.mark.integration
 def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_server, digits_data, tmp_path):
     from ich.models import family
-    from soups.report import build_report
+    from soups.report.build import build_report
 
     out = tmp_path / "report"
     summary = build_report(EXPERIMENT, str(out), tracking_uri=mlflow_server, n_resamples=200,
@@ -303,7 +304,7 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     assert run.data.tags["mlflow.parentRunId"] == report_setup["sweep_run_id"]
     assert run.info.experiment_id == report_setup["experiment_id"]
     from soups import provenance  # the report run carries the code and packages that made it, as every run does
-    assert run.data.tags["mlflow.source.name"] == "soups/report.py"
+    assert run.data.tags["mlflow.source.name"] == "soups/report/build.py"
     assert run.data.tags["ich.source.hash"] == provenance.source_hash(ROOT)  # the code on disk, hashed now
     assert json.loads(run.data.tags["ich.env"]) == provenance.package_versions()
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
@@ -407,7 +408,10 @@ def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_cli
     import argparse
 
     from soups import registry
-    from soups.report import ReportError, add_report_args, build_report, cmd_report
+    from soups.options import add_report_args
+    from soups.report.build import build_report
+    from soups.report.cli import cmd_report
+    from soups.report.snapshot import ReportError
 
     with pytest.raises(ReportError, match="'no-such-report'.*not found"):
         build_report("no-such-report", tracking_uri=mlflow_server)

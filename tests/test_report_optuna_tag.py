@@ -49,7 +49,7 @@ def tagged(mlflow_client, mlflow_server, tmp_path, monkeypatch):
     """An experiment with one sweep run and one checkpoint; returns (set the tag, read the snapshot)."""
     from mlflow.entities import LoggedModelStatus
 
-    from soups.report_snapshot import read_snapshot
+    from soups.report.snapshot import read_snapshot
     from soups.tags import (KIND_CHECKPOINT, TAG_ARCHITECTURE, TAG_EPOCH, TAG_KIND, TAG_OPTUNA_STORAGE, TAG_SHA256,
                             TAG_SWEEP, TAG_TRIAL)
     monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
@@ -158,7 +158,8 @@ def test_the_study_given_or_in_the_own_store_is_read(tagged, tmp_path):
 
 def test_the_report_shows_the_tag_as_text(tagged, tmp_path, snapshot_and_preds):  # noqa: F811
     """The refused tag reaches the report's Notes, as text."""
-    from soups.report import compute_report, render_markdown
+    from soups.report.build import compute_report
+    from soups.report.render import render_markdown
 
     tag = f"sqlite+pysqlite:///{tmp_path}/planted.db"
     notes = tagged(tag).notes

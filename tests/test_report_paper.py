@@ -16,7 +16,7 @@ ARCH2 = "coatnet_2_rw_224"  # only records and logits here: nothing builds the n
 
 
 def _report(snap, preds, out):
-    from soups.report import compute_report
+    from soups.report.build import compute_report
     out.mkdir()
     return compute_report(snap, preds, out, split="test", n_resamples=100).summary
 

@@ -42,7 +42,8 @@ def _study_trials():
 
 @pytest.fixture
 def snapshot_and_preds(tmp_path):
-    from soups.report import ChampionRef, OptunaRecord, Predictions, Snapshot, TrialRun
+    from soups.report.predictions import Predictions
+    from soups.report.snapshot import ChampionRef, OptunaRecord, Snapshot, TrialRun
 
     rng = np.random.default_rng(0)
     y = {"val": rng.integers(0, K, N_VAL), "test": rng.integers(0, K, N_TEST)}
@@ -88,7 +89,9 @@ def snapshot_and_preds(tmp_path):
 
 
 def test_report_from_a_hand_built_snapshot(snapshot_and_preds, tmp_path):
-    from soups.report import compute_report, table_lines, write_pages
+    from soups.report.build import compute_report
+    from soups.report.render import write_pages
+    from soups.report.sections import table_lines
 
     snap, preds = snapshot_and_preds
     out = tmp_path / "report"
@@ -171,7 +174,7 @@ def test_best_single_is_chosen_on_val_not_test(snapshot_and_preds, tmp_path):
     """A planted checkpoint, worst CoAtNet on val and best on test (in its record and its logits), is not the
     best single; the best on val (m-1-3, made worst on test) is. Control: the records' val and test figures
     swapped, the plant is picked, so the planted case tells a val selection from a test one."""
-    from soups.report import compute_report
+    from soups.report.build import compute_report
 
     snap, preds = snapshot_and_preds
     y_test = preds.dataset.splits["test"].labels
@@ -201,7 +204,8 @@ def test_best_single_is_chosen_on_val_not_test(snapshot_and_preds, tmp_path):
 
 def test_without_a_study_or_curves_the_report_says_so(snapshot_and_preds, tmp_path):
     """No Optuna storage and no trial runs: notes, not failures; the rest of the report is unchanged."""
-    from soups.report import _read_optuna, compute_report
+    from soups.report.build import compute_report
+    from soups.report.snapshot import _read_optuna
 
     snap, preds = snapshot_and_preds
     notes = []

@@ -157,7 +157,7 @@ def test_recipe_all_makes_one_soup_per_recipe_and_family_all_in_the_report(first
     and its parameters; the report built from MLflow has a soup row, a soft-vote row and a forest row for every
     recipe; the champion is the val-best of them all."""
     from soups import recipes
-    from soups.report import build_report
+    from soups.report.build import build_report
     summary, _ = first_run
     names = recipes.names()
     assert {"uniform", "greedy", "model_stock", "wise_ft", "learned"} <= set(names)

@@ -6,8 +6,8 @@ runs the same call with val and test swapped: then the plant IS picked, so the p
 selection from a test one. Selection points: the greedy soup's ingredient order (pull.usable_records +
 pulled_best_first), BN 'auto' (SoupBuilder.finish), the soup registered as candidate champion
 (champion.best_soup) and the champion rule (decide_champion), the report's best single and fallback champion
-(report.select, report._champion), and the sweep's ASHA/Optuna metric (sweeps/config.validate). The report's
-full path (compute_report) is in tests/test_report_snapshot.py::test_best_single_is_chosen_on_val_not_test.
+(report.selection.select, report.selection._champion), and the sweep's ASHA/Optuna metric (sweeps/config.validate).
+The report's full path (compute_report) is in tests/test_report_snapshot.py::test_best_single_is_chosen_on_val_not_test.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_champion_rule_compares_val():
 # ---------------------------------------------------------------------------------------------- report
 
 def report_selection(swapped: bool):
-    from soups.report import _champion, _usable, select
+    from soups.report.selection import _champion, _usable, select
     notes: list[str] = []
     checkpoints = _usable(records(swapped), "checkpoint", "val_accuracy", FP, notes)
     soups = _usable([record(f"soup-{k}", v, t, tags={"ich.scope": "across", "ich.recipe": "greedy"})

@@ -188,7 +188,9 @@ def test_the_options_and_the_registry():
 def test_the_report_draws_the_curve_of_the_focus_blocks_soup(tmp_path):
     """A hand-built snapshot (test_report_snapshot's kind): the wise_ft soup's curve drawn with its chosen α."""
     from soups.registry import CheckpointRecord
-    from soups.report import Predictions, Snapshot, compute_report
+    from soups.report.build import compute_report
+    from soups.report.predictions import Predictions
+    from soups.report.snapshot import Snapshot
 
     k, rng = 3, np.random.default_rng(0)
     y = {s: rng.integers(0, k, 60) for s in ("val", "test")}
@@ -244,7 +246,7 @@ def wise_soups(tiny_sweep, mlflow_server):
 def test_ich_soup_logs_a_wise_ft_soup_per_family_with_its_curve(wise_soups, tiny_sweep, mlflow_server, mlflow_client,
                                                                  tmp_path):
     from soups import registry
-    from soups.report_snapshot import read_snapshot
+    from soups.report.snapshot import read_snapshot
     soups = wise_soups["soups"]
     records = registry.search_checkpoints(mlflow_client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
     trials: dict[str, list] = {}

@@ -16,8 +16,8 @@ back toward the shared init, w(α) = (1-α)·w_init + α·w_ft (soups/average.wi
   at every α for the report only: choose_alpha is never handed a test figure.
 
 The whole curve (every registered metric, val and test) is logged on the soup's run as alpha_<split>_<metric> at
-step round(100·α) (soups/soup_record.py) and drawn in the report (soups/report.py, `<recipe>_curve.png`); the soup
-carries its parameters as tags ich.wise_ft.{alpha, head, from, from_model, alphas}.
+step round(100·α) (soups/soup_record.py) and drawn in the report (soups/report/sections.py, `<recipe>_curve.png`); the
+soup carries its parameters as tags ich.wise_ft.{alpha, head, from, from_model, alphas}.
 
 Memory: the init, the fine-tuned side and one interpolated model at a time, whatever the grid.
 """

@@ -1,8 +1,7 @@
-"""The report's read (phase 1 of soups/report.py): every MLflow and Optuna read, once, into a `Snapshot`.
+"""The report's read (phase 1 of soups/report/build.py): every MLflow and Optuna read, once, into a `Snapshot`.
 
-Files: soups/report_snapshot.py reads (Snapshot and its parts, read_snapshot, ReportError, Candidate);
-soups/report.py computes, renders and writes (compute_report, sections, renderers, build_report, `ich report`)
-and re-exports the names here, so `from soups.report import Snapshot, read_snapshot, ...` keeps working.
+Files: this one reads (Snapshot and its parts, read_snapshot, ReportError, Candidate); the other modules of
+soups/report/ compute, render and write (compute_report, sections, renderers, build_report, `ich report`).
 """
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ from soups.champion import ALIAS, current_champion, registered_model_name
 from soups.pool import best_first
 from soups.pull import find_experiment
 from soups.options import SoupError
-from soups.tags import (GC_DELETED, TAG_CURVE, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,  # noqa: F401
-                        TAG_SCOPE, TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS, recipe_param_tag)  # report.py imports the two storage tags from here
+from soups.tags import (GC_DELETED, TAG_CURVE, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,
+                        TAG_SCOPE, TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS, recipe_param_tag)
 
 TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
 RUNS_PAGE = 5000
