@@ -372,11 +372,15 @@ def test_run_now_needs_a_written_schedule(sched_home, capsys):
 
 
 @pytest.mark.integration
-def test_scheduled_sweep_with_a_failed_trial_exits_3_and_logs_why(ray_local, mlflow_server, digits_dataset,
-                                                                 tmp_path):
+def test_scheduled_sweep_with_a_failed_trial_exits_3_and_logs_why(ray_local, mlflow_server, mlflow_client,
+                                                                 digits_dataset, tmp_path):
     """The issue's acceptance test: a scheduled sweep with a planted failing trial (the trainer's test hook:
     exactly one trial fails at every attempt), run now through `ich schedule --run-now` as a user would; the
-    job's log holds the sweep's summary line and the exit status, and the status reaches the caller."""
+    job's log holds the sweep's summary line and the exit status, and the status reaches the caller. The same
+    sweep shows what a failing sweep still builds (tests/test_exit_status.py: its decision, line and control):
+    the failed trial's run FAILED, the other's FINISHED, soups of the good trial only, and the sweep run's
+    ich.failed_trials tag. (The log does hold the planted fault's own traceback, from Ray: that it holds no other is
+    tests/test_quiet_logs.py's claim.)"""
     import ray
     home = tmp_path / "home"
     config = write_sweep_config(tmp_path, "sched-fail", **{
@@ -399,3 +403,16 @@ def test_scheduled_sweep_with_a_failed_trial_exits_3_and_logs_why(ray_local, mlf
     assert lines[0].endswith("; soups and report built from the 1 others; exit 3 (--allow-failed-trials 1 to accept)")
     assert log.rstrip().endswith("sweep sched-fail: done (exit 3)"), log[-2000:]
     assert lines[0] in out.stdout and "sweep sched-fail: exit 3" in out.stdout  # --run-now shows how it ended
+    assert f"{failed} (RuntimeError: injected fault: trial {failed} fails at mid_epoch of epoch 1" in lines[0]
+    # What could be built was built: soups of the good trial, and only of it.
+    exp = mlflow_client.get_experiment_by_name("sched-fail").experiment_id
+    trials = mlflow_client.search_runs([exp], "tags.`ich.kind` = 'trial' AND tags.`ich.sweep` = 'sched-fail'")
+    statuses = {r.data.tags["ich.trial"]: r.info.status for r in trials}
+    assert statuses[failed] == "FAILED" and list(statuses.values()).count("FINISHED") == 1, statuses
+    good = next(trial for trial, status in statuses.items() if status == "FINISHED")
+    soups = mlflow_client.search_runs([exp], "tags.`ich.kind` = 'soup' AND tags.`ich.sweep` = 'sched-fail'")
+    assert soups, "no soup was built from the good trial"
+    assert all(failed not in s.data.tags.get("ich.trial", "") for s in soups), [s.data.tags for s in soups]
+    assert any(s.data.tags.get("ich.trial") == good for s in soups), [s.data.tags for s in soups]
+    sweep_run = mlflow_client.search_runs([exp], "tags.`ich.kind` = 'sweep'")[0]
+    assert sweep_run.data.tags["ich.failed_trials"] == failed
