@@ -199,15 +199,15 @@ def time_local(folders: list[Path], ns: tuple, repeats: int, greedy_repeats: int
 
 def logits_growth(ns: tuple) -> dict:
     """Bytes per checkpoint of the orchestrator's soft-voting logits at ICH-17 size, and the most held in memory
-    while up to max(ns) checkpoints are added to a LogitStore with the default limit."""
+    while up to max(ns) checkpoints are added to a PredictionStore (temp folder) with the default limit."""
     import numpy as np
 
-    from soups.logit_store import DEFAULT_MAX_BYTES, LogitStore
+    from soups.logit_store import DEFAULT_MAX_BYTES, PredictionStore
     rng = np.random.default_rng(0)
     entry = {"val": rng.normal(size=(ICH17_VAL, ICH17_CLASSES)).astype(np.float32),
              "test": rng.normal(size=(ICH17_TEST, ICH17_CLASSES)).astype(np.float32)}
-    per = LogitStore.nbytes(entry)
-    store = LogitStore()
+    per = PredictionStore.nbytes(entry)
+    store = PredictionStore()
     held = {}
     t0 = time.perf_counter()
     try:

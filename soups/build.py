@@ -24,7 +24,7 @@ from soups import recipes
 from soups.average import RunningSum, prefetch
 from soups.bn import choose_bn_mode
 from soups.evaluate import Evaluator, higher_is_better
-from soups.logit_store import LogitStore
+from soups.logit_store import PredictionStore
 from soups.options import SoupError, SoupOptions
 from soups.pull import Family, Pulled, short_reason
 
@@ -47,8 +47,9 @@ class SoupBuilder:
     dataset: ICHDataset
     pool: object  # has skip(record, reason): soups/pull.CheckpointPool, or a Ray task's collector
     evaluators: dict = field(default_factory=dict)
-    # model_id -> split -> (N, C), kept for soft voting: in memory up to ICH_SOUP_LOGITS_MB (64), then on disk
-    logits: LogitStore = field(default_factory=LogitStore)
+    # model_id -> split -> (N, C): the prediction store (soups/logit_store.py; `ich soup` hands it the dataset's
+    # cache, so the report reads what was computed here); a temp one of its own when not given
+    logits: PredictionStore = field(default_factory=PredictionStore)
 
     def evaluator(self, p: Pulled) -> Evaluator:
         key = p.spec.key()

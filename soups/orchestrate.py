@@ -35,32 +35,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from mlflow import MlflowClient
 
 from ich.data import load_dataset
 from ich.home import ich_home
 from soups.build import Soup, SoupBuilder, cook_family
 from soups.champion import register_best
-from soups.logit_store import prediction_cache
-from soups.options import SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
+from soups.logit_store import PredictionStore, prediction_cache
+from soups.options import SPLITS, SoupError, SoupOptions, add_soup_args  # noqa: F401  (`ich soup`'s public face)
 from soups.pool import label as pool_label
 from soups.pull import CheckpointPool, Family, families, read_sweep, usable_records
 from soups.soup_record import SoupCall, SoupEntry, json_safe, log_soup, pool_text, quiet_run_urls, report_soup
 
 
 def _record_soup(ctx: SoupCall, builder: SoupBuilder, family: Family, recipe: str, soup: Soup, uniform: Soup,
-                 accepted: set[str], tries: dict[str, float], soups: list[SoupEntry],
-                 val_logits: dict[str, np.ndarray]) -> None:
-    """Report one built soup, log it to MLflow and keep its val predictions for the champion decision."""
+                 accepted: set[str], tries: dict[str, float], soups: list[SoupEntry]) -> None:
+    """Report one built soup, log it to MLflow and put its predictions in the store (champion decision, report)."""
     members, ev = family.members, builder.evaluator(family.members[0])
     name = f"{family.name}-{recipe}"
     entry = report_soup(name=name, family=family, recipe=recipe, soup=soup, members=members, ev=ev,
                         builder=builder, uniform=uniform, accepted=accepted, tries=tries)
     log_soup(ctx, entry, soup, members[0])
     soup.state_dict = {}  # on disk and in MLflow now; the next recipe needs the memory
-    ctx.cache_logits(entry.model_id, soup.logits)  # `ich report` reads them instead of running the soup again
-    val_logits[name] = soup.logits["val"]
+    builder.logits[entry.model_id] = soup.logits  # the prediction store: the champion decision and `ich report` read it
     soups.append(entry)
 
 
@@ -111,22 +108,22 @@ def run_soups(opts: SoupOptions) -> dict:
     if usable.collected:
         notes.append(f"{len(usable.collected)} checkpoint(s) kept as records only (weights deleted by ich gc), "
                      "not souped")
-    val_logits: dict[str, np.ndarray] = {}
     champion = None
     tmp = Path(tempfile.mkdtemp(prefix="ich-soups-"))
     pool = CheckpointPool(client, records, tmp / "pulled")
-    ctx = SoupCall(client, opts, snap.experiment_id, snap.sweep, snap.sweep_run_id, dataset, tmp,
-                   logit_cache=prediction_cache(ich_home(), dataset.fingerprint))
+    ctx = SoupCall(client, opts, snap.experiment_id, snap.sweep, snap.sweep_run_id, dataset, tmp)
+    # Every ingredient's and soup's val/test logits, written through to the dataset's cache: a later `ich soup`
+    # or `ich report` reads them instead of running those models again.
+    predictions = PredictionStore(prediction_cache(ich_home(), dataset.fingerprint),
+                                  shapes={s: (len(dataset.splits[s].labels), dataset.num_classes) for s in SPLITS})
     try:
         with quiet_run_urls():
-            builder = SoupBuilder(opts, dataset, pool)
+            builder = SoupBuilder(opts, dataset, pool, logits=predictions)
             for family, cooked in cooked_families(builder, opts, records, pool, uri, notes):
-                _record_soup(ctx, builder, family, *cooked, soups, val_logits)
+                _record_soup(ctx, builder, family, *cooked, soups)
             pool.close()
-            for model_id, logits in builder.logits.items():  # the ingredients evaluated here (not in Ray tasks)
-                ctx.cache_logits(model_id, logits)
             if soups:
-                champion = register_best(ctx, soups, val_logits)
+                champion = register_best(ctx, soups, {e.name: predictions[e.model_id]["val"] for e in soups})
             else:
                 notes.append("no soup could be built")
     finally:

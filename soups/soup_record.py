@@ -28,10 +28,10 @@ from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_CURVE, TAG_GROUP
                         TAG_METRIC, TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags,
                         recipe_param_tag)
 from soups.build import Soup, SoupBuilder
-from soups.logit_store import save_cached_logits, soft_vote_logits
+from soups.logit_store import soft_vote_logits
 from soups.lineage import run_inputs
 from soups.evaluate import Evaluator
-from soups.options import SPLITS, SoupOptions
+from soups.options import SoupOptions
 from soups.pull import Family, Pulled
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 
@@ -216,21 +216,6 @@ class SoupCall:
     sweep_run_id: str | None
     dataset: ICHDataset
     tmp: Path
-    logit_cache: Path | None = None  # the report's prediction cache (soups/logit_store.prediction_cache) or None
-
-    def cache_logits(self, model_id: str | None, logits) -> None:
-        """Leave a model's val/test logits where `ich report` looks first. Best effort: a cache that cannot be
-        written is said once and then skipped; the report computes whatever is missing."""
-        if not model_id or self.logit_cache is None:
-            return
-        try:
-            for split in SPLITS:
-                if split in logits:
-                    save_cached_logits(self.logit_cache, model_id, split, logits[split])
-        except OSError as e:
-            print(f"prediction cache {self.logit_cache} not written ({e}); ich report computes the logits itself",
-                  flush=True)
-            self.logit_cache = None
 
 
 def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:

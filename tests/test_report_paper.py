@@ -42,7 +42,7 @@ def _add_second_architecture(snap, preds, pool_tag: str):
         snap.ingredients[sid] = [f"c2-{e}" for e in members]
     for mid, acc in scores.items():
         for split in ("val", "test"):
-            preds.mem[(mid, split)] = _logits(rng, y[split], acc)
+            preds.put(mid, split, _logits(rng, y[split], acc))
 
 
 def test_one_block_per_coatnet_architecture_in_the_papers_layout(snapshot_and_preds, tmp_path):

@@ -75,7 +75,7 @@ def snapshot_and_preds(tmp_path):
     preds = Predictions(dataset, tmp_path / "cache", tmp_path / "pulled", load=None)
     for mid, acc in accuracy.items():
         for split in ("val", "test"):
-            preds.mem[(mid, split)] = _logits(rng, y[split], acc)
+            preds.put(mid, split, _logits(rng, y[split], acc))
     trials = [TrialRun("a1b2c_00000", "r0", "finished", [(1, 0.63), (2, 0.71), (3, 0.79)]),
               TrialRun("a1b2c_00001", "r1", "finished", [(1, 0.65), (2, 0.73), (3, 0.81)]),
               TrialRun("a1b2c_00002", "r2", "stopped by ASHA", [(1, 0.59)])]
@@ -178,8 +178,8 @@ def test_best_single_is_chosen_on_val_not_test(snapshot_and_preds, tmp_path):
 
     snap, preds = snapshot_and_preds
     y_test = preds.dataset.splits["test"].labels
-    preds.mem[("m-0-1", "test")] = np.eye(K)[y_test] * 5.0  # every test image right
-    preds.mem[("m-1-3", "test")] = np.eye(K)[(y_test + 1) % K] * 5.0  # every test image wrong
+    preds.put("m-0-1", "test", np.eye(K)[y_test] * 5.0)  # every test image right
+    preds.put("m-1-3", "test", np.eye(K)[(y_test + 1) % K] * 5.0)  # every test image wrong
     test_acc = {"m-0-1": 1.0, "m-1-3": 0.0}
     for r in snap.checkpoints:
         acc = test_acc.get(r.model_id, 0.5)

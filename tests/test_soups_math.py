@@ -371,34 +371,65 @@ def test_prefetch_map_keeps_order_bounds_flight_and_raises_in_place():
     assert seen == [i * i for i in range(7)]
 
 
-def test_logit_store_spills_past_its_limit_and_soft_vote_stream_is_bitwise_soft_vote(tmp_path):
+def test_prediction_store_writes_through_keeps_memory_bounded_and_soft_vote_stream_is_bitwise(tmp_path):
     import numpy as np
 
     from soups.analysis import soft_vote
-    from soups.logit_store import LogitStore, soft_vote_stream
+    from soups.logit_store import PredictionStore, cached_logits_path, soft_vote_stream
     rng = np.random.default_rng(0)
     per = {f"m{i}": {"val": rng.normal(size=(67, 17)).astype(np.float32) * 10,
                      "test": rng.normal(size=(74, 17)).astype(np.float32)} for i in range(40)}
-    one = LogitStore.nbytes(per["m0"])
-    store = LogitStore(max_bytes=5 * one, folder=tmp_path / "spill")
+    one = PredictionStore.nbytes(per["m0"])
+    shapes = {"val": (67, 17), "test": (74, 17)}
+    store = PredictionStore(tmp_path / "cache", max_bytes=5 * one, shapes=shapes)
     for k, v in per.items():
         store[k] = v
     assert len(store) == 40 and "m0" in store and "m39" in store and "nope" not in store
     assert store.peak_bytes_in_memory == store.bytes_in_memory == 5 * one  # never above the limit
-    assert store.bytes_on_disk == 35 * one and len(list((tmp_path / "spill").glob("*.npy"))) == 70
-    for k in ("m0", "m17", "m39"):  # spilled and in memory alike come back exactly
+    # written through: every model's file, whether or not it is still in memory
+    assert store.bytes_on_disk == 40 * one and len(list((tmp_path / "cache").glob("*.npy"))) == 80
+    for k in ("m0", "m17", "m39"):  # dropped from memory and in memory alike come back exactly
         assert all(np.array_equal(store[k][s], per[k][s]) for s in ("val", "test"))
     del store["m0"]
-    assert "m0" not in store and store.bytes_on_disk == 34 * one
+    assert "m0" not in store and store.bytes_on_disk == 39 * one
     for split in ("val", "test"):
         arrays = [per[k][split] for k in per]
         assert np.array_equal(soft_vote_stream(store[k][split] for k in per if k in store),
                               soft_vote([per[k][split] for k in per if k != "m0"]))
         assert np.array_equal(soft_vote_stream(iter(arrays)), soft_vote(arrays))
     store.close()
-    owned = LogitStore(max_bytes=0)
+    assert (tmp_path / "cache").is_dir()  # the cache is not the store's to remove
+
+    # A later store over the same folder (the next `ich soup`, or `ich report`) finds what was written...
+    later = PredictionStore(tmp_path / "cache", shapes=shapes)
+    assert "m5" in later and np.array_equal(later["m5"]["test"], per["m5"]["test"]) and len(later) == 0
+    # ... but not a file of another dataset build (shape) or a torn/non-finite one: that model is run again.
+    np.save(cached_logits_path(tmp_path / "cache", "m6", "val"), np.zeros((60, 17), np.float32))
+    bad = per["m7"]["test"].copy()
+    bad[0, 0] = np.nan
+    np.save(cached_logits_path(tmp_path / "cache", "m7", "test"), bad)
+    assert "m6" not in later and "m7" not in later and "m8" in later
+    assert "m6" in PredictionStore(tmp_path / "cache")  # control: without the shapes the 60-row file would pass
+
+    owned = PredictionStore(max_bytes=0)  # no folder: a temp one of its own, removed by close()
     owned["a"] = per["m1"]
-    folder = owned._folder
+    folder = owned.folder
     assert folder.is_dir() and np.array_equal(owned["a"]["val"], per["m1"]["val"])
     owned.close()
     assert not folder.exists()
+
+
+def test_prediction_store_falls_back_to_a_temp_folder_when_the_cache_cannot_be_written(tmp_path, capsys):
+    import numpy as np
+
+    from soups.logit_store import PredictionStore
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    store = PredictionStore(blocker / "cache")
+    logits = {"val": np.ones((3, 2), np.float32), "test": np.zeros((4, 2), np.float32)}
+    store["m"] = logits
+    store["n"] = logits
+    out = capsys.readouterr().out
+    assert out.count("not written") == 1 and str(blocker / "cache") in out  # said once
+    assert store.folder != blocker / "cache" and np.array_equal(store["n"]["test"], logits["test"])
+    store.close()

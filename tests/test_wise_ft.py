@@ -211,7 +211,7 @@ def test_the_report_draws_the_curve_of_the_focus_blocks_soup(tmp_path):
     preds = Predictions(dataset, tmp_path / "cache", tmp_path / "pulled", load=None)
     for mid in ("m-1", "m-2", "soup-wise"):
         for split in y:
-            preds.mem[(mid, split)] = np.eye(k)[y[split]] + rng.normal(0, 0.6, (60, k))
+            preds.put(mid, split, np.eye(k)[y[split]] + rng.normal(0, 0.6, (60, k)))
     out = tmp_path / "report"
     out.mkdir()
     report = compute_report(snap, preds, out, n_resamples=100, data="/nowhere")
