@@ -21,6 +21,7 @@ from sweeps.cli import main as ich_main
 from sweeps import schedule
 from sweeps.schedule import JobSpec, ScheduleError
 from tests.fixtures_sweep import write_sweep_config
+from tests.test_quiet_logs import _tracebacks
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = ["$(touch {m})", "`touch {m}`", "a'; touch {m}; '", 'a"; touch {m}; "', "a\ntouch {m}", "a;touch {m}",
@@ -379,15 +380,16 @@ def test_scheduled_sweep_with_a_failed_trial_exits_3_and_logs_why(ray_local, mlf
     job's log holds the sweep's summary line and the exit status, and the status reaches the caller. The same
     sweep shows what a failing sweep still builds (tests/test_exit_status.py: its decision, line and control):
     the failed trial's run FAILED, the other's FINISHED, soups of the good trial only, and the sweep run's
-    ich.failed_trials tag. (The log does hold the planted fault's own traceback, from Ray: that it holds no other is
-    tests/test_quiet_logs.py's claim.)"""
+    ich.failed_trials tag. And quiet logs (tests/test_quiet_logs.py, one sweep for both claims): the log holds the
+    planted fault's traceback from Ray (each attempt's) and no other one."""
     import ray
     home = tmp_path / "home"
     config = write_sweep_config(tmp_path, "sched-fail", **{
         "epochs: 3": "epochs: 2", "grace_period: 1": "grace_period: 2", "max_failures: 2": "max_failures: 1",
         "{epochs: 4,": "{epochs: 1,"})
     env = {**os.environ, "ICH_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server,
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "ICH_FAULTS": "mid_epoch:1:fail"}
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "ICH_FAULTS": "mid_epoch:1:fail",
+           "RAY_DEDUP_LOGS": "0"}  # no repeated traceback hidden behind "[repeated 2x across cluster]"
     ich = str(Path(os.sys.executable).with_name("ich"))
     subprocess.run([ich, "schedule", "--experiment", "sched-fail", "--config", str(config), "--data",
                     str(digits_dataset), "--num-samples", "2"], env=env, check=True, capture_output=True)
@@ -404,6 +406,11 @@ def test_scheduled_sweep_with_a_failed_trial_exits_3_and_logs_why(ray_local, mlf
     assert log.rstrip().endswith("sweep sched-fail: done (exit 3)"), log[-2000:]
     assert lines[0] in out.stdout and "sweep sched-fail: exit 3" in out.stdout  # --run-now shows how it ended
     assert f"{failed} (RuntimeError: injected fault: trial {failed} fails at mid_epoch of epoch 1" in lines[0]
+    found = _tracebacks(log)
+    assert found, "the planted fault printed no traceback"
+    foreign = [tb for tb in found if "injected fault" not in tb]
+    assert not foreign, f"{len(foreign)} of {len(found)} tracebacks are not the planted fault's:\n{foreign[0][:3000]}"
+    assert "resource_tracker" not in log
     # What could be built was built: soups of the good trial, and only of it.
     exp = mlflow_client.get_experiment_by_name("sched-fail").experiment_id
     trials = mlflow_client.search_runs([exp], "tags.`ich.kind` = 'trial' AND tags.`ich.sweep` = 'sched-fail'")
