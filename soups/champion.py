@@ -142,7 +142,7 @@ def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, n
     """Log the best soup (val) as a pyfunc model, register it, and move `champion` only if it wins."""
     import mlflow
 
-    from soups.pyfunc import log_pyfunc
+    from soups.serve.log import log_pyfunc
 
     client, opts, metric = ctx.client, ctx.opts, ctx.opts.metric
     best = best_soup(soups, metric)

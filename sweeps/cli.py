@@ -111,7 +111,7 @@ def cmd_predict(a) -> None:
         logits = _checked_logits(net, pre, images)
         probs = _softmax(logits)
     else:
-        from soups.pyfunc import load_soup_model
+        from soups.serve.verify import load_soup_model
         from soups.tracking_server import ensure_tracking_uri
         if "://" in a.model or a.model.startswith(("models:", "runs:")):
             ensure_tracking_uri(ich_home(), quiet=True)
@@ -139,7 +139,7 @@ def _read_image(path: str) -> bytes:
     import stat
 
     from ich.decode import MAX_FILE_BYTES
-    from soups.pyfunc import check_image_header
+    from soups.serve.inputs import check_image_header
     try:
         st = os.stat(path)
     except OSError as e:
@@ -178,7 +178,7 @@ def _softmax(logits):
 
 def cmd_serve(a) -> None:
     """Verify a soup model, then serve exactly that verified copy as `mlflow models serve --env-manager local` does
-    (MLflow's scoring server under uvicorn), behind soups.serving_app's guard on request bodies.
+    (MLflow's scoring server under uvicorn), behind soups.serve.app's guard on request bodies.
 
     The copy lives in a private temporary folder (removed on exit); the server runs with that folder's parent
     as its working directory, so nothing beside the model is importable from it. SIGTERM/SIGINT stop the server
@@ -189,7 +189,8 @@ def cmd_serve(a) -> None:
     import tempfile
 
     from ich.errors import ConfigError
-    from soups.pyfunc import MAX_BYTES_ENV, MAX_ROWS_ENV, PATH_ROOT_ENV, InputPolicy, fetch_verified
+    from soups.serve.inputs import MAX_BYTES_ENV, MAX_ROWS_ENV, PATH_ROOT_ENV, InputPolicy
+    from soups.serve.verify import fetch_verified
     from soups.tracking_server import ensure_tracking_uri
     env = dict(os.environ)
     if a.path_root is not None:
@@ -218,13 +219,13 @@ def cmd_serve(a) -> None:
         roots = f"path column under {policy.path_root}" if policy.path_root else "path column off"
         print(f"verified {source.label}; serving it on http://{a.host}:{a.port}/invocations ({roots})", flush=True)
         # What `mlflow models serve --env-manager local` runs (uvicorn on MLflow's scoring server, the model folder
-        # in its variable), with soups.serving_app in front: a body MLflow's parser would 500 on is one 400.
+        # in its variable), with soups.serve.app in front: a body MLflow's parser would 500 on is one 400.
         from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
         from mlflow.pyfunc import scoring_server
         env[scoring_server._SERVER_MODEL_PATH] = str(local)
         env[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
         cmd = [sys.executable, "-P", "-m", "uvicorn", "--host", a.host, "--port", str(a.port), "--workers",
-               str(a.workers), "soups.serving_app:app"]  # -P: the private working folder is not on sys.path
+               str(a.workers), "soups.serve.app:app"]  # -P: the private working folder is not on sys.path
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         server = subprocess.Popen(cmd, env=env, cwd=tmp, start_new_session=True, preexec_fn=_die_with_parent())
@@ -243,7 +244,7 @@ def _check_servable(ckpt: Path, label: str) -> None:
     network they fit), so a bad one is refused here in one line naming the model, not in the server's traceback."""
     from ich.checkpoint import CheckpointError, load_checkpoint
     from ich.models import model_for_checkpoint
-    from soups.pyfunc import named_by_model
+    from soups.serve.verify import named_by_model
     try:
         state_dict, meta = load_checkpoint(ckpt)
         model_for_checkpoint(state_dict, meta, ckpt)

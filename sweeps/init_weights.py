@@ -54,7 +54,7 @@ def resolve_init_source(source: str, cache_dir: str | os.PathLike | None = None)
         import mlflow.artifacts
 
         from soups import signing
-        from soups.pyfunc import UntrustedModel, resolve_model
+        from soups.serve.verify import UntrustedModel, resolve_model
         uri = f"models:/{source}" if source.startswith("m-") else source
         label = f"init weights {source}"
         try:

@@ -47,7 +47,7 @@ def test_a_file_location_named_by_the_server_is_never_read_or_deleted(planted, m
     import mlflow.artifacts
 
     from soups import gc, registry
-    from soups.pyfunc import UntrustedModel, resolve_model
+    from soups.serve.verify import UntrustedModel, resolve_model
 
     model_id = planted["model"].model_id
     # control: MLflow itself copies whatever local folder the server names

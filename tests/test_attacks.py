@@ -81,7 +81,7 @@ def plant_code_path(folder: Path, marker: Path) -> None:
 
 
 def plant_code_swap(folder: Path, marker: Path) -> None:
-    code = folder / "served_model.py"
+    code = folder / "model.py"
     code.write_text(evil_code(marker) + code.read_text())
 
 
@@ -96,7 +96,7 @@ def plant_data_redirect(folder: Path, marker: Path) -> None:
 
 def plant_pickle_model(folder: Path, marker: Path) -> None:
     (folder / "python_model.pkl").write_bytes(tripwire_pickle(marker))
-    (folder / "served_model.py").unlink()
+    (folder / "model.py").unlink()
 
     def edit(m):
         flavor = m["flavors"]["python_function"]
@@ -117,12 +117,13 @@ def plant_loader_module(folder: Path, marker: Path) -> None:
 
 
 def plant_code_shadow(folder: Path, marker: Path) -> None:
-    """A bundled code dir that MLflow puts first on sys.path: its soups/pyfunc.py shadows the installed one
-    (served_model.py and the loader are untouched)."""
+    """A bundled code dir that MLflow puts first on sys.path: its soups/serve/inputs.py shadows the installed one
+    (model.py and the loader are untouched)."""
     package = folder / "code" / "soups"
-    package.mkdir(parents=True)
+    (package / "serve").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "pyfunc.py").write_text(evil_code(marker) + "import mlflow.pyfunc\n\n\n"
+    (package / "serve" / "__init__.py").write_text("")
+    (package / "serve" / "inputs.py").write_text(evil_code(marker) + "import mlflow.pyfunc\n\n\n"
                                        "class SoupClassifier(mlflow.pyfunc.PythonModel):\n"
                                        "    def predict(self, context, model_input, params=None):\n"
                                        "        return model_input\n")
@@ -151,8 +152,8 @@ def plant_meta_edit(folder: Path, marker: Path) -> None:
 
 # name -> (plant, what the one-line refusal must say, whether MLflow's own loader would run the payload)
 ATTACKS = {
-    "code-path": (plant_code_path, "MLmodel model_code_path 'evil.py' is not this project's served_model.py", True),
-    "code-swap": (plant_code_swap, "served_model.py differs from the installed soups/served_model.py", True),
+    "code-path": (plant_code_path, "MLmodel model_code_path 'evil.py' is not this project's model.py", True),
+    "code-swap": (plant_code_swap, "model.py differs from the installed soups/serve/model.py", True),
     "data-redirect": (plant_data_redirect, "MLmodel python_function has unexpected key 'data'", True),
     "pickle-model": (plant_pickle_model, "MLmodel python_function has unexpected key 'python_model'", True),
     "hidden-pickle": (plant_hidden_pickle, "tokenizer.json is a pickle", False),
@@ -194,7 +195,7 @@ def legit(mlflow_server, tmp_path_factory):
     import mlflow
     from mlflow import MlflowClient
 
-    from soups.pyfunc import log_pyfunc
+    from soups.serve.log import log_pyfunc
     client = MlflowClient(mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     experiment = client.get_experiment(client.create_experiment("attacks"))
@@ -345,10 +346,11 @@ def test_planted_weights_and_metadata_change_the_answers_when_unverified(legit, 
 
 
 def test_legit_model_has_no_pickle_and_its_code_is_ours(legit):
-    from soups.pyfunc import CODE_FILE, resolve_model, verify_soup_model
+    from soups.serve.model import CODE_FILE
+    from soups.serve.verify import resolve_model, verify_soup_model
     files = sorted(p.relative_to(legit["folder"]).as_posix() for p in legit["folder"].rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith(".pkl")], files
-    assert (legit["folder"] / "served_model.py").read_bytes() == CODE_FILE.read_bytes()
+    assert (legit["folder"] / "model.py").read_bytes() == CODE_FILE.read_bytes()
     flavor = yaml.safe_load((legit["folder"] / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
     source = resolve_model(f"models:/{MODEL}@legit")
@@ -444,7 +446,7 @@ def _peak_growth(fn) -> tuple[float, float, str]:
 def classifier(tmp_path_factory):
     from mlflow.pyfunc import PythonModelContext
 
-    from soups.pyfunc import SoupClassifier
+    from soups.serve.model import SoupClassifier
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("bounded") / "soup")
     model = SoupClassifier()
     model.load_context(PythonModelContext(artifacts={"soup": str(ckpt)}, model_config=None))
@@ -455,7 +457,7 @@ def test_bounded_inputs_each_refused_fast_and_small(classifier, tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from soups.pyfunc import InputPolicy
+    from soups.serve.inputs import InputPolicy
     root = tmp_path / "root"
     root.mkdir()
     os.mkfifo(root / "fifo.png")
@@ -513,12 +515,12 @@ def test_bounded_inputs_each_refused_fast_and_small(classifier, tmp_path):
 
 
 def test_local_model_folder_with_a_symlink_or_fifo_is_refused_without_opening_it(legit, tmp_path):
-    from soups.pyfunc import UntrustedModel, fetch_verified
+    from soups.serve.verify import UntrustedModel, fetch_verified
     linked, fifo = tmp_path / "linked", tmp_path / "fifo"
     for folder in (linked, fifo):
         shutil.copytree(legit["folder"], folder)
-    (linked / "served_model.py").unlink()
-    os.symlink(ROOT / "soups" / "served_model.py", linked / "served_model.py")  # even a link to our own file
+    (linked / "model.py").unlink()
+    os.symlink(ROOT / "soups" / "serve" / "model.py", linked / "model.py")  # even a link to our own file
     os.mkfifo(fifo / "requirements.txt.tmp")
     # Opening a FIFO for reading blocks until a writer comes (control: a thread that opens it is still blocked
     # after 1 s, however loaded the machine). fetch_verified runs in a thread too: it must come back (a 120 s
@@ -545,7 +547,7 @@ def test_local_model_folder_with_a_symlink_or_fifo_is_refused_without_opening_it
         with open(fifo / "requirements.txt.tmp", "rb"):
             pass
     assert not returns(open_fifo, 1.0)  # control
-    for folder, says in ((linked, "served_model.py is a symlink"), (fifo, "requirements.txt.tmp is not a regular file")):
+    for folder, says in ((linked, "model.py is a symlink"), (fifo, "requirements.txt.tmp is not a regular file")):
         errors = []
 
         def verify():

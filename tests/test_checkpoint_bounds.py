@@ -190,7 +190,7 @@ def test_weights_that_do_not_fit_are_one_line_naming_the_checkpoint(good, tmp_pa
 PROBE = r"""
 import contextlib, io, json, sys
 from sweeps.cli import main
-import ich.models, soups.pyfunc  # what predict imports (~600 MB with torch and MLflow): before, not measured
+import ich.models, soups.serve.verify  # what predict imports (~600 MB with torch and MLflow): before, not measured
 def rss_kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):

@@ -24,9 +24,9 @@ PACKAGES = ("ich", "soups", "sweeps")
 NOT_USER_ERRORS = {
     "sweeps.uploader.UploadError": "a checkpoint upload that failed for good inside a trial: Ray records it as "
                                    "the trial's failure (with its traceback), it never reaches an entry point",
-    "soups.pyfunc.RequestRefused": "a served request refused (a row or a per-request cap): the scoring server "
+    "soups.serve.inputs.RequestRefused": "a served request refused (a row or a per-request cap): the scoring server "
                                    "answers it as one 400 line; `ich predict` prints it as the ValueError it is",
-    "soups.pyfunc.RefusedByServer": "RequestRefused as the scoring server needs it (an MlflowException: a 400 "
+    "soups.serve.inputs.RefusedByServer": "RequestRefused as the scoring server needs it (an MlflowException: a 400 "
                                     "without a stack trace); never raised at an entry point",
 }
 # `except ImportError` blocks whose import can genuinely fail (path -> why).
@@ -64,7 +64,7 @@ def exceptions() -> dict[str, type]:
 def test_every_project_exception_is_a_user_error_or_listed(exceptions):
     expected = {"ich.checkpoint.CheckpointError", "ich.ingest.IngestError", "ich.models.ModelError",
                 "ich.preprocess.PreprocessError", "ich.errors.ConfigError", "soups.registry.RegistryError",
-                "soups.gc.GcError", "soups.tracking_server.MlflowServerError", "soups.pyfunc.UntrustedModel",
+                "soups.gc.GcError", "soups.tracking_server.MlflowServerError", "soups.serve.verify.UntrustedModel",
                 "soups.compat.IncompatibleCheckpoint", "sweeps.schedule.ScheduleError"}
     assert expected <= set(exceptions), sorted(expected - set(exceptions))  # the walk sees the modules
     soup = [k for k in exceptions if k.endswith(".SoupError")]

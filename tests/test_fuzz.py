@@ -196,7 +196,7 @@ def mlmodel_cases(mlmodel: dict, rng: random.Random) -> list[tuple[str, bytes]]:
         "flavors": bad + [{"python_function": {}, "sklearn": {}}],
         "flavors.python_function": bad,
         "flavors.python_function.loader_module": bad + ["mlflow.sklearn", "os"],
-        "flavors.python_function.model_code_path": bad + ["/tmp/evil.py", "../served_model.py.bak"],
+        "flavors.python_function.model_code_path": bad + ["/tmp/evil.py", "../model.py.bak"],
         "flavors.python_function.code": ["code", ["code"], 1, {"x": 1}],
         "flavors.python_function.env": bad + [{"conda": "../conda.yaml", "virtualenv": "python_env.yaml"}],
         "flavors.python_function.streamable": [True, None, "false", 0, []],
@@ -256,7 +256,9 @@ def soup(tmp_path_factory) -> dict:
     import mlflow.pyfunc
     import pandas as pd
 
-    from soups.pyfunc import ARTIFACT, CODE_FILE, example_image, pip_requirements, signature, verify_soup_model
+    from soups.serve.log import example_image, pip_requirements
+    from soups.serve.model import ARTIFACT, CODE_FILE, signature
+    from soups.serve.verify import verify_soup_model
     base = tmp_path_factory.mktemp("fuzz")
     ckpt = tiny_checkpoint(base / "src" / "soup")
     model = base / "model"

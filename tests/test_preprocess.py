@@ -368,7 +368,8 @@ def test_single_checkpoint_predict_and_served_logits_equal_the_trainers(parity, 
     import mlflow
 
     from soups import registry
-    from soups.pyfunc import load_soup_model, log_pyfunc
+    from soups.serve.log import log_pyfunc
+    from soups.serve.verify import load_soup_model
     exp = mlflow_client.get_experiment_by_name(EXPERIMENT).experiment_id
     best = max(registry.search_checkpoints(mlflow_client, [exp], sweep=EXPERIMENT),
                key=lambda r: (r.metrics["val_macro_f1"], -r.epoch))
@@ -401,7 +402,7 @@ def test_single_checkpoint_predict_and_served_logits_equal_the_trainers(parity, 
 @pytest.mark.integration
 def test_soup_predict_and_served_logits_equal_the_trainers(parity, mlflow_client, digits_data):
     from soups import registry
-    from soups.pyfunc import load_soup_model
+    from soups.serve.verify import load_soup_model
     champion = parity["soups"]["champion"]
     assert champion and champion["alias_version"] == champion["version"]
     record = registry.get_model_record(mlflow_client, champion["model_id"])
@@ -422,7 +423,7 @@ def test_ich_predict_json_runs_one_forward_pass(parity, monkeypatch, capsys):
     """`ich predict --json` prints classes, probabilities and logits from one decode + forward pass per batch.
     Control: asking the served model for probabilities and then logits (what it did before) counts two."""
     import ich.preprocess
-    from soups.pyfunc import load_soup_model
+    from soups.serve.verify import load_soup_model
     from sweeps.cli import main
     calls, real = [], ich.preprocess.image_logits
 

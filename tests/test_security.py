@@ -9,8 +9,8 @@ Policy for loading things that can run code (enforced by test_no_unsafe_loads_in
   ich/, soups/, sweeps/, bench/.
 - `mlflow.<flavor>.load_model` unpickles a cloudpickled model, or runs the code file a Models-from-Code
   model names. No product code calls it: soups are logged as Models-from-Code with this project's own
-  soups/served_model.py (no pickle at all), `ich predict` verifies the model and builds SoupClassifier
-  itself, and `ich serve` hands MLflow's scoring server only a copy verified by soups.pyfunc.verify_soup_model
+  soups/serve/model.py (no pickle at all), `ich predict` verifies the model and builds SoupClassifier
+  itself, and `ich serve` hands MLflow's scoring server only a copy verified by soups.serve.verify.verify_soup_model
   (MLmodel allowlist, code file identical to the installed one, no pickle, weights' sha256 as recorded).
   The attacks on that path are tests in tests/test_attacks.py.
 - Any other exception must be added to PRODUCT_ALLOWLIST below with its justification and carry the

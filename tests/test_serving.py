@@ -42,7 +42,7 @@ def _digit_pngs(tiny_sweep, n=4) -> list[Path]:
 
 
 def test_ich_serve_answers_images(champion, tiny_sweep, mlflow_server, tmp_path):
-    from soups.pyfunc import fetch_verified
+    from soups.serve.verify import fetch_verified
     from soups.tracking_server import free_port
     port = free_port()
     log = open(tmp_path / "serve.log", "w")

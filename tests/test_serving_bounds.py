@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from soups.pyfunc import InputPolicy, RequestRefused, request_images
+from soups.serve.inputs import InputPolicy, RequestRefused, request_images
 
 
 def _png(w: int, h: int, mode: str = "RGB") -> bytes:

@@ -194,11 +194,11 @@ def home(tmp_path_factory):
 
 
 def _log_soup(client, experiment_id: str, ckpt: Path, key_file: Path | None = None):
-    """A soup pyfunc model as champion.register_best logs it (soups.pyfunc.log_pyfunc), signed by the own key or
+    """A soup pyfunc model as champion.register_best logs it (soups.serve.log.log_pyfunc), signed by the own key or
     by the key in key_file; returns (run_id, model_id)."""
     import mlflow
 
-    from soups.pyfunc import log_pyfunc
+    from soups.serve.log import log_pyfunc
     before = os.environ.get(signing.KEY_ENV)
     if key_file is not None:
         os.environ[signing.KEY_ENV] = str(key_file)
@@ -274,7 +274,8 @@ def _forge(served, folder: Path, tags: dict) -> str:
 def test_issue_attack_reversed_classes_repinned_and_aliased_is_refused(served, home, image_file, mlflow_server,
                                                                        tmp_path):
     from ich.checkpoint import sha256_file
-    from soups.pyfunc import SoupClassifier, resolve_model, verify_soup_model
+    from soups.serve.model import SoupClassifier
+    from soups.serve.verify import resolve_model, verify_soup_model
     client = served["client"]
     # Control first: the owner's champion is served.
     ok = _ich("predict", "--model", f"models:/{MODEL}@champion", "--json", str(image_file), mlflow_server=mlflow_server,
@@ -376,7 +377,7 @@ def test_no_key_says_how_to_make_or_import_one(served, image_file, mlflow_server
 def test_an_include_in_an_env_file_is_refused_signed_or_not(served, tmp_path):
     """Issue 23 item 3: MLflow follows `-r` when it loads a model, so verify_soup_model refuses includes, options
     and URLs in requirements.txt / conda.yaml / python_env.yaml (control: the folder as logged passes)."""
-    from soups.pyfunc import UntrustedModel, verify_soup_model
+    from soups.serve.verify import UntrustedModel, verify_soup_model
     recorded = dict(served["client"].get_logged_model(served["model_id"]).tags)
     verify_soup_model(served["folder"], recorded, "control")
     for name, text in (("requirements.txt", "torch\n-r requirements.txt\n"), ("requirements.txt", "-c /dev/zero\n"),

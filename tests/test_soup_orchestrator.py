@@ -21,7 +21,8 @@ from ich.decode import decode_file
 from ich.models import create_model
 from soups import registry
 from soups.orchestrate import SoupError, SoupOptions, add_soup_args, cmd_soup, run_soups
-from soups.pyfunc import SoupClassifier, decode_image
+from soups.serve.inputs import decode_image
+from soups.serve.model import SoupClassifier
 from tests.imagegen import class_image, save_as
 
 MODEL_NAME = "tiny-sweep-soup-orchestrator-test"  # its own registered model: other tests may soup tiny-sweep too

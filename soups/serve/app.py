@@ -7,7 +7,7 @@ recursion limit (RecursionError) and an integer of over 4,300 digits (ValueError
 /invocations body first and answers those, and bodies over a byte cap, with one 400 in MLflow's error format
 ({"error_code": "BAD_REQUEST", "message": ...}, no stack trace); anything else goes to MLflow's app unchanged.
 
-Run as `uvicorn soups.serving_app:app` with the verified model folder in MLflow's own variable (what `mlflow
+Run as `uvicorn soups.serve.app:app` with the verified model folder in MLflow's own variable (what `mlflow
 models serve --env-manager local` runs, with this module in place of mlflow.pyfunc.scoring_server.app).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 
 from mlflow.pyfunc import scoring_server
 
-from soups.pyfunc import InputPolicy
+from soups.serve.inputs import InputPolicy
 
 MAX_BODY_DEPTH = 32  # a dataframe_split body nests 4 deep
 MAX_DIGITS = 4300  # Python's int-from-text limit: a longer integer is a ValueError inside MLflow's parse

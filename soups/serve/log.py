@@ -1,0 +1,85 @@
+"""Logging a soup as a servable model: `log_pyfunc` logs a checkpoint folder as a Models-from-Code pyfunc model
+(its `python_model` is soups/serve/model.py, its weights the checkpoint folder artifact; nothing in it is a pickle),
+with the sha256 of its weights, metadata and code as tags of the LoggedModel, then signs it as stored
+(`sign_logged`); its environment is pinned from this one (`pip_requirements`).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from soups.serve.model import ARTIFACT, CODE_FILE, signature
+from soups.serve.verify import META_FILE, TAG_WEIGHTS_SHA256, WEIGHTS_FILE, _download_model, _sha256
+from soups.tags import TAG_CODE_SHA256, TAG_META_SHA256
+
+
+def pip_requirements() -> list[str]:
+    """Pinned from this environment: skips MLflow's slow requirement inference (a subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "timm", "safetensors", "pillow", "numpy", "pandas", "pyarrow", "tqdm", "mlflow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def example_image(pixels: np.ndarray) -> str:
+    """A (S, S, 3) uint8 image as base64 PNG: the input example of the REST API."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def recorded_hashes(ckpt_dir: str | Path) -> dict[str, str]:
+    """The tags that pin a soup model's content at logging time: weights, metadata, code."""
+    ckpt_dir = Path(ckpt_dir)
+    return {TAG_WEIGHTS_SHA256: _sha256(ckpt_dir / WEIGHTS_FILE), TAG_META_SHA256: _sha256(ckpt_dir / META_FILE),
+            TAG_CODE_SHA256: _sha256(CODE_FILE)}
+
+
+def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None = None,
+               example_pixels: np.ndarray | None = None):
+    """Log the soup at ckpt_dir as a Models-from-Code pyfunc model of the active run (no pickle; the sha256
+    of its weights, metadata and code as tags of the LoggedModel), signed (sign_logged); returns MLflow's
+    ModelInfo."""
+    example = None if example_pixels is None else pd.DataFrame({"image": [example_image(example_pixels)]})
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=str(CODE_FILE), artifacts={ARTIFACT: str(ckpt_dir)},
+        signature=signature(), input_example=example, pip_requirements=pip_requirements(),
+        tags={**{k: str(v) for k, v in (tags or {}).items()}, **recorded_hashes(ckpt_dir)},
+        model_type="soup-pyfunc", metadata={"classes": _classes(ckpt_dir)})
+    sign_logged(info.model_id)
+    return info
+
+
+def sign_logged(model_id: str) -> dict[str, str]:
+    """Sign a logged soup pyfunc model as it is stored: MLflow writes the folder (MLmodel with the model id, the
+    python_model file, requirements.txt, conda.yaml, python_env.yaml, the input example, the checkpoint) and uploads
+    it inside log_model, so the manifest is taken from one download of exactly what a verifier will download."""
+    from mlflow import MlflowClient
+
+    from soups import registry, signing
+
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="ich-sign-") as tmp:
+        local = _download_model(model_id, Path(tmp) / "model", f"model {model_id}")
+        tags = registry.call_with_retry(f"get model {model_id}", client.get_logged_model, model_id).tags or {}
+        signature_tags = signing.sign(model_id, tags, local)
+    registry.call_with_retry(f"sign model {model_id}", client.set_logged_model_tags, model_id, signature_tags)
+    return signature_tags
+
+
+def _classes(ckpt_dir: str | Path) -> list[str]:
+    from ich.checkpoint import read_meta
+    return list(read_meta(ckpt_dir).class_names)
