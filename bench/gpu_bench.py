@@ -230,8 +230,8 @@ class Bench:
 
         from ich.models import create_model, random_init_fingerprint
         from ich.checkpoint import state_dict_to_cpu
-        from soups import registry
-        from soups.signing import own_key
+        from soups.store import registry
+        from soups.store.signing import own_key
         from soups.tracking_server import start_server
         from sweeps.trainable import Init, SweepContext, train_trial
         import torch

@@ -158,7 +158,7 @@ def _best(entries: list[dict], key) -> dict:
 
 def predictions(client, model_id: str, dataset, tmp: Path) -> tuple[dict[str, np.ndarray], dict]:
     """A soup's or checkpoint's val/test predictions from its weights in MLflow (sha256 verified, no pickle)."""
-    from soups import registry
+    from soups.store import registry
     from soups.evaluate import EvalSpec, Evaluator
 
     record = registry.get_model_record(client, model_id)

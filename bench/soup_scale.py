@@ -63,7 +63,7 @@ QUICK = dict(big_model="coatnet_tiny_ich", big_img=32, big_n=3, tiny_model="coat
 def log_all(client, experiment: str, folders: list[Path], per_trial: int, model: str, threads: int = 4) -> str:
     """Log the checkpoint folders as trials of `per_trial` epochs (4 loggers at once); returns the experiment id."""
     from ich.checkpoint import META, read_meta
-    from soups import registry
+    from soups.store import registry
     eid = registry.get_or_create_experiment(client, experiment)
     runs: dict[str, str] = {}
     for i in range(0, len(folders), per_trial):
@@ -134,7 +134,7 @@ def time_pulled(client, records, tmp: Path, repeats: int, workers: int, depth: i
 
 def time_mlflow_side(client, eid: str, tmp: Path, workers: int, depth: int) -> dict:
     """search_checkpoints of the experiment, then every checkpoint downloaded and verified."""
-    from soups import registry
+    from soups.store import registry
     from soups.average import prefetch_map
     t0 = time.perf_counter()
     records = registry.search_checkpoints(client, [eid])
@@ -241,7 +241,7 @@ def measure(*, quick: bool = False, keep: str | None = None, threads: int | None
 def _measure(p: dict, keep: str | None, threads: int | None) -> dict:
     from mlflow import MlflowClient
 
-    from soups import registry
+    from soups.store import registry
     from soups.average import default_threads
     from soups.tracking_server import free_port, start_server
     out: dict = {"params": p, "accumulation_threads": default_threads()}

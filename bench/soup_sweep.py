@@ -38,7 +38,7 @@ def trajectory_overhead(data, cfg, uri: str) -> dict:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     from ich.train import Trainer
-    from soups import registry
+    from soups.store import registry
     from sweeps.soup_objective import TrajectorySoup
 
     torch.set_num_threads(1)  # a trial with cpus_per_trial=1
@@ -69,7 +69,7 @@ def fake_sweep(data, data_dir, cfg, uri: str, trials: int, per_trial: int, tmp: 
     from mlflow import MlflowClient
     from ich.checkpoint import CheckpointMeta, save_checkpoint
     from ich.train import Trainer
-    from soups import registry
+    from soups.store import registry
 
     client = MlflowClient(uri)
     exp = registry.get_or_create_experiment(client, "bench-parallel")

@@ -38,7 +38,7 @@ def bare_epoch_times(data, cfg) -> list[float]:
 def sweep_epoch_times(data, cfg, uri: str, home: Path) -> list[float]:
     from mlflow import MlflowClient
     from ray import tune
-    from soups import registry
+    from soups.store import registry
     from sweeps.trainable import Init, SweepContext, train_trial
 
     client = MlflowClient(uri)
@@ -48,7 +48,7 @@ def sweep_epoch_times(data, cfg, uri: str, home: Path) -> list[float]:
     start = Trainer(cfg, data)  # the shared seeded random init every trial would get
     inits = {cfg.model: Init(start.weights(), start.init_fingerprint, "random")}
     from dataclasses import asdict
-    from soups.signing import own_key
+    from soups.store.signing import own_key
     key = home / "keys" / "signing_key"  # the bench's own key: trials sign their checkpoints as a sweep's do
     own_key(key)
     ctx = SweepContext(sweep="bench-sweep", experiment_id=exp, parent_run_id=parent.info.run_id, tracking_uri=uri,
@@ -67,7 +67,7 @@ def log_cost(uri: str, data, cfg, n: int = 10) -> float:
     from mlflow import MlflowClient
     from ich.checkpoint import CheckpointMeta, save_checkpoint
     from ich.train import Trainer
-    from soups import registry
+    from soups.store import registry
     client = MlflowClient(uri)
     exp = registry.get_or_create_experiment(client, "bench-log")
     run = client.create_run(exp)

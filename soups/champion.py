@@ -11,23 +11,23 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from soups import registry
+from soups.store import registry, retry
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
 from soups.soup_record import SoupCall, SoupEntry
 from soups.stats import mcnemar_exact
-from soups.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_DECISION, TAG_DECISION_REASON,
-                        TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_PYFUNC_MODEL, TAG_REGISTERED_MODEL,
-                        TAG_REGISTERED_VERSION, TAG_SOUP, TAG_SOUP_MODEL, TAG_SWEEP, TAG_VAL_PREFIX)
+from soups.store.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_DECISION, TAG_DECISION_REASON,
+                              TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_PYFUNC_MODEL, TAG_REGISTERED_MODEL,
+                              TAG_REGISTERED_VERSION, TAG_SOUP, TAG_SOUP_MODEL, TAG_SWEEP, TAG_VAL_PREFIX)
 
 ALIAS = "champion"
 
 
 def soup_card(ctx: SoupCall, best: SoupEntry, metric: str, decision: dict) -> str:
-    """The registered version's model card (soups/lineage.py): figures, ingredients, input, decision, limits."""
+    """The registered version's model card (soups/store/lineage.py): figures, ingredients, input, decision, limits."""
     from ich.checkpoint import read_meta
-    from soups import provenance
-    from soups.lineage import model_card
-    from soups.tags import TAG_SOURCE_HASH, TAG_VERSION
+    from soups.store import provenance
+    from soups.store.lineage import model_card
+    from soups.store.tags import TAG_SOURCE_HASH, TAG_VERSION
     meta = read_meta(best.ckpt)
     code = provenance.run_tags("soups/champion.py")
     return model_card(name=best.name, recipe=best.recipe, scope=best.scope, experiment_id=ctx.experiment_id,
@@ -50,19 +50,19 @@ def current_champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, ALIAS)
     except MlflowException as e:
-        if registry.is_transient(e):
+        if retry.is_transient(e):
             raise
         return None
 
 
 def ensure_registered_model(client: MlflowClient, name: str, experiment: str) -> None:
     try:
-        registry.call_with_retry(f"get registered model {name!r}", client.get_registered_model, name)
+        retry.call_with_retry(f"get registered model {name!r}", client.get_registered_model, name)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            registry.call_with_retry(f"create registered model {name!r}", client.create_registered_model, name,
+            retry.call_with_retry(f"create registered model {name!r}", client.create_registered_model, name,
                                      tags={TAG_EXPERIMENT: experiment})
         except MlflowException as e2:
             if e2.error_code != "RESOURCE_ALREADY_EXISTS":  # created by another call meanwhile
@@ -100,7 +100,7 @@ def decide_champion(ctx: SoupCall, best: SoupEntry, best_val_logits: np.ndarray,
     champ_val = tags.get(f"{TAG_VAL_PREFIX}{metric}")
     champ_logits = None
     if champ_val is None and current.run_id:  # older versions: the run's metric
-        champ_val = registry.call_with_retry("get champion run", ctx.client.get_run, current.run_id).data.metrics.get(
+        champ_val = retry.call_with_retry("get champion run", ctx.client.get_run, current.run_id).data.metrics.get(
             f"val_{metric}")
     if champ_val is None or opts.champion_rule == "significant":
         champ_logits, why = _champion_val_logits(ctx, current)
@@ -166,15 +166,15 @@ def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, n
                     **{f"{TAG_VAL_PREFIX}{k}": repr(v) for k, v in best.val.items()},
                     **{f"{TAG_CHAMPION_PREFIX}{k}": repr(decision[k]) for k in ("champion_val", "p_value")
                        if decision[k] is not None}}
-    version = registry.call_with_retry(
+    version = retry.call_with_retry(
         f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{info.model_id}",
         run_id=best.run_id, tags=version_tags, model_id=info.model_id,
         description=soup_card(ctx, best, metric, decision))
     if decision["moved"]:
-        registry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
+        retry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
     run_tags = {k: v for k, v in version_tags.items() if k.startswith(TAG_CHAMPION_PREFIX)}  # decision, reason, figures
     run_tags.update({TAG_REGISTERED_MODEL: name, TAG_REGISTERED_VERSION: str(version.version)})
-    registry.call_with_retry("tag champion decision", client.log_batch, best.run_id,
+    retry.call_with_retry("tag champion decision", client.log_batch, best.run_id,
                              tags=[RunTag(k, v) for k, v in run_tags.items()])
     alias_version = version.version if decision["moved"] else (current.version if current else None)
     return {"registered_model": name, "version": str(version.version), "soup": best.name,

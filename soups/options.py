@@ -75,9 +75,9 @@ def add_experiment_arg(p: argparse.ArgumentParser, help: str, *, required: bool 
 
 
 def version_line() -> str:
-    """`ich --version`: the installed package and the code hash (and git commit) that soups/provenance.py tags runs
+    """`ich --version`: the installed package and the code hash (and git commit) that soups/store/provenance.py tags runs
     with. Standard library only: no torch, timm, MLflow or Ray."""
-    from soups.provenance import DIST_NAME, code_version
+    from soups.store.provenance import DIST_NAME, code_version
     code = code_version()
     git = f", git {code.commit[:12]}{'-dirty' if code.dirty else ''}" if code.commit else ""
     return f"{DIST_NAME} {code.version} (source {code.source_hash[:12]}{git})"

@@ -37,7 +37,7 @@ def _cook(opts, dataset, family, tracking_uri: str, threads: int, trusted: list[
     import torch
     from mlflow import MlflowClient
 
-    from soups import registry, signing
+    from soups.store import registry, signing
     signing.use_only(trusted)
     from soups.build import SoupBuilder, cook_family
     from soups.worker_exit import quiet_sigterm_exit
@@ -68,7 +68,8 @@ def cook_families(builder, families: Iterable, tracking_uri: str,
     import ray
     import torch
 
-    from soups import recipes, signing
+    from soups import recipes
+    from soups.store import signing
     started = not ray.is_initialized()
     if started:  # no Ray yet (`ich soup` alone): a local one, or the cluster RAY_ADDRESS names
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
@@ -143,7 +144,7 @@ def cook_within(opts, dataset, experiment_id: str, sweep: str, trial: str, track
     import torch
     from mlflow import MlflowClient
 
-    from soups import registry, signing
+    from soups.store import registry, signing
     from soups.build import SoupBuilder, cook_family
     from soups.pull import CheckpointPool, families, usable_records
     from soups.soup_record import pool_entry

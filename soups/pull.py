@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from ich.checkpoint import WEIGHTS, CheckpointError, CheckpointMeta, load_weights
 from soups import pool as ingredient_pool
-from soups import recipes, registry
+from soups import recipes
+from soups.store import registry, retry
 from soups.compat import IncompatibleCheckpoint, check_compatible, group_key
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions
 from soups.pool import Schedule, best_first
-from soups.signing import SignatureError
-from soups.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND,
+from soups.store.signing import SignatureError
+from soups.store.tags import (GC_DELETED, KIND_INIT, KIND_SWEEP, TAG_DATA, TAG_GC, TAG_INIT, TAG_KIND,
                          TAG_SWEEP)
 
 CACHE_MB_ENV = "ICH_SOUP_CACHE_MB"  # verified ingredients kept in memory (MB) so each file is read once
@@ -41,7 +42,7 @@ DEFAULT_CACHE_MB = 256
 
 def find_experiment(client, name: str, uri: str):
     """The live experiment `name` on the server at `uri`; SoupError naming it when missing or deleted."""
-    experiment = registry.call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name)
+    experiment = retry.call_with_retry(f"get experiment {name!r}", client.get_experiment_by_name, name)
     if experiment is None or experiment.lifecycle_stage == "deleted":
         raise SoupError(f"experiment {name!r}: not found on the MLflow server at {uri}")
     return experiment
@@ -224,7 +225,7 @@ class CheckpointPool:
         if not found:
             notes.append(f"{no_soup} for init fingerprint {fingerprint}: this experiment holds no `{KIND_INIT}` "
                          f"LoggedModel of it (sweeps log their init since this version: run the sweep again, or "
-                         f"log it with soups.registry.log_init_model(client, sweep_run, folder), the folder's "
+                         f"log it with soups.store.registry.log_init_model(client, sweep_run, folder), the folder's "
                          f"checkpoint.json with {TAG_INIT}={fingerprint})")
             return None
         try:

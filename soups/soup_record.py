@@ -23,13 +23,13 @@ from mlflow.entities import Metric
 from ich.checkpoint import save_checkpoint
 from ich.data import ICHDataset
 from ich.metrics import metric_names
-from soups import provenance, registry
-from soups.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_CURVE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND,
-                        TAG_METRIC, TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags,
-                        recipe_param_tag)
+from soups.store import provenance, registry, retry
+from soups.store.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_CURVE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND,
+                              TAG_METRIC, TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags,
+                              recipe_param_tag)
 from soups.build import Soup, SoupBuilder
 from soups.logit_store import soft_vote_logits
-from soups.lineage import run_inputs
+from soups.store.lineage import run_inputs
 from soups.evaluate import Evaluator
 from soups.options import SoupOptions
 from soups.pull import Family, Pulled
@@ -236,25 +236,25 @@ def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     ingredient_runs = {i["run_id"] for i in entry.ingredients if i["accepted"]}
     run_tags = {**tags, **provenance.run_tags("soups/orchestrate.py"),
                 **provenance.ingredient_tags(client, ctx.experiment_id, ingredient_runs)}
-    run = registry.call_with_retry("create soup run", client.create_run, ctx.experiment_id, run_name=entry.name,
+    run = retry.call_with_retry("create soup run", client.create_run, ctx.experiment_id, run_name=entry.name,
                                    tags=run_tags)
     run_id = run.info.run_id
     # Lineage: the splits it was evaluated on (and fitted BN on), its accepted ingredients as input models (its
     # LoggedModel's val metrics name their split's dataset: registry._push_model).
     splits = ("val", "test") + (("train",) if entry.bn_mode == "recalibrate" else ())
-    registry.call_with_retry("log soup inputs", client.log_inputs, run_id, **run_inputs(
+    retry.call_with_retry("log soup inputs", client.log_inputs, run_id, **run_inputs(
         ctx.dataset.fingerprint, splits, model_ids=[i["model_id"] for i in entry.ingredients if i["accepted"]],
         classes=ctx.dataset.classes, sizes={k: len(v) for k, v in ctx.dataset.splits.items()}))
     metrics = flat_metrics(entry)
     now = int(time.time() * 1000)
-    registry.call_with_retry("log soup metrics", client.log_batch, run_id,
+    retry.call_with_retry("log soup metrics", client.log_batch, run_id,
                              metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     curve = [Metric(k, v, now, step) for k, v, step in curve_metrics(entry.curve)]
     for i in range(0, len(curve), 1000):  # MLflow takes at most 1000 metrics per batch
-        registry.call_with_retry("log soup curve", client.log_batch, run_id, metrics=curve[i:i + 1000])
+        retry.call_with_retry("log soup curve", client.log_batch, run_id, metrics=curve[i:i + 1000])
     folder = ctx.tmp / "runs" / entry.name
     write_artifacts(folder, entry, opts.metric)
-    registry.call_with_retry("log soup artifacts", client.log_artifacts, run_id, str(folder))
+    retry.call_with_retry("log soup artifacts", client.log_artifacts, run_id, str(folder))
 
     soup_meta = ref.meta.derived(  # the ingredients' identity (compatible by construction)
         epoch=0,
@@ -271,6 +271,6 @@ def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     entry.model_id = registry.log_soup_model(
         client, experiment_id=ctx.experiment_id, run_id=run_id, ckpt_dir=ckpt, name=entry.name, tags=soup_tags,
         metrics={f"val_{k}": entry.val[k] for k in metric_names()})
-    registry.call_with_retry("finish soup run", client.set_terminated, run_id, "FINISHED")
+    retry.call_with_retry("finish soup run", client.set_terminated, run_id, "FINISHED")
     entry.run_id = run_id
     entry.ckpt = str(ckpt)

@@ -273,14 +273,14 @@ def add_trust_key_arg(p) -> None:
 def run_command(args) -> None:
     if not getattr(args, "trust_key", None):
         return args.func(args)
-    from soups.signing import trust
+    from soups.store.signing import trust
     trust(getattr(args, "trust_key", None) or [])  # a bad key is one line, before anything is pulled
     args.func(args)
 
 
 def cmd_key(a) -> None:
-    """`ich key show` / `ich key trust KEY` (soups/signing.py)."""
-    from soups import signing
+    """`ich key show` / `ich key trust KEY` (soups/store/signing.py)."""
+    from soups.store import signing
     if a.key_command == "show":
         path = signing.key_path()
         made = not path.exists()
@@ -327,8 +327,8 @@ def cmd_report(a) -> None:
 
 
 def cmd_gc(a) -> None:
-    """`ich gc`: the sweep config (a sweeps/ file) is read here; soups/gc.py gets its values."""
-    from soups.gc import cmd_gc as run_cmd_gc
+    """`ich gc`: the sweep config (a sweeps/ file) is read here; soups/store/gc.py gets its values."""
+    from soups.store.gc import cmd_gc as run_cmd_gc
     if a.config:
         from sweeps.config import load_config
         cfg = load_config(a.config)
@@ -501,7 +501,7 @@ def _garbled_answers_in_one_line(func):
             parse_error = getattr(sys.modules.get("google.protobuf.json_format"), "ParseError", None)
             if parse_error is None or not isinstance(e, parse_error):
                 raise
-            from soups.registry import RegistryError
+            from soups.store.retry import RegistryError
             mlflow = sys.modules.get("mlflow")
             server = mlflow.get_tracking_uri() if mlflow is not None else "the MLflow server"
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -46,7 +46,7 @@ SoupConfig.__module__ = __name__  # pickled by name (Ray); make_dataclass takes 
 
 @dataclass
 class GcConfig:
-    """What `ich gc` keeps per trial besides soup and champion ingredients (soups/gc.py)."""
+    """What `ich gc` keeps per trial besides soup and champion ingredients (soups/store/gc.py)."""
     keep_top_k: int = 2  # best checkpoints by the sweep's val metric
     keep_last_k: int = 1  # latest epochs
 

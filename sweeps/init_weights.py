@@ -32,8 +32,8 @@ from ich.models import (MLFLOW_URI_PREFIXES, ModelError, create_model, hub_tag, 
 from ich.init_source import hub_preprocess, init_preprocess
 from ich.preprocess import DATASET_DEFAULT, PreprocessError, resolve
 from ich.train import TrainConfig, Trainer
-from soups import registry
-from soups.tags import TAG_SIGNATURE
+from soups.store import registry
+from soups.store.tags import TAG_SIGNATURE
 from sweeps.config import SweepConfig
 from sweeps.trainable import Init
 
@@ -53,7 +53,7 @@ def resolve_init_source(source: str, cache_dir: str | os.PathLike | None = None)
                              "name its path)")
         import mlflow.artifacts
 
-        from soups import signing
+        from soups.store import signing
         from soups.serve.verify import UntrustedModel, resolve_model
         uri = f"models:/{source}" if source.startswith("m-") else source
         label = f"init weights {source}"
@@ -182,7 +182,7 @@ def reuse_warm_start(cfg: SweepConfig, model: str, dataset: ICHDataset, client: 
                                         dataset_fingerprint=dataset.fingerprint, recipe=_recipe_key(tc))
     if not found:
         return None
-    from soups.signing import SignatureError
+    from soups.store.signing import SignatureError
     with tempfile.TemporaryDirectory() as tmp:
         try:
             sd, _ = registry.load_record(client, found[0], tmp)

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from soups.tags import (KIND_SWEEP, KIND_TRIAL, TAG_DATA, TAG_DATASET, TAG_FAILED_TRIALS, TAG_INIT_PREFIX, TAG_KIND,
-                        TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TUNE_PATH)
+from soups.store.tags import (KIND_SWEEP, KIND_TRIAL, TAG_DATA, TAG_DATASET, TAG_FAILED_TRIALS, TAG_INIT_PREFIX, TAG_KIND,
+                              TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TUNE_PATH)
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +98,7 @@ def demo_dataset(home: Path) -> Path:
 def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     """The whole job: config, Ray and the tracking server, the sweep run, inits, Tune, then soups and report."""
     from mlflow import MlflowClient
-    from soups import registry
+    from soups.store import registry, retry
     from soups.tracking_server import initial_tracking_uri
     from sweeps.cluster import check_tracking_reaches_nodes, ray_started_here, start_ray
     from sweeps.init_weights import check_resources
@@ -139,9 +139,9 @@ def run_sweep(args: argparse.Namespace, home: Path) -> dict:
     summary = finish_trials(client, experiment_id, sweep, results, cfg)
     failed = [r for r in summary if r["status"] == "FAILED"]
     if failed:  # on the sweep run too: what the MLflow UI shows of an unattended run
-        registry.call_with_retry("tag failed trials", client.set_tag, parent_run_id, TAG_FAILED_TRIALS,
+        retry.call_with_retry("tag failed trials", client.set_tag, parent_run_id, TAG_FAILED_TRIALS,
                                  " ".join(r["trial"] for r in failed))
-    registry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
+    retry.call_with_retry("finish sweep run", client.set_terminated, parent_run_id, "FINISHED")
     if args.verbose:  # by default the progress callback printed a line per trial as it ended
         print_summary(summary, cfg)
     print(f"sweep {sweep} took {time.time() - t_start:.0f} s; MLflow UI: {tracking_uri}/#/experiments/{experiment_id}",
@@ -190,8 +190,8 @@ def open_sweep_run(client, experiment_id: str, cfg, args: argparse.Namespace, ho
     from mlflow.entities import Param, RunTag
     from ray import tune
     from ich.errors import ConfigError
-    from soups import provenance, registry
-    from soups.lineage import run_inputs
+    from soups.store import provenance, retry
+    from soups.store.lineage import run_inputs
     from sweeps.study import optuna_storage_tag
 
     sweep = cfg.sweep or cfg.experiment
@@ -199,23 +199,23 @@ def open_sweep_run(client, experiment_id: str, cfg, args: argparse.Namespace, ho
         tune_path = resume_run.data.tags[TAG_TUNE_PATH]
         if not tune.Tuner.can_restore(tune_path):
             raise ConfigError(f"--resume: no Ray Tune state at {tune_path}")
-        registry.call_with_retry("mark sweep running", client.update_run, resume_run.info.run_id, status="RUNNING")
-        registry.call_with_retry("tag sweep provenance", client.log_batch, resume_run.info.run_id, tags=[  # code now
+        retry.call_with_retry("mark sweep running", client.update_run, resume_run.info.run_id, status="RUNNING")
+        retry.call_with_retry("tag sweep provenance", client.log_batch, resume_run.info.run_id, tags=[  # code now
             RunTag(k, v) for k, v in provenance.run_tags("sweeps/coatnet.py").items()])
         return resume_run.info.run_id, tune_path
     name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
     tune_path = f"{storage.rstrip('/')}/{name}"
-    parent = registry.call_with_retry(
+    parent = retry.call_with_retry(
         "create sweep run", client.create_run, experiment_id, run_name=name,
         tags={TAG_KIND: KIND_SWEEP, TAG_SWEEP: sweep, TAG_TUNE_PATH: tune_path, TAG_DATA: cfg.data,
               TAG_DATASET: dataset.fingerprint, **({} if cfg.grid else optuna_storage_tag(cfg, home)),
               **provenance.run_tags("sweeps/coatnet.py")})
     # The dataset's splits first, on the sweep run: its lineage, and the rows the trials' inputs then find (MLflow
     # inserts a new dataset check-then-write: parallel trials would race to create it).
-    registry.call_with_retry("log sweep inputs", client.log_inputs, parent.info.run_id, **run_inputs(
+    retry.call_with_retry("log sweep inputs", client.log_inputs, parent.info.run_id, **run_inputs(
         dataset.fingerprint, ("train", "val", "test"), source=str(cfg.data or ""), classes=dataset.classes,
         sizes={k: len(v) for k, v in dataset.splits.items()}))
-    registry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
+    retry.call_with_retry("log sweep config", client.log_batch, parent.info.run_id, params=[
         Param(k, str(v)[:6000]) for k, v in [("config", args.config or "cpu.yaml"), ("metric", cfg.metric),
                                               ("objective", cfg.objective),
                                               ("num_samples", cfg.num_samples), ("train", cfg.train),
@@ -235,7 +235,7 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-    from soups import registry
+    from soups.store import retry
     from sweeps.config import tune_space
     from sweeps.init_weights import shared_inits
     from sweeps.progress import progress_callbacks
@@ -246,10 +246,10 @@ def make_tuner(cfg, args: argparse.Namespace, home: Path, dataset, client, exper
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     inits = shared_inits(cfg, cfg.models, dataset, client, experiment_id, parent_run_id, sweep, resources,
                          verbose=args.verbose)
-    registry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
+    retry.call_with_retry("tag sweep inits", client.log_batch, parent_run_id, tags=[
         RunTag(f"{TAG_INIT_PREFIX}{m}", i.fingerprint) for m, i in inits.items()])
 
-    from soups.signing import key_path, own_key
+    from soups.store.signing import key_path, own_key
     own_key()  # made here, once, before any trial signs with it (docs/design.md#14)
     ctx = SweepContext(sweep=sweep, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        tracking_uri=tracking_uri, train=dict(cfg.train),
@@ -308,11 +308,11 @@ def note_sweep_run(client, parent_run_id: str, sweep: str, cfg, summary: list[di
     """The sweep run's description in the MLflow UI: the trials, the soups and where the report is."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-    from soups import registry
-    from soups.lineage import sweep_note
+    from soups.store import retry
+    from soups.store.lineage import sweep_note
     report_run = (soups or {}).get("report_run_id")
     where = f"run {report_run} (artifacts report.md, report.html)" if report_run else None
-    registry.call_with_retry("note sweep run", client.set_tag, parent_run_id, MLFLOW_RUN_NOTE,
+    retry.call_with_retry("note sweep run", client.set_tag, parent_run_id, MLFLOW_RUN_NOTE,
                              sweep_note(sweep, cfg.metric, summary, (soups or {}).get("soups"), where))
 
 
@@ -328,7 +328,7 @@ def soup_callbacks(cfg, tracking_uri: str, experiment_id: str, sweep: str, paren
 
 def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[dict]:
     """Give every trial run its final status: FINISHED, KILLED (stopped by ASHA) or FAILED."""
-    from soups import registry
+    from soups.store import registry, retry
     rows = []
     for r in results:
         trial_id = r.metrics.get("trial_id") if r.metrics else None
@@ -341,8 +341,8 @@ def finish_trials(client, experiment_id: str, sweep: str, results, cfg) -> list[
         run = registry.find_run_by_tags(client, experiment_id, {TAG_KIND: KIND_TRIAL, TAG_SWEEP: sweep,
                                                                 TAG_TRIAL: trial_id})
         if run is not None:
-            registry.call_with_retry("set trial status", client.set_terminated, run.info.run_id, status)
-            registry.call_with_retry("tag trial status", client.set_tag, run.info.run_id, TAG_STATUS,
+            retry.call_with_retry("set trial status", client.set_terminated, run.info.run_id, status)
+            retry.call_with_retry("tag trial status", client.set_tag, run.info.run_id, TAG_STATUS,
                                      "stopped by ASHA" if status == "KILLED" else status.lower())
         rows.append({"trial": trial_id, "status": status, "error": error, "epochs": last_epoch, "iterations": done,
                      "run_id": run.info.run_id if run else None,

@@ -115,7 +115,7 @@ def storage_url(data_dir: Path, storage: str | None = None, sweep_run: str | Non
     if sweep_run:
         from mlflow import MlflowClient
 
-        from soups.tags import TAG_OPTUNA_STORAGE
+        from soups.store.tags import TAG_OPTUNA_STORAGE
         from soups.tracking_server import ensure_tracking_uri
         ensure_tracking_uri(data_dir, quiet=True)
         url = MlflowClient().get_run(sweep_run).data.tags.get(TAG_OPTUNA_STORAGE)

@@ -37,15 +37,15 @@ def from_config(path: str, sets=()) -> TrainSource:
 def from_trial(client, experiment: str, trial: str) -> TrainSource:
     """The trial's recorded params (every TrainConfig field, as its run logged them) and its shared init: the
     trial run's input model (lineage), else the init LoggedModel whose sha256 is the sweep's init fingerprint."""
-    from soups import registry
-    from soups.tags import KIND_TRIAL, TAG_INIT_PREFIX, TAG_KIND, TAG_TRIAL
-    exp = registry.call_with_retry(f"get experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    from soups.store import registry, retry
+    from soups.store.tags import KIND_TRIAL, TAG_INIT_PREFIX, TAG_KIND, TAG_TRIAL
+    exp = retry.call_with_retry(f"get experiment {experiment!r}", client.get_experiment_by_name, experiment)
     if exp is None:
         raise ConfigError(f"--trial {trial}: no experiment {experiment!r} on the tracking server")
     run = registry.find_run_by_tags(client, exp.experiment_id, {TAG_KIND: KIND_TRIAL, TAG_TRIAL: trial})
     if run is None:
         raise ConfigError(f"--trial {trial}: experiment {experiment!r} has no trial run tagged ich.trial={trial}")
-    run = registry.call_with_retry("get trial run", client.get_run, run.info.run_id)  # with its input models
+    run = retry.call_with_retry("get trial run", client.get_run, run.info.run_id)  # with its input models
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     # a param is str(value): TrainConfig.from_dict turns numbers and booleans back; "None" was None
     options = {k: None if v == "None" else v for k, v in run.data.params.items() if k in fields}
@@ -59,7 +59,7 @@ def from_trial(client, experiment: str, trial: str) -> TrainSource:
     else:  # runs logged before lineage: the sweep run's init fingerprint of this model
         parent = run.data.tags.get("mlflow.parentRunId")
         model = options.get("model", TrainConfig.model)
-        fingerprint = (registry.call_with_retry("get sweep run", client.get_run, parent).data.tags
+        fingerprint = (retry.call_with_retry("get sweep run", client.get_run, parent).data.tags
                        .get(f"{TAG_INIT_PREFIX}{model}") if parent else None)
         found = registry.search_init_by_fingerprint(client, [exp.experiment_id], fingerprint) if fingerprint else []
         out.init = f"models:/{found[0].model_id}" if found else None

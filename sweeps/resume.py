@@ -8,15 +8,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from soups.tags import KIND_SWEEP, TAG_KIND, TAG_SWEEP, TAG_TUNE_PATH
+from soups.store.tags import KIND_SWEEP, TAG_KIND, TAG_SWEEP, TAG_TUNE_PATH
 
 def find_resume_run(client, experiment_id: str, sweep: str, experiment: str, storage: str):
     """The latest run of `sweep` to resume. Its `ich.tune_path` tag says where the Tune state is, and
     Tuner.restore unpickles tuner.pkl from there: anyone who can write MLflow tags could point it at a
     pickle of their own. So the tag must name a folder under the storage root this sweep writes to."""
     from ich.errors import ConfigError
-    from soups import registry
-    runs = registry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],
+    from soups.store import retry
+    runs = retry.call_with_retry("search sweep runs", client.search_runs, [experiment_id],
                                     filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}' AND tags.`{TAG_SWEEP}` = '{sweep}'",
                                     order_by=["attributes.start_time DESC"], max_results=1)
     if not runs or not runs[0].data.tags.get(TAG_TUNE_PATH):

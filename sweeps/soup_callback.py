@@ -36,11 +36,11 @@ from mlflow.entities import Metric, RunTag
 from ray import tune
 
 from ich.data import load_dataset
-from soups import registry
+from soups.store import registry, retry
 from soups.average import RunningSum, improves
 from soups.compat import IncompatibleCheckpoint, check_compatible
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better
-from soups.tags import TAG_VS_POSTHOC
+from soups.store.tags import TAG_VS_POSTHOC
 
 STATE_VERSION = 1
 
@@ -170,7 +170,7 @@ class SoupSoFar(tune.Callback):
         gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
         task = ray.remote(**within_task_resources(gpus, opts.parallel))(cook_within)
         # the driver's intra-op threads: the post-hoc `ich soup` on this machine adds in the same order
-        from soups.signing import trusted_texts
+        from soups.store.signing import trusted_texts
         self._refs[trial_id] = task.remote(opts, self._dataset_ref, self.experiment_id, self.sweep, trial_id, self.uri,
                                            torch.get_num_threads(), trusted_texts())  # the task trusts the driver's keys
 
@@ -201,8 +201,8 @@ class SoupSoFar(tune.Callback):
         metrics = [Metric(f"within_{s['recipe']}_val_{self.metric}", float(s["val"][self.metric]), now, step)
                    for s in result["soups"]]
         if metrics:
-            registry.call_with_retry("log within soups", client.log_batch, self.parent_run_id, metrics=metrics)
-        registry.call_with_retry("log within soups", client.log_text, self.parent_run_id,
+            retry.call_with_retry("log within soups", client.log_batch, self.parent_run_id, metrics=metrics)
+        retry.call_with_retry("log within soups", client.log_text, self.parent_run_id,
                                  json.dumps(result, indent=2), f"soups_so_far/within-{trial_id}.json")
         figures = ", ".join(f"{s['recipe']} {s['val'][self.metric]:.4f} "
                             f"({sum(i['accepted'] for i in s['ingredients'])}/{len(s['ingredients'])})"
@@ -256,7 +256,7 @@ class SoupSoFar(tune.Callback):
             self.best = score
             self.accepted.append(record.model_id)
         now = int(time.time() * 1000)
-        registry.call_with_retry("log soup so far", client.log_batch, self.parent_run_id, metrics=[
+        retry.call_with_retry("log soup so far", client.log_batch, self.parent_run_id, metrics=[
             Metric(f"soup_so_far_val_{self.metric}", float(self.best), now, self.done),
             Metric("soup_so_far_size", float(len(self.accepted)), now, self.done)])
         self._log_state(client)
@@ -268,7 +268,7 @@ class SoupSoFar(tune.Callback):
 
     def _log_state(self, client=None) -> None:
         client = client or MlflowClient(self.uri)
-        registry.call_with_retry("log soup so far", client.log_text, self.parent_run_id,
+        retry.call_with_retry("log soup so far", client.log_text, self.parent_run_id,
                                  json.dumps(self.state_json(), indent=2), "soup_so_far.json")
 
 
@@ -278,7 +278,7 @@ def _read_json_artifact(client, run_id: str, path: str) -> dict | None:
     """A JSON artifact of the run (data, never a pickle), or None when it is not there."""
     with tempfile.TemporaryDirectory(prefix="ich-soup-so-far-") as tmp:
         try:
-            local = registry.call_with_retry(f"download {path}", client.download_artifacts, run_id, path, tmp)
+            local = retry.call_with_retry(f"download {path}", client.download_artifacts, run_id, path, tmp)
         except Exception:  # noqa: BLE001 - absent (no trial ended, or soup_so_far off)
             return None
         return json.loads(Path(local).read_text(encoding="utf-8"))
@@ -352,11 +352,11 @@ def _compare_with_posthoc(tracking_uri: str, parent_run_id: str, posthoc: dict) 
             within[trial] = w
     d = diff_with_posthoc(so_far, posthoc.get("soups", []), within)
     line = summary_line(d)
-    registry.call_with_retry("log soup so far vs post hoc", client.log_text, parent_run_id, json.dumps(d, indent=2),
+    retry.call_with_retry("log soup so far vs post hoc", client.log_text, parent_run_id, json.dumps(d, indent=2),
                              "soup_so_far_vs_posthoc.json")
     tag = "no post-hoc soup" if d["posthoc"] is None else "same ingredients" if d["same_ingredients"] else \
         f"differ: {len(d['only_so_far'])} only so far, {len(d['only_posthoc'])} only post hoc"
-    registry.call_with_retry("tag soup so far vs post hoc", client.log_batch, parent_run_id,
+    retry.call_with_retry("tag soup so far vs post hoc", client.log_batch, parent_run_id,
                              tags=[RunTag(TAG_VS_POSTHOC, tag)])
     print(line, flush=True)
     return d

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from ich.home import own_optuna_storage
-from soups.tags import TAG_OPTUNA_STORAGE
+from soups.store.tags import TAG_OPTUNA_STORAGE
 
 
 def optuna_storage_url(cfg, home: Path) -> str:

@@ -31,10 +31,10 @@ from ray import tune
 from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.data import ICHDataset
 from ich.train import TrainConfig, Trainer
-from soups import provenance, registry
-from soups.lineage import run_inputs
-from soups.tags import (KIND_TRIAL, TAG_KIND, TAG_NODE, TAG_NODE_ID, TAG_PID, TAG_SWEEP, TAG_TRIAL,
-                        TAG_TRIAL_NAME)
+from soups.store import provenance, registry, retry
+from soups.store.lineage import run_inputs
+from soups.store.tags import (KIND_TRIAL, TAG_KIND, TAG_NODE, TAG_NODE_ID, TAG_PID, TAG_SWEEP, TAG_TRIAL,
+                              TAG_TRIAL_NAME)
 from soups.worker_exit import quiet_sigterm_exit
 from sweeps.soup_objective import TrajectorySoup
 from sweeps.uploader import Upload, UploadProcess
@@ -105,20 +105,20 @@ def trial_run(client: MlflowClient, ctx: SweepContext, trial_id: str, trial_name
     run = registry.find_run_by_tags(client, ctx.experiment_id, tags)
     node = {TAG_NODE: f"{socket.gethostname()}/{_node_ip()}", TAG_NODE_ID: _node_id(), TAG_PID: str(os.getpid())}
     if run is None:
-        run = registry.call_with_retry(
+        run = retry.call_with_retry(
             "create trial run", client.create_run, ctx.experiment_id, run_name=trial_name,
             tags={**tags, **node, "mlflow.parentRunId": ctx.parent_run_id, TAG_TRIAL_NAME: trial_name,
                   **provenance.run_tags("sweeps/trainable.py")})
         params = [Param(k, str(v)) for k, v in asdict(cfg).items()]
-        registry.call_with_retry("log trial params", client.log_batch, run.info.run_id, params=params)
+        retry.call_with_retry("log trial params", client.log_batch, run.info.run_id, params=params)
         if dataset is not None:
-            registry.call_with_retry("log trial inputs", client.log_inputs, run.info.run_id, **run_inputs(
+            retry.call_with_retry("log trial inputs", client.log_inputs, run.info.run_id, **run_inputs(
                 dataset.fingerprint, ("train", "val", "test"), source=ctx.data, model_ids=[init_model_id],
                 classes=dataset.classes, sizes={k: len(v) for k, v in dataset.splits.items()}))
     else:  # retried / resumed: running again, maybe on another node (and code)
-        registry.call_with_retry("tag trial run", client.log_batch, run.info.run_id, tags=[
+        retry.call_with_retry("tag trial run", client.log_batch, run.info.run_id, tags=[
             RunTag(k, v) for k, v in {**node, **provenance.run_tags("sweeps/trainable.py")}.items()])
-        registry.call_with_retry("mark trial running", client.update_run, run.info.run_id, status="RUNNING")
+        retry.call_with_retry("mark trial running", client.update_run, run.info.run_id, status="RUNNING")
     return run.info.run_id
 
 
@@ -158,9 +158,9 @@ def _maybe_fail(ctx: SweepContext, trial_id: str, point: str, epoch: int, **note
 def record_start(client: MlflowClient, run_id: str, epoch: int) -> int:
     """Log where this (re)start of the trial begins: `resumed_from_epoch` = the epoch the trainer holds now (its
     loaded checkpoint's, 0 from the shared init) at step = the number of earlier starts. Returns that step."""
-    starts = len(registry.call_with_retry("read trial starts", client.get_metric_history, run_id, METRIC_RESUMED_FROM))
+    starts = len(retry.call_with_retry("read trial starts", client.get_metric_history, run_id, METRIC_RESUMED_FROM))
     row = Metric(METRIC_RESUMED_FROM, float(epoch), int(time.time() * 1000), starts)  # one row, however often retried
-    registry.call_with_retry("record trial start", client.log_batch, run_id, metrics=[row])
+    retry.call_with_retry("record trial start", client.log_batch, run_id, metrics=[row])
     return starts
 
 
@@ -192,7 +192,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
 
     client = MlflowClient(ctx.tracking_uri)
     uploader = _uploader()
-    retries_at_start = registry.retry_count() + uploader.retries
+    retries_at_start = retry.retry_count() + uploader.retries
     run_id = trial_run(client, ctx, trial_id, trial_name, cfg, dataset, init.model_id)
     start = record_start(client, run_id, trainer.epoch)
     monitor = system_monitor(run_id, ctx)
@@ -200,7 +200,7 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
     overhead = {"report_s": 0.0, "write_s": 0.0}  # sweep-side cost per epoch, reported as metrics
 
     def retries() -> int:
-        return registry.retry_count() + uploader.retries - retries_at_start
+        return retry.retry_count() + uploader.retries - retries_at_start
 
     def report_pending(block: bool) -> None:
         """Report the last epoch to Tune once its checkpoint is in MLflow (never before)."""
@@ -250,14 +250,14 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
                 soup_metrics = soup.evaluate()
                 soup.save(folder)
                 rows = [Metric(k, v, int(time.time() * 1000), result.epoch) for k, v in soup_metrics.items()]
-                registry.call_with_retry("log trajectory soup", client.log_batch, run_id, metrics=rows)
+                retry.call_with_retry("log trajectory soup", client.log_batch, run_id, metrics=rows)
             pending = (upload, folder, metrics, soup_metrics)
             overhead["write_s"] = time.perf_counter() - t0
             if any((f.point, f.epoch) == ("epoch_start", result.epoch + 1) for f in ctx.faults):
                 report_pending(True)  # so the retry resumes from this epoch's checkpoint
                 _maybe_fail(ctx, trial_id, "epoch_start", result.epoch + 1)
         report_pending(True)
-        registry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
+        retry.call_with_retry("finish trial run", client.set_terminated, run_id, "FINISHED")
     finally:
         _LAST_TRIAL.update(locals())  # first: whatever ends this trial, its tensors outlive this thread (above)
         if monitor is not None:  # its last samples flushed while the run is still there to take them
@@ -268,8 +268,8 @@ def train_trial(config: dict, *, dataset: ICHDataset, inits: dict[str, Init], ct
         # Also (above all) when this start failed: an outage that outlasted the retries shows here.
         row = Metric(METRIC_RETRIES, float(retries()), int(time.time() * 1000), start)
         try:
-            registry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
-        except registry.RegistryError as e:  # never hide why the trial failed
+            retry.call_with_retry("log trial retries", client.log_batch, run_id, metrics=[row])
+        except retry.RegistryError as e:  # never hide why the trial failed
             print(f"trial {trial_id}: {e}", file=sys.stderr, flush=True)
 
 
@@ -337,7 +337,7 @@ def signing_key(ctx: SweepContext) -> str:
     in one line."""
     if ctx.signing_key and Path(ctx.signing_key).is_file():
         return ctx.signing_key
-    from soups.signing import key_path
+    from soups.store.signing import key_path
     return str(key_path())
 
 

@@ -97,18 +97,18 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever a library prints never mixes with the answers
     from mlflow import MlflowClient
 
-    from soups import registry
+    from soups.store import registry, retry
     clients: dict[str, MlflowClient] = {}
     for line in sys.stdin.buffer:
         request = json.loads(line)
-        before = registry.retry_count()
+        before = retry.retry_count()
         try:
             client = clients.setdefault(request["tracking_uri"], MlflowClient(request["tracking_uri"]))
             answer = {"model_id": registry.log_checkpoint(client, **request["kwargs"])}
         except Exception as e:  # the trial raises it (one line) and Tune retries the trial
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             answer = {"error": f"{type(e).__name__}: {first}"}
-        answer["retries"] = registry.retry_count() - before
+        answer["retries"] = retry.retry_count() - before
         try:
             answers.write(json.dumps(answer).encode() + b"\n")
         except BrokenPipeError:  # the worker is gone: nobody waits for the answer

@@ -147,7 +147,7 @@ def log_sweep(client, dataset_folder: Path, workdir: Path, fitted: dict) -> dict
     from ich.data import load_dataset
     from ich.models import create_model
     from ich.train import TrainConfig, Trainer
-    from soups import registry
+    from soups.store import registry
 
     data = load_dataset(dataset_folder)
     reference = create_model(ARCHITECTURE, data.num_classes, IMG_SIZE).state_dict()

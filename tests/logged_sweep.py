@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ich.checkpoint import CheckpointMeta, save_checkpoint
-from soups import registry, tags
+from soups.store import registry, tags
 
 ARCH = "coatnet_tiny_ich"
 IMG_SIZE = 32

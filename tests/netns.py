@@ -708,7 +708,7 @@ def write_client_home(c: NsCluster, admin: tuple[str, str]) -> tuple[Path, Path]
         """))
     for f in (token, secrets_env):
         os.chmod(f, 0o600)
-    from soups.signing import own_key
+    from soups.store.signing import own_key
     own_key(ich / "signing_key")
     return home, token
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from soups.registry import ARTIFACT_SCHEMES_ENV, RegistryError, artifact_location_problem
+from soups.store.registry import ARTIFACT_SCHEMES_ENV, artifact_location_problem
+from soups.store.retry import RegistryError
 
 SERVER = "http://127.0.0.1:5000"
 
@@ -46,7 +47,7 @@ def planted(mlflow_server, mlflow_client, tmp_path):
 def test_a_file_location_named_by_the_server_is_never_read_or_deleted(planted, mlflow_client, tmp_path):
     import mlflow.artifacts
 
-    from soups import gc, registry
+    from soups.store import gc, registry
     from soups.serve.verify import UntrustedModel, resolve_model
 
     model_id = planted["model"].model_id

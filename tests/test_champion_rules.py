@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from soups import registry
+from soups.store import registry
 from soups.champion import decide_champion, significant_decision
 
 FP = "fingerprint-of-this-dataset"

@@ -318,10 +318,10 @@ def test_a_malformed_server_response_is_one_line_for_predict(body, raised, messa
 
 
 def test_a_server_answering_non_json_fails_ich_soup_in_one_line_without_retrying(tmp_path, monkeypatch):
-    from soups import registry
+    from soups.store import retry
     server = _garbled_server(NOT_JSON)
     uri = f"http://127.0.0.1:{server.server_address[1]}"
-    retries = registry.retry_count()
+    retries = retry.retry_count()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
@@ -337,10 +337,10 @@ def test_a_server_answering_non_json_fails_ich_soup_in_one_line_without_retrying
     assert rc == 2 and len(lines) == 1, lines  # HEAD: 13 retry warnings over 96 s, then the line
     assert lines[0].startswith("ich soup: error: MLflow get experiment 'x': API request to endpoint was successful "
                                "but the response body was not in a valid JSON format"), lines[0]
-    assert registry.retry_count() == retries
+    assert retry.retry_count() == retries
     # Control: a refused connection is still transient (retried), only the garbled answer is not.
     import requests
-    assert registry.is_transient(requests.ConnectionError("refused"))
+    assert retry.is_transient(requests.ConnectionError("refused"))
 
 
 def test_a_sweep_of_an_architecture_outside_the_allowlist_is_refused_before_it_starts(monkeypatch):

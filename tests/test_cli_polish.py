@@ -26,7 +26,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------------------------------------- --version
 
 def _expected_version_line() -> str:
-    from soups.provenance import _git, source_hash
+    from soups.store.provenance import _git, source_hash
     head = f"ich-soups {metadata.version('ich-soups')} (source {source_hash(ROOT)[:12]}"
     commit = _git(ROOT, "rev-parse", "HEAD") if (ROOT / ".git").exists() else None
     return head + (f", git {commit[:12]}" if commit else "")

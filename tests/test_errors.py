@@ -63,8 +63,8 @@ def exceptions() -> dict[str, type]:
 
 def test_every_project_exception_is_a_user_error_or_listed(exceptions):
     expected = {"ich.checkpoint.CheckpointError", "ich.ingest.IngestError", "ich.models.ModelError",
-                "ich.preprocess.PreprocessError", "ich.errors.ConfigError", "soups.registry.RegistryError",
-                "soups.gc.GcError", "soups.tracking_server.MlflowServerError", "soups.serve.verify.UntrustedModel",
+                "ich.preprocess.PreprocessError", "ich.errors.ConfigError", "soups.store.retry.RegistryError",
+                "soups.store.gc.GcError", "soups.tracking_server.MlflowServerError", "soups.serve.verify.UntrustedModel",
                 "soups.compat.IncompatibleCheckpoint", "sweeps.schedule.ScheduleError"}
     assert expected <= set(exceptions), sorted(expected - set(exceptions))  # the walk sees the modules
     soup = [k for k in exceptions if k.endswith(".SoupError")]

@@ -42,14 +42,14 @@ def _wait_for(predicate, timeout, what):
 
 def test_mlflow_server_down_for_10s_mid_sweep(ray_local, digits_dataset, ich_home, tmp_path, monkeypatch):
     from mlflow import MlflowClient
-    from soups import registry
+    from soups.store import retry
     from soups.tracking_server import free_port, start_server
     port = free_port()
     server = start_server(tmp_path / "mlflow", port=port)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     client = MlflowClient(server.uri)
     config = write_sweep_config(ich_home, "server-down", **LONGER)
-    driver_retries = registry.retry_count()
+    driver_retries = retry.retry_count()
     thread, box = _run_in_thread(config, digits_dataset, ich_home)
     try:
         exp = _wait_for(lambda: (e := client.get_experiment_by_name("server-down")) and e.experiment_id, 120,
@@ -71,7 +71,7 @@ def test_mlflow_server_down_for_10s_mid_sweep(ray_local, digits_dataset, ich_hom
         retried = {r.data.tags["ich.trial"]: sum(m.value for m in client.get_metric_history(r.info.run_id,
                                                                                               "mlflow_retries"))
                    for r in _trial_runs(client, exp, "server-down")}
-        print(f"MLflow calls retried by trials: {retried}; by the driver: {registry.retry_count() - driver_retries}")
+        print(f"MLflow calls retried by trials: {retried}; by the driver: {retry.retry_count() - driver_retries}")
         assert sum(retried.values()) >= 1, retried
     finally:
         server.stop()
@@ -80,24 +80,24 @@ def test_mlflow_server_down_for_10s_mid_sweep(ray_local, digits_dataset, ich_hom
 # ------------------------------------------------------------------------ the upload process and retry counts
 
 def test_retried_calls_are_counted():
-    from soups import registry
-    before = registry.retry_count()
+    from soups.store import retry
+    before = retry.retry_count()
 
     def refused():
         raise ConnectionRefusedError("connection refused")
-    with pytest.raises(registry.RegistryError, match="failed 3 times"):
-        registry.call_with_retry("flaky call", refused, retry=registry.RetryPolicy(attempts=3, base_s=0.01))
-    assert registry.retry_count() - before == 2  # three attempts: two retries
+    with pytest.raises(retry.RegistryError, match="failed 3 times"):
+        retry.call_with_retry("flaky call", refused, retry=retry.RetryPolicy(attempts=3, base_s=0.01))
+    assert retry.retry_count() - before == 2  # three attempts: two retries
     with pytest.raises(ValueError):  # not transient: no retry, nothing counted
-        registry.call_with_retry("bad call", lambda: int("x"), retry=registry.RetryPolicy(attempts=3, base_s=0.01))
-    assert registry.retry_count() - before == 2
+        retry.call_with_retry("bad call", lambda: int("x"), retry=retry.RetryPolicy(attempts=3, base_s=0.01))
+    assert retry.retry_count() - before == 2
 
 
 @pytest.mark.integration
 def test_upload_process_logs_checkpoints_and_ends_with_its_worker(mlflow_server, mlflow_client, tmp_path, capfd):
     """The trial's upload process (a plain subprocess, no multiprocessing): answers in order, turns a failed
     upload into one line, and exits quietly when its worker closes the pipe."""
-    from soups import registry
+    from soups.store import registry
     from sweeps.uploader import UploadError, UploadProcess
     from tests.test_registry import make_checkpoint
     exp = registry.get_or_create_experiment(mlflow_client, "upload-process")

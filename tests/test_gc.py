@@ -19,8 +19,8 @@ from ich.checkpoint import META, WEIGHTS, CheckpointMeta, load_checkpoint, save_
 from sweeps.cli import main as ich_main
 from ich.errors import ConfigError
 from ich.models import create_model
-from soups import registry, tags
-from soups.gc import CheckpointState, GcError, GcPolicy, plan
+from soups.store import registry, tags
+from soups.store.gc import CheckpointState, GcError, GcPolicy, plan
 
 ARCH = "coatnet_tiny_ich"
 

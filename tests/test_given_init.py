@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from soups import registry
+from soups.store import registry
 from tests.test_preprocess import write_pretrained
 
 

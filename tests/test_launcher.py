@@ -106,7 +106,7 @@ def test_ray_up_submit_and_token_auth_on_ssh_nodes(ns_ray_cluster, monkeypatch):
     # One soup family (uniform across the trials' best checkpoints) keeps the soups step short on 2 CPUs.
     config.write_text(config.read_text() + "soups:\n  scope: across\n  recipe: uniform\n  bn: average\n")
     # Mid-sweep, once the first checkpoint is recorded, the head's MLflow server is killed: its supervisor starts it
-    # again and the trials' and driver's calls ride the outage out (soups/registry.py's retry window).
+    # again and the trials' and driver's calls ride the outage out (soups/store/retry.py's retry window).
     client = _mlflow(launched, monkeypatch)
     log = cluster.base / "launcher-ray-submit.log"
     with open(log, "w") as out:

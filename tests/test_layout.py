@@ -244,7 +244,7 @@ def drawing_rooms(text: str) -> dict[str, str]:
     return rooms
 
 
-ROOMS_DRAWN_IN_FULL = ("soups/report", "soups/serve")  # subpackages whose every module the drawing names too
+ROOMS_DRAWN_IN_FULL = ("soups/report", "soups/serve", "soups/store")  # subpackages whose every module the drawing names too
 
 
 def unnamed_modules(text: str, root: Path = ROOT) -> list[str]:

@@ -135,7 +135,7 @@ def learned_soups(tiny_sweep, mlflow_server):
 @pytest.mark.integration
 def test_ich_soup_logs_a_learned_soup_that_is_its_coefficients_mix(learned_soups, tiny_sweep, mlflow_client,
                                                                    tmp_path):
-    from soups import registry
+    from soups.store import registry
     soups = learned_soups["soups"]
     assert [s["name"] for s in soups] == ["across-best-learned"], [s["name"] for s in soups]
     soup = soups[0]
@@ -167,7 +167,7 @@ def test_the_recipe_reads_only_val_and_is_deterministic(tiny_sweep, mlflow_clien
     from types import SimpleNamespace
 
     from ich.data import load_dataset
-    from soups import registry
+    from soups.store import registry
     from soups.build import Soup
     from soups.evaluate import EvalSpec, Evaluator
     from soups.options import SoupOptions

@@ -9,7 +9,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from soups.lineage import model_card, split_dataset_name, split_digest, split_of, sweep_note
+from soups.store.lineage import model_card, split_dataset_name, split_digest, split_of, sweep_note
 from tests.test_serving import champion  # noqa: F401  (the tiny sweep's champion soup, built there if need be)
 
 EXPERIMENT = "tiny-sweep"

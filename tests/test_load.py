@@ -61,7 +61,7 @@ def worker(uri: str, experiment_id: str, trial_index: int, workdir: str, go_file
     from mlflow import MlflowClient
 
     from ich.checkpoint import CheckpointMeta, save_checkpoint
-    from soups import registry
+    from soups.store import registry, retry
 
     retries: list[str] = []
 
@@ -69,7 +69,7 @@ def worker(uri: str, experiment_id: str, trial_index: int, workdir: str, go_file
         def emit(self, record: logging.LogRecord) -> None:
             retries.append(record.getMessage()[:300])
 
-    logging.getLogger("soups.registry").addHandler(CountRetries(level=logging.WARNING))
+    logging.getLogger("soups.store.retry").addHandler(CountRetries(level=logging.WARNING))
     trial = f"trial_{trial_index:05d}"
     classes = [f"class_{i}" for i in range(10)]
     ckpts = []
@@ -81,7 +81,7 @@ def worker(uri: str, experiment_id: str, trial_index: int, workdir: str, go_file
         folder = Path(workdir) / trial / f"epoch_{epoch:03d}"
         ckpts.append((epoch, folder, save_checkpoint(folder, _state(trial_index, epoch), meta), meta.metrics))
     client = MlflowClient(tracking_uri=uri)
-    run_id = registry.call_with_retry("create run", client.create_run, experiment_id, run_name=trial,
+    run_id = retry.call_with_retry("create run", client.create_run, experiment_id, run_name=trial,
                                       tags={registry.TAG_TRIAL: trial, "ich.kind": "trial", "ich.sweep": SWEEP}).info.run_id
     Path(out_json + ".ready").write_text("ready")
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -114,7 +114,7 @@ def spawn_workers(uri: str, experiment_id: str, trials: int, workdir: str, go_fi
     import mlflow  # noqa: F401  (imported before the fork, by every child)
     import torch  # noqa: F401
     from ich.checkpoint import save_checkpoint  # noqa: F401
-    from soups import registry  # noqa: F401
+    from soups.store import registry  # noqa: F401
 
     sys.stdout.flush()
     children: dict[int, int] = {}
@@ -179,7 +179,7 @@ def _verify(client, experiment_id: str, results: list[dict], tmp: Path) -> dict:
     from mlflow.entities import LoggedModelStatus
 
     from ich.checkpoint import sha256_file
-    from soups.registry import download_checkpoint, search_checkpoints
+    from soups.store.registry import download_checkpoint, search_checkpoints
 
     expected = {(r["trial"], x["epoch"]): x["sha256"] for r in results for x in r["logged"]}
     records = search_checkpoints(client, [experiment_id], sweep=SWEEP)
@@ -214,7 +214,7 @@ def run_load(store: str, backend_store_uri: str | None, tmp: Path) -> dict:
     """Start a fresh server on the store, run 16 trial processes at once, verify; returns the figures."""
     from mlflow import MlflowClient
 
-    from soups import registry
+    from soups.store import registry
     from soups.tracking_server import free_port, start_server
 
     t_server = time.monotonic()

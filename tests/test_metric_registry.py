@@ -90,7 +90,7 @@ def log_sweep(client, dataset_folder, workdir) -> dict[str, dict]:
     from ich.data import load_dataset
     from ich.models import create_model
     from ich.train import TrainConfig, Trainer
-    from soups import registry
+    from soups.store import registry
 
     data = load_dataset(dataset_folder)
     torch.manual_seed(0)

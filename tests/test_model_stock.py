@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 
 from ich.checkpoint import save_checkpoint
 from ich.models import create_model
-from soups import recipes, registry, tags
+from soups import recipes
+from soups.store import registry, tags
 from soups.average import ModelStockSum, RunningSum, model_stock_ratio
 from soups.compat import IncompatibleCheckpoint
 from soups.options import SoupError, SoupOptions
@@ -271,7 +272,7 @@ def test_without_the_init_one_note_names_the_fingerprint_and_the_other_soups_are
     about = [n for n in mine["summary"]["notes"] if "model_stock" in n]
     assert about == [f"no model_stock or wise_ft soup for init fingerprint {fingerprint}: this experiment holds no `init` "
                      "LoggedModel of it (sweeps log their init since this version: run the sweep again, or log it "
-                     "with soups.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
+                     "with soups.store.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
                      f"with ich.init_fingerprint={fingerprint})"]
     others = {n: s for n, s in control["soups"].items() if s["recipe"] not in ("model_stock", "wise_ft")}
     assert set(mine["soups"]) == set(others) == {

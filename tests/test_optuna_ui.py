@@ -159,7 +159,7 @@ def test_the_storage_comes_from_the_sweep_runs_tag_only_when_it_is_the_data_fold
     data folder's study database; a tag naming another is shown, never followed; no tag says so; --storage wins."""
     import mlflow
 
-    from soups.tags import TAG_OPTUNA_STORAGE
+    from soups.store.tags import TAG_OPTUNA_STORAGE
     from sweeps.optuna_ui import OptunaUiError, storage_url
     own = f"sqlite:///{tmp_path / 'optuna.db'}"
     client = mlflow.MlflowClient(mlflow_server)

@@ -57,7 +57,7 @@ def test_paper_config_runs_as_a_grid_with_soups_and_report(ray_local, mlflow_ser
                 assert got == str(v), (k, got, v)
 
     # The paper's eval preprocessing (init.preprocess) travels in every checkpoint, not the dataset's defaults
-    from soups.registry import download_checkpoint, search_checkpoints
+    from soups.store.registry import download_checkpoint, search_checkpoints
     records = search_checkpoints(mlflow_client, [summary["experiment_id"]], sweep="paper-coatnet0")
     assert len(records) == 2 * 3  # one per trial and epoch
     meta = json.loads((download_checkpoint(mlflow_client, records[0], tmp_path) / "checkpoint.json").read_text())

@@ -353,7 +353,7 @@ def _assert_recorded(meta) -> None:
 
 @pytest.mark.integration
 def test_every_checkpoint_records_the_init_weights_preprocessing(parity, mlflow_client):
-    from soups import registry
+    from soups.store import registry
     exp = mlflow_client.get_experiment_by_name(EXPERIMENT).experiment_id
     records = registry.search_checkpoints(mlflow_client, [exp], sweep=EXPERIMENT)
     assert len(records) >= 2
@@ -367,7 +367,7 @@ def test_every_checkpoint_records_the_init_weights_preprocessing(parity, mlflow_
 def test_single_checkpoint_predict_and_served_logits_equal_the_trainers(parity, mlflow_client, digits_data):
     import mlflow
 
-    from soups import registry
+    from soups.store import registry
     from soups.serve.log import log_pyfunc
     from soups.serve.verify import load_soup_model
     exp = mlflow_client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -401,7 +401,7 @@ def test_single_checkpoint_predict_and_served_logits_equal_the_trainers(parity, 
 
 @pytest.mark.integration
 def test_soup_predict_and_served_logits_equal_the_trainers(parity, mlflow_client, digits_data):
-    from soups import registry
+    from soups.store import registry
     from soups.serve.verify import load_soup_model
     champion = parity["soups"]["champion"]
     assert champion and champion["alias_version"] == champion["version"]

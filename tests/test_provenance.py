@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from soups import provenance
-from soups.provenance import (TAG_ENV, TAG_GIT_BRANCH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_INGREDIENT_COMMITS,
-                              TAG_INGREDIENT_HASHES, TAG_SOURCE_HASH, TAG_SOURCE_NAME, TAG_VERSION)
+from soups.store import provenance
+from soups.store.provenance import (TAG_ENV, TAG_GIT_BRANCH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_INGREDIENT_COMMITS,
+                                    TAG_INGREDIENT_HASHES, TAG_SOURCE_HASH, TAG_SOURCE_NAME, TAG_VERSION)
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT_TAGS = (TAG_GIT_COMMIT, TAG_GIT_BRANCH, TAG_GIT_DIRTY)
@@ -34,7 +34,7 @@ def expected_hash(root: Path) -> str:
 
 def project_copy(dest: Path) -> Path:
     """A few of the project's modules laid out like the project (what `ray up` syncs: no .git)."""
-    for rel in ("ich/__init__.py", "ich/errors.py", "soups/__init__.py", "soups/provenance.py", "sweeps/__init__.py"):
+    for rel in ("ich/__init__.py", "ich/errors.py", "soups/__init__.py", "soups/store/provenance.py", "sweeps/__init__.py"):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
     return dest

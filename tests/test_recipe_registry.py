@@ -103,7 +103,7 @@ def toy_soups(tiny_sweep, mlflow_server, tmp_path_factory):
     `ich soup` (within-trial soups) and `ich report` with the toy recipe's module named in ICH_RECIPES."""
     from mlflow import MlflowClient
 
-    from soups import registry
+    from soups.store import registry
     client = MlflowClient(mlflow_server)
     tmp = tmp_path_factory.mktemp("recipe-registry")
     sweep = tiny_sweep["experiment"]

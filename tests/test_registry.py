@@ -12,8 +12,9 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
-from soups import registry
-from soups.registry import RetryPolicy, call_with_retry, log_checkpoint, search_checkpoints
+from soups.store import registry, retry
+from soups.store.registry import log_checkpoint, search_checkpoints
+from soups.store.retry import RetryPolicy, call_with_retry
 from soups import tracking_server as mlflow_server
 
 CLASSES = ["Đờn ca tài tử", "Lễ hội Ok Om Bok"]
@@ -73,7 +74,7 @@ def test_call_with_retry_retries_connection_errors_only():
         calls.append(1)
         raise ConnectionRefusedError("connection refused")
 
-    with pytest.raises(registry.RegistryError, match="flaky call: failed 3 times"):
+    with pytest.raises(retry.RegistryError, match="flaky call: failed 3 times"):
         call_with_retry("flaky call", refused, retry=RetryPolicy(attempts=3, base_s=0.01))
     assert len(calls) == 3
 
@@ -98,13 +99,13 @@ def test_an_overloaded_server_is_retried_and_a_bad_request_is_not():
     overloaded = rest("(sqlalchemy.exc.TimeoutError) QueuePool limit of size 5 overflow 10 reached, "
                       "connection timed out, timeout 30.00")
     assert overloaded.get_http_status_code() == 400
-    assert registry.is_transient(overloaded)
-    assert registry.is_transient(rest("(sqlite3.OperationalError) database is locked"))
+    assert retry.is_transient(overloaded)
+    assert retry.is_transient(rest("(sqlite3.OperationalError) database is locked"))
     # two trials logging the same new dataset at once (seen in a CI run): the loser's retry finds the row
-    assert registry.is_transient(rest("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+    assert retry.is_transient(rest("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
                                       "datasets.name, datasets.digest"))
-    assert not registry.is_transient(rest("(sqlite3.IntegrityError) UNIQUE constraint failed: runs.run_uuid"))
-    assert not registry.is_transient(rest("Invalid value 'x' for parameter 'max_results'"))
+    assert not retry.is_transient(rest("(sqlite3.IntegrityError) UNIQUE constraint failed: runs.run_uuid"))
+    assert not retry.is_transient(rest("Invalid value 'x' for parameter 'max_results'"))
 
 
 def test_quotes_in_tag_values_are_refused():
@@ -242,7 +243,7 @@ def test_log_checkpoint_survives_a_server_restart(tmp_path, caplog):
         worker.join(timeout=60)
         assert "error" not in result, result.get("error")
         assert time.monotonic() - started < 40
-        assert any("retry" in r.getMessage() for r in caplog.records if r.name == "soups.registry")
+        assert any("retry" in r.getMessage() for r in caplog.records if r.name == "soups.store.retry")
         records = search_checkpoints(client, [experiment])
         assert [(r.model_id, r.sha256) for r in records] == [(result["model_id"], sha)]
     finally:

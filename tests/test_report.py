@@ -53,7 +53,7 @@ def test_baseline_configs_load_and_their_seeds_give_every_family_a_trial():
 
 def test_selection_rows_and_tables_without_mlflow(tmp_path):
     from soups.plots import plot_bias_variance, plot_champion, plot_mds
-    from soups.registry import CheckpointRecord
+    from soups.store.registry import CheckpointRecord
     from soups.report.sections import md_table, table_lines, table_row
     from soups.report.snapshot import Candidate, _best
 
@@ -104,7 +104,7 @@ def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
     from mlflow.entities import Metric
 
     from ich.checkpoint import META, read_meta
-    from soups import registry
+    from soups.store import registry
 
     records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
     experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
@@ -171,7 +171,7 @@ def _log_shallow_trials(client, experiment_id: str, data_path: Path, tmp: Path) 
     from ich.checkpoint import CheckpointMeta, save_checkpoint
     from ich.data import load_dataset
     from ich.train import TrainConfig, Trainer
-    from soups import registry
+    from soups.store import registry
 
     _register_shallow()
     data = load_dataset(data_path)
@@ -303,7 +303,7 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
     assert run.data.tags["ich.kind"] == "report" and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == report_setup["sweep_run_id"]
     assert run.info.experiment_id == report_setup["experiment_id"]
-    from soups import provenance  # the report run carries the code and packages that made it, as every run does
+    from soups.store import provenance  # the report run carries the code and packages that made it, as every run does
     assert run.data.tags["mlflow.source.name"] == "soups/report/build.py"
     assert run.data.tags["ich.source.hash"] == provenance.source_hash(ROOT)  # the code on disk, hashed now
     assert json.loads(run.data.tags["ich.env"]) == provenance.package_versions()
@@ -407,7 +407,7 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
 def test_unknown_or_empty_experiment_is_one_line_error(mlflow_server, mlflow_client, capsys):
     import argparse
 
-    from soups import registry
+    from soups.store import registry
     from soups.options import add_report_args
     from soups.report.build import build_report
     from soups.report.cli import cmd_report

@@ -50,8 +50,8 @@ def tagged(mlflow_client, mlflow_server, tmp_path, monkeypatch):
     from mlflow.entities import LoggedModelStatus
 
     from soups.report.snapshot import read_snapshot
-    from soups.tags import (KIND_CHECKPOINT, TAG_ARCHITECTURE, TAG_EPOCH, TAG_KIND, TAG_OPTUNA_STORAGE, TAG_SHA256,
-                            TAG_SWEEP, TAG_TRIAL)
+    from soups.store.tags import (KIND_CHECKPOINT, TAG_ARCHITECTURE, TAG_EPOCH, TAG_KIND, TAG_OPTUNA_STORAGE, TAG_SHA256,
+                                  TAG_SWEEP, TAG_TRIAL)
     monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     experiment = f"optuna-tag-{uuid.uuid4().hex[:8]}"

@@ -19,7 +19,7 @@ FINGERPRINT = "f" * 64
 
 
 def _record(model_id, trial, epoch, score, *, arch=ARCH, sweep="s", tags=None):
-    from soups.registry import CheckpointRecord
+    from soups.store.registry import CheckpointRecord
     return CheckpointRecord(model_id, f"run-{trial}", "1", model_id, sweep, trial, epoch, "sha", FINGERPRINT, "init",
                             arch, metrics={"val_macro_f1": score, "val_accuracy": score}, tags=dict(tags or {}))
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soups import signing
-from soups.tags import TAG_META_SHA256, TAG_SHA256, TAG_SIGNATURE, TAG_SIGNED_BY
+from soups.store import signing
+from soups.store.tags import TAG_META_SHA256, TAG_SHA256, TAG_SIGNATURE, TAG_SIGNED_BY
 
 ICH = str(Path(sys.executable).with_name("ich"))
 CLASSES = ["Ca trù", "Hát xoan", "Quan họ", "Đờn ca tài tử"]  # even: reversing moves every name
@@ -401,7 +401,7 @@ def test_rewritten_checkpoint_is_refused_as_a_soup_ingredient(home, mlflow_clien
     from mlflow.entities import LoggedModelStatus
 
     from ich.checkpoint import sha256_file
-    from soups import registry
+    from soups.store import registry
     from soups.pull import CheckpointPool
     experiment_id = registry.get_or_create_experiment(mlflow_client, "signing-ingredients")
     run_id = mlflow_client.create_run(experiment_id).info.run_id

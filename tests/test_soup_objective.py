@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from ich.checkpoint import CheckpointError, load_checkpoint
 from ich.data import load_dataset
 from ich.errors import ConfigError
-from soups import registry
+from soups.store import registry
 from soups.average import RunningSum
 from soups.evaluate import EvalSpec, Evaluator
 from soups.parallel import state_dict_sha256

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from ich.checkpoint import META, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
 from ich.decode import decode_file
 from ich.models import create_model
-from soups import registry
+from soups.store import registry
 from soups.orchestrate import SoupError, SoupOptions, add_soup_args, cmd_soup, run_soups
 from soups.serve.inputs import decode_image
 from soups.serve.model import SoupClassifier

@@ -9,7 +9,7 @@ import torch
 
 from ich.checkpoint import load_checkpoint
 from ich.errors import ConfigError
-from soups import registry
+from soups.store import registry
 from soups.orchestrate import SoupError, SoupOptions, run_soups
 from sweeps.config import load_config
 from tests.fixtures_sweep import sweep_args, write_sweep_config

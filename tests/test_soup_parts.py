@@ -15,14 +15,15 @@ import torch
 
 from ich.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from ich.errors import ConfigError
-from soups import pull, registry
+from soups import pull
+from soups.store import registry
 from soups.analysis import soft_vote
 from soups.logit_store import soft_vote_logits
 from soups.pool import best_first
 from soups.soup_record import NO_URLS, json_safe, quiet_run_urls
 from soups.evaluate import EvalSpec
 from soups.options import SoupError, SoupOptions, add_soup_args, option_problem
-from soups.registry import CheckpointRecord
+from soups.store.registry import CheckpointRecord
 from soups.soup_record import SoupEntry
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from soups import registry, supervise
+from soups import supervise
+from soups.store import retry
 from soups.tracking_server import SERVER_ENV, _mlflow_executable, free_port, health_ok
 from tests.test_multinode import _group_alive  # one copy of the process-group probe
 
@@ -39,11 +40,11 @@ def test_recent_exits_forget_exits_older_than_the_window():
 def test_default_retry_window_outlasts_a_supervised_restart():
     """One MLflow call keeps retrying at least as long as the supervisor's first restart delay plus the start-up
     time the project allows a server; control: one attempt fewer falls short (the window is not oversized)."""
-    assert registry.SERVER_RESTART_S == supervise.FIRST_DELAY_S + 90.0
-    policy = registry.DEFAULT_RETRY
-    assert policy.total_wait() >= registry.SERVER_RESTART_S
-    shorter = registry.RetryPolicy(attempts=policy.attempts - 1, base_s=policy.base_s, max_s=policy.max_s)
-    assert shorter.total_wait() < registry.SERVER_RESTART_S
+    assert retry.SERVER_RESTART_S == supervise.FIRST_DELAY_S + 90.0
+    policy = retry.DEFAULT_RETRY
+    assert policy.total_wait() >= retry.SERVER_RESTART_S
+    shorter = retry.RetryPolicy(attempts=policy.attempts - 1, base_s=policy.base_s, max_s=policy.max_s)
+    assert shorter.total_wait() < retry.SERVER_RESTART_S
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -104,7 +105,7 @@ def test_killed_server_comes_back_on_the_same_store_and_ray_stop_ends_it(tmp_pat
         os.killpg(server, signal.SIGKILL)  # the whole server (mlflow CLI + uvicorn) dies at once
         _wait(lambda: not _group_alive(server), timeout=30, what="the killed server's group to go")
         # A call made during the outage, with the registry's default retries, gets its answer once it is back.
-        got = registry.call_with_retry("get run", client.get_run, run.info.run_id)
+        got = retry.call_with_retry("get run", client.get_run, run.info.run_id)
         assert got.data.metrics == {"val_acc": 0.5}
         [again] = _children(sup.pid)
         assert again != server

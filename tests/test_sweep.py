@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _records(client, experiment_id, sweep):
-    from soups.registry import search_checkpoints
+    from soups.store.registry import search_checkpoints
     return search_checkpoints(client, [experiment_id], sweep=sweep)
 
 
@@ -64,7 +64,7 @@ def starts(client, run_id) -> list[int]:
 
 
 def test_every_checkpoint_recorded_once_with_metrics_and_sha(tiny_sweep, mlflow_client, tmp_path):
-    from soups.registry import download_checkpoint
+    from soups.store.registry import download_checkpoint
     from ich.checkpoint import sha256_file
     exp, sweep = tiny_sweep["experiment_id"], tiny_sweep["experiment"]
     trials = {t["trial"]: t["epochs"] for t in tiny_sweep["trials"]}

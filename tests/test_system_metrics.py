@@ -37,7 +37,7 @@ def _system_keys(client, run_id: str) -> set[str]:
 
 @pytest.mark.integration
 def test_a_trial_run_gets_system_metrics_from_mlflows_monitor(mlflow_server, mlflow_client):
-    from soups import registry
+    from soups.store import registry
     eid = registry.get_or_create_experiment(mlflow_client, "system-metrics")
     on = mlflow_client.create_run(eid, run_name="on").info.run_id
     off = mlflow_client.create_run(eid, run_name="off").info.run_id  # control: the same wait, the monitor off

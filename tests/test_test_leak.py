@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from soups.registry import CheckpointRecord
+from soups.store.registry import CheckpointRecord
 
 FP = "f" * 64
 ARCH = "coatnet_tiny_ich"
@@ -110,7 +110,7 @@ def test_registered_soup_is_the_best_on_val():
 
 
 def champion_moves(swapped: bool) -> bool:
-    from soups import registry
+    from soups.store import registry
     from soups.champion import decide_champion
     # The champion: val 0.70, test 0.60. The new soup (the plant): val 0.50, test 0.95.
     (new_val, new_test), (old_val, old_test) = (0.50, 0.95), (0.70, 0.60)

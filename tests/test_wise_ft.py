@@ -187,7 +187,7 @@ def test_the_options_and_the_registry():
 
 def test_the_report_draws_the_curve_of_the_focus_blocks_soup(tmp_path):
     """A hand-built snapshot (test_report_snapshot's kind): the wise_ft soup's curve drawn with its chosen α."""
-    from soups.registry import CheckpointRecord
+    from soups.store.registry import CheckpointRecord
     from soups.report.build import compute_report
     from soups.report.predictions import Predictions
     from soups.report.snapshot import Snapshot
@@ -245,7 +245,7 @@ def wise_soups(tiny_sweep, mlflow_server):
 @pytest.mark.integration
 def test_ich_soup_logs_a_wise_ft_soup_per_family_with_its_curve(wise_soups, tiny_sweep, mlflow_server, mlflow_client,
                                                                  tmp_path):
-    from soups import registry
+    from soups.store import registry
     from soups.report.snapshot import read_snapshot
     soups = wise_soups["soups"]
     records = registry.search_checkpoints(mlflow_client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
@@ -301,7 +301,7 @@ def test_ich_soup_logs_a_wise_ft_soup_per_family_with_its_curve(wise_soups, tiny
 def test_a_family_without_its_init_gets_one_line_and_the_other_recipes_run(tiny_sweep, mlflow_server, mlflow_client,
                                                                           tmp_path):
     """The tiny sweep's checkpoints of two trials logged again in an experiment of their own, without the init."""
-    from soups import registry
+    from soups.store import registry
     from soups.orchestrate import run_soups
     experiment = "wise-ft-without-init"
     records = registry.search_checkpoints(mlflow_client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
@@ -322,7 +322,7 @@ def test_a_family_without_its_init_gets_one_line_and_the_other_recipes_run(tiny_
     about = [n for n in summary["notes"] if "wise_ft" in n]
     assert about == [f"no model_stock or wise_ft soup for init fingerprint {fingerprint}: this experiment holds no "
                      "`init` LoggedModel of it (sweeps log their init since this version: run the sweep again, or log "
-                     "it with soups.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
+                     "it with soups.store.registry.log_init_model(client, sweep_run, folder), the folder's checkpoint.json "
                      f"with ich.init_fingerprint={fingerprint})"]
     assert sorted(s["name"] for s in summary["soups"]) == ["across-all-greedy", "across-best-greedy",
                                                            "across-best-learned", "across-best-uniform"]

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from ich.data import load_dataset
 from ich.metrics import METRICS, metric_names
-from soups import provenance, registry
+from soups.store import provenance, registry, retry
 from soups.logit_store import prediction_cache
 from soups.options import SPLITS
 from soups.report.predictions import Predictions
@@ -72,7 +72,7 @@ from soups.report.selection import Selection, _champion, _usable, select
 from soups.report.snapshot import Candidate, ReportError, Snapshot, read_snapshot
 from soups.soup_record import json_safe
 from soups.stats import interval_metrics
-from soups.tags import KIND_REPORT, TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_SPLIT, TAG_SWEEP
+from soups.store.tags import KIND_REPORT, TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_SPLIT, TAG_SWEEP
 
 
 def needed_models(sel: Selection, champ: Candidate) -> list[Candidate]:
@@ -208,7 +208,7 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
                 TAG_METRIC: metric, TAG_SWEEP: best["sweep"],
                 **({"mlflow.parentRunId": parent} if parent else {}),
                 **provenance.run_tags("soups/report/build.py")}  # the code and packages that made it, as on every run
-        run = registry.call_with_retry("create report run", client.create_run, snap.experiment_id,
+        run = retry.call_with_retry("create report run", client.create_run, snap.experiment_id,
                                        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         run_id = run.info.run_id
         summary = {**report.summary, "run_id": run_id, "parent_run_id": parent}
@@ -220,10 +220,10 @@ def build_report(experiment: str, out_dir: str | None = None, *, tracking_uri: s
         metrics = [Metric(f"{key}_{split_for_table}_{m}", float(r[m]), now, 0)
                    for r in report.summary["table"] for m in (i.name for i in interval_metrics())
                    for key in ([r["key"]] + (["best_single"] if r is best else []))]  # best_single: one name across runs
-        registry.call_with_retry("log report metrics", client.log_batch, run_id, metrics=metrics)
+        retry.call_with_retry("log report metrics", client.log_batch, run_id, metrics=metrics)
         for name in files:
-            registry.call_with_retry(f"log report artifact {name}", client.log_artifact, run_id, str(out / name))
-        registry.call_with_retry("finish report run", client.set_terminated, run_id, "FINISHED")
+            retry.call_with_retry(f"log report artifact {name}", client.log_artifact, run_id, str(out / name))
+        retry.call_with_retry("finish report run", client.set_terminated, run_id, "FINISHED")
         return summary
     except BaseException:
         if run_id:

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ich.data import ICHDataset
-from soups import registry
+from soups.store import registry
 from soups.evaluate import EvalSpec, Evaluator
 from soups.logit_store import PredictionStore
 from soups.options import SPLITS

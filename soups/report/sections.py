@@ -21,7 +21,7 @@ from soups.report.selection import Selection, arch_name
 from soups.report.snapshot import Candidate, Snapshot
 from soups.soup_record import json_safe
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
-from soups.tags import TAG_INGREDIENTS
+from soups.store.tags import TAG_INGREDIENTS
 
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
 SEED = 0  # bootstrap resamples: the same images for every row

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from soups import recipes
 from soups.champion import ALIAS
 from soups.report.snapshot import Candidate, Snapshot, _best
-from soups.tags import GC_DELETED, TAG_GC
+from soups.store.tags import GC_DELETED, TAG_GC
 
 
 def _usable(records, kind: str, key: str, fingerprint: str, notes: list[str]) -> list[Candidate]:

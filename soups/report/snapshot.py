@@ -19,13 +19,13 @@ from ich.checkpoint import MAX_META_BYTES, META, CheckpointError, bounded_json
 from ich.errors import IchError
 from ich.home import own_optuna_storage
 from ich.models import family
-from soups import registry
+from soups.store import registry, retry
 from soups.champion import ALIAS, current_champion, registered_model_name
 from soups.pool import best_first
 from soups.pull import find_experiment
 from soups.options import SoupError
-from soups.tags import (GC_DELETED, TAG_CURVE, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,
-                        TAG_SCOPE, TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS, recipe_param_tag)
+from soups.store.tags import (GC_DELETED, TAG_CURVE, TAG_DATA, TAG_GC, TAG_OPTUNA_STORAGE, TAG_REGISTERED_MODEL,
+                              TAG_SCOPE, TAG_SOUP_MODEL, TAG_SOUP_RECIPE, TAG_STATUS, recipe_param_tag)
 
 TRIAL_STATUS = {"FINISHED": "finished", "KILLED": "stopped by ASHA", "FAILED": "failed", "RUNNING": "running"}
 RUNS_PAGE = 5000
@@ -165,11 +165,11 @@ def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> lis
     if registry.artifact_location_problem(uri, client.tracking_uri) is not None:
         return None  # a location outside the server's artifact proxy is never read (registry.check_artifact_location)
     try:
-        path = registry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
+        path = retry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
                                         artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri)
         with open(path, "rb") as f:
             meta = bounded_json(f.read(MAX_META_BYTES + 1), path)  # bounded like read_meta
-    except (MlflowException, registry.RegistryError, OSError, CheckpointError):
+    except (MlflowException, retry.RegistryError, OSError, CheckpointError):
         return None  # selection notes the soup without a soft-voting row
     if not isinstance(meta, dict) or not isinstance(meta.get("extra") or {}, dict):
         return None
@@ -178,7 +178,7 @@ def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> lis
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     """A metric's history by step; a step logged twice (a retried epoch) keeps its latest value."""
-    rows = registry.call_with_retry(f"metric history {key} of run {run_id}", client.get_metric_history, run_id, key)
+    rows = retry.call_with_retry(f"metric history {key} of run {run_id}", client.get_metric_history, run_id, key)
     by_step = {}
     for m in sorted(rows, key=lambda m: m.timestamp):
         by_step[int(m.step)] = float(m.value)
@@ -201,7 +201,7 @@ def _soup_curve(client, soup: registry.CheckpointRecord, metric: str) -> dict:
 
 
 def _trial_runs(client, experiment_id: str, sweep_run_id: str, key: str) -> list[TrialRun]:
-    runs = registry.call_with_retry(
+    runs = retry.call_with_retry(
         "search trial runs", client.search_runs, [experiment_id],
         filter_string=f"tags.`{registry.TAG_KIND}` = 'trial' AND tags.`mlflow.parentRunId` = '{sweep_run_id}'",
         max_results=RUNS_PAGE)
@@ -219,7 +219,7 @@ def _registered_model(client, experiment_id: str, experiment: str, sweep: str | 
     """The name the soups were registered under: the newest soup run's ich.registered_model tag
     (of this sweep first), else the orchestrator's default "<experiment>-soup"."""
     for tags in ([{registry.TAG_KIND: "soup", registry.TAG_SWEEP: sweep}] if sweep else []) + [{registry.TAG_KIND: "soup"}]:
-        runs = registry.call_with_retry(
+        runs = retry.call_with_retry(
             "search registered soup runs", client.search_runs, [experiment_id],
             filter_string=registry._tag_filter(tags) + f" AND tags.`{TAG_REGISTERED_MODEL}` LIKE '%'",
             max_results=1, order_by=["attributes.start_time DESC"])
@@ -237,8 +237,8 @@ def _read_champion(client, name: str, soup_ids: set[str], notes: list[str]) -> C
     if model_id and model_id not in soup_ids:
         try:
             ref.record = registry.get_model_record(client, model_id)
-        except (MlflowException, registry.RegistryError) as e:
-            if isinstance(e, MlflowException) and registry.is_transient(e):
+        except (MlflowException, retry.RegistryError) as e:
+            if isinstance(e, MlflowException) and retry.is_transient(e):
                 raise
             notes.append(f"alias {ALIAS} of {name} (v{version.version}): model {model_id} cannot be read ({e})")
     return ref

@@ -16,7 +16,7 @@ import pandas as pd
 
 from soups.serve.model import ARTIFACT, CODE_FILE, signature
 from soups.serve.verify import META_FILE, TAG_WEIGHTS_SHA256, WEIGHTS_FILE, _download_model, _sha256
-from soups.tags import TAG_CODE_SHA256, TAG_META_SHA256
+from soups.store.tags import TAG_CODE_SHA256, TAG_META_SHA256
 
 
 def pip_requirements() -> list[str]:
@@ -69,14 +69,14 @@ def sign_logged(model_id: str) -> dict[str, str]:
     it inside log_model, so the manifest is taken from one download of exactly what a verifier will download."""
     from mlflow import MlflowClient
 
-    from soups import registry, signing
+    from soups.store import retry, signing
 
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="ich-sign-") as tmp:
         local = _download_model(model_id, Path(tmp) / "model", f"model {model_id}")
-        tags = registry.call_with_retry(f"get model {model_id}", client.get_logged_model, model_id).tags or {}
+        tags = retry.call_with_retry(f"get model {model_id}", client.get_logged_model, model_id).tags or {}
         signature_tags = signing.sign(model_id, tags, local)
-    registry.call_with_retry(f"sign model {model_id}", client.set_logged_model_tags, model_id, signature_tags)
+    retry.call_with_retry(f"sign model {model_id}", client.set_logged_model_tags, model_id, signature_tags)
     return signature_tags
 
 

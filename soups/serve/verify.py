@@ -4,7 +4,7 @@ the sha256 recorded as LoggedModel tags at logging time; `fetch_verified` resolv
 downloads it, verifies it and then the owner's signature (docs/design.md#14). `ich predict` then builds
 SoupClassifier itself from the verified weights (`load_soup_model`: nothing from the model folder is imported),
 `ich serve` hands the verified copy to MLflow's scoring server (soups/serve/app.py). (The champion rule reads the
-soup's own checkpoint record, sha256-verified by soups.registry, not this model.)
+soup's own checkpoint record, sha256-verified by soups.store.registry, not this model.)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ich.checkpoint import CheckpointError
 from soups.serve.model import ARTIFACT, CODE_FILE, SoupClassifier, signature
-from soups.tags import TAG_META_SHA256, TAG_SHA256
+from soups.store.tags import TAG_META_SHA256, TAG_SHA256
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "checkpoint.json"
 TAG_WEIGHTS_SHA256 = TAG_SHA256  # the same tag the registry records on checkpoints
@@ -261,7 +261,7 @@ def resolve_model(uri: str) -> ModelSource:
         note = _rollback_note(client, uri, name, version) if not spec.startswith("m-") and alias else None
     except MlflowException as e:
         raise UntrustedModel(f"{uri}: {str(e).splitlines()[0]}") from None
-    from soups.registry import artifact_location_problem
+    from soups.store.registry import artifact_location_problem
     if (problem := artifact_location_problem(logged.artifact_location, client.tracking_uri)) is not None:
         raise UntrustedModel(f"{label}: {problem}")  # before anything is downloaded from it
     return ModelSource(label=label, model_id=model_id, recorded=dict(logged.tags or {}), note=note)
@@ -270,7 +270,7 @@ def resolve_model(uri: str) -> ModelSource:
 def _rollback_note(client, uri: str, name: str, version) -> str | None:
     """One note when the alias points at a version older than the newest one signed by a trusted key: allowed
     (any version that verifies may be served; rolling back is how a bad champion is undone), and said."""
-    from soups import signing
+    from soups.store import signing
 
     trusted = signing.trusted_keys()
     newer = [v for v in client.search_model_versions(f"name = '{name}'") if int(v.version) > int(version.version)]
@@ -310,7 +310,7 @@ def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
     checkpoint folder). What is used afterwards is exactly this verified copy."""
     import shutil
 
-    from soups import signing
+    from soups.store import signing
 
     source = resolve_model(uri)
     local = Path(dst) / "verified-model"  # not an importable name: nothing can `import` it from a cwd

@@ -31,9 +31,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
-from soups.tags import TAG_ENV, TAG_INGREDIENT_COMMITS, TAG_INGREDIENT_HASHES, TAG_SOURCE_HASH, TAG_VERSION
+from soups.store.tags import TAG_ENV, TAG_INGREDIENT_COMMITS, TAG_INGREDIENT_HASHES, TAG_SOURCE_HASH, TAG_VERSION
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_PACKAGES = ("ich", "soups", "sweeps")
 DIST_NAME = "ich-soups"
 # Packages whose versions change numbers (weights, metrics, timings) or records (MLflow, Ray).
@@ -152,14 +152,14 @@ def ingredient_tags(client, experiment_id: str, run_ids: Iterable[str]) -> dict[
     """summarize_ingredients over the given trial runs, read from MLflow (one search per 100 runs)."""
     from mlflow.entities import ViewType
 
-    from soups import registry
+    from soups.store import retry
 
     ids = sorted(set(run_ids))
     found: list[dict[str, str]] = []
     for start in range(0, len(ids), 100):
         chunk = ids[start:start + 100]
         quoted = ", ".join(f"'{i}'" for i in chunk)
-        runs = registry.call_with_retry("search ingredient runs", client.search_runs, [experiment_id],
+        runs = retry.call_with_retry("search ingredient runs", client.search_runs, [experiment_id],
                                         filter_string=f"attributes.run_id IN ({quoted})",
                                         run_view_type=ViewType.ALL, max_results=len(chunk))
         found += [dict(r.data.tags) for r in runs]

@@ -34,9 +34,9 @@ from pathlib import Path
 from ich.checkpoint import META
 from ich.errors import IchError
 from ich.metrics import metric_of_key
-from soups import registry
-from soups.tags import (GC_DELETED, KIND_CHECKPOINT, KIND_SWEEP, TAG_EPOCH, TAG_GC, TAG_GC_BYTES, TAG_GC_TIME, TAG_KIND,
-                        TAG_SOUP_MODEL, TAG_SWEEP, TAG_TRIAL, latest_metrics)
+from soups.store import registry, retry
+from soups.store.tags import (GC_DELETED, KIND_CHECKPOINT, KIND_SWEEP, TAG_EPOCH, TAG_GC, TAG_GC_BYTES, TAG_GC_TIME, TAG_KIND,
+                              TAG_SOUP_MODEL, TAG_SWEEP, TAG_TRIAL, latest_metrics)
 
 CHAMPION = "champion"
 
@@ -166,7 +166,7 @@ def _soup_ingredients(client, soup: registry.CheckpointRecord, tmp: Path) -> lis
     dst.mkdir(parents=True, exist_ok=True)
     uri = f"{soup.artifact_uri.rstrip('/')}/{META}"
     try:
-        path = registry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
+        path = retry.call_with_retry(f"download {META} of soup {soup.model_id}", download_artifacts,
                                         artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri)
         extra = json.loads(Path(path).read_text(encoding="utf-8")).get("extra") or {}
     except Exception as e:  # noqa: BLE001  (any failure: we cannot tell what it uses, so nothing may go)
@@ -183,18 +183,18 @@ def _champion_soups(client, experiment: str) -> list[tuple[str, str]]:
     from mlflow.exceptions import MlflowException
     names = {f"{experiment}-soup"}
     try:
-        found = registry.call_with_retry("search registered models", client.search_registered_models,
+        found = retry.call_with_retry("search registered models", client.search_registered_models,
                                          filter_string=f"tags.`ich.experiment` = {registry._quoted('experiment', experiment)}")
         names |= {m.name for m in found}
     except MlflowException as e:
-        if registry.is_transient(e):
+        if retry.is_transient(e):
             raise
     out = []
     for name in sorted(names):
         try:
             version = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException as e:
-            if registry.is_transient(e):
+            if retry.is_transient(e):
                 raise
             continue  # no such model or no alias
         soup_id = (version.tags or {}).get(TAG_SOUP_MODEL)
@@ -213,7 +213,7 @@ def _artifact_files(client, artifact_uri: str) -> list[tuple[str, int]]:
     files, todo = [], [None]
     while todo:
         path = todo.pop()
-        for info in registry.call_with_retry(f"list artifacts of {artifact_uri}", repo.list_artifacts, path):
+        for info in retry.call_with_retry(f"list artifacts of {artifact_uri}", repo.list_artifacts, path):
             if info.is_dir:
                 todo.append(info.path)
             else:
@@ -226,7 +226,7 @@ def _delete_files(client, artifact_uri: str, paths: list[str]) -> None:
     registry.check_artifact_location(artifact_uri, client.tracking_uri, "ich gc")
     repo = get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri)
     for path in paths:
-        registry.call_with_retry(f"delete {path} of {artifact_uri}", repo.delete_artifacts, path)
+        retry.call_with_retry(f"delete {path} of {artifact_uri}", repo.delete_artifacts, path)
 
 
 def _candidates(client, experiment_id: str, metric: str) -> tuple[list[CheckpointState], dict[str, object]]:
@@ -264,7 +264,7 @@ def run_gc(opts: GcOptions) -> dict:
         from soups.tracking_server import ensure_tracking_uri
         opts.tracking_uri = ensure_tracking_uri()
     client = MlflowClient(opts.tracking_uri)
-    experiment = registry.call_with_retry(f"get experiment {opts.experiment!r}", client.get_experiment_by_name,
+    experiment = retry.call_with_retry(f"get experiment {opts.experiment!r}", client.get_experiment_by_name,
                                           opts.experiment)
     if experiment is None or experiment.lifecycle_stage == "deleted":
         raise GcError(f"experiment {opts.experiment!r}: not found on the MLflow server at {opts.tracking_uri}")
@@ -305,7 +305,7 @@ def run_gc(opts: GcOptions) -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for row in rows:
             # tag first: an interrupted gc leaves a record that says its weights may be gone (a rerun finishes it)
-            registry.call_with_retry(f"tag model {row['model_id']}", client.set_logged_model_tags, row["model_id"],
+            retry.call_with_retry(f"tag model {row['model_id']}", client.set_logged_model_tags, row["model_id"],
                                      {TAG_GC: GC_DELETED, TAG_GC_BYTES: str(row["bytes"]), TAG_GC_TIME: now})
             _delete_files(client, models[row["model_id"]].artifact_location, row["files"])
 

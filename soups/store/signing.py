@@ -37,13 +37,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ich.errors import IchError
 from ich.home import ich_home
-from soups.tags import TAG_GC, TAG_GC_BYTES, TAG_GC_TIME, TAG_SIGNATURE, TAG_SIGNED_BY, TAG_SUPERSEDED_BY
+from soups.store.tags import TAG_GC, TAG_GC_BYTES, TAG_GC_TIME, TAG_SIGNATURE, TAG_SIGNED_BY, TAG_SUPERSEDED_BY
 
 MANIFEST_VERSION = 1
 KEY_ENV = "ICH_SIGNING_KEY"
 TRUSTED_FILE = "trusted_keys"
 # A signature covers every `ich.*` tag of the model (kind, sweep, trial, epoch, the weights' sha256, fingerprints,
-# architecture, recipe and its parameters, ...: soups/tags.py) but these, which the project sets after READY: the
+# architecture, recipe and its parameters, ...: soups/store/tags.py) but these, which the project sets after READY: the
 # signature itself, a superseded record's pointer, `ich gc`'s marks. An `ich.*` tag added later breaks the check.
 UNSIGNED_TAGS = frozenset({TAG_SIGNATURE, TAG_SIGNED_BY, TAG_SUPERSEDED_BY, TAG_GC, TAG_GC_BYTES, TAG_GC_TIME})
 SIGNED_PREFIX = "ich."
