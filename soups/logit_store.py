@@ -101,8 +101,7 @@ class PredictionStore(MutableMapping):
         splits = {s: np.ascontiguousarray(a) for s, a in splits.items()}
         self._write(key, splits)
         n = self.nbytes(splits)
-        if key not in self._files:
-            self.bytes_on_disk += n
+        self.bytes_on_disk += n - (self._files[key][1] if key in self._files else 0)  # a model put again: replaced
         self._files[key] = (list(splits), n)
         while self._mem and self.bytes_in_memory + n > self.max_bytes:  # make room first: never above the limit
             self._drop(next(iter(self._mem)))

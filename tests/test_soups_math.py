@@ -392,6 +392,8 @@ def test_prediction_store_writes_through_keeps_memory_bounded_and_soft_vote_stre
         assert all(np.array_equal(store[k][s], per[k][s]) for s in ("val", "test"))
     del store["m0"]
     assert "m0" not in store and store.bytes_on_disk == 39 * one
+    store["m1"] = per["m1"]  # put again: its files replaced, not counted twice
+    assert store.bytes_on_disk == 39 * one and len(store) == 39
     for split in ("val", "test"):
         arrays = [per[k][split] for k in per]
         assert np.array_equal(soft_vote_stream(store[k][split] for k in per if k in store),
