@@ -83,17 +83,17 @@ class PredictionStore(MutableMapping):
         weakref.finalize(self, shutil.rmtree, self._owned, True)
 
     def _write(self, key: str, splits: Splits) -> None:
-        try:
-            for split, a in splits.items():
-                save_cached_logits(self.folder, key, split, a)
-        except OSError as e:  # an unwritable cache: said once, then a temp folder of our own
-            if self._owned:
-                raise
-            print(f"prediction cache {self._folder} not written ({e}); logits kept in a temp folder for this call",
-                  flush=True)
-            self._use_temp_folder()
-            for split, a in splits.items():
-                save_cached_logits(self.folder, key, split, a)
+        while True:
+            try:
+                for split, a in splits.items():
+                    save_cached_logits(self.folder, key, split, a)
+                return
+            except OSError as e:  # an unwritable cache: said once, then a temp folder of our own
+                if self._owned:
+                    raise
+                print(f"prediction cache {self._folder} not written ({e}); logits kept in a temp folder for this "
+                      "call", flush=True)
+                self._use_temp_folder()
 
     def __setitem__(self, key: str, splits: Splits) -> None:
         if key in self._mem:
