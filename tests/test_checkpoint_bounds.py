@@ -318,10 +318,15 @@ def test_a_malformed_server_response_is_one_line_for_predict(body, raised, messa
 
 
 def test_a_server_answering_non_json_fails_ich_soup_in_one_line_without_retrying(tmp_path, monkeypatch):
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
     from soups.store import retry
     server = _garbled_server(NOT_JSON)
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     retries = retry.retry_count()
+    # `ich soup` in-process sets MLflow's process-global URI to this server, shut down below: restored after the
+    # test, or a later test's MlflowClient() talks to a dead port (seen: test_artifact_location, test_given_init).
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("ICH_HOME", str(tmp_path / "home"))
