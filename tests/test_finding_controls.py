@@ -1,17 +1,20 @@
-"""Controls for issue 23's finding 4: each test first shows the payload doing its harm where the guard
-is not (MLflow's own loader), then the project's guard refusing
+"""Controls for issue 23's findings 4 and 7c: each test first shows the payload doing its harm where the guard
+is not (MLflow's own loader, Python's os.walk), then the project's guard refusing
 the same input in one line. Without the control half a refusal assert could pass against a harmless payload.
 
 - Finding 4: MLflow follows `-r` in a model's requirements.txt when `ich serve` loads the model
   (soups/serve/app.py -> scoring_server.load_model_with_mlflow_config -> mlflow.pyfunc.load_model ->
   _get_pip_requirements_from_model_path -> requirements_utils._parse_requirements): `-r requirements.txt` recurses
   out, `-r <FIFO>` blocks until a writer comes. verify_soup_model refuses both folders without opening the FIFO.
+- Finding 7c: a 1,100-level empty folder tree in a model folder; os.walk, as the pre-0f9cfba check walked it, raises
+  RecursionError on Python 3.11; verify_soup_model refuses it in one line.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -114,3 +117,40 @@ def test_mlflow_blocks_on_an_included_fifo_and_the_guard_never_opens_it(model, t
     assert isinstance(got.get("error"), UntrustedModel), got
     assert str(got["error"]) == (f"planted: requirements.txt line '-r {fifo}' is an include, an option or a URL "
                                  "(only plain requirements are allowed); refusing")
+
+
+# ---------------------------------------------------------------------------------------------- finding 7c
+
+def _deep_tree(top: Path, levels: int) -> Path:
+    deepest = top
+    for _ in range(levels):  # one mkdir at a time: os.makedirs recurses on the parents
+        deepest /= "d"
+        deepest.mkdir()
+    return deepest
+
+
+def _remove_tree(top: Path, deepest: Path) -> None:
+    while deepest != top:  # bottom up, without recursion: shutil.rmtree (pytest's cleanup) recurses out too
+        deepest.rmdir()
+        deepest = deepest.parent
+
+
+def test_a_1100_level_folder_tree_recurses_os_walk_out_and_is_refused_in_one_line(model, tmp_path):
+    """CONTROL: os.walk over the folder, as verify_soup_model walked it before 0f9cfba (descending into every
+    folder, checking files only), raises RecursionError on Python 3.11 (os.walk recurses once per level; 3.12's is
+    iterative); verify_soup_model refuses the folder in one line before descending."""
+    from soups.serve.verify import UntrustedModel, verify_soup_model
+    folder = tmp_path / "deep-model"
+    shutil.copytree(model, folder)
+    deepest = _deep_tree(folder, 1100)
+    try:
+        if sys.version_info < (3, 12):
+            with pytest.raises(RecursionError):  # CONTROL: the old check's walk
+                for _ in os.walk(folder):
+                    pass
+        with pytest.raises(UntrustedModel) as refused:
+            verify_soup_model(folder, None, "planted")
+    finally:
+        _remove_tree(folder, deepest)
+    assert str(refused.value) == "planted: unexpected folder d (not part of a soup model); refusing"
+    verify_soup_model(folder, None, "control")  # the tree was all that was wrong
