@@ -1,5 +1,5 @@
-"""Controls for issue 23's findings 4 and 7c: each test first shows the payload doing its harm where the guard
-is not (MLflow's own loader, Python's os.walk), then the project's guard refusing
+"""Controls for issue 23's findings 4, 7c and 7e: each test first shows the payload doing its harm where the guard
+is not (MLflow's own loader, Python's os.walk, ingest with its refusal taken out), then the project's guard refusing
 the same input in one line. Without the control half a refusal assert could pass against a harmless payload.
 
 - Finding 4: MLflow follows `-r` in a model's requirements.txt when `ich serve` loads the model
@@ -8,19 +8,26 @@ the same input in one line. Without the control half a refusal assert could pass
   out, `-r <FIFO>` blocks until a writer comes. verify_soup_model refuses both folders without opening the FIFO.
 - Finding 7c: a 1,100-level empty folder tree in a model folder; os.walk, as the pre-0f9cfba check walked it, raises
   RecursionError on Python 3.11; verify_soup_model refuses it in one line.
+- Finding 7e: a class folder named with ESC/CR/BEL; ingest without its refusal writes the raw name into the dataset's
+  classes (what training copies into checkpoint.json and the pre-0f9cfba `ich predict` printed raw); ingest refuses
+  it in one line and writes nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import sys
 import threading
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
 
-from tests.test_attacks import tiny_checkpoint
+from tests.test_attacks import png_bytes, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +161,44 @@ def test_a_1100_level_folder_tree_recurses_os_walk_out_and_is_refused_in_one_lin
         _remove_tree(folder, deepest)
     assert str(refused.value) == "planted: unexpected folder d (not part of a soup model); refusing"
     verify_soup_model(folder, None, "control")  # the tree was all that was wrong
+
+
+# ---------------------------------------------------------------------------------------------- finding 7e
+
+EVIL = "b\x1b[2K\rall good\x07"  # erase the line, back to column 0, "all good", bell
+
+
+def _ingest(src: Path, out: Path) -> tuple[int, list[str], str]:
+    from sweeps.cli import main
+    err, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
+        rc = main(["ingest", str(src), str(out), "--size", "32", "--quiet", "--workers", "1"])
+    return rc, err.getvalue().strip().splitlines(), stdout.getvalue()
+
+
+def test_a_control_character_class_name_reaches_the_dataset_raw_without_the_ingest_refusal(tmp_path):
+    """CONTROL: with ingest's refusal taken out, the class folder named ESC[2K CR "all good" BEL is ingested (exit 0)
+    and its raw name is one of the dataset's classes, what training copies into checkpoint.json's class_names; the
+    line the pre-0f9cfba `ich predict` printed for it (`{path}: {class}`) then erases itself on a terminal and shows
+    "all good". With the refusal: one escaped line, exit 2, nothing written."""
+    import ich.ingest
+    from ich.errors import printable
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    for cls in ("a", EVIL):
+        (src / cls).mkdir(parents=True)
+        for i in range(4):
+            (src / cls / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)))
+    with mock.patch.object(ich.ingest, "_refuse_control_chars", lambda rel, src: None):
+        rc, err, _ = _ingest(src, tmp_path / "unguarded")
+    assert rc == 0 and err == [], err
+    classes = json.loads((tmp_path / "unguarded" / "manifest.json").read_text())["classes"]
+    assert EVIL in classes  # CONTROL: the raw bytes are in the dataset
+    old_line = f"photo.png: {EVIL}  ({EVIL}: 0.900)"  # sweeps/cli.py before 0f9cfba: print(f"{path}: {classes[top]}")
+    assert "\x1b[2K\r" in old_line and printable(EVIL) != EVIL and "\x1b" not in printable(EVIL)
+
+    rc, err, out = _ingest(src, tmp_path / "out")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"ich ingest: error: {src}: the name {EVIL!r} holds control characters; rename it (nothing was "
+                      "written)")
+    assert not any(c in err[0] + out for c in "\x1b\r\x07") and not (tmp_path / "out").exists()
