@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,17 @@ from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 NO_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 CI_ALPHA = 0.05  # the reported intervals are 95%; opts.alpha is the champion test's level
 SEED = 0  # bootstrap resamples: the same images for every model of a call
+# On the soup's run, so `ich report` can take its test_*_low/high and vs_best_* figures instead of recomputing them
+# (soups/report/sections.py): the model those vs_best_* compare with, and what the bootstrap was run on (JSON:
+# n_resamples, alpha, seed, sha256 of the soup's and of that model's test predictions). Names of the ich.* tag
+# vocabulary; they belong beside the others in soups/store/tags.py.
+TAG_BEST_SINGLE = "ich.best_single"
+TAG_BOOTSTRAP = "ich.bootstrap"
+
+
+def predictions_sha256(pred: np.ndarray) -> str:
+    """sha256 of predicted labels (int64, little-endian): equal hashes, the same input to the bootstrap."""
+    return hashlib.sha256(np.ascontiguousarray(pred, dtype="<i8").tobytes()).hexdigest()
 
 
 
@@ -71,7 +83,8 @@ def quiet_run_urls() -> Iterator[None]:
 
 @dataclass
 class SoupEntry:
-    """One soup's summary; to_dict() is its row of the JSON summary (ckpt, a local folder, is not part of it)."""
+    """One soup's summary; to_dict() is its row of the JSON summary (ckpt, a local folder, is not part of it, nor
+    bootstrap: the run's tags hold it)."""
     name: str
     scope: str
     recipe: str
@@ -92,9 +105,10 @@ class SoupEntry:
     pool: dict | None = None  # rule ("top_k:8"), size (its ingredients), family_size (what the rule chose from)
     params: dict = field(default_factory=dict)  # the recipe's parameters (wise_ft: alpha, head, from...)
     curve: dict | None = None  # a parameter the recipe swept on val, every point's val and test (build.Soup.curve)
+    bootstrap: dict | None = None  # what test's intervals and vs_best_single were computed from (TAG_BOOTSTRAP)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "ckpt"}
+        return {k: v for k, v in vars(self).items() if k not in ("ckpt", "bootstrap")}
 
 
 def _metrics(ev: Evaluator, logits: np.ndarray, split: str) -> dict[str, float]:
@@ -141,6 +155,9 @@ def report_soup(*, name: str, family: Family, recipe: str, soup: Soup, members: 
         pool=pool_entry(family),
         params=dict(soup.params),
         curve=soup.curve,
+        bootstrap={"n_resamples": opts.n_resamples, "alpha": CI_ALPHA, "seed": SEED,
+                   "predictions_sha256": predictions_sha256(soup_pred),
+                   "best_single_predictions_sha256": predictions_sha256(best_pred)},
     )
 
 
@@ -236,6 +253,9 @@ def log_soup(ctx: SoupCall, entry: SoupEntry, soup: Soup, ref: Pulled) -> None:
     ingredient_runs = {i["run_id"] for i in entry.ingredients if i["accepted"]}
     run_tags = {**tags, **provenance.run_tags("soups/orchestrate.py"),
                 **provenance.ingredient_tags(client, ctx.experiment_id, ingredient_runs)}
+    if entry.bootstrap:  # on the run beside the figures they describe (the report reads both there)
+        run_tags[TAG_BEST_SINGLE] = entry.best_single["model_id"]
+        run_tags[TAG_BOOTSTRAP] = json.dumps(entry.bootstrap, sort_keys=True)
     run = retry.call_with_retry("create soup run", client.create_run, ctx.experiment_id, run_name=entry.name,
                                    tags=run_tags)
     run_id = run.info.run_id

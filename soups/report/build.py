@@ -102,7 +102,7 @@ def compute_report(snap: Snapshot, preds: Predictions, out: Path, *, split: str 
     needed = needed_models(sel, champ)
     preds.ensure([c.record for c in needed])
 
-    rows = results_rows(sel, preds, split, n_resamples)
+    rows = results_rows(sel, preds, split, n_resamples, snap.soup_runs)
     sections = [results_section(rows, split, metric, out)]
     forest, section = forest_section(rows, split, out)
     sections += [section] if section else []

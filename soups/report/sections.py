@@ -18,13 +18,14 @@ from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_le
                          trial_labels)
 from soups.report.predictions import Predictions
 from soups.report.selection import Selection, arch_name
-from soups.report.snapshot import Candidate, Snapshot
-from soups.soup_record import json_safe
+from soups.report.snapshot import Candidate, Snapshot, SoupRun
+from soups.soup_record import TAG_BEST_SINGLE, TAG_BOOTSTRAP, json_safe, predictions_sha256
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 from soups.store.tags import TAG_INGREDIENTS
 
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
 SEED = 0  # bootstrap resamples: the same images for every row
+ALPHA = 0.05  # 95% intervals
 
 
 @dataclass
@@ -61,16 +62,60 @@ def _vote_logits(preds: Predictions, members: list[Candidate], split: str) -> np
 
 
 def table_row(key: str, label: str, kind: str, logits: np.ndarray, y: np.ndarray, k: int, *, n_resamples: int,
-              reference: np.ndarray | None = None, **info) -> dict:
-    """One row of the results table: point metrics, 95% bootstrap intervals, paired comparison with reference."""
+              reference: np.ndarray | None = None, logged: dict | None = None, **info) -> dict:
+    """One row of the results table: point metrics, 95% bootstrap intervals, paired comparison with reference.
+    logged (logged_figures): intervals and the paired comparison already computed on the same predictions, taken
+    as they are instead of bootstrapping again."""
     pred = logits.argmax(1)
+    logged = logged or {}
     row = {"key": key, "label": label, "kind": kind, **info, **classification_metrics(y, pred, k)}
     for metric in interval_metrics():
-        ci = bootstrap_ci(y, pred, metric.name, n_resamples=n_resamples, seed=SEED, num_classes=k)
-        row[f"{metric.name}_ci"] = [ci.low, ci.high]
-    row["vs_best_single"] = None if reference is None else paired_comparison(
-        y, pred, reference.argmax(1), n_resamples=n_resamples, seed=SEED, num_classes=k)
+        if "ci" in logged:
+            row[f"{metric.name}_ci"] = logged["ci"][metric.name]
+        else:
+            ci = bootstrap_ci(y, pred, metric.name, n_resamples=n_resamples, alpha=ALPHA, seed=SEED, num_classes=k)
+            row[f"{metric.name}_ci"] = [ci.low, ci.high]
+    if reference is None:
+        row["vs_best_single"] = None
+    elif "vs_best_single" in logged:
+        row["vs_best_single"] = logged["vs_best_single"]
+    else:
+        row["vs_best_single"] = paired_comparison(y, pred, reference.argmax(1), n_resamples=n_resamples, alpha=ALPHA,
+                                                  seed=SEED, num_classes=k)
     return row
+
+
+def _paired_keys() -> list[str]:
+    """The keys paired_comparison returns (soups/stats.py), in its order."""
+    return [f"{m.diff_name}_diff{end}" for m in interval_metrics() for end in ("", "_low", "_high")] + [
+        "mcnemar_b", "mcnemar_c", "mcnemar_p"]
+
+
+def logged_figures(run: SoupRun | None, split: str, n_resamples: int, pred: np.ndarray,
+                   reference: tuple[str, np.ndarray] | None) -> dict:
+    """What table_row may take from a soup's run instead of recomputing (`ich soup` bootstrapped the same test
+    predictions; soups/soup_record.py): "ci" (test_<metric>_low/high) when the run's bootstrap had this table's
+    split, resamples, alpha and seed and these very predictions (sha256); "vs_best_single" (vs_best_*) when, besides,
+    it compared with this block's best single (model id) on the same predictions of it. Anything else is recomputed,
+    so taking a figure changes the cost, never the number."""
+    if run is None or split != "test":
+        return {}
+    try:
+        boot = json.loads(run.tags.get(TAG_BOOTSTRAP) or "null")
+    except ValueError:
+        return {}
+    if (not isinstance(boot, dict) or [boot.get(k) for k in ("n_resamples", "alpha", "seed")] != [n_resamples, ALPHA, SEED]
+            or boot.get("predictions_sha256") != predictions_sha256(pred)):
+        return {}
+    m, out = run.metrics, {}
+    bounds = {metric.name: (f"test_{metric.name}_low", f"test_{metric.name}_high") for metric in interval_metrics()}
+    if all(lo in m and hi in m for lo, hi in bounds.values()):  # a non-finite figure is not logged: recompute
+        out["ci"] = {name: [m[lo], m[hi]] for name, (lo, hi) in bounds.items()}
+    if (reference is not None and run.tags.get(TAG_BEST_SINGLE) == reference[0]
+            and boot.get("best_single_predictions_sha256") == predictions_sha256(reference[1])
+            and all(f"vs_best_{k}" in m for k in _paired_keys())):
+        out["vs_best_single"] = {k: m[f"vs_best_{k}"] for k in _paired_keys()}
+    return out
 
 
 def table_metrics() -> list:
@@ -114,9 +159,12 @@ def _where(soup: Candidate) -> str:
     return f"{where}, pool {pool}" if pool else where
 
 
-def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: int) -> list[dict]:
+def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: int,
+                 soup_runs: dict[str, SoupRun] | None = None) -> list[dict]:
     """The paper's layout: the baselines, then one block per CoAtNet architecture (best single, uniform soup,
-    greedy soup, soft voting of each soup's ingredients); every block row is compared with its block's best single."""
+    greedy soup, soft voting of each soup's ingredients); every block row is compared with its block's best single.
+    A soup row takes the intervals its run logged when they are the same numbers (soup_runs: logged_figures)."""
+    soup_runs = soup_runs or {}
     data = preds.dataset
     y, k = data.splits[split].labels, data.num_classes
 
@@ -140,8 +188,11 @@ def results_rows(sel: Selection, preds: Predictions, split: str, n_resamples: in
         for recipe, soup in block.soups.items():
             members = sel.ingredients.get(soup.id)
             n = len(members) if members else None
+            logits = preds.logits(soup.id, split)
+            logged = logged_figures(soup_runs.get(soup.id), split, n_resamples, logits.argmax(1),
+                                    (b.id, reference.argmax(1)))
             rows.append(table_row(f"{arch}_{recipe}_soup", f"{name} + {recipe} soup ({_where(soup)})", "soup",
-                                  preds.logits(soup.id, split), y, k, n_resamples=n_resamples, reference=reference,
+                                  logits, y, k, n_resamples=n_resamples, reference=reference, logged=logged,
                                   **info(soup, block=arch, scope=soup.scope, recipe=recipe, name=soup.record.name,
                                          n_ingredients=n)))
             if members:

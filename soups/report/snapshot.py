@@ -69,6 +69,16 @@ def _best(candidates: list[Candidate], metric: str) -> Candidate | None:
 # ---------------------------------------------------------------------------------------------- snapshot
 
 @dataclass
+class SoupRun:
+    """A soup's run as `ich soup` logged it: its latest metrics (test_<metric>_low/high, vs_best_*...) and tags (what
+    they were computed from: soup_record.TAG_BOOTSTRAP, TAG_BEST_SINGLE). The table takes those figures when they
+    are the very numbers it would compute (sections.logged_figures)."""
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class TrialRun:
     """One trial run of the sweep run: its curve (val metric per epoch) and how it ended."""
     trial: str
@@ -119,6 +129,7 @@ class Snapshot:
     # soup model id -> the parameter its recipe swept on val (ich.curve): {"x", "chosen", "series": {"val accuracy":
     # [(x, value)], "test accuracy": [...], "val <metric>": [...]}} from its run's <x>_<split>_<metric> by step
     curves: dict[str, dict] = field(default_factory=dict)
+    soup_runs: dict[str, SoupRun] = field(default_factory=dict)  # soup model id -> its run's figures and tags
     sweep: str | None = None
     sweep_run_id: str | None = None
     sweep_tags: dict[str, str] = field(default_factory=dict)
@@ -198,6 +209,19 @@ def _soup_curve(client, soup: registry.CheckpointRecord, metric: str) -> dict:
     except ValueError:
         chosen = math.nan
     return {"x": x, "chosen": chosen if math.isfinite(chosen) else None, "series": series}
+
+
+def _soup_runs(client, experiment_id: str, soups: list[registry.CheckpointRecord]) -> dict[str, SoupRun]:
+    """The soups' runs by soup model id: one paged search of the experiment's soup runs, not a read per soup."""
+    runs, token = {}, None
+    while True:
+        page = retry.call_with_retry("search soup runs", client.search_runs, [experiment_id],
+                                     filter_string=f"tags.`{registry.TAG_KIND}` = 'soup'", max_results=RUNS_PAGE,
+                                     page_token=token)
+        runs.update({r.info.run_id: SoupRun(r.info.run_id, dict(r.data.metrics), dict(r.data.tags)) for r in page})
+        token = page.token
+        if not token:
+            return {s.model_id: runs[s.run_id] for s in soups if s.run_id in runs}
 
 
 def _trial_runs(client, experiment_id: str, sweep_run_id: str, key: str) -> list[TrialRun]:
@@ -358,6 +382,7 @@ def read_snapshot(experiment: str, *, tracking_uri: str | None = None, metric: s
         shutil.rmtree(tmp if own_tmp else tmp / "soup-meta", ignore_errors=True)
     snap.curves = {s.model_id: _soup_curve(client, s, metric) for s in snap.soups
                    if s.tags.get(TAG_CURVE) and s.run_id and family(s.architecture) == "coatnet"}
+    snap.soup_runs = _soup_runs(client, experiment_id, snap.soups) if snap.soups else {}
 
     sweep_run = _sweep_run(client, experiment_id, top.record.sweep if top else None)
     if sweep_run is not None:
