@@ -18,7 +18,8 @@ import re
 
 from mlflow.pyfunc import scoring_server
 
-from soups.serve.inputs import InputPolicy
+from soups.serve import inputs
+from soups.serve.inputs import REQUEST_STARTED, InputPolicy
 
 MAX_BODY_DEPTH = 32  # a dataframe_split body nests 4 deep
 MAX_DIGITS = 4300  # Python's int-from-text limit: a longer integer is a ValueError inside MLflow's parse
@@ -57,6 +58,8 @@ def bounded_bodies(app, max_bytes: int):
     async def guarded(scope, receive, send):
         if scope["type"] != "http" or scope.get("path") != "/invocations":
             return await app(scope, receive, send)
+        REQUEST_STARTED.set(inputs.now())  # the decode budget counts from here (asyncio.to_thread, where MLflow runs
+        # the model, copies this context)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()

@@ -5,15 +5,19 @@ Input: a pandas DataFrame with an `image` column (base64 bytes, for REST calls) 
 files). The `path` column is refused unless the server was given a root folder (ICH_SERVE_PATH_ROOT or
 `ich serve --path-root`): then only regular files under that root, up to the size cap, are read. Each
 image is checked from its header first (pixel count, aspect ratio; decompression-bomb warnings are
-errors), then decoded like `ich ingest` stores it and preprocessed like training evaluates it.
+errors), then decoded like `ich ingest` stores it and preprocessed like training evaluates it. A request's decoding
+stops once its time budget (MLflow's own MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, after which the scoring server has
+answered 504) has passed: the rest of its images are not decoded and the work ends with one refusal line.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import io
 import os
 import stat
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,10 @@ MAX_ROWS_ENV, DEFAULT_MAX_ROWS = "ICH_SERVE_MAX_ROWS", 256
 MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES = "ICH_SERVE_MAX_REQUEST_BYTES", 64 << 20
 MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS = "ICH_SERVE_MAX_REQUEST_PIXELS", 100_000_000
 MAX_ASPECT_RATIO = 20.0  # longer side / shorter side; a 100000x1 image would ask for a ~24 GiB resize
+# Per request: seconds from its arrival (REQUEST_STARTED, set by soups/serve/app.py; else from request_images) until
+# its images stop being decoded. MLflow's timeout middleware answers 504 then but leaves the work running.
+BUDGET_ENV, DEFAULT_BUDGET_S = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", 60  # MLflow's variable and default
+REQUEST_STARTED: contextvars.ContextVar[float | None] = contextvars.ContextVar("ich_request_started", default=None)
 
 
 class RequestRefused(ValueError):
@@ -66,12 +74,14 @@ def _env_cap(environ, name: str, default: int) -> int:
 @dataclass(frozen=True)
 class InputPolicy:
     """What a served model may read: `path` values only under path_root (None: never), at most max_bytes per
-    image; per request at most max_rows rows, max_request_bytes bytes and max_request_pixels header pixels."""
+    image; per request at most max_rows rows, max_request_bytes bytes and max_request_pixels header pixels, and
+    images decoded for at most budget_s seconds."""
     path_root: Path | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_rows: int = DEFAULT_MAX_ROWS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    budget_s: int = DEFAULT_BUDGET_S
 
     @classmethod
     def from_env(cls, environ=None) -> "InputPolicy":
@@ -79,7 +89,8 @@ class InputPolicy:
         caps = dict(max_bytes=_env_cap(environ, MAX_BYTES_ENV, DEFAULT_MAX_BYTES),
                     max_rows=_env_cap(environ, MAX_ROWS_ENV, DEFAULT_MAX_ROWS),
                     max_request_bytes=_env_cap(environ, MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
-                    max_request_pixels=_env_cap(environ, MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS))
+                    max_request_pixels=_env_cap(environ, MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS),
+                    budget_s=_env_cap(environ, BUDGET_ENV, DEFAULT_BUDGET_S))
         raw_root = environ.get(PATH_ROOT_ENV, "").strip()
         if not raw_root:
             return cls(None, **caps)
@@ -151,9 +162,33 @@ def check_image_header(data: bytes, where: str) -> int:
     return w * h
 
 
-def request_images(frame: pd.DataFrame, policy: InputPolicy) -> list[tuple[bytes, str]]:
+def now() -> float:
+    """The request budget's clock, time.monotonic (a function of this module: a test can give the budget its own)."""
+    return time.monotonic()
+
+
+class BudgetedImages(list):
+    """A request's checked (bytes, name) images. Iterating them is the decode loop (ich.preprocess.decode_images):
+    once the request's deadline has passed, the next image is not handed out and RequestRefused names the budget."""
+
+    def __init__(self, images, deadline: float, budget_s: int):
+        super().__init__(images)
+        self.deadline, self.budget_s = deadline, budget_s
+
+    def __iter__(self):
+        for i, image in enumerate(super().__iter__()):
+            if now() > self.deadline:
+                raise RequestRefused(f"request over its {self.budget_s}-s time budget ({BUDGET_ENV}); stopped after "
+                                     f"{i} of {len(self)} images")
+            yield image
+
+
+def request_images(frame: pd.DataFrame, policy: InputPolicy) -> BudgetedImages:
     """A request's rows -> checked image bytes and names, every row and the request's totals within the policy's
-    caps before anything is decoded; else RequestRefused naming the row or the cap."""
+    caps before anything is decoded; else RequestRefused naming the row or the cap. Their decoding stops at the
+    request's time budget (BudgetedImages)."""
+    started = REQUEST_STARTED.get()
+    deadline = (now() if started is None else started) + policy.budget_s
     if "path" not in frame.columns and "image" not in frame.columns:
         raise RequestRefused(f"input needs a 'path' or an 'image' column, got {list(frame.columns)}")
     if len(frame) > policy.max_rows:
@@ -173,7 +208,7 @@ def request_images(frame: pd.DataFrame, policy: InputPolicy) -> list[tuple[bytes
             raise RequestRefused(f"rows 0-{i}: {total_pixels} pixels, over the {policy.max_request_pixels}-pixel cap "
                                  f"per request ({MAX_REQUEST_PIXELS_ENV})")
         images.append((data, where))
-    return images
+    return BudgetedImages(images, deadline, policy.budget_s)
 
 
 def _image_bytes(row: pd.Series, i: int, policy: InputPolicy) -> tuple[bytes, str, int]:
