@@ -33,6 +33,8 @@ def _spy(monkeypatch) -> dict[str, list]:
 
 
 def test_logged_figures_are_taken_only_when_they_are_the_same_numbers(monkeypatch):
+    import json
+
     from soups.report.sections import logged_figures, table_row
     from soups.report.snapshot import SoupRun
     from soups.soup_record import TAG_BEST_SINGLE, TAG_BOOTSTRAP, predictions_sha256
@@ -54,7 +56,6 @@ def test_logged_figures_are_taken_only_when_they_are_the_same_numbers(monkeypatc
     def run(**boot) -> SoupRun:
         boot = {"n_resamples": RESAMPLES, "alpha": 0.05, "seed": 0, "predictions_sha256": predictions_sha256(pred),
                 "best_single_predictions_sha256": predictions_sha256(ref), **boot}
-        import json
         return SoupRun("r", dict(metrics), {TAG_BEST_SINGLE: "m-single", TAG_BOOTSTRAP: json.dumps(boot)})
 
     full = logged_figures(run(), "test", RESAMPLES, pred, ("m-single", ref))
@@ -63,7 +64,8 @@ def test_logged_figures_are_taken_only_when_they_are_the_same_numbers(monkeypatc
     row = table_row("s", "soup", "soup", soup, y, 4, n_resamples=RESAMPLES, reference=single, logged=full)
     assert calls == {"bootstrap_ci": [], "paired_comparison": []}
     fresh = table_row("s", "soup", "soup", soup, y, 4, n_resamples=RESAMPLES, reference=single)
-    assert row == fresh and len(calls["bootstrap_ci"]) == len(interval_metrics()) and len(calls["paired_comparison"]) == 1
+    assert row == fresh
+    assert len(calls["bootstrap_ci"]) == len(interval_metrics()) and len(calls["paired_comparison"]) == 1
 
     # Another best single (by id or by its predictions): the intervals still hold, the comparison is recomputed.
     assert set(logged_figures(run(), "test", RESAMPLES, pred, ("m-other", ref))) == {"ci"}

@@ -104,7 +104,8 @@ def logged_figures(run: SoupRun | None, split: str, n_resamples: int, pred: np.n
         boot = json.loads(run.tags.get(TAG_BOOTSTRAP) or "null")
     except ValueError:
         return {}
-    if (not isinstance(boot, dict) or [boot.get(k) for k in ("n_resamples", "alpha", "seed")] != [n_resamples, ALPHA, SEED]
+    settings = [n_resamples, ALPHA, SEED]
+    if (not isinstance(boot, dict) or [boot.get(k) for k in ("n_resamples", "alpha", "seed")] != settings
             or boot.get("predictions_sha256") != predictions_sha256(pred)):
         return {}
     m, out = run.metrics, {}
