@@ -15,9 +15,9 @@ from soups.store import registry, retry
 from soups.evaluate import EvalSpec, Evaluator, higher_is_better, metric_value
 from soups.soup_record import SoupCall, SoupEntry
 from soups.stats import mcnemar_exact
-from soups.store.tags import (KIND_SOUP_PYFUNC, TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_DECISION, TAG_DECISION_REASON,
-                              TAG_EXPERIMENT, TAG_KIND, TAG_METRIC, TAG_PYFUNC_MODEL, TAG_REGISTERED_MODEL,
-                              TAG_REGISTERED_VERSION, TAG_SOUP, TAG_SOUP_MODEL, TAG_SWEEP, TAG_VAL_PREFIX)
+from soups.store.tags import (TAG_CHAMPION_PREFIX, TAG_DATASET, TAG_DECISION, TAG_DECISION_REASON, TAG_EXPERIMENT,
+                              TAG_METRIC, TAG_REGISTERED_MODEL, TAG_REGISTERED_VERSION, TAG_SOUP, TAG_SOUP_MODEL,
+                              TAG_SWEEP, TAG_VAL_PREFIX)
 
 ALIAS = "champion"
 
@@ -139,11 +139,8 @@ def best_soup(soups: list[SoupEntry], metric: str) -> SoupEntry:
 
 
 def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, np.ndarray]) -> dict:
-    """Log the best soup (val) as a pyfunc model, register it, and move `champion` only if it wins."""
-    import mlflow
-
-    from soups.serve.log import log_pyfunc
-
+    """Register the best soup (val), its own LoggedModel (logged once by ich soup, signed: no second upload; `ich
+    serve` writes the pyfunc model around its verified copy), and move `champion` only if it wins."""
     client, opts, metric = ctx.client, ctx.opts, ctx.opts.metric
     best = best_soup(soups, metric)
     name = registered_model_name(opts.experiment, opts.registered_model)
@@ -151,14 +148,7 @@ def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, n
     current = current_champion(client, name)
     decision = decide_champion(ctx, best, val_logits[best.name], current)
 
-    # The fluent API logs the pyfunc; point it at this experiment (an experiment set earlier in the process
-    # makes start_run refuse a run of another one).
-    mlflow.set_experiment(experiment_id=ctx.experiment_id)
-    with mlflow.start_run(run_id=best.run_id):
-        info = log_pyfunc(best.ckpt, name="pyfunc", example_pixels=ctx.dataset.splits["val"].images[0],
-                          tags={TAG_KIND: KIND_SOUP_PYFUNC, TAG_SWEEP: ctx.sweep,
-                                TAG_SOUP_MODEL: best.model_id})
-    version_tags = {TAG_SOUP: best.name, TAG_SOUP_MODEL: best.model_id, TAG_PYFUNC_MODEL: info.model_id,
+    version_tags = {TAG_SOUP: best.name, TAG_SOUP_MODEL: best.model_id,
                     TAG_SWEEP: ctx.sweep, TAG_EXPERIMENT: opts.experiment, TAG_METRIC: metric,
                     TAG_DATASET: ctx.dataset.fingerprint,
                     TAG_DECISION: "moved" if decision["moved"] else "kept",
@@ -167,8 +157,8 @@ def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, n
                     **{f"{TAG_CHAMPION_PREFIX}{k}": repr(decision[k]) for k in ("champion_val", "p_value")
                        if decision[k] is not None}}
     version = retry.call_with_retry(
-        f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{info.model_id}",
-        run_id=best.run_id, tags=version_tags, model_id=info.model_id,
+        f"register soup in {name!r}", client.create_model_version, name, source=f"models:/{best.model_id}",
+        run_id=best.run_id, tags=version_tags, model_id=best.model_id,
         description=soup_card(ctx, best, metric, decision))
     if decision["moved"]:
         retry.call_with_retry(f"move alias {ALIAS}", client.set_registered_model_alias, name, ALIAS, version.version)
@@ -178,5 +168,5 @@ def register_best(ctx: SoupCall, soups: list[SoupEntry], val_logits: dict[str, n
                              tags=[RunTag(k, v) for k, v in run_tags.items()])
     alias_version = version.version if decision["moved"] else (current.version if current else None)
     return {"registered_model": name, "version": str(version.version), "soup": best.name,
-            "run_id": best.run_id, "model_id": best.model_id, "pyfunc_model_id": info.model_id,
+            "run_id": best.run_id, "model_id": best.model_id,
             "alias": ALIAS, "alias_version": None if alias_version is None else str(alias_version), **decision}

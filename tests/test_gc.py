@@ -149,6 +149,7 @@ def _gc(capsys, tmp: Path, *extra: str) -> tuple[int, dict, str]:
 @pytest.mark.integration
 def test_gc_dry_run_then_apply_on_a_real_server(gc_sweep, mlflow_server, digits_data, digits_dataset, capsys):
     from soups.orchestrate import SoupOptions, run_soups
+    from soups.serve.verify import fetch_verified
     import mlflow.pyfunc
     client, eid, ids, tmp = gc_sweep["client"], gc_sweep["eid"], gc_sweep["ids"], gc_sweep["tmp"]
     champion_ingredients = {ids[("a", 2)], ids[("b", 3)]}
@@ -187,7 +188,8 @@ def test_gc_dry_run_then_apply_on_a_real_server(gc_sweep, mlflow_server, digits_
     registry.load_record(client, registry.get_model_record(client, gc_sweep["hand"]), tmp / "check")
     champion = gc_sweep["champion"]
     registry.load_record(client, registry.get_model_record(client, champion["model_id"]), tmp / "check")
-    served = mlflow.pyfunc.load_model(f"models:/{champion['registered_model']}@champion")  # no pickle
+    _, folder, _ = fetch_verified(f"models:/{champion['registered_model']}@champion", tmp / "served")
+    served = mlflow.pyfunc.load_model(str(folder))  # the pyfunc around the verified soup record: no pickle
     image = next((Path(digits_dataset).parent / "images").rglob("*.png"))
     out = served.predict(pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode()]}))
     assert out["class"][0] in digits_data.classes and abs(sum(out["probabilities"][0]) - 1) < 1e-4

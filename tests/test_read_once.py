@@ -108,6 +108,45 @@ def test_each_ingredient_file_is_read_once_and_hashed_once(mlflow_server, logged
         assert spy.digests[sha] == 1, f"{model_id} hashed {spy.digests[sha]} times"
 
 
+def _copies(artifacts: Path) -> Counter[str]:
+    """Weights files in the server's artifact store by the sha256 of their bytes: one per upload of those weights."""
+    import ich.checkpoint
+    return Counter(ich.checkpoint.sha256_file(f) for f in artifacts.rglob(WEIGHTS))
+
+
+@pytest.mark.integration
+def test_each_soup_is_uploaded_once_registration_included(mlflow_server, mlflow_server_handle, logged, tmp_path):
+    """Issue 20's "each soup uploaded once": one `ich soup` adds each soup's weights to the artifact store once, the
+    registered champion included (its version is the soup's own LoggedModel). CONTROL: logging the champion as a
+    separate pyfunc model, as registration did before (soups.serve.log.log_pyfunc), adds a second copy and the
+    count sees it."""
+    import mlflow
+
+    from soups.serve.log import log_pyfunc
+    from soups.store import registry
+    client = MlflowClient(mlflow_server)
+    artifacts = Path(mlflow_server_handle.data_dir) / "mlflow" / "artifacts"
+    before = _copies(artifacts)
+    summary = _soups(mlflow_server, "uploads")
+    added = _copies(artifacts) - before
+    champion = summary["champion"]
+    version = client.get_model_version(champion["registered_model"], champion["version"])
+    assert version.source == f"models:/{champion['model_id']}"  # the registered version is the soup's record itself
+    shas = {s["model_id"]: client.get_logged_model(s["model_id"]).tags[registry.TAG_SHA256] for s in summary["soups"]}
+    assert len(shas) == len(summary["soups"]) >= 4 and champion["model_id"] in shas
+    soups_of = Counter(shas.values())  # two recipes may land on the same weights: two soups, one upload each
+    for model_id, sha in shas.items():
+        assert added[sha] == soups_of[sha], f"soup {model_id}: {added[sha]} uploads for {soups_of[sha]} soups"
+
+    record = registry.get_model_record(client, champion["model_id"])
+    ckpt = registry.download_checkpoint(client, record, tmp_path)
+    mlflow.set_tracking_uri(mlflow_server)
+    with mlflow.start_run(run_id=champion["run_id"]):
+        log_pyfunc(ckpt, name="pyfunc", example_pixels=None)
+    sha = shas[champion["model_id"]]
+    assert (_copies(artifacts) - before)[sha] == soups_of[sha] + 1  # CONTROL: a second upload is counted
+
+
 @pytest.mark.integration
 def test_control_the_spy_sees_second_reads_when_no_tensors_are_kept(mlflow_server, logged, monkeypatch):
     monkeypatch.setenv("ICH_SOUP_CACHE_MB", "0")

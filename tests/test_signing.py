@@ -440,3 +440,64 @@ def test_rewritten_checkpoint_is_refused_as_a_soup_ingredient(home, mlflow_clien
     assert got[honest_id] is not None and got[model.model_id] is None
     assert [s["model_id"] for s in pool.skipped] == [model.model_id]
     assert base64.b64decode(tags[TAG_SIGNATURE])  # the copied signature is a real one: it just is not this model's
+
+
+def test_issue_attack_on_a_registered_soup_record_is_refused(served, home, image_file, mlflow_server, tmp_path):
+    """A version is the soup's own record now (soups/champion.py registers the LoggedModel `ich soup` logged): the
+    issue's attack on that form. A copy of the record with reversed class names keeps the weights' sha256 tag true,
+    is registered and `champion` moved to it. CONTROL: every check but the signature passes it (sha256, finite
+    safetensors, tags against checkpoint.json) and its answers are the reversed names; `ich predict` and `ich serve`
+    refuse it in one line. (Last in the module: it adds versions, which the rollback test above counts.)"""
+    import unittest.mock
+
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.pyfunc import PythonModelContext
+
+    from ich.checkpoint import read_meta, sha256_file
+    from soups.serve.model import SoupClassifier
+    from soups.serve.verify import resolve_model
+    from soups.store import registry
+    from soups.store.tags import KIND_SOUP, model_tags
+    from soups.tracking_server import free_port
+    client, honest = served["client"], served["ckpt"]
+    tags = model_tags(read_meta(honest), kind=KIND_SOUP, sha256=sha256_file(honest / "model.safetensors"),
+                      trial="soup")
+    soup_id = registry.log_soup_model(client, experiment_id=served["experiment_id"], run_id=served["run_id"],
+                                      ckpt_dir=honest, name="greedy", tags=tags, metrics={})
+    _register(client, soup_id, served["run_id"], "champion")
+    uri = f"models:/{MODEL}@champion"
+    try:
+        ok = _ich("predict", "--model", uri, "--json", str(image_file), mlflow_server=mlflow_server, home=home)
+        assert ok.returncode == 0, ok.stderr[-3000:]  # the owner's soup record is served
+        honest_class = json.loads(ok.stdout.strip().splitlines()[-1])["class"]
+
+        folder = tmp_path / "forged"
+        shutil.copytree(honest, folder)
+        doc = json.loads((folder / "checkpoint.json").read_text())
+        doc["class_names"] = list(reversed(doc["class_names"]))
+        (folder / "checkpoint.json").write_text(json.dumps(doc))
+        forged = client.create_logged_model(served["experiment_id"], name="greedy", source_run_id=served["run_id"],
+                                            tags=dict(client.get_logged_model(soup_id).tags), model_type=KIND_SOUP)
+        client.log_model_artifacts(forged.model_id, str(folder))
+        client.finalize_logged_model(forged.model_id, LoggedModelStatus.READY)
+        version = _register(client, forged.model_id, served["run_id"], "champion")
+
+        source = resolve_model(uri)
+        assert source.record is not None and source.model_id == forged.model_id
+        ckpt = registry.download_checkpoint(client, source.record, tmp_path / "control")
+        with unittest.mock.patch.object(signing, "verify", lambda *a, **k: None):
+            registry.verify_pulled(source.record, ckpt)  # CONTROL: without the signature, nothing else objects
+        model = SoupClassifier()
+        model.load_context(PythonModelContext(artifacts={"soup": str(ckpt)}, model_config=None))
+        probs = model.probabilities([(image_file.read_bytes(), str(image_file))])
+        forged_answer = model.classes[int(probs[0].argmax())]
+        assert forged_answer == CLASSES[::-1][CLASSES.index(honest_class)] and forged_answer != honest_class
+
+        for command in (["predict", "--model", uri, str(image_file)],
+                        ["serve", "--model", uri, "--port", str(free_port())]):  # refused before any server starts
+            refused = _ich(*command, mlflow_server=mlflow_server, home=home)
+            line = _one_line(refused, command[0])
+            assert f"{uri} (version {version})" in line and "signature does not match its files or tags" in line
+            assert not refused.stdout
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", "1")

@@ -124,8 +124,11 @@ def test_soup_runs_sit_under_the_sweep_with_tags_metrics_artifacts_and_weights(f
 
 
 @pytest.mark.integration
-def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep, mlflow_client, monkeypatch):
+def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep, mlflow_client, monkeypatch,
+                                                          tmp_path):
     import mlflow.pyfunc
+
+    from soups.serve.verify import fetch_verified
 
     summary, _ = first_run
     champion = summary["champion"]
@@ -138,7 +141,11 @@ def test_best_soup_is_the_champion_and_serves_class_names(first_run, tiny_sweep,
     images = Path(tiny_sweep["data"]).parent / "images"
     paths = [sorted((images / c).glob("*.png"))[0] for c in sorted(p.name for p in images.iterdir())]
     monkeypatch.setenv("ICH_SERVE_PATH_ROOT", str(images))  # the path column is off unless a root is given
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")  # Models-from-Code: no pickle
+    # The version is the soup's own LoggedModel (logged once); what ich serve hands MLflow's scoring server is the
+    # pyfunc folder written around its verified copy. MLflow's loader runs it (Models-from-Code: no pickle).
+    assert version.source == f"models:/{champion['model_id']}" and champion["model_id"] == best["model_id"]
+    _, folder, _ = fetch_verified(f"models:/{MODEL_NAME}@champion", tmp_path)
+    model = mlflow.pyfunc.load_model(str(folder))
     out = model.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
     classes = [p.parent.name for p in paths]
     assert set(out["class"]) <= set(classes)

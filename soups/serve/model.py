@@ -2,12 +2,13 @@
 
 `SoupClassifier` loads the soup checkpoint folder from the model's artifacts (model.safetensors +
 checkpoint.json) and classifies images; output: one row per image with `class` (name), `confidence` and
-`probabilities` (class order). MLflow copies this file into the model folder at logging time (no pickle is
-written; soups/serve/log.py). Before anything loads a soup, `soups.serve.verify.verify_soup_model` checks that the
-copy is byte for byte this installed file; `mlflow models serve` (through `ich serve`) then runs only it, and it
-takes its input checks from the installed `soups` package. `ich predict` never runs the downloaded copy: it builds
-SoupClassifier from this installed module (soups/serve/verify.py's load_soup_model). Importing this module also
-calls `set_model` (MLflow's global for Models-from-Code), as importing soups/served_model.py did.
+`probabilities` (class order). `ich serve` writes the pyfunc folder around a verified soup record on the serving
+machine (soups/serve/log.py's save_pyfunc): MLflow copies this installed file into it (no pickle is written).
+Versions registered before that carry a copy logged with them; `soups.serve.verify.verify_soup_model` checks that
+such a copy is byte for byte this installed file; `mlflow models serve` (through `ich serve`) then runs only it, and
+it takes its input checks from the installed `soups` package. `ich predict` never runs a model folder's copy: it
+builds SoupClassifier from this installed module (soups/serve/verify.py's load_soup_model). Importing this module
+also calls `set_model` (MLflow's global for Models-from-Code), as importing soups/served_model.py did.
 No `from __future__` import: a statement planted before it would be a SyntaxError, and tests/test_attacks.py's
 code-swap control shows a planted copy of this file running under MLflow's own loader.
 """

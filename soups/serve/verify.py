@@ -1,22 +1,26 @@
-"""Trust in a soup pyfunc model before anything loads it: `verify_soup_model` checks the whole MLmodel against an
-allowlist, every file of the folder, the code file against the installed soups/serve/model.py and the weights against
-the sha256 recorded as LoggedModel tags at logging time; `fetch_verified` resolves a models:/ URI (or a local folder),
-downloads it, verifies it and then the owner's signature (docs/design.md#14). `ich predict` then builds
-SoupClassifier itself from the verified weights (`load_soup_model`: nothing from the model folder is imported),
-`ich serve` hands the verified copy to MLflow's scoring server (soups/serve/app.py). (The champion rule reads the
-soup's own checkpoint record, sha256-verified by soups.store.registry, not this model.)
+"""Trust in a soup model before anything loads it. A registered soup is the soup's own LoggedModel (its checkpoint
+folder, logged once by `ich soup`): `fetch_verified` resolves a models:/ URI, downloads that folder and verifies it as
+a soup ingredient is verified (soups.store.registry.verify_pulled: sha256, safetensors, finite weights, tags against
+checkpoint.json, the owner's signature; docs/design.md#14), then writes the pyfunc model around it here, from the
+installed code (`save_pyfunc`): no MLmodel, code or environment file comes from the server. Versions registered
+before that (a separately logged pyfunc model) are still served: `verify_soup_model` checks the whole MLmodel against
+an allowlist, every file of the folder, the code file against the installed soups/serve/model.py, the weights against
+the sha256 recorded at logging time, then the signature. `ich predict` builds SoupClassifier itself from the verified
+weights (`load_soup_model`: nothing from the model folder is imported), `ich serve` hands the verified pyfunc folder to
+MLflow's scoring server (soups/serve/app.py).
 """
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ich.checkpoint import CheckpointError
 from soups.serve.model import ARTIFACT, CODE_FILE, SoupClassifier, signature
-from soups.store.tags import TAG_META_SHA256, TAG_SHA256
+from soups.store.tags import KIND_SOUP, TAG_KIND, TAG_META_SHA256, TAG_SHA256, CheckpointRecord, record_of
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "checkpoint.json"
 TAG_WEIGHTS_SHA256 = TAG_SHA256  # the same tag the registry records on checkpoints
@@ -222,6 +226,7 @@ class ModelSource:
     model_id: str | None = None
     recorded: dict[str, str] | None = None
     note: str | None = None  # e.g. an alias on an older version than the newest signed one (a rollback)
+    record: CheckpointRecord | None = None  # a soup's own LoggedModel (its checkpoint folder), not a pyfunc model
 
 
 def resolve_model(uri: str) -> ModelSource:
@@ -264,7 +269,11 @@ def resolve_model(uri: str) -> ModelSource:
     from soups.store.registry import artifact_location_problem
     if (problem := artifact_location_problem(logged.artifact_location, client.tracking_uri)) is not None:
         raise UntrustedModel(f"{label}: {problem}")  # before anything is downloaded from it
-    return ModelSource(label=label, model_id=model_id, recorded=dict(logged.tags or {}), note=note)
+    recorded = dict(logged.tags or {})
+    record = record_of(logged) if recorded.get(TAG_KIND) == KIND_SOUP else None
+    if recorded.get(TAG_KIND) == KIND_SOUP and record is None:
+        raise UntrustedModel(f"{label}: a soup model without the epoch/sha256 tags of a soup record; refusing")
+    return ModelSource(label=label, model_id=model_id, recorded=recorded, note=note, record=record)
 
 
 def _rollback_note(client, uri: str, name: str, version) -> str | None:
@@ -291,42 +300,77 @@ def _download_model(model_id: str, dst: Path, label: str) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # refusals stay one line on stderr
     try:
-        got = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst))
+        with no_progress_bar():
+            got = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst))
     except (MlflowException, OSError) as e:
         raise UntrustedModel(f"{label}: cannot download model ({str(e).splitlines()[0]})") from None
+    return Path(got)
+
+
+@contextmanager
+def no_progress_bar():
+    """MLflow's artifact progress bar off while copying (downloads, save_model's artifact copy): refusals stay one
+    line on stderr and `ich serve` prints only its own lines."""
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
     finally:
         if quiet is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
-    return Path(got)
 
 
-def fetch_verified(uri: str, dst: str | Path) -> tuple[ModelSource, Path, Path]:
-    """Download a soup model under dst (a folder of ours) and verify it; returns (source, model folder,
-    checkpoint folder). What is used afterwards is exactly this verified copy."""
+def fetch_verified(uri: str, dst: str | Path, *, servable: bool = True) -> tuple[ModelSource, Path | None, Path]:
+    """Download a soup model under dst (a folder of ours) and verify it; returns (source, pyfunc model folder,
+    checkpoint folder). What is used afterwards is exactly this verified copy. servable=False (`ich predict`): only
+    the checkpoint is needed, so a soup record gets no pyfunc folder (None)."""
     import shutil
 
     from soups.store import signing
 
     source = resolve_model(uri)
-    local = Path(dst) / "verified-model"  # not an importable name: nothing can `import` it from a cwd
-    if source.local is not None:
-        verify_soup_model(source.local, None, source.label)  # before copying: no FIFO or device is opened
-        shutil.copytree(source.local, local, symlinks=True)
+    if source.record is not None:
+        local, ckpt = _fetch_soup_record(source, Path(dst), servable)
     else:
-        local = _download_model(source.model_id, local, source.label)
-    ckpt = verify_soup_model(local, source.recorded, source.label)
-    # The tags above are anyone's to rewrite: what proves the model is the owner's signature over its id, every
-    # file (env files included) and those tags (docs/design.md#14). A local folder is the user's own files.
-    if source.model_id is not None:
-        signing.verify(source.model_id, source.recorded or {}, local, label=source.label)
+        local = Path(dst) / "verified-model"  # not an importable name: nothing can `import` it from a cwd
+        if source.local is not None:
+            verify_soup_model(source.local, None, source.label)  # before copying: no FIFO or device is opened
+            shutil.copytree(source.local, local, symlinks=True)
+        else:
+            local = _download_model(source.model_id, local, source.label)
+        ckpt = verify_soup_model(local, source.recorded, source.label)
+        # The tags above are anyone's to rewrite: what proves the model is the owner's signature over its id, every
+        # file (env files included) and those tags (docs/design.md#14). A local folder is the user's own files.
+        if source.model_id is not None:
+            signing.verify(source.model_id, source.recorded or {}, local, label=source.label)
     if source.note:
         print(source.note, file=sys.stderr)
     return source, local, ckpt
+
+
+def _fetch_soup_record(source: ModelSource, dst: Path, servable: bool) -> tuple[Path | None, Path]:
+    """A registered soup record: its checkpoint folder downloaded and verified as an ingredient is (sha256, finite
+    safetensors, tags against checkpoint.json, the owner's signature over every file and tag), then, to serve it,
+    the pyfunc model written around that verified copy from the installed code."""
+    from mlflow import MlflowClient
+
+    from soups.serve.log import save_pyfunc
+    from soups.store import registry, signing
+
+    record = source.record
+    named = f"checkpoint {record.label()}"  # how verify_pulled names it; the user named the model by its URI
+    try:
+        ckpt = registry.download_checkpoint(MlflowClient(), record, dst / "record")
+        registry.verify_pulled(record, ckpt)
+    except (CheckpointError, registry.RegistryError, signing.SignatureError) as e:
+        raise type(e)(str(e).replace(named, source.label, 1).splitlines()[0]) from None
+    if not servable:
+        return None, ckpt
+    local = save_pyfunc(ckpt, dst / "verified-model")
+    return local, verify_soup_model(local, None, source.label)  # what MLflow wrote is what a soup model holds
 
 
 def load_soup_model(uri: str) -> SoupClassifier:
@@ -335,7 +379,7 @@ def load_soup_model(uri: str) -> SoupClassifier:
     from mlflow.pyfunc import PythonModelContext
 
     with tempfile.TemporaryDirectory(prefix="ich-model-") as tmp:
-        source, _, ckpt = fetch_verified(uri, tmp)
+        source, _, ckpt = fetch_verified(uri, tmp, servable=False)
         model = SoupClassifier()
         try:
             model.load_context(PythonModelContext(artifacts={ARTIFACT: str(ckpt)}, model_config=None))

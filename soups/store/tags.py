@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ a LoggedModel's identity (checkpoints, soups, inits)
-TAG_KIND = "ich.kind"  # KIND_* below, or "sweep" | "trial" | "report" | "soup-pyfunc" on runs and models
+TAG_KIND = "ich.kind"  # KIND_* below, or "sweep" | "trial" | "report" on runs and models
 TAG_SWEEP = "ich.sweep"
 TAG_TRIAL = "ich.trial"
 TAG_EPOCH = "ich.epoch"  # an integer written as a string
@@ -36,7 +36,7 @@ KIND_INIT = "init"
 KIND_SWEEP = "sweep"
 KIND_TRIAL = "trial"
 KIND_REPORT = "report"
-KIND_SOUP_PYFUNC = "soup-pyfunc"
+KIND_SOUP_PYFUNC = "soup-pyfunc"  # a soup's second, pyfunc LoggedModel: how versions were registered before 2026-12-08
 INIT_TRIAL = "init"  # the trial tag of init models
 SOUP_TRIAL = "soup"  # the trial tag of across-run soups (within-trial soups carry their trial)
 
@@ -71,9 +71,8 @@ def recipe_param_tag(recipe: str, name: str) -> str:
     return f"ich.{recipe}.{name}"
 
 # ------------------------------------------------------------------ the registered soup (versions, the soup's run)
-TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it
+TAG_SOUP_MODEL = "ich.soup_model_id"  # on registered versions: the soup LoggedModel behind it (the version's own)
 TAG_SOUP = "ich.soup"  # the soup's name
-TAG_PYFUNC_MODEL = "ich.pyfunc_model_id"
 TAG_EXPERIMENT = "ich.experiment"  # also on registered models and report runs
 TAG_VAL_PREFIX = "ich.val_"  # + metric: the soup's val figure (repr)
 TAG_CHAMPION_PREFIX = "ich.champion_"  # + champion_val | p_value (on versions and the soup's run)
