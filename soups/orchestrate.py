@@ -86,7 +86,7 @@ def run_soups(opts: SoupOptions) -> dict:
     opts.validate()
     started = time.time()
     uri = opts.tracking_uri or _default_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # the pyfunc model is logged through the fluent API
+    mlflow.set_tracking_uri(uri)  # for whatever below makes its own MlflowClient() or downloads without a URI
     client = MlflowClient(uri)
     snap = read_sweep(client, opts, uri)
     data = opts.data or snap.data

@@ -19,7 +19,7 @@ freed. The soup orchestrator and the report skip such records with one note, not
 
 Safety: the tag is written before the files go, so an interrupted gc leaves records that say so (a rerun
 finishes them); a soup whose ingredients cannot be read stops gc before anything is deleted; soups, inits
-and registered pyfunc models are never touched (only ich.kind=checkpoint records are candidates).
+and the pyfunc models older versions registered are never touched (only ich.kind=checkpoint records are candidates).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 signature, and the one check of it against the keys this user trusts.
 
 A tag is writable by whoever can write to the tracking server, so a sha256 kept in a tag proves nothing against
-that writer. Every checkpoint, init, soup and registered (pyfunc) soup LoggedModel therefore carries
+that writer. Every checkpoint, init and soup LoggedModel (a registered soup is its own) therefore carries
 `ich.signature`, an ed25519 signature over its manifest, and `ich.signed_by`, the signing key's id. The manifest
 (`manifest`, pure) is sorted-key compact JSON of: a version, the model id, the sha256 of EVERY file of the model's
 folder (relative posix paths) and the tags that give it meaning (every `ich.*` tag but UNSIGNED_TAGS: kind, sweep,
