@@ -156,7 +156,15 @@ def test_a_held_start_lock_times_out_naming_its_holder(tmp_path):
 
 
 def test_the_port_lock_is_this_users_and_times_out(tmp_path, monkeypatch):
-    from soups.tracking_server import MlflowServerError, _runtime_dir, start_server
+    """A held port lock makes a start give up after ICH_LOCK_TIMEOUT_S naming its holder; CONTROL: released, the
+    same lock is taken at once and names this process. The runtime folder must be this user's, 0700."""
+    from soups.tracking_server import MlflowServerError, _port_lock, _runtime_dir, start_server
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run" / "ich").mkdir(parents=True, mode=0o755)
+    os.chmod(tmp_path / "run" / "ich", 0o755)  # others may list and swap its files
+    with pytest.raises(MlflowServerError, match=r"run/ich is not a private folder of this user \(uid \d+\); remove it"):
+        _runtime_dir()
+    os.chmod(tmp_path / "run" / "ich", 0o700)
     runtime = _runtime_dir()
     assert runtime.stat().st_uid == os.getuid() and runtime.stat().st_mode & 0o777 == 0o700
     holder = _holder("_port_lock", "", _env(tmp_path))
@@ -164,5 +172,63 @@ def test_the_port_lock_is_this_users_and_times_out(tmp_path, monkeypatch):
         monkeypatch.setenv("ICH_LOCK_TIMEOUT_S", "1")
         with pytest.raises(MlflowServerError, match=f"mlflow-port.lock is held by pid {holder.pid} "):
             start_server(tmp_path / "home")
+        holder.stdin.close()  # control: released, the lock is this process's within the same timeout
+        holder.wait(30)
+        with _port_lock():
+            assert (runtime / "mlflow-port.lock").read_text().startswith(f"{os.getpid()} (")
     finally:
         _end(holder)
+
+
+def test_a_record_whose_server_does_not_listen_on_its_port_is_not_used(tmp_path, monkeypatch):
+    """server.json right in all but the socket: its pid leads its own session and runs the exact `mlflow server`
+    command for this store, but that session does not listen on the recorded port, where another process answers
+    /health. That answer is never used: one line, exit as a refusal, and the store's (hung) server is not doubled.
+    CONTROL: with the socket check as it was before 4b2f10b (/health alone, _session_listens bypassed), the record is
+    trusted and the other process's URI is returned: sweeps would write into whatever answers there."""
+    import http.server
+    import threading
+
+    from soups import tracking_server
+    from soups.supervise import start_time
+    from soups.tracking_server import MlflowServerError, _server_command, ensure_tracking_uri, free_port
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Health)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    port, home = impostor.server_address[1], (tmp_path / "home").resolve()
+    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "hold.py").write_text("import time\ntime.sleep(300)\n")
+    # argv [python, hold.py, <the exact server command>]: what an `mlflow server` started by its script shows
+    command = _server_command(home, port, "127.0.0.1", None)
+    fake = subprocess.Popen([sys.executable, str(tmp_path / "hold.py"), *command], start_new_session=True)
+    try:
+        for _ in range(100):  # Popen returns once exec began; /proc's cmdline is empty until the kernel has set it up
+            if Path(f"/proc/{fake.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.05)
+        _write_record(home, {"pid": fake.pid, "start_time": start_time(fake.pid), "port": port, "uri": uri,
+                             "data_dir": str(home), "backend_store_uri": None})
+        assert tracking_server._unproven(home, tracking_server._read_record(home)) is None  # pid and command prove it
+        assert tracking_server.health_ok(uri) and not tracking_server._session_listens(fake.pid, port)
+        monkeypatch.setattr(tracking_server, "HEALTH_TIMEOUT_S", 2.0)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test; empty: the local server is chosen
+        with monkeypatch.context() as m:
+            m.setattr(tracking_server, "_session_listens", lambda sid, port: True)
+            assert ensure_tracking_uri(home, quiet=True) == uri  # CONTROL: the old check trusts the answer
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+        with pytest.raises(MlflowServerError) as refused:
+            ensure_tracking_uri(home, quiet=True)
+        assert str(refused.value) == (f"MLflow server (pid {fake.pid}) did not answer {uri}/health within 2 s; see "
+                                      f"{home}/mlflow/server.log; stop it with `ich ui --stop`")
+        assert os.environ["MLFLOW_TRACKING_URI"] == "" and _alive(fake.pid)
+    finally:
+        _end(fake)
+        impostor.shutdown()
+        impostor.server_close()
