@@ -194,8 +194,8 @@ def home(tmp_path_factory):
 
 
 def _log_soup(client, experiment_id: str, ckpt: Path, key_file: Path | None = None):
-    """A soup pyfunc model as champion.register_best logs it (soups.serve.log.log_pyfunc), signed by the own key or
-    by the key in key_file; returns (run_id, model_id)."""
+    """A soup pyfunc model as versions were registered before 2026-12-08 (soups.serve.log.log_pyfunc), signed by the
+    own key or by the key in key_file; returns (run_id, model_id)."""
     import mlflow
 
     from soups.serve.log import log_pyfunc

@@ -1,4 +1,4 @@
-"""Serving a soup: inputs (request images bounded) ─▶ model (the pyfunc model, its own code) ◀ log (save_pyfunc: the
-pyfunc folder written around a verified soup record) · verify (what is served or predicted is checked first) · app
-(`ich serve`'s ASGI app).
+"""Serving a soup: inputs (request images bounded) ─▶ model (the pyfunc model, its own code) ◀ pyfunc_folder
+(save_pyfunc: the pyfunc folder written around a verified soup) ◀ verify (what is served or predicted is checked
+first) ◀ log (log_pyfunc: how older versions were logged) · app (`ich serve`'s ASGI app).
 """

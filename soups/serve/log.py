@@ -1,12 +1,8 @@
-"""A soup as a servable model. `save_pyfunc` writes a Models-from-Code pyfunc model folder around a verified
-checkpoint folder (its `python_model` is the installed soups/serve/model.py, its weights the checkpoint folder
-artifact; nothing in it is a pickle; its environment pinned from this one by `pip_requirements`): `ich serve` and
-`ich predict` build it locally from a registered soup record, which `ich soup` logged once (soups/champion.py
-registers that record itself).
-
-`log_pyfunc` is how soups registered before that were logged, a second LoggedModel holding the same weights
-(with the sha256 of its weights, metadata and code as tags, signed as stored by `sign_logged`); such versions are
-still verified and served (soups/serve/verify.py), and the tests plant models of this shape.
+"""How soups registered before 2026-12-08 were logged: `log_pyfunc`, a second LoggedModel holding the same weights as
+the soup's record (a Models-from-Code pyfunc model, written by soups/serve/pyfunc_folder.py's pins; the sha256 of its
+weights, metadata and code as tags), signed as stored by `sign_logged`. Such versions are still verified and served
+(soups/serve/verify.py), and the tests plant models of this shape. A soup is registered as its own record now
+(soups/champion.py); `ich serve` writes its pyfunc folder locally (soups/serve/pyfunc_folder.py).
 """
 from __future__ import annotations
 
@@ -20,21 +16,9 @@ import numpy as np
 import pandas as pd
 
 from soups.serve.model import ARTIFACT, CODE_FILE, signature
-from soups.serve.verify import META_FILE, TAG_WEIGHTS_SHA256, WEIGHTS_FILE, _download_model, _sha256, no_progress_bar
+from soups.serve.pyfunc_folder import classes_of, pip_requirements
+from soups.serve.verify import META_FILE, TAG_WEIGHTS_SHA256, WEIGHTS_FILE, _download_model, _sha256
 from soups.store.tags import KIND_SOUP_PYFUNC, TAG_CODE_SHA256, TAG_META_SHA256
-
-
-def pip_requirements() -> list[str]:
-    """Pinned from this environment: skips MLflow's slow requirement inference (a subprocess)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for package in ("torch", "timm", "safetensors", "pillow", "numpy", "pandas", "pyarrow", "tqdm", "mlflow"):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
 
 
 def example_image(pixels: np.ndarray) -> str:
@@ -53,17 +37,6 @@ def recorded_hashes(ckpt_dir: str | Path) -> dict[str, str]:
             TAG_CODE_SHA256: _sha256(CODE_FILE)}
 
 
-def save_pyfunc(ckpt_dir: str | Path, path: str | Path) -> Path:
-    """The pyfunc model folder of the soup at ckpt_dir, written at path (which must not exist); returns path."""
-    import warnings
-    with warnings.catch_warnings(), no_progress_bar():  # the signature is given: MLflow's input-example advice is noise
-        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        mlflow.pyfunc.save_model(path=str(path), python_model=str(CODE_FILE), artifacts={ARTIFACT: str(ckpt_dir)},
-                                 signature=signature(), pip_requirements=pip_requirements(),
-                                 metadata={"classes": _classes(ckpt_dir)})
-    return Path(path)
-
-
 def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None = None,
                example_pixels: np.ndarray | None = None):
     """Log the soup at ckpt_dir as a Models-from-Code pyfunc model of the active run (no pickle; the sha256
@@ -74,7 +47,7 @@ def log_pyfunc(ckpt_dir: str | Path, *, name: str, tags: dict[str, str] | None =
         name=name, python_model=str(CODE_FILE), artifacts={ARTIFACT: str(ckpt_dir)},
         signature=signature(), input_example=example, pip_requirements=pip_requirements(),
         tags={**{k: str(v) for k, v in (tags or {}).items()}, **recorded_hashes(ckpt_dir)},
-        model_type=KIND_SOUP_PYFUNC, metadata={"classes": _classes(ckpt_dir)})
+        model_type=KIND_SOUP_PYFUNC, metadata={"classes": classes_of(ckpt_dir)})
     sign_logged(info.model_id)
     return info
 
@@ -94,8 +67,3 @@ def sign_logged(model_id: str) -> dict[str, str]:
         signature_tags = signing.sign(model_id, tags, local)
     retry.call_with_retry(f"sign model {model_id}", client.set_logged_model_tags, model_id, signature_tags)
     return signature_tags
-
-
-def _classes(ckpt_dir: str | Path) -> list[str]:
-    from ich.checkpoint import read_meta
-    return list(read_meta(ckpt_dir).class_names)

@@ -3,7 +3,8 @@
 `SoupClassifier` loads the soup checkpoint folder from the model's artifacts (model.safetensors +
 checkpoint.json) and classifies images; output: one row per image with `class` (name), `confidence` and
 `probabilities` (class order). `ich serve` writes the pyfunc folder around a verified soup record on the serving
-machine (soups/serve/log.py's save_pyfunc): MLflow copies this installed file into it (no pickle is written).
+machine (soups/serve/pyfunc_folder.py's save_pyfunc): MLflow copies this installed file into it (no pickle is
+written).
 Versions registered before that carry a copy logged with them; `soups.serve.verify.verify_soup_model` checks that
 such a copy is byte for byte this installed file; `mlflow models serve` (through `ich serve`) then runs only it, and
 it takes its input checks from the installed `soups` package. `ich predict` never runs a model folder's copy: it

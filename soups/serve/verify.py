@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ich.checkpoint import CheckpointError
 from soups.serve.model import ARTIFACT, CODE_FILE, SoupClassifier, signature
+from soups.serve.pyfunc_folder import no_progress_bar
 from soups.store.tags import KIND_SOUP, TAG_KIND, TAG_META_SHA256, TAG_SHA256, CheckpointRecord, record_of
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "checkpoint.json"
@@ -308,21 +308,6 @@ def _download_model(model_id: str, dst: Path, label: str) -> Path:
     return Path(got)
 
 
-@contextmanager
-def no_progress_bar():
-    """MLflow's artifact progress bar off while copying (downloads, save_model's artifact copy): refusals stay one
-    line on stderr and `ich serve` prints only its own lines."""
-    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if quiet is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
-
-
 def fetch_verified(uri: str, dst: str | Path, *, servable: bool = True) -> tuple[ModelSource, Path | None, Path]:
     """Download a soup model under dst (a folder of ours) and verify it; returns (source, pyfunc model folder,
     checkpoint folder). What is used afterwards is exactly this verified copy. servable=False (`ich predict`): only
@@ -357,7 +342,7 @@ def _fetch_soup_record(source: ModelSource, dst: Path, servable: bool) -> tuple[
     the pyfunc model written around that verified copy from the installed code."""
     from mlflow import MlflowClient
 
-    from soups.serve.log import save_pyfunc
+    from soups.serve.pyfunc_folder import save_pyfunc
     from soups.store import registry, signing
 
     record = source.record
