@@ -271,10 +271,31 @@ def _forge(served, folder: Path, tags: dict) -> str:
     return model.model_id
 
 
+def _answer(ckpt: Path, image_file: Path) -> str:
+    """The class a soup checkpoint folder answers for the image, through SoupClassifier with no check at all."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from soups.serve.model import SoupClassifier
+    model = SoupClassifier()
+    model.load_context(PythonModelContext(artifacts={"soup": str(ckpt)}, model_config=None))
+    probs = model.probabilities([(image_file.read_bytes(), str(image_file))])
+    return model.classes[int(probs[0].argmax())]
+
+
+def _refused_by_predict_and_serve(uri: str, version: str, image_file: Path, mlflow_server: str, home: Path) -> None:
+    """`ich predict` and `ich serve` (before any server starts) refuse the version in one line: bad signature."""
+    from soups.tracking_server import free_port
+    for command in (["predict", "--model", uri, str(image_file)],
+                    ["serve", "--model", uri, "--port", str(free_port())]):
+        refused = _ich(*command, mlflow_server=mlflow_server, home=home)
+        line = _one_line(refused, command[0])
+        assert f"{uri} (version {version})" in line and "signature does not match its files or tags" in line
+        assert not refused.stdout
+
+
 def test_issue_attack_reversed_classes_repinned_and_aliased_is_refused(served, home, image_file, mlflow_server,
                                                                        tmp_path):
     from ich.checkpoint import sha256_file
-    from soups.serve.model import SoupClassifier
     from soups.serve.verify import resolve_model, verify_soup_model
     client = served["client"]
     # Control first: the owner's champion is served.
@@ -300,20 +321,9 @@ def test_issue_attack_reversed_classes_repinned_and_aliased_is_refused(served, h
         source = resolve_model(uri)
         assert source.model_id == forged_id
         ckpt = verify_soup_model(folder, source.recorded, source.label)
-        from mlflow.pyfunc import PythonModelContext
-        model = SoupClassifier()
-        model.load_context(PythonModelContext(artifacts={"soup": str(ckpt)}, model_config=None))
-        probs = model.probabilities([(image_file.read_bytes(), str(image_file))])
-        forged_answer = model.classes[int(probs[0].argmax())]
+        forged_answer = _answer(ckpt, image_file)
         assert forged_answer == CLASSES[::-1][CLASSES.index(honest["class"])] and forged_answer != honest["class"]
-
-        from soups.tracking_server import free_port
-        for command in (["predict", "--model", uri, str(image_file)],
-                        ["serve", "--model", uri, "--port", str(free_port())]):  # refused before any server starts
-            refused = _ich(*command, mlflow_server=mlflow_server, home=home)
-            line = _one_line(refused, command[0])
-            assert f"{uri} (version {version})" in line and "signature does not match its files or tags" in line
-            assert not refused.stdout
+        _refused_by_predict_and_serve(uri, version, image_file, mlflow_server, home)
     finally:
         client.set_registered_model_alias(MODEL, "champion", "1")
 
@@ -451,14 +461,11 @@ def test_issue_attack_on_a_registered_soup_record_is_refused(served, home, image
     import unittest.mock
 
     from mlflow.entities import LoggedModelStatus
-    from mlflow.pyfunc import PythonModelContext
 
     from ich.checkpoint import read_meta, sha256_file
-    from soups.serve.model import SoupClassifier
     from soups.serve.verify import resolve_model
     from soups.store import registry
     from soups.store.tags import KIND_SOUP, model_tags
-    from soups.tracking_server import free_port
     client, honest = served["client"], served["ckpt"]
     tags = model_tags(read_meta(honest), kind=KIND_SOUP, sha256=sha256_file(honest / "model.safetensors"),
                       trial="soup")
@@ -487,17 +494,8 @@ def test_issue_attack_on_a_registered_soup_record_is_refused(served, home, image
         ckpt = registry.download_checkpoint(client, source.record, tmp_path / "control")
         with unittest.mock.patch.object(signing, "verify", lambda *a, **k: None):
             registry.verify_pulled(source.record, ckpt)  # CONTROL: without the signature, nothing else objects
-        model = SoupClassifier()
-        model.load_context(PythonModelContext(artifacts={"soup": str(ckpt)}, model_config=None))
-        probs = model.probabilities([(image_file.read_bytes(), str(image_file))])
-        forged_answer = model.classes[int(probs[0].argmax())]
+        forged_answer = _answer(ckpt, image_file)
         assert forged_answer == CLASSES[::-1][CLASSES.index(honest_class)] and forged_answer != honest_class
-
-        for command in (["predict", "--model", uri, str(image_file)],
-                        ["serve", "--model", uri, "--port", str(free_port())]):  # refused before any server starts
-            refused = _ich(*command, mlflow_server=mlflow_server, home=home)
-            line = _one_line(refused, command[0])
-            assert f"{uri} (version {version})" in line and "signature does not match its files or tags" in line
-            assert not refused.stdout
+        _refused_by_predict_and_serve(uri, version, image_file, mlflow_server, home)
     finally:
         client.set_registered_model_alias(MODEL, "champion", "1")
