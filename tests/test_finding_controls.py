@@ -32,19 +32,11 @@ from tests.test_attacks import png_bytes, tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    """A soup pyfunc model folder as log_pyfunc writes it (mlflow.pyfunc.save_model: no server), verified."""
-    import mlflow.pyfunc
-
-    from soups.serve.log import pip_requirements
-    from soups.serve.model import ARTIFACT, CODE_FILE, signature
+    """A soup pyfunc model folder as `ich serve` writes it around a verified soup (save_pyfunc: no server), verified."""
+    from soups.serve.pyfunc_folder import save_pyfunc
     from soups.serve.verify import verify_soup_model
     base = tmp_path_factory.mktemp("finding-controls")
-    ckpt = tiny_checkpoint(base / "src" / "soup")
-    folder = base / "model"
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    mlflow.pyfunc.save_model(str(folder), python_model=str(CODE_FILE), artifacts={ARTIFACT: str(ckpt)},
-                             signature=signature(), pip_requirements=pip_requirements(),
-                             metadata={"classes": json.loads((ckpt / "checkpoint.json").read_text())["class_names"]})
+    folder = save_pyfunc(tiny_checkpoint(base / "src" / "soup"), base / "model")
     verify_soup_model(folder, None, "control")  # the folder as written is a soup model
     return folder
 
