@@ -25,9 +25,9 @@ from ich.checkpoint import save_checkpoint
 from ich.data import ICHDataset
 from ich.metrics import metric_names
 from soups.store import provenance, registry, retry
-from soups.store.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BN_MODE, TAG_CURVE, TAG_GROUP, TAG_INGREDIENTS, TAG_KIND,
-                              TAG_METRIC, TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE, TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags,
-                              recipe_param_tag)
+from soups.store.tags import (KIND_SOUP, SOUP_TRIAL, TAG_BEST_SINGLE, TAG_BN_MODE, TAG_BOOTSTRAP, TAG_CURVE,
+                              TAG_GROUP, TAG_INGREDIENTS, TAG_KIND, TAG_METRIC, TAG_POOL, TAG_SCOPE, TAG_SOUP_RECIPE,
+                              TAG_SWEEP, TAG_TIE_RULE, TAG_TRIAL, model_tags, recipe_param_tag)
 from soups.build import Soup, SoupBuilder
 from soups.logit_store import soft_vote_logits
 from soups.store.lineage import run_inputs
@@ -39,12 +39,6 @@ from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 NO_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 CI_ALPHA = 0.05  # the reported intervals are 95%; opts.alpha is the champion test's level
 SEED = 0  # bootstrap resamples: the same images for every model of a call
-# On the soup's run, so `ich report` can take its test_*_low/high and vs_best_* figures instead of recomputing them
-# (soups/report/sections.py): the model those vs_best_* compare with, and what the bootstrap was run on (JSON:
-# n_resamples, alpha, seed, sha256 of the soup's and of that model's test predictions). Names of the ich.* tag
-# vocabulary; they belong beside the others in soups/store/tags.py.
-TAG_BEST_SINGLE = "ich.best_single"
-TAG_BOOTSTRAP = "ich.bootstrap"
 
 
 def predictions_sha256(pred: np.ndarray) -> str:

@@ -37,7 +37,8 @@ def test_logged_figures_are_taken_only_when_they_are_the_same_numbers(monkeypatc
 
     from soups.report.sections import logged_figures, table_row
     from soups.report.snapshot import SoupRun
-    from soups.soup_record import TAG_BEST_SINGLE, TAG_BOOTSTRAP, predictions_sha256
+    from soups.soup_record import predictions_sha256
+    from soups.store.tags import TAG_BEST_SINGLE, TAG_BOOTSTRAP
     from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
 
     rng = np.random.default_rng(1)
@@ -148,7 +149,7 @@ def test_report_takes_the_soups_logged_intervals_and_they_are_the_recomputed_one
 
     from soups.logit_store import PredictionStore, prediction_cache
     from soups.report.build import build_report
-    from soups.soup_record import TAG_BEST_SINGLE, TAG_BOOTSTRAP
+    from soups.store.tags import TAG_BEST_SINGLE, TAG_BOOTSTRAP
     from soups.stats import interval_metrics
 
     client = souped["client"]

@@ -19,9 +19,9 @@ from soups.plots import (plot_bias_variance, plot_champion, plot_forest, plot_le
 from soups.report.predictions import Predictions
 from soups.report.selection import Selection, arch_name
 from soups.report.snapshot import Candidate, Snapshot, SoupRun
-from soups.soup_record import TAG_BEST_SINGLE, TAG_BOOTSTRAP, json_safe, predictions_sha256
+from soups.soup_record import json_safe, predictions_sha256
 from soups.stats import bootstrap_ci, interval_metrics, paired_comparison
-from soups.store.tags import TAG_INGREDIENTS
+from soups.store.tags import TAG_BEST_SINGLE, TAG_BOOTSTRAP, TAG_INGREDIENTS
 
 FAMILY_NAMES = {"coatnet": "CoAtNet", "resnet": "ResNet", "densenet": "DenseNet", "vit": "ViT"}
 SEED = 0  # bootstrap resamples: the same images for every row

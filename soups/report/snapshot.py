@@ -71,7 +71,7 @@ def _best(candidates: list[Candidate], metric: str) -> Candidate | None:
 @dataclass
 class SoupRun:
     """A soup's run as `ich soup` logged it: its latest metrics (test_<metric>_low/high, vs_best_*...) and tags (what
-    they were computed from: soup_record.TAG_BOOTSTRAP, TAG_BEST_SINGLE). The table takes those figures when they
+    they were computed from: store.tags.TAG_BOOTSTRAP, TAG_BEST_SINGLE). The table takes those figures when they
     are the very numbers it would compute (sections.logged_figures)."""
     run_id: str
     metrics: dict[str, float] = field(default_factory=dict)

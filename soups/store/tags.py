@@ -76,6 +76,11 @@ TAG_SOUP = "ich.soup"  # the soup's name
 TAG_EXPERIMENT = "ich.experiment"  # also on registered models and report runs
 TAG_VAL_PREFIX = "ich.val_"  # + metric: the soup's val figure (repr)
 TAG_CHAMPION_PREFIX = "ich.champion_"  # + champion_val | p_value (on versions and the soup's run)
+# On the soup's run, so `ich report` can take its test_*_low/high and vs_best_* figures instead of recomputing them
+# (soups/report/sections.py): the model those vs_best_* compare with, and what the bootstrap was run on (JSON:
+# n_resamples, alpha, seed, sha256 of the soup's and of that model's test predictions).
+TAG_BEST_SINGLE = "ich.best_single"
+TAG_BOOTSTRAP = "ich.bootstrap"
 TAG_DECISION = "ich.champion_decision"
 TAG_DECISION_REASON = "ich.champion_reason"
 TAG_REGISTERED_MODEL = "ich.registered_model"
