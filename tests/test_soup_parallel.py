@@ -1,5 +1,8 @@
 """Soup families as Ray tasks (issue 14, item 3): `ich soup --parallel N` builds the same soups as the serial
-path, same ingredients and weights bitwise equal. Real Ray + MLflow, a tiny sweep of its own."""
+path, same ingredients and weights bitwise equal. Real Ray + MLflow; no sweep of its own: the first two epochs'
+checkpoints (trained weights) of the two trials of the session's tiny sweep with the most checkpoints, and its
+logged init, copied into an experiment of their own (as tests/test_report_reuse.py does), so nobody else's view of
+`tiny-sweep` changes."""
 from __future__ import annotations
 
 import re
@@ -12,7 +15,7 @@ from ich.errors import ConfigError
 from soups.store import registry
 from soups.orchestrate import SoupError, SoupOptions, run_soups
 from sweeps.config import load_config
-from tests.fixtures_sweep import sweep_args, write_sweep_config
+from tests.fixtures_sweep import write_sweep_config
 
 EXPERIMENT = "soup-parallel"
 
@@ -27,14 +30,48 @@ def test_parallel_option_is_checked(tmp_path):
     assert load_config(good).soups.parallel == 3
 
 
+def _pull(client, record, tmp, metrics: dict | None = None):
+    """A tiny-sweep LoggedModel downloaded (verified) for logging again (same weights and sha256): its
+    checkpoint.json names EXPERIMENT as its sweep and, when given, carries the record's val metrics."""
+    from ich.checkpoint import META, read_meta
+    folder = registry.download_checkpoint(client, record, tmp)
+    meta = read_meta(folder)
+    meta.extra.update(sweep=EXPERIMENT)
+    if metrics is not None:
+        meta.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    (folder / META).write_text(meta.to_json(), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="module")
-def small_sweep(ray_local, mlflow_server, digits_dataset, ich_home):
-    from sweeps.job import run_sweep
-    config = write_sweep_config(ich_home, EXPERIMENT, **{
-        "num_samples: 4": "num_samples: 2", "epochs: 3": "epochs: 2", "warm_start: {epochs: 4": "warm_start: {epochs: 2",
-        "grace_period: 1": "grace_period: 2"})  # no ASHA stop: both trials give a within soup
-    run_sweep(sweep_args(config, digits_dataset), ich_home)
-    return mlflow_server
+def small_sweep(tiny_sweep, ray_local, mlflow_server, tmp_path_factory) -> dict:
+    """The tiny sweep's two trials with the most checkpoints (ties: the trial's name), the checkpoints of their
+    first two epochs with their val metrics (the trajectories a 2-epoch sweep records; the soups' cost of the
+    2 x 2-epoch sweep this test ran before), and the sweep's init (the anchor of model_stock and wise_ft), logged
+    again under EXPERIMENT as a sweep logs them. ASHA decided how many epochs each trial has: the test counts from
+    this record. Returns the tracking URI and {trial: number of checkpoints copied}."""
+    from mlflow import MlflowClient
+    client = MlflowClient(mlflow_server)
+    tmp = tmp_path_factory.mktemp("soup-parallel-pulled")
+    records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
+    epochs = {t: sum(r.trial == t for r in records) for t in {r.trial for r in records}}
+    trials = sorted(epochs, key=lambda t: (-epochs[t], t))[:2]
+    copied = {t: [r for r in records if r.trial == t and r.epoch <= 2] for t in trials}
+    (fingerprint,) = {r.init_fingerprint for r in records}
+    (init, *_) = registry.search_init_by_fingerprint(client, [tiny_sweep["experiment_id"]], fingerprint)
+    experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
+    sweep_run = client.create_run(experiment_id, run_name=EXPERIMENT, tags={
+        "ich.kind": "sweep", "ich.sweep": EXPERIMENT, "ich.data": str(tiny_sweep["data"])})
+    registry.log_init_model(client, sweep_run, _pull(client, init, tmp / "init"))
+    for trial in trials:
+        run_id = client.create_run(experiment_id, run_name=trial, tags={
+            "ich.kind": "trial", "ich.sweep": EXPERIMENT, "ich.trial": trial,
+            "mlflow.parentRunId": sweep_run.info.run_id}).info.run_id
+        for r in copied[trial]:
+            registry.log_checkpoint(client, (experiment_id, run_id), _pull(client, r, tmp / trial, r.metrics))
+        client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(sweep_run.info.run_id, "FINISHED")
+    return {"uri": mlflow_server, "epochs": {t: len(copied[t]) for t in trials}}
 
 
 def _weights(client, model_id: str, folder) -> dict[str, torch.Tensor]:
@@ -44,19 +81,25 @@ def _weights(client, model_id: str, folder) -> dict[str, torch.Tensor]:
 
 
 def test_parallel_and_serial_soups_are_identical(small_sweep, mlflow_client, tmp_path):
-    common = dict(experiment=EXPERIMENT, tracking_uri=small_sweep, n_resamples=100, device="cpu")
+    common = dict(experiment=EXPERIMENT, tracking_uri=small_sweep["uri"], n_resamples=100, device="cpu")
     serial = run_soups(SoupOptions(**common, registered_model="par-serial"))
     parallel = run_soups(SoupOptions(**common, registered_model="par-parallel", parallel=2))
 
     names = [s["name"] for s in serial["soups"]]
     assert names == [s["name"] for s in parallel["soups"]]
-    # 2 trials x 5 recipes: the sweep's warm start is logged as its init, so model_stock and wise_ft are cooked, in
-    # the Ray tasks too
-    assert sum(n.startswith("within-") for n in names) == 10 and "across-all-greedy" in names
+    # 5 recipes per trial with 2 checkpoints (counted from the record: ASHA decided; the first trial at each rung goes
+    # on, so one trial has them), the sweep's warm start logged as the init, so model_stock and wise_ft are cooked,
+    # in the Ray tasks too; across both trials' bests as well
+    souped = sorted(t for t, n in small_sweep["epochs"].items() if n == 2)
+    assert len(small_sweep["epochs"]) == 2 and souped
+    assert sorted(n for n in names if n.startswith("within-")) == sorted(
+        f"within-{t}-{r}" for t in souped for r in ("uniform", "greedy", "model_stock", "wise_ft", "learned"))
+    assert "across-all-greedy" in names
     assert sorted(n for n in names if n.endswith(("-model_stock", "-wise_ft")) and not n.startswith("within-")) == [
         "across-best-model_stock", "across-best-wise_ft"]
     note = [n for n in parallel["notes"] if "Ray tasks" in n]
-    assert len(note) == 1 and re.match(r"4 soup families built as Ray tasks, up to 2 at once", note[0]), note
+    families = len(souped) + 2  # each souped trial, across-best, across-all
+    assert len(note) == 1 and re.match(rf"{families} soup families built as Ray tasks, up to 2 at once", note[0]), note
     assert not any("Ray tasks" in n for n in serial["notes"])
     for a, b in zip(serial["soups"], parallel["soups"]):
         assert a["ingredients"] == b["ingredients"] and a["bn_mode"] == b["bn_mode"], a["name"]
