@@ -209,7 +209,7 @@ def report_setup(tiny_sweep, ray_local, mlflow_server, digits_dataset, ich_home,
     # The baselines through the same entry, into the same experiment (--experiment), 2 trials x 2 epochs.
     cfg = yaml.safe_load((ROOT / "sweeps" / "configs" / "baselines-cpu.yaml").read_text())
     cfg["num_samples"], cfg["train"]["epochs"], cfg["asha"]["grace_period"] = 2, 2, 2
-    cfg["init"]["warm_start"]["epochs"] = 3
+    cfg["init"]["warm_start"]["epochs"] = 1  # a warm start per model of the search (vit too): none need be good
     config = tmp / "baselines.yaml"
     config.write_text(yaml.safe_dump(cfg))
     baselines = run_sweep(sweep_args(config, digits_dataset, "--experiment", EXPERIMENT), ich_home)
