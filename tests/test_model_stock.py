@@ -218,14 +218,16 @@ def _log_sweep(client: MlflowClient, experiment: str, folder, digits_data, digit
 
 @pytest.fixture(scope="module")
 def stock_soups(mlflow_server, digits_data, digits_dataset, tmp_path_factory):
-    """The same tiny sweep in two experiments, with and without its init logged; `ich soup --recipe all` on each."""
+    """The same tiny sweep in two experiments, with and without its init logged; `ich soup --recipe all` on each.
+    The learned soups take 5 passes of Adam, not 30 (half this fixture's time): here they only need to be the same
+    with or without the init (the learned recipe itself: tests/test_learned.py)."""
     client = MlflowClient(mlflow_server)
     out = {"client": client}
     for name, with_init in (("with", True), ("without", False)):
         experiment = f"model-stock-{name}-init"
         logged = _log_sweep(client, experiment, tmp_path_factory.mktemp(experiment), digits_data, digits_dataset,
                             with_init=with_init)
-        summary = registry_soups(mlflow_server, experiment, "all")
+        summary = registry_soups(mlflow_server, experiment, "all", learned_steps=5)
         out[name] = {**logged, "summary": summary, "soups": {s["name"]: s for s in summary["soups"]}}
     return out
 
