@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from soups import recipes
+from tests.logged_sweep import copy_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "recipe-registry"
@@ -103,23 +104,11 @@ def toy_soups(tiny_sweep, mlflow_server, tmp_path_factory):
     `ich soup` (within-trial soups) and `ich report` with the toy recipe's module named in ICH_RECIPES."""
     from mlflow import MlflowClient
 
-    from soups.store import registry
     client = MlflowClient(mlflow_server)
     tmp = tmp_path_factory.mktemp("recipe-registry")
-    sweep = tiny_sweep["experiment"]
-    records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=sweep)
-    experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
-    sweep_run = client.create_run(experiment_id, run_name=EXPERIMENT, tags={
-        "ich.kind": "sweep", "ich.sweep": sweep, "ich.data": str(tiny_sweep["data"])}).info.run_id
-    runs: dict[str, str] = {}
-    for r in records:
-        if r.trial not in runs:
-            runs[r.trial] = client.create_run(experiment_id, run_name=r.trial, tags={
-                "ich.kind": "trial", "ich.sweep": sweep, "ich.trial": r.trial,
-                "mlflow.parentRunId": sweep_run}).info.run_id
-        registry.log_checkpoint(client, (experiment_id, runs[r.trial]), registry.download_checkpoint(client, r, tmp))
-    for run_id in (*runs.values(), sweep_run):
-        client.set_terminated(run_id, "FINISHED")
+    copied = copy_sweep(client, tiny_sweep, EXPERIMENT, tmp, rename=False)  # the same sweep name, files unchanged
+    copied.finish(client)
+    experiment_id = copied.experiment_id
     soup = _ich(["soup", "--experiment", EXPERIMENT, "--scope", "within", "--resamples", "100",
                  "--json", str(tmp / "soups.json")], toy=True)
     assert soup.returncode == 0, soup.stdout[-3000:] + soup.stderr[-3000:]

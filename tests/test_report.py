@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.fixtures_sweep import sweep_args
+from tests.logged_sweep import copy_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "report-sweep"  # the tiny sweep's checkpoints, the baselines and the soups, all in one experiment
@@ -103,40 +104,22 @@ def _copy_tiny_sweep(client, tiny_sweep, tmp: Path) -> dict:
     import optuna
     from mlflow.entities import Metric
 
-    from ich.checkpoint import META, read_meta
-    from soups.store import registry
-
-    records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
-    experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
-    sweep_run = client.create_run(experiment_id, run_name=EXPERIMENT, tags={
-        "ich.kind": "sweep", "ich.sweep": EXPERIMENT, "ich.data": str(tiny_sweep["data"])})
-    runs = {}
-    for r in records:
-        if r.trial not in runs:
-            runs[r.trial] = client.create_run(experiment_id, run_name=r.trial, tags={
-                "ich.kind": "trial", "ich.sweep": EXPERIMENT, "ich.trial": r.trial,
-                "mlflow.parentRunId": sweep_run.info.run_id}).info.run_id
-        folder = registry.download_checkpoint(client, r, tmp)
-        meta = read_meta(folder)  # the copy belongs to this sweep, with the record's val metrics
-        meta.extra.update(sweep=EXPERIMENT, trial=r.trial)
-        meta.metrics = {k: v for k, v in r.metrics.items() if k.startswith("val_")}
-        (folder / META).write_text(meta.to_json(), encoding="utf-8")
-        registry.log_checkpoint(client, (experiment_id, runs[r.trial]), folder)
+    copied = copy_sweep(client, tiny_sweep, EXPERIMENT, tmp)  # the copies belong to this sweep, with val metrics
+    records, runs, experiment_id = copied.records, copied.runs, copied.experiment_id
     status = {t["trial"]: t["status"] for t in tiny_sweep["trials"] if t["trial"] in runs}
     for trial, run_id in runs.items():
         client.set_tag(run_id, "ich.status", "stopped by ASHA" if status[trial] == "KILLED" else status[trial].lower())
-        client.set_terminated(run_id, status[trial])
     best = {}
     for r in records:
         best[r.trial] = max(best.get(r.trial, 0.0), r.metrics["val_macro_f1"])
     so_far = np.maximum.accumulate(list(best.values()))
-    client.log_batch(sweep_run.info.run_id, metrics=[Metric("soup_so_far_val_macro_f1", float(v), 0, i + 1)
-                                                     for i, v in enumerate(so_far)])
-    client.set_terminated(sweep_run.info.run_id, "FINISHED")
+    client.log_batch(copied.sweep_run_id, metrics=[Metric("soup_so_far_val_macro_f1", float(v), 0, i + 1)
+                                                   for i, v in enumerate(so_far)])
+    copied.finish(client, status)
     storage = f"sqlite:///{tiny_sweep['home'] / 'optuna.db'}"
     optuna.copy_study(from_study_name=tiny_sweep["experiment"], from_storage=storage, to_storage=storage,
                       to_study_name=EXPERIMENT)
-    return {"experiment_id": experiment_id, "sweep_run_id": sweep_run.info.run_id, "records": records,
+    return {"experiment_id": experiment_id, "sweep_run_id": copied.sweep_run_id, "records": records,
             "status": status, "so_far": so_far.tolist(), "optuna_storage": storage}
 
 
@@ -325,7 +308,18 @@ def test_report_table_figures_and_report_run_in_mlflow(report_setup, mlflow_serv
         ("greedy", rows[f"{block}_greedy_soup"]["model_id"]), ("uniform", rows[f"{block}_uniform_soup"]["model_id"]),
         ("learned", rows[f"{block}_learned_soup"]["model_id"]), ("soft_vote", None)} and len(mds["points"]) == len(points)
     D = np.array(mds["matrix"])
-    assert np.allclose(D, D.T) and np.all(np.diag(D) == 0) and np.all(D[~np.eye(len(D), dtype=bool)] > 0)
+    off = ~np.eye(len(D), dtype=bool)
+    assert np.allclose(D, D.T) and np.all(np.diag(D) == 0) and np.all(D[off] >= 0) and D[off].max() > 0
+    # Two points coincide only when they are the same weights (a greedy soup that kept one ingredient is that
+    # ingredient; two recipes may land on the same soup; soft voting of one ingredient is that ingredient): a zero
+    # off the diagonal is checked, not assumed away.
+    sha = [client.get_logged_model(p["model_id"]).tags["ich.sha256"] if p.get("model_id") else None
+           for p in mds["points"]]
+    if len(mds["ingredients"]) == 1:
+        sha = [client.get_logged_model(mds["ingredients"][0]).tags["ich.sha256"] if p["kind"] == "soft_vote" else h
+               for p, h in zip(mds["points"], sha)]
+    for i, j in zip(*np.nonzero(off & (D == 0))):
+        assert sha[i] is not None and sha[i] == sha[j], (mds["points"][i], mds["points"][j])
     assert all(0 <= p["val_accuracy"] <= 1 and len(p["mds"]) == 2 for p in mds["points"])
 
     # The forest plot's numbers are the table's: every soup and soft-voting row, Δ accuracy and its paired CI.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.logged_sweep import copy_sweep
+
 EXPERIMENT = "report-reuse"
 RESAMPLES = 200
 
@@ -90,33 +92,6 @@ def test_logged_figures_are_taken_only_when_they_are_the_same_numbers(monkeypatc
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-def _copy_checkpoints(client, tiny_sweep, tmp) -> str:
-    """The tiny sweep's checkpoints logged again (same weights, val metrics) under EXPERIMENT, with a sweep run
-    naming the data; returns the experiment id."""
-    from ich.checkpoint import META, read_meta
-    from soups.store import registry
-
-    records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
-    experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
-    sweep_run = client.create_run(experiment_id, run_name=EXPERIMENT, tags={
-        "ich.kind": "sweep", "ich.sweep": EXPERIMENT, "ich.data": str(tiny_sweep["data"])})
-    runs = {}
-    for r in records:
-        if r.trial not in runs:
-            runs[r.trial] = client.create_run(experiment_id, run_name=r.trial, tags={
-                "ich.kind": "trial", "ich.sweep": EXPERIMENT, "ich.trial": r.trial,
-                "mlflow.parentRunId": sweep_run.info.run_id}).info.run_id
-        folder = registry.download_checkpoint(client, r, tmp)
-        meta = read_meta(folder)
-        meta.extra.update(sweep=EXPERIMENT, trial=r.trial)
-        meta.metrics = {k: v for k, v in r.metrics.items() if k.startswith("val_")}
-        (folder / META).write_text(meta.to_json(), encoding="utf-8")
-        registry.log_checkpoint(client, (experiment_id, runs[r.trial]), folder)
-    for run_id in (*runs.values(), sweep_run.info.run_id):
-        client.set_terminated(run_id, "FINISHED")
-    return experiment_id
-
-
 @pytest.fixture(scope="module")
 def souped(tiny_sweep, mlflow_server, ich_home, tmp_path_factory):
     from mlflow import MlflowClient
@@ -124,7 +99,7 @@ def souped(tiny_sweep, mlflow_server, ich_home, tmp_path_factory):
     from soups.orchestrate import SoupOptions, run_soups
 
     client = MlflowClient(mlflow_server)
-    _copy_checkpoints(client, tiny_sweep, tmp_path_factory.mktemp("reuse-pulled"))
+    copy_sweep(client, tiny_sweep, EXPERIMENT, tmp_path_factory.mktemp("reuse-pulled")).finish(client)
     soups = run_soups(SoupOptions(experiment=EXPERIMENT, sweep=EXPERIMENT, tracking_uri=mlflow_server,
                                   n_resamples=RESAMPLES, registered_model=f"{EXPERIMENT}-champions"))
     return {"client": client, "soups": soups}

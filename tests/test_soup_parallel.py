@@ -16,6 +16,7 @@ from soups.store import registry
 from soups.orchestrate import SoupError, SoupOptions, run_soups
 from sweeps.config import load_config
 from tests.fixtures_sweep import write_sweep_config
+from tests.logged_sweep import copy_sweep
 
 EXPERIMENT = "soup-parallel"
 
@@ -30,19 +31,6 @@ def test_parallel_option_is_checked(tmp_path):
     assert load_config(good).soups.parallel == 3
 
 
-def _pull(client, record, tmp, metrics: dict | None = None):
-    """A tiny-sweep LoggedModel downloaded (verified) for logging again (same weights and sha256): its
-    checkpoint.json names EXPERIMENT as its sweep and, when given, carries the record's val metrics."""
-    from ich.checkpoint import META, read_meta
-    folder = registry.download_checkpoint(client, record, tmp)
-    meta = read_meta(folder)
-    meta.extra.update(sweep=EXPERIMENT)
-    if metrics is not None:
-        meta.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
-    (folder / META).write_text(meta.to_json(), encoding="utf-8")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def small_sweep(tiny_sweep, ray_local, mlflow_server, tmp_path_factory) -> dict:
     """The tiny sweep's two trials with the most checkpoints (ties: the trial's name), the checkpoints of their
@@ -52,26 +40,13 @@ def small_sweep(tiny_sweep, ray_local, mlflow_server, tmp_path_factory) -> dict:
     this record. Returns the tracking URI and {trial: number of checkpoints copied}."""
     from mlflow import MlflowClient
     client = MlflowClient(mlflow_server)
-    tmp = tmp_path_factory.mktemp("soup-parallel-pulled")
     records = registry.search_checkpoints(client, [tiny_sweep["experiment_id"]], sweep=tiny_sweep["experiment"])
     epochs = {t: sum(r.trial == t for r in records) for t in {r.trial for r in records}}
     trials = sorted(epochs, key=lambda t: (-epochs[t], t))[:2]
-    copied = {t: [r for r in records if r.trial == t and r.epoch <= 2] for t in trials}
-    (fingerprint,) = {r.init_fingerprint for r in records}
-    (init, *_) = registry.search_init_by_fingerprint(client, [tiny_sweep["experiment_id"]], fingerprint)
-    experiment_id = registry.get_or_create_experiment(client, EXPERIMENT)
-    sweep_run = client.create_run(experiment_id, run_name=EXPERIMENT, tags={
-        "ich.kind": "sweep", "ich.sweep": EXPERIMENT, "ich.data": str(tiny_sweep["data"])})
-    registry.log_init_model(client, sweep_run, _pull(client, init, tmp / "init"))
-    for trial in trials:
-        run_id = client.create_run(experiment_id, run_name=trial, tags={
-            "ich.kind": "trial", "ich.sweep": EXPERIMENT, "ich.trial": trial,
-            "mlflow.parentRunId": sweep_run.info.run_id}).info.run_id
-        for r in copied[trial]:
-            registry.log_checkpoint(client, (experiment_id, run_id), _pull(client, r, tmp / trial, r.metrics))
-        client.set_terminated(run_id, "FINISHED")
-    client.set_terminated(sweep_run.info.run_id, "FINISHED")
-    return {"uri": mlflow_server, "epochs": {t: len(copied[t]) for t in trials}}
+    copied = copy_sweep(client, tiny_sweep, EXPERIMENT, tmp_path_factory.mktemp("soup-parallel-pulled"), init=True,
+                        keep=lambda r: r.trial in trials and r.epoch <= 2)
+    copied.finish(client)
+    return {"uri": mlflow_server, "epochs": {t: sum(r.trial == t for r in copied.records) for t in trials}}
 
 
 def _weights(client, model_id: str, folder) -> dict[str, torch.Tensor]:
