@@ -12,6 +12,7 @@ import torch
 
 from ich.checkpoint import load_checkpoint
 from ich.errors import ConfigError
+from soups import recipes
 from soups.store import registry
 from soups.orchestrate import SoupError, SoupOptions, run_soups
 from sweeps.config import load_config
@@ -62,13 +63,13 @@ def test_parallel_and_serial_soups_are_identical(small_sweep, mlflow_client, tmp
 
     names = [s["name"] for s in serial["soups"]]
     assert names == [s["name"] for s in parallel["soups"]]
-    # 5 recipes per trial with 2 checkpoints (counted from the record: ASHA decided; the first trial at each rung goes
+    # every recipe per trial with 2 checkpoints (counted from the record: ASHA decided; the first trial at each rung goes
     # on, so one trial has them), the sweep's warm start logged as the init, so model_stock and wise_ft are cooked,
     # in the Ray tasks too; across both trials' bests as well
     souped = sorted(t for t, n in small_sweep["epochs"].items() if n == 2)
     assert len(small_sweep["epochs"]) == 2 and souped
     assert sorted(n for n in names if n.startswith("within-")) == sorted(
-        f"within-{t}-{r}" for t in souped for r in ("uniform", "greedy", "model_stock", "wise_ft", "learned"))
+        f"within-{t}-{r}" for t in souped for r in recipes.names())  # every registered recipe
     assert "across-all-greedy" in names
     assert sorted(n for n in names if n.endswith(("-model_stock", "-wise_ft")) and not n.startswith("within-")) == [
         "across-best-model_stock", "across-best-wise_ft"]
